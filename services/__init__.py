@@ -1,0 +1,1 @@
+"""reinstruct: self-improving instruction tuning on Ray Serve, Ray Train and gRPC."""

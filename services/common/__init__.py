@@ -1,0 +1,1 @@
+"""What the four services share: config, run store, records, prompts, models, data formats."""

@@ -1,0 +1,139 @@
+"""Typed configuration. Every default of reinstruct lives in this module.
+
+Each section pairs with one stage (trl's habit: one documented field per option). `configs/local.yaml`
+is the embedded default and only overrides what differs from these defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    base: str = Field("builtin:tiny-llama", description="HF path/hub id, or builtin:tiny-llama / builtin:tiny-t5")
+    trust_remote_code: bool = Field(False, description="Let from_pretrained run code shipped with a checkpoint")
+    builtin_cache_dir: str = Field("~/.cache/reinstruct/builtin", description="Where built-in presets are built")
+
+
+class StoreConfig(_Section):
+    root: str = Field("./runs", description="Run store root: a local path or an fsspec URI (s3://...)")
+    allowed_schemes: list[str] = Field(["file"], description="URI schemes accepted from gRPC requests")
+
+
+class ServeConfig(_Section):
+    host: str = Field("127.0.0.1", description="Where clients reach the proxies")
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    http_port: int = Field(8000, ge=1, le=65535)
+    request_timeout_s: float = Field(900.0, gt=0, description="Client deadline for one gRPC call")
+    replica_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each Serve replica")
+    max_ongoing_requests: int = Field(8, ge=1)
+
+
+class SeedConfig(_Section):
+    path: str | None = Field(None, description="Seed tasks file (Self-Instruct seed format); None: built-in set")
+    heldout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of seed tasks held out for evaluation")
+    split_seed: int = 0
+
+
+class GenerationConfig(_Section):
+    engine: Literal["hf"] = "hf"
+    num_prompts: int = Field(24, ge=1, description="Instruction-generation prompts per round")
+    num_human_in_context: int = Field(6, ge=0, le=8)
+    num_machine_in_context: int = Field(2, ge=0, le=8)
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(0.5, gt=0, le=1)
+    max_new_tokens: int = Field(160, ge=1, le=4096)
+    instance_max_new_tokens: int = Field(128, ge=1, le=4096)
+    num_demonstrations: int = Field(2, ge=0, le=8, description="Seed tasks shown when writing instances")
+    batch_size: int = Field(16, ge=1)
+
+
+class FilterConfig(_Section):
+    rouge_l_threshold: float = Field(0.7, gt=0, le=1)
+    min_instruction_words: int = Field(4, ge=1)
+    max_instruction_words: int = Field(150, ge=1)
+
+
+class TrainingConfig(_Section):
+    epochs: int = Field(2, ge=1)
+    max_steps: int = Field(0, ge=0, description="0: no cap")
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    max_seq_len: int = Field(384, ge=16)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    bootstrap_epochs: int = Field(12, ge=1, description="Round 0: epochs on the seed tasks")
+    bootstrap_examples_per_task: int = Field(4, ge=1, description="Round 0: meta-task examples per seed task")
+    poll_interval_s: float = Field(2.0, gt=0)
+
+
+class EvaluationConfig(_Section):
+    max_instances_per_task: int = Field(2, ge=0)
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    promote_margin: float = Field(0.0, description="Promote model k+1 if its score exceeds model k's by more")
+
+
+class LoopConfig(_Section):
+    rounds: int = Field(2, ge=1, description="Self-improvement rounds after the round-0 bootstrap")
+    bootstrap: bool = Field(True, description="Fine-tune the base model on the seed tasks first (round 0)")
+
+
+class ReinstructConfig(_Section):
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+    store: StoreConfig = StoreConfig()
+    serve: ServeConfig = ServeConfig()
+    seeds: SeedConfig = SeedConfig()
+    generation: GenerationConfig = GenerationConfig()
+    filter: FilterConfig = FilterConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    loop: LoopConfig = LoopConfig()
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the file and key."""
+
+
+def _format_error(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        else:
+            lines.append(f"{source}: key '{key}': {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict | None, source: str = "<config>") -> ReinstructConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+    try:
+        return ReinstructConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+
+
+def load_config(path: str | Path | None = None) -> ReinstructConfig:
+    """Loads a YAML config; None gives every default."""
+    if path is None:
+        return ReinstructConfig()
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,121 @@
+"""Every prompt reinstruct sends to a model, as named, versioned templates.
+
+A record keeps the `id` ("name@version") of the template that produced it. Change a template's text
+only together with its version. Data is substituted with str.format on named fields; nothing in a
+generated text is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str
+    version: int
+    text: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def render(self, **fields: str) -> str:
+        return self.text.format(**fields)
+
+
+_REGISTRY: dict[str, PromptTemplate] = {}
+
+
+def _register(name: str, version: int, text: str) -> PromptTemplate:
+    template = PromptTemplate(name, version, text)
+    _REGISTRY[template.id] = template
+    return template
+
+
+def get(template_id: str) -> PromptTemplate:
+    return _REGISTRY[template_id]
+
+
+def all_templates() -> list[PromptTemplate]:
+    return list(_REGISTRY.values())
+
+
+# ---- Self-Instruct: instruction generation (Wang et al. 2023, Table 5) --------------------------
+INSTRUCTIONS = _register("self_instruct.instructions", 1, "Come up with a series of tasks:\n{numbered}")
+CLASSIFICATION_INSTRUCTIONS = _register(
+    "self_instruct.classification_instructions",
+    1,
+    "Come up with a series of classification tasks. Try to specify the possible output labels when possible.\n"
+    "{numbered}",
+)
+
+
+def numbered_instructions(instructions: list[str]) -> str:
+    """'1. first\\n2. second\\n...N+1.' as in the reference encode_prompt (whitespace collapsed, no ':')."""
+    cleaned = [re.sub(r"\s+", " ", text).strip().rstrip(":") for text in instructions]
+    lines = [f"{i + 1}. {text}\n" for i, text in enumerate(cleaned)]
+    return "".join(lines) + f"{len(instructions) + 1}."
+
+
+# ---- Self-Instruct: classification identification --------------------------------------------
+IS_CLASSIFICATION = _register(
+    "self_instruct.is_classification",
+    1,
+    "Can the following task be regarded as a classification task with finite output labels?\n\n"
+    "Task: Given a movie review, tell whether the reviewer liked the movie.\nIs it classification? Yes\n\n"
+    "Task: Write a short poem about the sea.\nIs it classification? No\n\n"
+    "Task: Decide whether the given number is prime.\nIs it classification? Yes\n\n"
+    "Task: Summarize the paragraph in one sentence.\nIs it classification? No\n\n"
+    "Task: Which of the two sentences is grammatical, A or B?\nIs it classification? Yes\n\n"
+    "Task: Suggest three names for a coffee shop.\nIs it classification? No\n\n"
+    "Task: {instruction}\nIs it classification?",
+)
+
+# ---- Self-Instruct: instance generation -------------------------------------------------------
+INSTANCES_INPUT_FIRST = _register(
+    "self_instruct.instances_input_first",
+    1,
+    "Come up with examples for the following tasks. Try to generate multiple examples when possible. "
+    "If the task doesn't require additional input, you can generate the output directly.\n\n"
+    "{demonstrations}Task: {instruction}\n",
+)
+INSTANCES_OUTPUT_FIRST = _register(
+    "self_instruct.instances_output_first",
+    1,
+    "Given the classification task definition and the class labels, generate an input that corresponds "
+    "to each of the class labels. If the task doesn't require input, just generate the correct class "
+    "label.\n\n"
+    "{demonstrations}Task: {instruction}\n",
+)
+
+
+def input_first_block(instances: list[tuple[str, str]]) -> str:
+    """The body after 'Task: ...\\n' in the input-first layout."""
+    parts = []
+    for i, (inp, out) in enumerate(instances, start=1):
+        parts.append(f"Example {i}\n" + (f"Input: {inp}\n" if inp.strip() else "") + f"Output: {out}\n")
+    return "".join(parts)
+
+
+def output_first_block(instances: list[tuple[str, str]]) -> str:
+    """The body after 'Task: ...\\n' in the output-first layout (label first, then its input)."""
+    return "".join(f"Class label: {out}\nInput: {inp}\n" for inp, out in instances)
+
+
+# ---- Instruction tuning: several templates per task (FLAN style) -------------------------------
+TRAIN_WITH_INPUT = [
+    _register("train.with_input.a", 1, "{instruction}\n\nInput: {input}\n\nOutput:"),
+    _register("train.with_input.b", 1, "Task: {instruction}\nInput: {input}\nAnswer:"),
+    _register("train.with_input.c", 1, "{instruction}\n\n{input}\n\nResponse:"),
+    _register("train.with_input.d", 1, "Instruction: {instruction}\nContext: {input}\nResponse:"),
+]
+TRAIN_NO_INPUT = [
+    _register("train.no_input.a", 1, "{instruction}\n\nOutput:"),
+    _register("train.no_input.b", 1, "Task: {instruction}\nAnswer:"),
+    _register("train.no_input.c", 1, "Instruction: {instruction}\nResponse:"),
+]
+# Evaluation always uses the first of each list, so scores are comparable across rounds.
+EVAL_WITH_INPUT = TRAIN_WITH_INPUT[0]
+EVAL_NO_INPUT = TRAIN_NO_INPUT[0]

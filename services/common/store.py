@@ -1,0 +1,222 @@
+"""The run store: datasets (Parquet) and checkpoints per run and round, and a manifest per run.
+
+Layout under the root:
+    <run_id>/manifest.json                   what each stage of each round committed
+    <run_id>/round-<k>/<name>.parquet         datasets
+    <run_id>/round-<k>/model/                 HF checkpoint (safetensors)
+Writes are atomic (write a temporary, then rename), so a reader never sees a partial file and a
+crash leaves either the old state or the new one. A stage whose output is committed in the manifest
+is never redone: that is how a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .records import TaskRecord
+
+
+class StoreError(RuntimeError):
+    """A store operation failed (disk full, permissions, remote error); the message says which path."""
+
+
+class UriNotAllowed(ValueError):
+    """A URI from a client that points outside the store root or uses a scheme not configured."""
+
+
+def _split_scheme(uri: str) -> tuple[str, str]:
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return scheme.lower(), rest
+    return "file", uri
+
+
+class RunStore:
+    def __init__(self, root: str, allowed_schemes: Iterable[str] = ("file",)):
+        scheme, path = _split_scheme(root)
+        self.scheme = scheme
+        if scheme == "file":
+            path = os.path.realpath(os.path.expanduser(path))
+            os.makedirs(path, exist_ok=True)
+        self.root = path.rstrip("/") or "/"
+        self.allowed_schemes = {s.lower() for s in allowed_schemes} | {scheme}
+        self.fs = fsspec.filesystem(scheme)
+        self._manifest_lock = threading.Lock()
+
+    # ---- URIs -----------------------------------------------------------------------------------
+    @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+    def uri(self, *parts: str) -> str:
+        path = posixpath.join(self.root, *parts)
+        return path if self.is_local else f"{self.scheme}://{path}"
+
+    def round_dir(self, run_id: str, round_index: int) -> str:
+        return self.uri(run_id, f"round-{round_index:03d}")
+
+    def dataset_uri(self, run_id: str, round_index: int, name: str) -> str:
+        return self.uri(run_id, f"round-{round_index:03d}", f"{name}.parquet")
+
+    def model_uri(self, run_id: str, round_index: int) -> str:
+        return self.uri(run_id, f"round-{round_index:03d}", "model")
+
+    def resolve(self, uri: str, field: str = "uri") -> str:
+        """Returns the store path for a client-supplied URI, or raises UriNotAllowed naming field.
+
+        Confinement: no '..' segments, a configured scheme, and (locally) the real path, symlinks
+        resolved, must lie under the real root.
+        """
+        if not uri:
+            raise UriNotAllowed(f"{field}: empty URI")
+        if "\x00" in uri:
+            raise UriNotAllowed(f"{field}: NUL byte in URI")
+        scheme, path = _split_scheme(uri)
+        if scheme not in self.allowed_schemes or scheme != self.scheme:
+            raise UriNotAllowed(f"{field}: scheme '{scheme}' is not allowed (store is {self.scheme}://)")
+        if ".." in path.split("/"):
+            raise UriNotAllowed(f"{field}: '..' is not allowed in store URIs")
+        if scheme == "file":
+            if not os.path.isabs(path):
+                path = os.path.join(self.root, path)
+            real = os.path.realpath(path)
+            if real != self.root and not real.startswith(self.root + os.sep):
+                raise UriNotAllowed(f"{field}: {uri!r} is outside the run store root {self.root}")
+            return real
+        normalized = posixpath.normpath(path)
+        if normalized != self.root and not normalized.startswith(self.root + "/"):
+            raise UriNotAllowed(f"{field}: {uri!r} is outside the run store root")
+        return normalized
+
+    # ---- atomic files ---------------------------------------------------------------------------
+    def _write_atomic(self, path: str, write: Any) -> None:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            with self.fs.open(tmp, "wb") as handle:
+                write(handle)
+                if self.is_local:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            if self.is_local:
+                os.replace(tmp, path)
+            else:
+                self.fs.mv(tmp, path)
+        except OSError as exc:
+            try:
+                self.fs.rm(tmp)
+            except (OSError, FileNotFoundError):
+                pass
+            raise StoreError(f"could not write {path}: {exc}") from exc
+
+    def write_tasks(self, uri: str, tasks: list[TaskRecord]) -> int:
+        path = self.resolve(uri)
+        table = pa.Table.from_pylist([t.to_row() for t in tasks], schema=TASK_SCHEMA)
+        self._write_atomic(path, lambda handle: pq.write_table(table, handle))
+        return len(tasks)
+
+    def read_tasks(self, uri: str, field: str = "uri") -> list[TaskRecord]:
+        path = self.resolve(uri, field)
+        if not self.fs.exists(path):
+            raise FileNotFoundError(f"{field}: no dataset at {uri}")
+        with self.fs.open(path, "rb") as handle:
+            table = pq.read_table(handle)
+        return [TaskRecord.from_row(r) for r in table.to_pylist()]
+
+    def write_json(self, uri: str, data: Any) -> None:
+        path = self.resolve(uri)
+        payload = json.dumps(data, indent=2, sort_keys=True).encode()
+        self._write_atomic(path, lambda handle: handle.write(payload))
+
+    def read_json(self, uri: str) -> Any:
+        path = self.resolve(uri)
+        with self.fs.open(path, "rb") as handle:
+            return json.loads(handle.read())
+
+    def exists(self, uri: str) -> bool:
+        return self.fs.exists(self.resolve(uri))
+
+    def commit_directory(self, staging_dir: str | Path, uri: str) -> None:
+        """Moves a fully written local directory (e.g. a checkpoint) into place atomically."""
+        path = self.resolve(uri)
+        if not self.is_local:
+            self.fs.put(str(staging_dir), path, recursive=True)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            shutil.rmtree(path)  # a stage rerun replaces an uncommitted earlier attempt
+        os.replace(staging_dir, path)
+
+    def staging_dir(self, uri: str) -> str:
+        """A fresh directory beside uri (same filesystem, so the final rename is atomic)."""
+        path = self.resolve(uri)
+        staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        os.makedirs(staging)
+        return staging
+
+    # ---- manifest ------------------------------------------------------------------------------
+    def manifest_uri(self, run_id: str) -> str:
+        return self.uri(run_id, "manifest.json")
+
+    def load_manifest(self, run_id: str) -> dict:
+        uri = self.manifest_uri(run_id)
+        if not self.exists(uri):
+            return {"run_id": run_id, "rounds": {}}
+        return self.read_json(uri)
+
+    def stage_output(self, run_id: str, round_index: int, stage: str) -> dict | None:
+        return self.load_manifest(run_id)["rounds"].get(str(round_index), {}).get("stages", {}).get(stage)
+
+    def commit_stage(self, run_id: str, round_index: int, stage: str, output: dict) -> dict:
+        """Records a stage's output (URIs, counts, metrics) in the manifest, atomically."""
+        with self._manifest_lock:
+            manifest = self.load_manifest(run_id)
+            round_entry = manifest["rounds"].setdefault(str(round_index), {"stages": {}})
+            round_entry["stages"][stage] = {**output, "committed_at": time.time()}
+            self.write_json(self.manifest_uri(run_id), manifest)
+            return manifest
+
+    def update_run(self, run_id: str, **fields: Any) -> dict:
+        with self._manifest_lock:
+            manifest = self.load_manifest(run_id)
+            manifest.update(fields)
+            self.write_json(self.manifest_uri(run_id), manifest)
+            return manifest
+
+
+_LINEAGE_TYPE = pa.struct(
+    [
+        ("run_id", pa.string()),
+        ("round", pa.int32()),
+        ("stage", pa.string()),
+        ("model", pa.string()),
+        ("prompt_template", pa.string()),
+        ("context_task_ids", pa.list_(pa.string())),
+        ("scores_json", pa.string()),
+        ("verdicts", pa.list_(pa.string())),
+        ("parent_id", pa.string()),
+    ]
+)
+TASK_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("instruction", pa.string()),
+        ("name", pa.string()),
+        ("is_classification", pa.bool_()),
+        ("instances", pa.list_(pa.struct([("input", pa.string()), ("output", pa.string())]))),
+        ("lineage", _LINEAGE_TYPE),
+        ("format", pa.string()),
+    ]
+)
