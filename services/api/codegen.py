@@ -17,6 +17,8 @@ PROTO_PACKAGE_DIR = Path("reinstruct") / "v1"
 STUBS_DIR = Path(__file__).resolve().parent
 REPO_PROTOS_DIR = STUBS_DIR.parent.parent / "protos"
 _ABSOLUTE_IMPORT = re.compile(r"^from reinstruct\.v1 import (\w+_pb2)", re.MULTILINE)
+# The module name protoc bakes into message classes; it must be importable so pickling (Ray) works.
+_MODULE_NAME = re.compile(r"'reinstruct\.v1\.(\w+_pb2)'")
 
 
 def generate(protos_dir: Path = REPO_PROTOS_DIR) -> dict[str, str]:
@@ -36,7 +38,8 @@ def generate(protos_dir: Path = REPO_PROTOS_DIR) -> dict[str, str]:
             raise RuntimeError(f"protoc failed with exit code {code}")
         generated = {}
         for path in sorted((Path(out) / PROTO_PACKAGE_DIR).glob("*.py")):
-            generated[path.name] = _ABSOLUTE_IMPORT.sub(r"from . import \1", path.read_text())
+            content = _ABSOLUTE_IMPORT.sub(r"from . import \1", path.read_text())
+            generated[path.name] = _MODULE_NAME.sub(r"'services.api.\1'", content)
         return generated
 
 

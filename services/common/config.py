@@ -33,7 +33,7 @@ class ServeConfig(_Section):
     grpc_port: int = Field(9000, ge=1, le=65535)
     http_port: int = Field(8000, ge=1, le=65535)
     request_timeout_s: float = Field(900.0, gt=0, description="Client deadline for one gRPC call")
-    replica_num_cpus: float = Field(0.5, ge=0, description="CPUs reserved by each Serve replica")
+    replica_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved by each Serve replica")
     max_ongoing_requests: int = Field(8, ge=1)
 
 
@@ -137,3 +137,11 @@ def load_config(path: str | Path | None = None) -> ReinstructConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(data, str(path))
+
+
+def config_from_app_args(args: dict | None) -> ReinstructConfig:
+    """Serve app builders get `args` from serve.yaml or serve.run: {"config": path} or {"settings": {...}}."""
+    args = args or {}
+    if "settings" in args:
+        return parse_config(args["settings"], "app args 'settings'")
+    return load_config(args.get("config"))

@@ -1,0 +1,1 @@
+"""Recipes that compose the services: the self-improvement loop driver and one-off jobs."""

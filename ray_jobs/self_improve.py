@@ -1,0 +1,268 @@
+"""The self-improvement loop driver. Round k generates with model k, filters, trains model k+1,
+evaluates it, and promotes it only if it is better. It talks to the services over gRPC only and
+records every stage in the run store; a committed stage is never redone, so a rerun resumes.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python -m ray_jobs.self_improve --config configs/local.yaml --run-id my-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from services.api import common_pb2, evaluator_pb2, filter_pb2, generator_pb2, trainer_pb2
+from services.client import ServiceClients
+from services.common.config import ReinstructConfig, load_config
+from services.common.convert import uri_source
+from services.common.formats import load_seed_tasks
+from services.common.records import TaskRecord
+from services.common.store import RunStore
+from services.evaluator.split import split_by_task
+from services.generator.bootstrap import build_meta_tasks
+
+log = logging.getLogger("reinstruct.loop")
+
+ROUND_STAGES = ("generate_instructions", "classify", "generate_instances", "filter", "train_data", "train",
+                "evaluate", "promote")
+BOOTSTRAP_STAGES = ("split", "train_data", "train", "evaluate", "promote")
+
+
+class Reporter:
+    """What the driver tells the outside world; the CLI draws progress bars from these calls."""
+
+    def stage(self, round_index: int, stage: str, resumed: bool) -> None:
+        log.info("round %d: %s%s", round_index, stage, " (committed earlier, skipped)" if resumed else "")
+
+    def stage_done(self, round_index: int, stage: str, output: dict) -> None:
+        log.info("round %d: %s done: %s", round_index, stage,
+                 {k: v for k, v in output.items() if not isinstance(v, (list, dict))})
+
+    def training(self, round_index: int, step: int, total: int, loss: float) -> None:
+        pass
+
+
+@dataclass
+class LoopDriver:
+    config: ReinstructConfig
+    clients: ServiceClients
+    run_id: str
+    reporter: Reporter = field(default_factory=Reporter)
+
+    def __post_init__(self) -> None:
+        self.store = RunStore(self.config.store.root, self.config.store.allowed_schemes)
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def _ctx(self, k: int) -> common_pb2.RunContext:
+        return common_pb2.RunContext(run_id=self.run_id, round=k)
+
+    def _stage(self, k: int, stage: str, work: Callable[[], dict]) -> dict:
+        done = self.store.stage_output(self.run_id, k, stage)
+        self.reporter.stage(k, stage, resumed=done is not None)
+        if done is not None:
+            return done
+        output = work()
+        self.store.commit_stage(self.run_id, k, stage, output)
+        self.reporter.stage_done(k, stage, output)
+        return output
+
+    def _uri(self, k: int, name: str) -> str:
+        return self.store.dataset_uri(self.run_id, k, name)
+
+    def _sampling(self, max_new_tokens: int, seed: int, temperature: float | None = None) -> common_pb2.Sampling:
+        g = self.config.generation
+        return common_pb2.Sampling(temperature=g.temperature if temperature is None else temperature,
+                                   top_p=g.top_p, max_new_tokens=max_new_tokens, seed=seed)
+
+    def _train(self, k: int, base_model: str, dataset_uri: str, epochs: int) -> dict:
+        t = self.config.training
+        request = trainer_pb2.StartTrainingRequest(
+            context=self._ctx(k), base_model_uri=base_model, train_tasks=uri_source(dataset_uri),
+            output_model_uri=self.store.model_uri(self.run_id, k),
+            params=trainer_pb2.TrainingParams(epochs=epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
+                                              batch_size=t.batch_size, max_seq_len=t.max_seq_len,
+                                              num_workers=t.num_workers, use_gpu=t.use_gpu, seed=self.config.seed + k),
+        )
+        status = self.clients.wait_for_training(
+            request, poll_s=t.poll_interval_s,
+            on_progress=lambda s: self.reporter.training(k, s.step, s.total_steps, s.loss),
+        )
+        return {"model_uri": status.model_uri, "job_id": status.job_id, "steps": status.step,
+                "final_loss": status.loss, "losses": list(status.losses), "examples": status.train_examples}
+
+    def _evaluate(self, k: int, model_uri: str, heldout_uri: str) -> dict:
+        e = self.config.evaluation
+        response = self.clients.evaluate_model(evaluator_pb2.EvaluateModelRequest(
+            context=self._ctx(k), model_uri=model_uri, eval_tasks=uri_source(heldout_uri),
+            max_instances_per_task=e.max_instances_per_task,
+            sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
+        ))
+        return {"model_uri": model_uri, "rouge_l": response.rouge_l, "num_tasks": response.num_tasks,
+                "num_instances": response.num_instances,
+                "per_task": {t.task_id: t.rouge_l for t in response.tasks}}
+
+    def _promote(self, k: int, candidate: dict, incumbent: dict | None) -> dict:
+        margin = self.config.evaluation.promote_margin
+        better = incumbent is None or candidate["rouge_l"] > incumbent["rouge_l"] + margin
+        chosen = candidate if better else incumbent
+        return {"promoted": better, "model_uri": chosen["model_uri"], "rouge_l": chosen["rouge_l"],
+                "candidate_rouge_l": candidate["rouge_l"],
+                "incumbent_rouge_l": incumbent["rouge_l"] if incumbent else None, "margin": margin}
+
+    def _machine_pool(self, up_to_round: int) -> list[TaskRecord]:
+        pool = []
+        for k in range(1, up_to_round):
+            out = self.store.stage_output(self.run_id, k, "filter")
+            if out and out["kept_count"]:
+                pool.extend(self.store.read_tasks(out["kept_uri"]))
+        return pool
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.store.update_run(self.run_id, config=self.config.model_dump(), status="running")
+        seeds = load_seed_tasks(self.config.seeds.path)
+        split = self._stage(0, "split", lambda: self._split(seeds))
+        promoted = self._bootstrap(split) if self.config.loop.bootstrap else {
+            "model_uri": self.config.model.base, "rouge_l": None}
+        for k in range(1, self.config.loop.rounds + 1):
+            promoted = self._round(k, split, promoted)
+        self.store.update_run(self.run_id, status="succeeded", final_model=promoted["model_uri"])
+        return self.store.load_manifest(self.run_id)
+
+    def _split(self, seeds: list[TaskRecord]) -> dict:
+        s = self.config.seeds
+        train, heldout = split_by_task(seeds, s.heldout_fraction, s.split_seed)
+        self.store.write_tasks(self._uri(0, "seed_train"), train)
+        self.store.write_tasks(self._uri(0, "seed_heldout"), heldout)
+        self.store.write_tasks(self._uri(0, "seed_all"), seeds)
+        return {"seed_train_uri": self._uri(0, "seed_train"), "seed_heldout_uri": self._uri(0, "seed_heldout"),
+                "seed_all_uri": self._uri(0, "seed_all"), "train_tasks": len(train), "heldout_tasks": len(heldout),
+                "heldout_task_ids": sorted(t.id for t in heldout)}
+
+    def _train_mix(self, k: int, split: dict, machine: list[TaskRecord]) -> dict:
+        human = self.store.read_tasks(split["seed_train_uri"])
+        meta = build_meta_tasks(human, machine, seed=self.config.seed + k,
+                                examples_per_task=self.config.training.bootstrap_examples_per_task)
+        mix = human + machine + meta
+        uri = self._uri(k, "train_mix")
+        self.store.write_tasks(uri, mix)
+        return {"uri": uri, "count": len(mix), "seed": len(human), "machine": len(machine), "meta": len(meta)}
+
+    def _bootstrap(self, split: dict) -> dict:
+        data = self._stage(0, "train_data", lambda: self._train_mix(0, split, []))
+        trained = self._stage(0, "train", lambda: self._train(0, self.config.model.base, data["uri"],
+                                                               self.config.training.bootstrap_epochs))
+        score = self._stage(0, "evaluate", lambda: self._evaluate(0, trained["model_uri"], split["seed_heldout_uri"]))
+        return self._stage(0, "promote", lambda: self._promote(0, score, None))
+
+    def _round(self, k: int, split: dict, promoted: dict) -> dict:
+        g = self.config.generation
+        model = promoted["model_uri"]
+        machine = self._machine_pool(k)
+        pool_uri = self._uri(k, "machine_pool")
+
+        def generate() -> dict:
+            self.store.write_tasks(pool_uri, machine)
+            response = self.clients.generate_instructions(generator_pb2.GenerateInstructionsRequest(
+                context=self._ctx(k), model_uri=model, seed_tasks=uri_source(split["seed_train_uri"]),
+                machine_tasks=uri_source(pool_uri), num_prompts=g.num_prompts,
+                num_human_in_context=g.num_human_in_context, num_machine_in_context=g.num_machine_in_context,
+                sampling=self._sampling(g.max_new_tokens, self.config.seed + k),
+                output_uri=self._uri(k, "instructions"),
+            ))
+            return {"uri": response.output.uri, "count": response.output.count, "prompts": response.prompts,
+                    "truncated": response.completions_truncated, "model_uri": model}
+
+        instructions = self._stage(k, "generate_instructions", generate)
+        if instructions["count"] == 0:
+            raise RuntimeError(f"round {k}: the model wrote no parseable instructions")
+        classified = self._stage(k, "classify", lambda: self._ref(self.clients.classify_instructions(
+            generator_pb2.ClassifyInstructionsRequest(context=self._ctx(k), model_uri=model,
+                                                      tasks=uri_source(instructions["uri"]),
+                                                      output_uri=self._uri(k, "classified")))))
+        candidates = self._stage(k, "generate_instances", lambda: self._ref(self.clients.generate_instances(
+            generator_pb2.GenerateInstancesRequest(
+                context=self._ctx(k), model_uri=model, tasks=uri_source(classified["uri"]),
+                demonstrations=uri_source(split["seed_train_uri"]), num_demonstrations=g.num_demonstrations,
+                sampling=self._sampling(g.instance_max_new_tokens, self.config.seed + k),
+                output_uri=self._uri(k, "candidates")))))
+        filtered = self._stage(k, "filter", lambda: self._filter(k, split, machine, candidates))
+        data = self._stage(k, "train_data", lambda: self._train_mix(
+            k, split, machine + (self.store.read_tasks(filtered["kept_uri"]) if filtered["kept_count"] else [])))
+        trained = self._stage(k, "train", lambda: self._train(k, model, data["uri"], self.config.training.epochs))
+        score = self._stage(k, "evaluate", lambda: self._evaluate(k, trained["model_uri"], split["seed_heldout_uri"]))
+        return self._stage(k, "promote", lambda: self._promote(k, score, promoted))
+
+    @staticmethod
+    def _ref(response) -> dict:
+        return {"uri": response.output.uri, "count": response.output.count}
+
+    def _filter(self, k: int, split: dict, machine: list[TaskRecord], candidates: dict) -> dict:
+        pool_uri = self._uri(k, "filter_pool")
+        self.store.write_tasks(pool_uri, self.store.read_tasks(split["seed_all_uri"]) + machine)
+        f = self.config.filter
+        response = self.clients.filter_tasks(filter_pb2.FilterTasksRequest(
+            context=self._ctx(k), candidates=uri_source(candidates["uri"]), pool=uri_source(pool_uri),
+            rouge_l_threshold=f.rouge_l_threshold, min_instruction_words=f.min_instruction_words,
+            max_instruction_words=f.max_instruction_words, kept_uri=self._uri(k, "kept"),
+            rejected_uri=self._uri(k, "rejected")))
+        return {"kept_uri": response.kept_ref.uri, "kept_count": response.kept_count,
+                "rejected_uri": response.rejected_ref.uri, "candidates": response.candidates,
+                "funnel": {step.rule: step.removed for step in response.funnel},
+                "max_rouge_l": [v.max_rouge_l for v in response.verdicts]}
+
+
+def summarize(manifest: dict) -> list[dict]:
+    """One row per round: generated, kept by each filter, train loss, eval score, promotion."""
+    rows = []
+    for key in sorted(manifest.get("rounds", {}), key=int):
+        stages = manifest["rounds"][key]["stages"]
+        gen, filt = stages.get("generate_instructions", {}), stages.get("filter", {})
+        rows.append({
+            "round": int(key),
+            "instructions": gen.get("count"),
+            "with_instances": stages.get("generate_instances", {}).get("count"),
+            "kept": filt.get("kept_count"),
+            "funnel": filt.get("funnel"),
+            "train_examples": stages.get("train_data", {}).get("count"),
+            "final_loss": stages.get("train", {}).get("final_loss"),
+            "rouge_l": stages.get("evaluate", {}).get("rouge_l"),
+            "promoted": stages.get("promote", {}).get("promoted"),
+        })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default: every built-in default)")
+    parser.add_argument("--run-id", default="demo")
+    parser.add_argument("--rounds", type=int, default=None, help="override loop.rounds")
+    parser.add_argument("--store-root", default=None, help="override store.root")
+    parser.add_argument("--no-deploy", action="store_true", help="use apps already deployed (e.g. a RayService)")
+    parser.add_argument("--grpc-target", default=None, help="host:port of Serve's gRPC proxy")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = load_config(args.config)
+    if args.rounds is not None:
+        config.loop.rounds = args.rounds
+    if args.store_root is not None:
+        config.store.root = args.store_root
+    from services.serving import connect_ray, deploy_apps
+
+    connect_ray()
+    if not args.no_deploy:
+        deploy_apps(config)
+    target = args.grpc_target or f"{config.serve.host}:{config.serve.grpc_port}"
+    clients = ServiceClients(target, config.serve.request_timeout_s)
+    manifest = LoopDriver(config, clients, args.run_id).run()
+    for row in summarize(manifest):
+        print(row)
+    print(f"run store: {RunStore(config.store.root).uri(args.run_id)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""gRPC clients for the four services. Serve's proxy picks the app from the `application` metadata
+key (the app names are the service names in lower case) and the deployment method by RPC name."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from .api import evaluator_pb2_grpc, filter_pb2_grpc, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class ServiceClients:
+    def __init__(self, target: str, timeout_s: float = 900.0) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self.channel = grpc.insecure_channel(target, options=options)
+        self._generator = generator_pb2_grpc.GeneratorStub(self.channel)
+        self._filter = filter_pb2_grpc.FilterStub(self.channel)
+        self._trainer = trainer_pb2_grpc.TrainerStub(self.channel)
+        self._evaluator = evaluator_pb2_grpc.EvaluatorStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, app: str, method, request, timeout_s: float | None = None):
+        return method(request, metadata=(("application", app),), timeout=timeout_s or self.timeout_s)
+
+    def generate_instructions(self, request):
+        return self._call("generator", self._generator.GenerateInstructions, request)
+
+    def classify_instructions(self, request):
+        return self._call("generator", self._generator.ClassifyInstructions, request)
+
+    def generate_instances(self, request):
+        return self._call("generator", self._generator.GenerateInstances, request)
+
+    def filter_tasks(self, request):
+        return self._call("filter", self._filter.FilterTasks, request)
+
+    def start_training(self, request):
+        return self._call("trainer", self._trainer.StartTraining, request, 60)
+
+    def training_status(self, job_id: str):
+        return self._call("trainer", self._trainer.GetTrainingStatus,
+                          trainer_pb2.GetTrainingStatusRequest(job_id=job_id), 30)
+
+    def wait_for_training(self, request, poll_s: float = 2.0, on_progress=None):
+        """Starts (or re-attaches to) a training job and polls until it ends."""
+        status = self.start_training(request)
+        while status.state in (trainer_pb2.TrainingStatus.PENDING, trainer_pb2.TrainingStatus.RUNNING):
+            if on_progress:
+                on_progress(status)
+            time.sleep(poll_s)
+            status = self.training_status(status.job_id)
+        if on_progress:
+            on_progress(status)
+        if status.state != trainer_pb2.TrainingStatus.SUCCEEDED:
+            raise RuntimeError(f"training job {status.job_id} failed: {status.error}")
+        return status
+
+    def evaluate_model(self, request):
+        return self._call("evaluator", self._evaluator.EvaluateModel, request)

@@ -1,0 +1,119 @@
+"""Request validation shared by the deployments: every failure names the offending field.
+
+Limits here bound what a client can make a replica do; they are deliberately generous for real use
+and small enough that no single request can exhaust a replica.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..api import common_pb2
+from .convert import task_from_proto
+from .records import TaskRecord
+from .store import RunStore, UriNotAllowed
+
+MAX_TEXT_CHARS = 20_000
+MAX_INLINE_TASKS = 10_000
+MAX_INSTANCES_PER_TASK = 64
+MAX_NEW_TOKENS = 4096
+MAX_PROMPTS = 10_000
+MAX_ID_CHARS = 256
+
+
+class RequestError(ValueError):
+    """Bad input from a client; becomes gRPC INVALID_ARGUMENT with 'field: message'."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def check_text(value: str, field: str, *, required: bool = False, limit: int = MAX_TEXT_CHARS) -> str:
+    if required and not value.strip():
+        raise RequestError(field, "must not be empty")
+    if len(value) > limit:
+        raise RequestError(field, f"is {len(value)} characters; the limit is {limit}")
+    if "\x00" in value:
+        raise RequestError(field, "contains a NUL character")
+    return value
+
+
+def check_range(value: float, field: str, low: float, high: float) -> float:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RequestError(field, "must be a finite number")
+    if not low <= value <= high:
+        raise RequestError(field, f"must be between {low} and {high}, got {value}")
+    return value
+
+
+def check_context(context: common_pb2.RunContext, field: str = "context") -> None:
+    check_text(context.run_id, f"{field}.run_id", required=True, limit=MAX_ID_CHARS)
+    if not all(c.isalnum() or c in "-_." for c in context.run_id):
+        raise RequestError(f"{field}.run_id", "may hold only letters, digits, '-', '_' and '.'")
+    check_range(context.round, f"{field}.round", 0, 100_000)
+
+
+def check_sampling(sampling: common_pb2.Sampling, field: str = "sampling") -> None:
+    check_range(sampling.temperature, f"{field}.temperature", 0.0, 2.0)
+    check_range(sampling.top_p, f"{field}.top_p", 0.0, 1.0)
+    if sampling.temperature > 0 and sampling.top_p <= 0:
+        raise RequestError(f"{field}.top_p", "must be above 0 when sampling (temperature > 0)")
+    check_range(sampling.max_new_tokens, f"{field}.max_new_tokens", 1, MAX_NEW_TOKENS)
+
+
+def check_model_uri(uri: str, store: RunStore, field: str = "model_uri") -> str:
+    """builtin presets and store checkpoints are allowed; a hub id only if it has no path parts."""
+    check_text(uri, field, required=True, limit=1024)
+    if uri.startswith("builtin:"):
+        return uri
+    if "/" in uri and ("://" in uri or uri.startswith(("/", "."))):
+        try:
+            store.resolve(uri, field)
+        except UriNotAllowed as exc:
+            raise RequestError(field, str(exc).split(": ", 1)[-1]) from None
+    return uri
+
+
+def check_output_uri(uri: str, store: RunStore, field: str) -> str:
+    if uri:
+        try:
+            store.resolve(uri, field)
+        except UriNotAllowed as exc:
+            raise RequestError(field, str(exc).split(": ", 1)[-1]) from None
+    return uri
+
+
+def resolve_tasks(source: common_pb2.TaskSource, store: RunStore, field: str, *, required: bool = True,
+                  require_instances: bool = False) -> list[TaskRecord]:
+    """Inline tasks (checked) or a dataset from the store (confined to its root)."""
+    kind = source.WhichOneof("source")
+    if kind is None:
+        if required:
+            raise RequestError(field, "give tasks inline or a dataset uri")
+        return []
+    if kind == "uri":
+        try:
+            return store.read_tasks(source.uri, f"{field}.uri")
+        except UriNotAllowed as exc:
+            raise RequestError(f"{field}.uri", str(exc).split(": ", 1)[-1]) from None
+        except FileNotFoundError:
+            raise RequestError(f"{field}.uri", f"no dataset at {source.uri}") from None
+    tasks = source.inline.tasks
+    if required and not tasks:
+        raise RequestError(f"{field}.inline.tasks", "must not be empty")
+    if len(tasks) > MAX_INLINE_TASKS:
+        raise RequestError(f"{field}.inline.tasks", f"has {len(tasks)} tasks; the inline limit is "
+                           f"{MAX_INLINE_TASKS} (send a dataset uri instead)")
+    for i, task in enumerate(tasks):
+        where = f"{field}.inline.tasks[{i}]"
+        check_text(task.id, f"{where}.id", limit=MAX_ID_CHARS)
+        check_text(task.instruction, f"{where}.instruction", required=True)
+        if len(task.instances) > MAX_INSTANCES_PER_TASK:
+            raise RequestError(f"{where}.instances", f"has {len(task.instances)}; the limit is {MAX_INSTANCES_PER_TASK}")
+        if require_instances and not task.instances:
+            raise RequestError(f"{where}.instances", "must not be empty")
+        for j, inst in enumerate(task.instances):
+            check_text(inst.input, f"{where}.instances[{j}].input")
+            check_text(inst.output, f"{where}.instances[{j}].output")
+    return [task_from_proto(t) for t in tasks]

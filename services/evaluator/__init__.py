@@ -1,0 +1,1 @@
+"""Evaluator service: scores models on held-out tasks they never trained on."""

@@ -1,0 +1,1 @@
+"""Filter service: which generated tasks join the pool."""

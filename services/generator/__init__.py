@@ -1,0 +1,1 @@
+"""Generator service: Self-Instruct instruction, classification and instance generation."""

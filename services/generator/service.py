@@ -1,0 +1,88 @@
+"""The generator's logic, callable without Ray: prompts in, TaskRecords with lineage out."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+
+from ..common.records import Instance, Lineage, TaskRecord, stable_id
+from . import self_instruct as si
+from .engines import GenerationEngine, SamplingParams
+
+
+@dataclass
+class RunContext:
+    run_id: str = ""
+    round: int = 0
+
+
+@dataclass
+class InstructionBatch:
+    tasks: list[TaskRecord]
+    prompts: int
+    truncated: int
+
+
+class GeneratorService:
+    def __init__(self, engine: GenerationEngine, max_instances_per_task: int = 3) -> None:
+        self.engine = engine
+        self.max_instances_per_task = max_instances_per_task
+
+    def generate_instructions(
+        self, ctx: RunContext, model_uri: str, human: list[TaskRecord], machine: list[TaskRecord],
+        num_prompts: int, sampling: SamplingParams, num_human: int = 6, num_machine: int = 2,
+    ) -> InstructionBatch:
+        self.engine.load(model_uri)
+        rng = random.Random(f"{ctx.run_id}/{ctx.round}/{sampling.seed}")
+        built = [si.build_instruction_prompt(human, machine, rng, num_human, num_machine) for _ in range(num_prompts)]
+        params = replace(sampling, stop=si.INSTRUCTION_STOPS)
+        completions = self.engine.generate([p.text for p in built], params)
+        tasks, truncated = [], 0
+        for p_index, (prompt, completion) in enumerate(zip(built, completions)):
+            truncated += completion.finish_reason == "length"
+            for i_index, instruction in enumerate(si.parse_instructions(completion.text, completion.finish_reason)):
+                tasks.append(TaskRecord(
+                    id=stable_id(ctx.run_id, ctx.round, "instruction", p_index, i_index),
+                    instruction=instruction,
+                    lineage=Lineage(run_id=ctx.run_id, round=ctx.round, stage="generate_instructions",
+                                    model=model_uri, prompt_template=prompt.template_id,
+                                    context_task_ids=prompt.context_task_ids),
+                ))
+        return InstructionBatch(tasks, len(built), truncated)
+
+    def classify(self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord]) -> list[TaskRecord]:
+        self.engine.load(model_uri)
+        built = [si.build_classification_prompt(t.instruction) for t in tasks]
+        params = SamplingParams(temperature=0.0, max_new_tokens=3, stop=("\n",))
+        completions = self.engine.generate([text for text, _ in built], params)
+        out = []
+        for task, (_, template_id), completion in zip(tasks, built, completions):
+            lineage = replace(task.lineage, scores={**task.lineage.scores})
+            lineage.scores["is_classification"] = 1.0 if si.parse_is_classification(completion.text) else 0.0
+            lineage.verdicts = [*task.lineage.verdicts, f"classified_by:{template_id}"]
+            out.append(replace(task, is_classification=bool(lineage.scores["is_classification"]), lineage=lineage))
+        return out
+
+    def generate_instances(
+        self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], demonstrations: list[TaskRecord],
+        num_demonstrations: int, sampling: SamplingParams,
+    ) -> list[TaskRecord]:
+        """Tasks that got at least one instance, each with its instances; the others are dropped."""
+        self.engine.load(model_uri)
+        rng = random.Random(f"{ctx.run_id}/{ctx.round}/instances/{sampling.seed}")
+        built = []
+        for task in tasks:
+            pool = [d for d in demonstrations if d.is_classification == task.is_classification] or demonstrations
+            demos = rng.sample(pool, min(num_demonstrations, len(pool)))
+            built.append(si.build_instance_prompt(task.instruction, task.is_classification, demos))
+        params = replace(sampling, stop=si.INSTANCE_STOPS)
+        completions = self.engine.generate([text for text, _ in built], params)
+        out = []
+        for task, (_, template_id), completion in zip(tasks, built, completions):
+            parse = si.parse_output_first if task.is_classification else si.parse_input_first
+            pairs = parse(completion.text, completion.finish_reason)[: self.max_instances_per_task]
+            if not pairs:
+                continue
+            lineage = replace(task.lineage, verdicts=[*task.lineage.verdicts, f"instances_by:{template_id}"])
+            out.append(replace(task, instances=[Instance(i, o) for i, o in pairs], lineage=lineage))
+        return out

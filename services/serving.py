@@ -1,0 +1,76 @@
+"""Starting Ray and deploying the four apps behind Serve's gRPC proxy."""
+
+from __future__ import annotations
+
+import os
+import time
+
+APP_NAMES = ("generator", "filter", "trainer", "evaluator")
+APP_BUILDERS = {
+    "generator": "services.generator.deployment:build_app",
+    "filter": "services.filter.deployment:build_app",
+    "trainer": "services.trainer.deployment:build_app",
+    "evaluator": "services.evaluator.deployment:build_app",
+}
+
+
+def connect_ray(local_num_cpus: int | None = None) -> bool:
+    """Joins RAY_ADDRESS (or the job's cluster) if set, else starts a local Ray. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(log_to_driver=False)
+        return False
+    ray.init(num_cpus=local_num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def deploy_apps(config, *, wait_s: float = 600.0) -> None:
+    """Starts Serve (gRPC on config.serve.grpc_port, reflection on) and deploys the four apps.
+
+    Redeploying an unchanged app is a no-op, so a resumed driver can call this again.
+    """
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from .api import SERVICER_FUNCTIONS
+    from .common.config import config_from_app_args
+    from .evaluator.deployment import build_app as build_evaluator
+    from .filter.deployment import build_app as build_filter
+    from .generator.deployment import build_app as build_generator
+    from .trainer.deployment import build_app as build_trainer
+
+    serve.start(
+        http_options=HTTPOptions(host="0.0.0.0", port=config.serve.http_port),
+        grpc_options=gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
+                                 enable_reflection=True),
+    )
+    args = {"settings": config.model_dump()}
+    config_from_app_args(args)  # fail here, not inside a replica, if the config is wrong
+    builders = {"generator": build_generator, "filter": build_filter, "trainer": build_trainer,
+                "evaluator": build_evaluator}
+    from ray.serve.api import RunTarget
+
+    serve.run_many([RunTarget(builders[name](args), name=name, route_prefix=f"/{name}") for name in APP_NAMES],
+                   wait_for_applications_running=False)
+    wait_until_running(wait_s)
+
+
+def wait_until_running(wait_s: float) -> None:
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.time() + wait_s
+    while True:
+        statuses = {name: serve.status().applications.get(name) for name in APP_NAMES}
+        states = {n: (s.status if s else "MISSING") for n, s in statuses.items()}
+        if all(state == ApplicationStatus.RUNNING for state in states.values()):
+            return
+        failed = {n: statuses[n].message for n, st in states.items() if st == ApplicationStatus.DEPLOY_FAILED}
+        if failed:
+            raise RuntimeError(f"Serve apps failed to deploy: {failed}")
+        if time.time() > deadline:
+            raise TimeoutError(f"Serve apps not running after {wait_s}s: {states}")
+        time.sleep(0.5)

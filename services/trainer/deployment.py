@@ -1,0 +1,81 @@
+"""Ray Serve deployment of the trainer (gRPC). Validation and proto conversion only."""
+
+from __future__ import annotations
+
+import uuid
+
+from ray import serve
+
+from ..api import trainer_pb2
+from ..common.config import ReinstructConfig, config_from_app_args
+from ..common.grpc_handler import grpc_method
+from ..common.store import RunStore
+from ..common.validation import (RequestError, check_context, check_model_uri, check_output_uri, check_range,
+                                 check_text, resolve_tasks)
+from .service import TrainerService, TrainingJob, TrainingParams
+
+_STATES = {name: getattr(trainer_pb2.TrainingStatus, name) for name in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED")}
+
+
+def _status(job: TrainingJob) -> trainer_pb2.TrainingStatus:
+    return trainer_pb2.TrainingStatus(
+        job_id=job.job_id, state=_STATES[job.state], step=job.step, total_steps=job.total_steps,
+        loss=job.losses[-1] if job.losses else 0.0, losses=job.losses,
+        model_uri=job.model_uri if job.state == "SUCCEEDED" else "", error=job.error, train_examples=job.examples,
+    )
+
+
+@serve.deployment(name="Trainer")
+class TrainerDeployment:
+    def __init__(self, settings: dict):
+        self.config = ReinstructConfig.model_validate(settings)
+        self.store = RunStore(self.config.store.root, self.config.store.allowed_schemes)
+        self.service = TrainerService(self.store, self.config.model.trust_remote_code,
+                                      self.config.model.builtin_cache_dir)
+
+    @grpc_method(trainer_pb2.TrainingStatus)
+    def StartTraining(self, request: trainer_pb2.StartTrainingRequest):
+        check_context(request.context)
+        base = check_model_uri(request.base_model_uri, self.store, "base_model_uri")
+        if not request.output_model_uri:
+            raise RequestError("output_model_uri", "must not be empty")
+        check_output_uri(request.output_model_uri, self.store, "output_model_uri")
+        p, d = request.params, self.config.training
+        params = TrainingParams(
+            epochs=int(check_range(p.epochs or d.epochs, "params.epochs", 1, 1000)),
+            max_steps=int(check_range(p.max_steps, "params.max_steps", 0, 10_000_000)),
+            learning_rate=check_range(p.learning_rate or d.learning_rate, "params.learning_rate", 1e-9, 1.0),
+            batch_size=int(check_range(p.batch_size or d.batch_size, "params.batch_size", 1, 4096)),
+            max_seq_len=int(check_range(p.max_seq_len or d.max_seq_len, "params.max_seq_len", 16, 65_536)),
+            num_workers=int(check_range(p.num_workers or d.num_workers, "params.num_workers", 1, 1024)),
+            use_gpu=p.use_gpu or d.use_gpu, seed=p.seed,
+        )
+        source = request.train_tasks
+        if source.WhichOneof("source") == "inline":
+            tasks = resolve_tasks(source, self.store, "train_tasks", require_instances=True)
+            dataset_uri = self.store.uri(request.context.run_id, "inline", f"train-{uuid.uuid4().hex[:12]}.parquet")
+            self.store.write_tasks(dataset_uri, tasks)
+        elif source.WhichOneof("source") == "uri":
+            resolve_tasks(source, self.store, "train_tasks")  # confinement + existence check
+            dataset_uri = source.uri
+        else:
+            raise RequestError("train_tasks", "give tasks inline or a dataset uri")
+        job = self.service.start(request.context.run_id, request.context.round, base, dataset_uri,
+                                 request.output_model_uri, params)
+        return _status(job)
+
+    @grpc_method(trainer_pb2.TrainingStatus)
+    def GetTrainingStatus(self, request: trainer_pb2.GetTrainingStatusRequest):
+        check_text(request.job_id, "job_id", required=True, limit=128)
+        job = self.service.status(request.job_id)
+        if job is None:
+            raise RequestError("job_id", f"no training job {request.job_id!r} on this replica")
+        return _status(job)
+
+
+def build_app(args: dict | None = None):
+    config = config_from_app_args(args)
+    # One replica: training jobs are tracked in its memory (issue: move to Ray Jobs for redeploys).
+    return TrainerDeployment.options(
+        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=config.serve.max_ongoing_requests,
+    ).bind(config.model_dump())

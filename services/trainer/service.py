@@ -1,0 +1,111 @@
+"""The trainer's logic: one Ray Train TorchTrainer run per (run, round), tracked as a job.
+
+A job id is derived from run, round and output URI, so a repeated StartTraining call (a client retry,
+a resumed loop driver) attaches to the job already running or returns the finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+from ..common.records import stable_id
+from ..common.store import RunStore
+
+
+@dataclass
+class TrainingParams:
+    epochs: int = 2
+    max_steps: int = 0
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    max_seq_len: int = 384
+    num_workers: int = 1
+    use_gpu: bool = False
+    seed: int = 0
+
+
+@dataclass
+class TrainingJob:
+    job_id: str
+    model_uri: str
+    state: str = "PENDING"  # PENDING, RUNNING, SUCCEEDED, FAILED
+    step: int = 0
+    total_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    examples: int = 0
+    error: str = ""
+    progress_path: str = ""
+
+
+class TrainerService:
+    def __init__(self, store: RunStore, trust_remote_code: bool = False,
+                 builtin_cache_dir: str = "~/.cache/reinstruct/builtin") -> None:
+        self.store = store
+        self.trust_remote_code = trust_remote_code
+        self.builtin_cache_dir = builtin_cache_dir
+        self._jobs: dict[str, TrainingJob] = {}
+        self._lock = threading.Lock()
+
+    def start(self, run_id: str, round_index: int, base_model: str, dataset_uri: str, model_uri: str,
+              params: TrainingParams) -> TrainingJob:
+        job_id = f"train-{stable_id(run_id, round_index, model_uri)}"
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job and job.state in ("PENDING", "RUNNING", "SUCCEEDED"):
+                return job
+            if self.store.exists(model_uri + "/config.json"):
+                job = TrainingJob(job_id, model_uri, state="SUCCEEDED")  # committed by an earlier replica
+                self._jobs[job_id] = job
+                return job
+            job = TrainingJob(job_id, model_uri)
+            self._jobs[job_id] = job
+        threading.Thread(target=self._run, args=(job, run_id, base_model, dataset_uri, params), daemon=True).start()
+        return job
+
+    def status(self, job_id: str) -> TrainingJob | None:
+        job = self._jobs.get(job_id)
+        if job and job.progress_path and os.path.exists(job.progress_path) and job.state == "RUNNING":
+            try:
+                with open(job.progress_path) as handle:
+                    progress = json.load(handle)
+                job.step, job.total_steps = progress["step"], progress["total_steps"]
+                job.losses, job.examples = progress["losses"], progress["examples"]
+            except (OSError, ValueError, KeyError):
+                pass  # the file is replaced atomically; a failed read just means no news yet
+        return job
+
+    def _run(self, job: TrainingJob, run_id: str, base_model: str, dataset_uri: str, params: TrainingParams) -> None:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from .train_loop import train_loop_per_worker
+
+        staging = self.store.staging_dir(job.model_uri)
+        job.progress_path = os.path.join(os.path.dirname(staging), f".{job.job_id}.progress.json")
+        job.state = "RUNNING"
+        try:
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={
+                    "store_root": self.store.uri(), "dataset_uri": dataset_uri, "base_model": base_model,
+                    "output_dir": staging, "progress_path": job.progress_path,
+                    "trust_remote_code": self.trust_remote_code, "builtin_cache_dir": self.builtin_cache_dir,
+                    **params.__dict__,
+                },
+                scaling_config=ScalingConfig(num_workers=params.num_workers, use_gpu=params.use_gpu),
+                run_config=RunConfig(name=job.job_id, storage_path=self.store.uri(run_id, "ray_train")),
+            )
+            trainer.fit()
+            self.status(job.job_id)
+            job.step = job.total_steps or job.step
+            self.store.commit_directory(staging, job.model_uri)
+            job.state = "SUCCEEDED"
+        except Exception as exc:  # reported to the client through GetTrainingStatus
+            job.error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            job.state = "FAILED"
+            shutil.rmtree(staging, ignore_errors=True)
