@@ -178,17 +178,17 @@ class LoopDriver:
 
         instructions = self._stage(k, "generate_instructions", generate)
         if instructions["count"] == 0:
-            raise RuntimeError(f"round {k}: the model wrote no parseable instructions")
-        classified = self._stage(k, "classify", lambda: self._ref(self.clients.classify_instructions(
-            generator_pb2.ClassifyInstructionsRequest(context=self._ctx(k), model_uri=model,
-                                                      tasks=uri_source(instructions["uri"]),
-                                                      output_uri=self._uri(k, "classified")))))
-        candidates = self._stage(k, "generate_instances", lambda: self._ref(self.clients.generate_instances(
-            generator_pb2.GenerateInstancesRequest(
+            log.warning("round %d: the model wrote no parseable instructions; this round adds no data", k)
+        classified = self._stage(k, "classify", lambda: self._unless_empty(k, "classified", instructions, lambda: (
+            self.clients.classify_instructions(generator_pb2.ClassifyInstructionsRequest(
+                context=self._ctx(k), model_uri=model, tasks=uri_source(instructions["uri"]),
+                output_uri=self._uri(k, "classified"))))))
+        candidates = self._stage(k, "generate_instances", lambda: self._unless_empty(k, "candidates", classified, lambda: (
+            self.clients.generate_instances(generator_pb2.GenerateInstancesRequest(
                 context=self._ctx(k), model_uri=model, tasks=uri_source(classified["uri"]),
                 demonstrations=uri_source(split["seed_train_uri"]), num_demonstrations=g.num_demonstrations,
                 sampling=self._sampling(g.instance_max_new_tokens, self.config.seed + k),
-                output_uri=self._uri(k, "candidates")))))
+                output_uri=self._uri(k, "candidates"))))))
         filtered = self._stage(k, "filter", lambda: self._filter(k, split, machine, candidates))
         data = self._stage(k, "train_data", lambda: self._train_mix(
             k, split, machine + (self.store.read_tasks(filtered["kept_uri"]) if filtered["kept_count"] else [])))
@@ -196,11 +196,19 @@ class LoopDriver:
         score = self._stage(k, "evaluate", lambda: self._evaluate(k, trained["model_uri"], split["seed_heldout_uri"]))
         return self._stage(k, "promote", lambda: self._promote(k, score, promoted))
 
-    @staticmethod
-    def _ref(response) -> dict:
+    def _unless_empty(self, k: int, name: str, previous: dict, call: Callable) -> dict:
+        """Calls the service unless the previous stage produced nothing (services reject empty batches)."""
+        if previous["count"] == 0:
+            uri = self._uri(k, name)
+            self.store.write_tasks(uri, [])
+            return {"uri": uri, "count": 0}
+        response = call()
         return {"uri": response.output.uri, "count": response.output.count}
 
     def _filter(self, k: int, split: dict, machine: list[TaskRecord], candidates: dict) -> dict:
+        if candidates["count"] == 0:
+            return {"kept_uri": "", "kept_count": 0, "rejected_uri": "", "candidates": 0, "funnel": {},
+                    "max_rouge_l": []}
         pool_uri = self._uri(k, "filter_pool")
         self.store.write_tasks(pool_uri, self.store.read_tasks(split["seed_all_uri"]) + machine)
         f = self.config.filter

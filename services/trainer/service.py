@@ -79,12 +79,23 @@ class TrainerService:
                 pass  # the file is replaced atomically; a failed read just means no news yet
         return job
 
+    def _remove_stale_staging(self, model_uri: str) -> None:
+        """A crash mid-training leaves '<model>.tmp-*'; it was never visible as a model, so drop it."""
+        if not self.store.is_local:
+            return
+        path = self.store.resolve(model_uri)
+        parent, name = os.path.split(path)
+        for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+            if entry.startswith(f"{name}.tmp-"):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
     def _run(self, job: TrainingJob, run_id: str, base_model: str, dataset_uri: str, params: TrainingParams) -> None:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
         from .train_loop import train_loop_per_worker
 
+        self._remove_stale_staging(job.model_uri)
         staging = self.store.staging_dir(job.model_uri)
         job.progress_path = os.path.join(os.path.dirname(staging), f".{job.job_id}.progress.json")
         job.state = "RUNNING"

@@ -1,0 +1,164 @@
+"""The `reinstruct` command line: run the loop locally, serve the apps, export data."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ray_jobs.self_improve import BOOTSTRAP_STAGES, ROUND_STAGES, LoopDriver, Reporter, summarize
+
+from .common.config import ConfigError, ReinstructConfig, load_config
+
+app = typer.Typer(help="reinstruct: a model that improves by training on data it made itself.", no_args_is_help=True)
+console = Console()
+
+
+def _load(config: Optional[Path], store_root: Optional[str] = None, rounds: Optional[int] = None) -> ReinstructConfig:
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        console.print(f"[red]config error[/red]\n{exc}")
+        raise typer.Exit(2)
+    if store_root:
+        cfg.store.root = store_root
+    if rounds is not None:
+        cfg.loop.rounds = rounds
+    return cfg
+
+
+class RichReporter(Reporter):
+    """Progress bars: one over all stages of the run, one for the training job in flight."""
+
+    def __init__(self, progress: Progress, total_stages: int) -> None:
+        self.progress = progress
+        self.overall = progress.add_task("run", total=total_stages)
+        self.training_task = None
+
+    def stage(self, round_index: int, stage: str, resumed: bool) -> None:
+        note = " [dim](resumed)[/dim]" if resumed else ""
+        self.progress.update(self.overall, description=f"round {round_index}: {stage}{note}")
+
+    def stage_done(self, round_index: int, stage: str, output: dict) -> None:
+        self.progress.advance(self.overall)
+        if stage == "train" and self.training_task is not None:
+            self.progress.remove_task(self.training_task)
+            self.training_task = None
+
+    def training(self, round_index: int, step: int, total: int, loss: float) -> None:
+        if self.training_task is None:
+            self.training_task = self.progress.add_task(f"  training model {round_index}", total=total or None)
+        self.progress.update(self.training_task, completed=step, total=total or None,
+                             description=f"  training model {round_index} (loss {loss:.3f})")
+
+
+def _summary_table(manifest: dict) -> Table:
+    table = Table(title=f"run {manifest['run_id']}")
+    for column in ("round", "instr.", "w/ inst.", "kept", "removed (rule=n)", "train ex.", "loss",
+                   "ROUGE-L", "promoted"):
+        table.add_column(column)
+    for row in summarize(manifest):
+        funnel = ", ".join(f"{k}={v}" for k, v in (row["funnel"] or {}).items()) or ("-" if row["round"] == 0 else "none")
+        fmt = lambda v, f="{}": "-" if v is None else f.format(v)  # noqa: E731
+        table.add_row(str(row["round"]), fmt(row["instructions"]), fmt(row["with_instances"]), fmt(row["kept"]),
+                      funnel, fmt(row["train_examples"]), fmt(row["final_loss"], "{:.3f}"),
+                      fmt(row["rouge_l"], "{:.4f}"), fmt(row["promoted"]))
+    return table
+
+
+@app.command()
+def run(
+    config: Optional[Path] = typer.Option(Path("configs/local.yaml"), help="YAML config"),
+    run_id: str = typer.Option("demo", help="Run id; rerunning the same id resumes it"),
+    rounds: Optional[int] = typer.Option(None, help="Override loop.rounds"),
+    store_root: Optional[str] = typer.Option(None, help="Override store.root"),
+    verbose: bool = typer.Option(False, help="Log every stage"),
+):
+    """Start (or join RAY_ADDRESS) Ray, deploy the four apps, run the configured rounds."""
+    from ray import serve
+
+    from .client import ServiceClients
+    from .common.store import RunStore
+    from .serving import connect_ray, deploy_apps
+
+    cfg = _load(config if config and config.exists() else None, store_root, rounds)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+    started = time.time()
+    with console.status("starting Ray and deploying generator, filter, trainer, evaluator ..."):
+        started_ray = connect_ray()
+        deploy_apps(cfg)
+    console.print(f"[green]apps up[/green]: gRPC {cfg.serve.host}:{cfg.serve.grpc_port} "
+                  f"(reflection on; metadata application=generator|filter|trainer|evaluator)")
+    clients = ServiceClients(f"{cfg.serve.host}:{cfg.serve.grpc_port}", cfg.serve.request_timeout_s)
+    total = (len(BOOTSTRAP_STAGES) if cfg.loop.bootstrap else 1) + cfg.loop.rounds * len(ROUND_STAGES)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            manifest = LoopDriver(cfg, clients, run_id, RichReporter(progress, total)).run()
+    finally:
+        clients.close()
+        if started_ray:
+            serve.shutdown()
+    console.print(_summary_table(manifest))
+    console.print(f"run store: [bold]{RunStore(cfg.store.root).uri(run_id)}[/bold] "
+                  f"(manifest.json lists every dataset and checkpoint); {time.time() - started:.0f}s")
+
+
+@app.command("serve")
+def serve_command(config: Optional[Path] = typer.Option(Path("configs/local.yaml"), help="YAML config")):
+    """Deploy the four apps (on RAY_ADDRESS if set, else a local Ray) and stay up until interrupted."""
+    from ray import serve
+
+    from .serving import APP_NAMES, connect_ray, deploy_apps
+
+    cfg = _load(config if config and config.exists() else None)
+    started_ray = connect_ray()
+    deploy_apps(cfg)
+    console.print(f"[green]serving[/green] gRPC on {cfg.serve.host}:{cfg.serve.grpc_port} "
+                  f"(apps: {', '.join(APP_NAMES)}); Ctrl-C to stop")
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    console.print("shutting down what this command started ...")
+    if started_ray:
+        serve.shutdown()
+    else:
+        for name in APP_NAMES:
+            serve.delete(name)
+
+
+@app.command()
+def export(
+    run_id: str,
+    output: Path = typer.Option(..., "-o", "--output", help=".jsonl (Alpaca) or .parquet (chat messages)"),
+    config: Optional[Path] = typer.Option(Path("configs/local.yaml"), help="YAML config"),
+    store_root: Optional[str] = typer.Option(None, help="Override store.root"),
+):
+    """Export every task kept in a run, for other training tools."""
+    from .common.formats import export_alpaca_jsonl, export_chat_parquet
+    from .common.store import RunStore
+
+    cfg = _load(config if config and config.exists() else None, store_root)
+    store = RunStore(cfg.store.root)
+    manifest = store.load_manifest(run_id)
+    tasks = []
+    for key in sorted(manifest["rounds"], key=int):
+        kept = manifest["rounds"][key]["stages"].get("filter")
+        if kept and kept["kept_count"]:
+            tasks.extend(store.read_tasks(kept["kept_uri"]))
+    writer = export_chat_parquet if output.suffix == ".parquet" else export_alpaca_jsonl
+    count = writer(tasks, output)
+    console.print(f"wrote {count} examples from {len(tasks)} tasks to {output}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,159 @@
+"""The real thing: a local Ray cluster, the four Serve apps behind Serve's gRPC proxy, and a client
+that knows only the address. Slow (a few minutes); one module-scoped deployment serves every test."""
+
+import os
+import time
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from services.api import common_pb2, evaluator_pb2, filter_pb2, generator_pb2, trainer_pb2
+from services.client import ServiceClients
+from services.common.config import parse_config
+from services.common.convert import tasks_to_source
+from services.common.formats import load_seed_tasks
+from services.common.store import RunStore
+from tests.tiny import tiny_settings
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, builtin_cache):
+    import ray
+    from ray import serve
+
+    from services.serving import deploy_apps
+
+    store_root = str(tmp_path_factory.mktemp("store"))
+    config = parse_config(tiny_settings(store_root, builtin_cache))
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        deploy_apps(config)
+        clients = ServiceClients(f"127.0.0.1:{config.serve.grpc_port}", 300)
+        yield config, clients
+        clients.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+CTX = common_pb2.RunContext(run_id="e2e", round=1)
+SAMPLING = common_pb2.Sampling(temperature=0.7, top_p=0.9, max_new_tokens=24, seed=1)
+
+
+def test_reflection_lists_all_services(deployed):
+    config, _ = deployed
+    channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
+    services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"reinstruct.v1.Generator", "reinstruct.v1.Filter", "reinstruct.v1.Trainer",
+            "reinstruct.v1.Evaluator"} <= services
+    methods = {m.name for m in ProtoReflectionDescriptorDatabase(channel).FindFileContainingSymbol(
+        "reinstruct.v1.Filter").service[0].method}
+    assert methods == {"FilterTasks"}
+    channel.close()
+
+
+def test_every_method_answers(deployed):
+    config, clients = deployed
+    seeds = load_seed_tasks()[:12]
+    generated = clients.generate_instructions(generator_pb2.GenerateInstructionsRequest(
+        context=CTX, model_uri="builtin:tiny-llama", seed_tasks=tasks_to_source(seeds), num_prompts=2,
+        num_human_in_context=6, num_machine_in_context=2, sampling=SAMPLING))
+    assert generated.prompts == 2
+    classified = clients.classify_instructions(generator_pb2.ClassifyInstructionsRequest(
+        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:3])))
+    assert [t.id for t in classified.tasks] == [t.id for t in seeds[:3]]
+    assert all("is_classification" in t.lineage.scores for t in classified.tasks)
+    instances = clients.generate_instances(generator_pb2.GenerateInstancesRequest(
+        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:2]),
+        demonstrations=tasks_to_source(seeds), num_demonstrations=2, sampling=SAMPLING))
+    assert len(instances.tasks) <= 2
+    filtered = clients.filter_tasks(filter_pb2.FilterTasksRequest(
+        context=CTX, candidates=tasks_to_source(seeds[:4]), pool=tasks_to_source(seeds[2:6])))
+    assert [v.kept for v in filtered.verdicts] == [True, True, False, False]
+    assert {s.rule: s.removed for s in filtered.funnel} == {"rouge_l_too_similar": 2}
+
+    store = RunStore(config.store.root)
+    status = clients.wait_for_training(trainer_pb2.StartTrainingRequest(
+        context=CTX, base_model_uri="builtin:tiny-llama", train_tasks=tasks_to_source(seeds),
+        output_model_uri=store.model_uri("e2e", 1), params=trainer_pb2.TrainingParams(epochs=1, batch_size=4)),
+        poll_s=0.5)
+    assert status.state == trainer_pb2.TrainingStatus.SUCCEEDED and status.losses
+    again = clients.start_training(trainer_pb2.StartTrainingRequest(  # idempotent: same job, nothing retrained
+        context=CTX, base_model_uri="builtin:tiny-llama", train_tasks=tasks_to_source(seeds),
+        output_model_uri=store.model_uri("e2e", 1)))
+    assert again.job_id == status.job_id and again.state == trainer_pb2.TrainingStatus.SUCCEEDED
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(status.model_uri, use_safetensors=True)
+    assert reloaded.config.model_type == "llama"
+    scored = clients.evaluate_model(evaluator_pb2.EvaluateModelRequest(
+        context=CTX, model_uri=status.model_uri, eval_tasks=tasks_to_source(seeds[:3]),
+        max_instances_per_task=1, sampling=common_pb2.Sampling(max_new_tokens=8)))
+    assert scored.num_tasks == 3 and 0.0 <= scored.rouge_l <= 1.0
+
+
+def _expect_invalid(call, request, field):
+    with pytest.raises(grpc.RpcError) as info:
+        call(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert field in info.value.details()
+
+
+def test_malformed_requests_get_invalid_argument(deployed):
+    config, clients = deployed
+    seeds = load_seed_tasks()[:3]
+    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
+        context=CTX, candidates=common_pb2.TaskSource(inline=common_pb2.TaskBatch())), "candidates.inline.tasks")
+    too_long = tasks_to_source(seeds)
+    too_long.inline.tasks[1].instruction = "x" * 50_000
+    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(context=CTX, candidates=too_long),
+                    "candidates.inline.tasks[1].instruction")
+    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
+        context=CTX, candidates=common_pb2.TaskSource(uri="../../etc/passwd")), "candidates.uri")
+    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
+        context=CTX, candidates=tasks_to_source(seeds), kept_uri="s3://elsewhere/x.parquet"), "kept_uri")
+    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
+        context=CTX, candidates=tasks_to_source(seeds), rouge_l_threshold=1.5), "rouge_l_threshold")
+    _expect_invalid(clients.generate_instructions, generator_pb2.GenerateInstructionsRequest(
+        context=CTX, model_uri="builtin:tiny-llama", seed_tasks=tasks_to_source(seeds), num_prompts=1,
+        num_human_in_context=6, sampling=common_pb2.Sampling(temperature=5, top_p=0.5, max_new_tokens=8)),
+        "sampling.temperature")
+    _expect_invalid(clients.generate_instructions, generator_pb2.GenerateInstructionsRequest(
+        context=CTX, model_uri="builtin:tiny-llama", seed_tasks=tasks_to_source(seeds), num_prompts=0,
+        num_human_in_context=6, sampling=SAMPLING), "num_prompts")
+    _expect_invalid(clients.generate_instructions, generator_pb2.GenerateInstructionsRequest(
+        context=common_pb2.RunContext(run_id="", round=1), model_uri="builtin:tiny-llama"), "context.run_id")
+    _expect_invalid(clients.evaluate_model, evaluator_pb2.EvaluateModelRequest(
+        context=CTX, model_uri="/etc/passwd", eval_tasks=tasks_to_source(seeds),
+        sampling=common_pb2.Sampling(max_new_tokens=8)), "model_uri")
+    _expect_invalid(clients.training_status, "no-such-job", "job_id")
+    # ... and the services keep serving
+    ok = clients.filter_tasks(filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(seeds)))
+    assert ok.candidates == 3
+
+
+def test_one_round_end_to_end_over_grpc(deployed):
+    from ray_jobs.self_improve import LoopDriver
+
+    config, clients = deployed
+    started = time.time()
+    manifest = LoopDriver(config, clients, "loop").run()
+    assert manifest["status"] == "succeeded"
+    assert set(manifest["rounds"]) == {"0", "1"}
+    stages = manifest["rounds"]["1"]["stages"]
+    assert set(stages) == {"generate_instructions", "classify", "generate_instances", "filter", "train_data",
+                           "train", "evaluate", "promote"}
+    store = RunStore(config.store.root)
+    generated = store.read_tasks(stages["generate_instructions"]["uri"])
+    assert generated, "the bootstrapped model must write parseable instructions"
+    record = generated[0]
+    assert (record.lineage.run_id, record.lineage.round) == ("loop", 1)
+    assert record.lineage.model == manifest["rounds"]["0"]["stages"]["promote"]["model_uri"]
+    assert record.lineage.prompt_template == "self_instruct.instructions@1"
+    assert len(record.lineage.context_task_ids) == 8
+    assert os.path.exists(os.path.join(store.resolve(stages["train"]["model_uri"]), "model.safetensors"))
+    assert time.time() - started < 900

@@ -1,0 +1,76 @@
+"""SIGKILL `reinstruct run` in the middle of a round, start it again: the run finishes, committed
+stages are not redone, and no record is lost or duplicated."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.common.store import RunStore
+from tests.tiny import tiny_settings
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _manifest(store_root: Path, run_id: str) -> dict:
+    path = store_root / run_id / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {"rounds": {}}
+
+
+def _run_cli(config_path: Path, run_id: str) -> subprocess.Popen:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "run", "--config", str(config_path), "--run-id", run_id],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_sigkill_mid_round_then_resume(tmp_path, builtin_cache):
+    store_root = tmp_path / "store"
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_settings(str(store_root), builtin_cache, 9100, 8100)))
+    run_id = "killed"
+
+    first = _run_cli(config_path, run_id)
+    deadline = time.time() + 600
+    # Kill as soon as round 1 has committed its first stage: the rest of round 1 is in flight.
+    while "1" not in _manifest(store_root, run_id)["rounds"]:
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline, "round 1 never started"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = _manifest(store_root, run_id)
+    committed_before = {(k, s): v["committed_at"] for k, r in before["rounds"].items() for s, v in r["stages"].items()}
+    assert ("1", "train") not in committed_before
+
+    time.sleep(3)  # let the killed cluster's processes exit and free their ports
+    second = _run_cli(config_path, run_id)
+    output, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, output
+    after = _manifest(store_root, run_id)
+    assert after["status"] == "succeeded"
+    for (k, stage), committed_at in committed_before.items():
+        assert after["rounds"][k]["stages"][stage]["committed_at"] == committed_at, f"{k}/{stage} was redone"
+
+    store = RunStore(str(store_root))
+    stages = after["rounds"]["1"]["stages"]
+    for name in ("generate_instructions", "classify", "generate_instances"):
+        tasks = store.read_tasks(stages[name]["uri"])
+        ids = [t.id for t in tasks]
+        assert len(ids) == len(set(ids)) == stages[name]["count"], name
+    kept = store.read_tasks(stages["filter"]["kept_uri"]) if stages["filter"]["kept_count"] else []
+    rejected = store.read_tasks(stages["filter"]["rejected_uri"]) if stages["filter"]["candidates"] else []
+    assert len(kept) + len(rejected) == stages["filter"]["candidates"] == stages["generate_instances"]["count"]
+    assert not {t.id for t in kept} & {t.id for t in rejected}
+    leftovers = [p for p in (store_root / run_id).rglob("*") if ".tmp-" in p.name]
+    assert not leftovers, leftovers

@@ -1,0 +1,64 @@
+"""Our ROUGE-L must equal rouge-score's F bit for bit, and so must every 0.7 decision."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rouge_score import rouge_scorer
+
+from services.common.formats import load_seed_tasks, load_tasks
+from services.common.rouge import NoveltyIndex, rouge_l, tokenize
+from rouge_score.tokenize import tokenize as _reference_tokenize
+
+SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def reference(prediction: str, target: str) -> float:
+    return SCORER.score(target, prediction)["rougeL"].fmeasure
+
+
+def test_tie_at_boundary_matches_rouge_score():
+    a, b = "a b c d e f g h", "a b c d e f g x y z w q"  # lengths 8 and 12, LCS 7
+    assert reference(a, b) == 0.7000000000000001
+    assert rouge_l(a, b) == reference(a, b)
+    assert NoveltyIndex([b]).filter_in_order([a], 0.7)[0][0] is False
+
+
+def test_all_pairs_of_seed_instructions(shared_seeds):
+    instructions = [t.instruction for t in load_seed_tasks()] + [t.instruction for t in load_tasks(shared_seeds)]
+    index = NoveltyIndex(instructions)
+    for i, text in enumerate(instructions[::7]):
+        ours = [rouge_l(text, other) for other in instructions]
+        theirs = [reference(text, other) for other in instructions]
+        assert ours == theirs
+        best, nearest = index.nearest(text)
+        assert best == max(theirs) and theirs[nearest] == best
+
+
+def test_builtin_seed_pairs():
+    instructions = [t.instruction for t in load_seed_tasks()]
+    for text in instructions[::5]:
+        assert [rouge_l(text, o) for o in instructions] == [reference(text, o) for o in instructions]
+
+
+_alphabet = st.sampled_from(list("abc xyz ABC 123 .,!?-'") + ["é", "中", "文", "😀", "İ", "ß", "\n", "\t"])
+_texts = st.lists(st.one_of(_alphabet, st.sampled_from(["the", "cat", "sat", "on", "mat", "a"])),
+                  max_size=30).map(lambda parts: " ".join(parts))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_texts, _texts)
+def test_hypothesis_texts(a, b):
+    assert tokenize(a) == _reference_tokenize(a, None)
+    assert rouge_l(a, b) == reference(a, b)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_texts, min_size=1, max_size=12), st.lists(_texts, min_size=1, max_size=12))
+def test_filter_decisions_match_reference(pool, candidates):
+    kept_reference, grown = [], list(pool)
+    for text in candidates:
+        keep = all(reference(text, other) < 0.7 for other in grown)
+        kept_reference.append(keep)
+        if keep:
+            grown.append(text)
+    ours = [kept for kept, _, _ in NoveltyIndex(pool).filter_in_order(candidates, 0.7)]
+    assert ours == kept_reference

@@ -1,0 +1,81 @@
+import os
+
+import pytest
+
+from services.common.records import Instance, Lineage, TaskRecord
+from services.common.store import RunStore, StoreError, UriNotAllowed
+
+
+def _task(i: int) -> TaskRecord:
+    return TaskRecord(id=f"t{i}", instruction=f"Do thing {i}", instances=[Instance("in", "out")],
+                      lineage=Lineage(run_id="r", round=1, stage="s", model="m", prompt_template="p@1",
+                                      context_task_ids=["a", "b"], scores={"x": 0.5}, verdicts=["kept"]))
+
+
+def test_roundtrip_keeps_lineage(tmp_path):
+    store = RunStore(str(tmp_path))
+    uri = store.dataset_uri("run", 1, "kept")
+    store.write_tasks(uri, [_task(1), _task(2)])
+    back = store.read_tasks(uri)
+    assert [t.id for t in back] == ["t1", "t2"]
+    assert back[0].lineage.scores == {"x": 0.5}
+    assert back[0].lineage.context_task_ids == ["a", "b"]
+    assert back[0].instances[0].output == "out"
+
+
+def test_failed_write_leaves_old_file_and_no_partial(tmp_path):
+    store = RunStore(str(tmp_path))
+    uri = store.dataset_uri("run", 1, "kept")
+    store.write_tasks(uri, [_task(1)])
+
+    def explode(handle):
+        handle.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(StoreError, match="No space left"):
+        store._write_atomic(store.resolve(uri), explode)
+    assert [t.id for t in store.read_tasks(uri)] == ["t1"]
+    assert not [p for p in os.listdir(os.path.dirname(uri)) if ".tmp-" in p]
+
+
+def test_commit_stage_and_resume(tmp_path):
+    store = RunStore(str(tmp_path))
+    assert store.stage_output("run", 1, "filter") is None
+    store.commit_stage("run", 1, "filter", {"kept_count": 3})
+    store.commit_stage("run", 2, "train", {"model_uri": "x"})
+    fresh = RunStore(str(tmp_path))  # a new process sees what the old one committed
+    assert fresh.stage_output("run", 1, "filter")["kept_count"] == 3
+    assert fresh.stage_output("run", 2, "train")["model_uri"] == "x"
+    assert fresh.stage_output("run", 2, "filter") is None
+
+
+@pytest.mark.parametrize("bad", [
+    "../etc/passwd", "/etc/passwd", "s3://bucket/x.parquet", "http://example.com/x", "run/../../x.parquet", "",
+    "file:///etc/passwd",
+])
+def test_confinement_rejects(tmp_path, bad):
+    store = RunStore(str(tmp_path / "root"))
+    with pytest.raises(UriNotAllowed):
+        store.resolve(bad, "tasks.uri")
+
+
+def test_confinement_rejects_symlink_escape(tmp_path):
+    root = tmp_path / "root"
+    store = RunStore(str(root))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, root / "link")
+    with pytest.raises(UriNotAllowed, match="outside"):
+        store.resolve(str(root / "link" / "x.parquet"), "tasks.uri")
+
+
+def test_confinement_accepts_inside(tmp_path):
+    store = RunStore(str(tmp_path))
+    assert store.resolve(store.dataset_uri("r", 0, "x")).startswith(os.path.realpath(tmp_path))
+    assert store.resolve("r/round-000/x.parquet").startswith(os.path.realpath(tmp_path))
+
+
+def test_error_names_field(tmp_path):
+    store = RunStore(str(tmp_path))
+    with pytest.raises(UriNotAllowed, match="^candidates.uri"):
+        store.resolve("/etc/passwd", "candidates.uri")
