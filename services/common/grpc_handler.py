@@ -34,6 +34,9 @@ def grpc_method(response_type):
             grpc_context.set_details(details)
             return response_type()
 
+        # Serve passes grpc_context only to methods whose signature names it; functools.wraps would
+        # make inspect.signature report the wrapped (self, request) instead.
+        del wrapper.__wrapped__
         return wrapper
 
     return decorate
