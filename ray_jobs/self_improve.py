@@ -122,6 +122,8 @@ class LoopDriver:
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
+        if self.store.remove_stale_temporaries(self.run_id):
+            log.info("removed temporary files a killed run left behind")
         self.store.update_run(self.run_id, config=self.config.model_dump(), status="running")
         seeds = load_seed_tasks(self.config.seeds.path)
         split = self._stage(0, "split", lambda: self._split(seeds))
@@ -216,6 +218,9 @@ class LoopDriver:
             context=self._ctx(k), candidates=uri_source(candidates["uri"]), pool=uri_source(pool_uri),
             rouge_l_threshold=f.rouge_l_threshold, min_instruction_words=f.min_instruction_words,
             max_instruction_words=f.max_instruction_words, kept_uri=self._uri(k, "kept"),
+            decontaminate_against=uri_source(split["seed_heldout_uri"]),
+            decontamination_ngram=f.decontamination_ngram, near_duplicate_threshold=f.near_duplicate_threshold or -1,
+            min_curation_score=f.min_curation_score, reject_only_above_threshold=f.reject_only_above_threshold,
             rejected_uri=self._uri(k, "rejected")))
         return {"kept_uri": response.kept_ref.uri, "kept_count": response.kept_count,
                 "rejected_uri": response.rejected_ref.uri, "candidates": response.candidates,

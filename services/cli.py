@@ -136,6 +136,36 @@ def serve_command(config: Optional[Path] = typer.Option(Path("configs/local.yaml
             serve.delete(name)
 
 
+@app.command("filter")
+def filter_command(
+    input_path: Path = typer.Argument(..., help="JSONL/JSON/Parquet records with an 'instruction' field"),
+    output: Path = typer.Option(..., "-o", "--output", help="Kept records (JSONL, input order)"),
+    pool: Optional[Path] = typer.Option(None, help="Instructions already pooled (e.g. seed tasks)"),
+    threshold: float = typer.Option(0.7, min=0.0, max=1.0, help="Keep only if max ROUGE-L F < threshold"),
+    rejected: Optional[Path] = typer.Option(None, help="Write rejected records with reasons here"),
+    reference_rule: bool = typer.Option(False, help="Drop only F > threshold, as Self-Instruct's code does"),
+):
+    """Self-Instruct's filter on your own data: ROUGE-L novelty, keyword and length rules, dedup."""
+
+    from .common.formats import DataFormatError
+    from .filter.files import filter_file
+    from .filter.service import FilterSettings
+
+    settings = FilterSettings(rouge_l_threshold=threshold, reject_only_above_threshold=reference_rule)
+    columns = (TextColumn("filtering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("filter", total=None)
+            result = filter_file(input_path, output, pool, settings, rejected,
+                                 on_progress=lambda: progress.advance(task))
+    except DataFormatError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2)
+    console.print(f"kept {len(result.kept)} of {len(result.verdicts)} -> {output}")
+    for rule, count in sorted(result.funnel.items(), key=lambda kv: -kv[1]):
+        console.print(f"  removed by {rule}: {count}")
+
+
 @app.command()
 def export(
     run_id: str,

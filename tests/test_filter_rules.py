@@ -60,3 +60,52 @@ def test_filter_in_order_with_funnel():
     assert result.kept[0].lineage.verdicts[-1] == "kept"
     assert result.rejected[0].lineage.verdicts[-1] == "rejected:rouge_l_too_similar"
     assert result.kept[0].lineage.scores["max_rouge_l"] < 0.7
+
+
+def test_boundary_rule_both_ways():
+    pool = [_task(0, "alpha beta gamma delta epsilon zeta eta theta")]       # 8 tokens
+    tie = _task(1, "alpha beta gamma delta epsilon zeta eta iota kappa lambda mu nu")  # 12 tokens, LCS 7
+    paper = filter_tasks([tie], pool, FilterSettings(near_duplicate_threshold=None))
+    assert paper.verdicts[0].max_rouge_l == 0.7000000000000001 and not paper.verdicts[0].kept
+    exactly = _task(2, "a b c d e f g h i j")
+    at_07 = _task(3, "a b c d e f g x y z")  # LCS 7 of 10 and 10: F = 0.7 exactly
+    strict = filter_tasks([at_07], [exactly], FilterSettings(near_duplicate_threshold=None, min_instruction_words=1))
+    lenient = filter_tasks([at_07], [exactly], FilterSettings(near_duplicate_threshold=None, min_instruction_words=1,
+                                                              reject_only_above_threshold=True))
+    assert strict.verdicts[0].max_rouge_l == 0.7
+    assert (strict.verdicts[0].kept, lenient.verdicts[0].kept) == (False, True)
+
+
+def test_near_duplicate_responses():
+    text = "The quick brown fox jumps over the lazy dog near the river bank every single morning before sunrise."
+    candidates = [
+        _task(1, "Describe what the fox does every morning.", [Instance("", text)]),
+        _task(2, "Tell me about the habits of a certain animal.", [Instance("", text + " Indeed")]),
+        _task(3, "Give an unrelated answer to a new question.", [Instance("", "Completely different words here.")]),
+    ]
+    result = filter_tasks(candidates, [], FilterSettings())
+    assert [v.kept for v in result.verdicts] == [True, False, True]
+    assert result.funnel == {"near_duplicate_response": 1}
+    off = filter_tasks(candidates, [], FilterSettings(near_duplicate_threshold=None))
+    assert all(v.kept for v in off.verdicts)
+
+
+def test_decontamination_against_eval_set():
+    passage = "the committee approved the new budget for public libraries after a long debate on tuesday evening"
+    eval_task = TaskRecord(id="e", instruction="Summarize the passage.", instances=[Instance(passage, "Budget ok.")])
+    leaked = _task(1, "Write a headline for this news item.", [Instance(passage.upper(), "Libraries win")])
+    clean = _task(2, "Write a headline for a sports result.", [Instance("the home team won three to one", "Win")])
+    result = filter_tasks([leaked, clean], [], FilterSettings(), eval_tasks=[eval_task])
+    assert [v.kept for v in result.verdicts] == [False, True]
+    assert result.funnel == {"contaminated": 1}
+
+
+def test_curation_score_threshold():
+    low = _task(1, "Explain how rainbows are formed in the sky.")
+    low.lineage.scores["curation"] = 3.0
+    high = _task(2, "List five animals that live in the desert.")
+    high.lineage.scores["curation"] = 5.0
+    unscored = _task(3, "Give a synonym for the word happy please.")
+    result = filter_tasks([low, high, unscored], [], FilterSettings(min_curation_score=4.0, near_duplicate_threshold=None))
+    assert [v.kept for v in result.verdicts] == [False, True, True]
+    assert result.funnel == {"low_curation_score": 1}

@@ -62,3 +62,17 @@ def test_filter_decisions_match_reference(pool, candidates):
             grown.append(text)
     ours = [kept for kept, _, _ in NoveltyIndex(pool).filter_in_order(candidates, 0.7)]
     assert ours == kept_reference
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_texts, min_size=1, max_size=40), _texts)
+def test_nearest_is_the_brute_force_max_with_earliest_tie(pool, text):
+    """The bound-pruned search returns exactly the max over the whole pool, and the first entry
+    reaching it."""
+    scores = [reference(text, other) for other in pool]
+    best, index = NoveltyIndex(pool).nearest(text)
+    assert best == max(scores)
+    if best > 0:
+        assert index == scores.index(best)
+    else:
+        assert index == -1

@@ -79,3 +79,16 @@ def test_error_names_field(tmp_path):
     store = RunStore(str(tmp_path))
     with pytest.raises(UriNotAllowed, match="^candidates.uri"):
         store.resolve("/etc/passwd", "candidates.uri")
+
+
+def test_stale_temporaries_removed_but_not_directories(tmp_path):
+    store = RunStore(str(tmp_path))
+    store.commit_stage("run", 0, "split", {"n": 1})
+    run_dir = tmp_path / "run"
+    (run_dir / "manifest.json.tmp-deadbeef").write_text("{half")
+    (run_dir / "round-001").mkdir()
+    (run_dir / "round-001" / "model.tmp-cafe0000").mkdir()
+    assert store.remove_stale_temporaries("run") == 1
+    assert not (run_dir / "manifest.json.tmp-deadbeef").exists()
+    assert (run_dir / "round-001" / "model.tmp-cafe0000").is_dir()
+    assert store.stage_output("run", 0, "split") == {"n": 1, "committed_at": store.stage_output("run", 0, "split")["committed_at"]}

@@ -57,9 +57,14 @@ class GenerationConfig(_Section):
 
 
 class FilterConfig(_Section):
-    rouge_l_threshold: float = Field(0.7, gt=0, le=1)
-    min_instruction_words: int = Field(4, ge=1)
+    rouge_l_threshold: float = Field(0.7, gt=0, le=1, description="Keep an instruction only if max ROUGE-L F < this")
+    reject_only_above_threshold: bool = Field(False, description="Drop only F > threshold (reference code) "
+                                              "instead of F >= threshold (the paper's '< 0.7' rule)")
+    min_instruction_words: int = Field(4, ge=1, description="Self-Instruct drops 3 words or fewer")
     max_instruction_words: int = Field(150, ge=1)
+    near_duplicate_threshold: float = Field(0.9, le=1, description="MinHash Jaccard over responses; <= 0: off")
+    decontamination_ngram: int = Field(13, ge=4, le=64, description="Drop data sharing this many tokens with eval sets")
+    min_curation_score: float = Field(0.0, ge=0, le=5, description="Drop data whose self-curation score is lower")
 
 
 class TrainingConfig(_Section):

@@ -166,6 +166,19 @@ class RunStore:
         os.makedirs(staging)
         return staging
 
+    def remove_stale_temporaries(self, run_id: str) -> int:
+        """Deletes '*.tmp-*' files a killed writer left in a run (never visible under a real name).
+        Directories are left alone: a trainer elsewhere may still be writing a checkpoint into one."""
+        if not self.is_local:
+            return 0
+        removed = 0
+        for dirpath, _, filenames in os.walk(self.resolve(self.uri(run_id))):
+            for name in filenames:
+                if ".tmp-" in name:
+                    os.remove(os.path.join(dirpath, name))
+                    removed += 1
+        return removed
+
     # ---- manifest ------------------------------------------------------------------------------
     def manifest_uri(self, run_id: str) -> str:
         return self.uri(run_id, "manifest.json")

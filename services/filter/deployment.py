@@ -35,7 +35,17 @@ class FilterDeployment:
         check_output_uri(request.rejected_uri, self.store, "rejected_uri")
         candidates = resolve_tasks(request.candidates, self.store, "candidates")
         pool = resolve_tasks(request.pool, self.store, "pool", required=False)
-        result = filter_tasks(candidates, pool, FilterSettings(threshold, min_words, max_words))
+        eval_tasks = resolve_tasks(request.decontaminate_against, self.store, "decontaminate_against", required=False)
+        ngram = request.decontamination_ngram or 13
+        check_range(ngram, "decontamination_ngram", 4, 64)
+        near = request.near_duplicate_threshold or 0.9
+        check_range(near, "near_duplicate_threshold", -1.0, 1.0)
+        check_range(request.min_curation_score, "min_curation_score", 0.0, 5.0)
+        settings = FilterSettings(threshold, min_words, max_words,
+                                  reject_only_above_threshold=request.reject_only_above_threshold,
+                                  near_duplicate_threshold=near if near > 0 else None,
+                                  decontamination_ngram=ngram, min_curation_score=request.min_curation_score)
+        result = filter_tasks(candidates, pool, settings, eval_tasks)
         response = filter_pb2.FilterTasksResponse(
             verdicts=[filter_pb2.Verdict(task_id=v.task_id, kept=v.kept, reasons=v.reasons,
                                          max_rouge_l=v.max_rouge_l, nearest_instruction=v.nearest_instruction)

@@ -1,4 +1,9 @@
-"""The filter's logic, callable without Ray: candidates in order, verdicts and a funnel out."""
+"""The filter's logic, callable without Ray: candidates in order, verdicts and a funnel out.
+
+Rules run in this order and the first that fires is the recorded reason: Self-Instruct's instruction
+rules, instance cleaning, the self-curation score, decontamination, ROUGE-L novelty against the pool
+(kept candidates join it), near-duplicate responses (MinHash).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from dataclasses import dataclass, field, replace
 
 from ..common.records import TaskRecord
 from ..common.rouge import NoveltyIndex
+from .decontamination import ContaminationIndex
+from .near_duplicates import ResponseDeduper
 from .rules import DEFAULT_BLACKLIST, clean_instances, instruction_rejection
 
 
@@ -33,29 +40,49 @@ class FilterSettings:
     min_instruction_words: int = 4
     max_instruction_words: int = 150
     blacklist: tuple[str, ...] = DEFAULT_BLACKLIST
+    reject_only_above_threshold: bool = False  # the paper keeps F < 0.7; the reference code drops only F > 0.7
+    near_duplicate_threshold: float | None = 0.9
+    decontamination_ngram: int = 13
+    min_curation_score: float = 0.0
+    check_instances: bool = True  # False for instruction-only data: no instance rules, no response dedup
 
 
-def filter_tasks(candidates: list[TaskRecord], pool: list[TaskRecord], settings: FilterSettings) -> FilterResult:
-    """Heuristic rules, then instance cleaning, then ROUGE-L novelty in candidate order (kept tasks
-    join the pool, so two near-identical candidates in one batch cannot both pass)."""
-    index = NoveltyIndex([t.instruction for t in pool])
+def filter_tasks(candidates: list[TaskRecord], pool: list[TaskRecord], settings: FilterSettings,
+                 eval_tasks: list[TaskRecord] | None = None, index: NoveltyIndex | None = None,
+                 on_progress=None) -> FilterResult:
+    """index: a NoveltyIndex already holding the pool (it grows with the kept candidates);
+    on_progress: called after each candidate (progress bars)."""
+    index = index if index is not None else NoveltyIndex([t.instruction for t in pool])
+    contamination = ContaminationIndex(eval_tasks or [], settings.decontamination_ngram)
+    deduper = (ResponseDeduper(settings.near_duplicate_threshold)
+               if settings.near_duplicate_threshold and settings.check_instances else None)
     funnel: Counter[str] = Counter()
     kept, rejected, verdicts = [], [], []
     for task in candidates:
         reason = instruction_rejection(task.instruction, settings.min_instruction_words,
                                        settings.max_instruction_words, settings.blacklist)
-        instances, instance_reasons = clean_instances(task.instances)
+        instances, instance_reasons = clean_instances(task.instances) if settings.check_instances else (task.instances, [])
         score, nearest = 0.0, -1
-        if reason is None and not instances:
+        response = "\n".join(i.output for i in instances)
+        if reason is None and settings.check_instances and not instances:
             reason = "no_valid_instances"
+        if reason is None and task.lineage.scores.get("curation", float("inf")) < settings.min_curation_score:
+            reason = "low_curation_score"
+        if reason is None and contamination and contamination.contaminated(replace(task, instances=instances)):
+            reason = "contaminated"
         if reason is None:
             score, nearest = index.nearest(task.instruction)
-            if score >= settings.rouge_l_threshold:
+            too_similar = (score > settings.rouge_l_threshold if settings.reject_only_above_threshold
+                           else score >= settings.rouge_l_threshold)
+            if too_similar:
                 reason = "rouge_l_too_similar"
-            else:
-                index.add(task.instruction)
-        reasons = [reason] if reason else []
-        verdict = Verdict(task.id, reason is None, reasons + instance_reasons, score,
+        if reason is None and deduper is not None and deduper.find(response) is not None:
+            reason = "near_duplicate_response"
+        if reason is None:
+            index.add(task.instruction)
+            if deduper is not None:
+                deduper.add(task.id, response)
+        verdict = Verdict(task.id, reason is None, ([reason] if reason else []) + instance_reasons, score,
                           index.texts[nearest] if nearest >= 0 else "")
         lineage = replace(task.lineage, scores={**task.lineage.scores, "max_rouge_l": score},
                           verdicts=[*task.lineage.verdicts, "kept" if reason is None else f"rejected:{reason}"])
@@ -66,4 +93,6 @@ def filter_tasks(candidates: list[TaskRecord], pool: list[TaskRecord], settings:
             funnel[reason.split(":")[0]] += 1
             rejected.append(record)
         verdicts.append(verdict)
+        if on_progress is not None:
+            on_progress()
     return FilterResult(kept, rejected, verdicts, dict(funnel))

@@ -1,0 +1,63 @@
+"""`reinstruct filter`: the filter on a user's own files, no Ray needed.
+
+Records need an `instruction` field (Alpaca rows and Self-Instruct seed records both work). Kept rows
+are written unchanged, in input order; rejected rows get a `_reinstruct` field with the reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..common.formats import DataFormatError, _iter_rows
+from ..common.records import Instance, TaskRecord
+from .service import FilterResult, FilterSettings, filter_tasks
+
+
+def _to_task(path: Path, line: int, row: dict) -> tuple[TaskRecord, bool]:
+    """(task, has_outputs)."""
+    if not isinstance(row, dict):
+        raise DataFormatError(path, line, None, "expected a JSON object")
+    instruction = row.get("instruction")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise DataFormatError(path, line, "instruction", "missing or not a non-empty string")
+    if isinstance(row.get("instances"), list):
+        instances = [Instance(str(i.get("input") or ""), str(i.get("output") or ""))
+                     for i in row["instances"] if isinstance(i, dict)]
+        return TaskRecord(id=f"{line}", instruction=instruction, instances=instances), True
+    if "output" in row:
+        return TaskRecord(id=f"{line}", instruction=instruction,
+                          instances=[Instance(str(row.get("input") or ""), str(row.get("output") or ""))]), True
+    return TaskRecord(id=f"{line}", instruction=instruction), False
+
+
+def load_rows(path: Path) -> list[tuple[dict, TaskRecord, bool]]:
+    return [(row, *_to_task(path, line, row)) for line, row in _iter_rows(path)]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def filter_file(input_path: Path, output_path: Path, pool_path: Path | None, settings: FilterSettings,
+                rejected_path: Path | None = None, on_progress=None) -> FilterResult:
+    rows = load_rows(input_path)
+    pool = [task for _, task, _ in load_rows(pool_path)] if pool_path else []
+    settings.check_instances = all(has_outputs for _, _, has_outputs in rows)
+    result = filter_tasks([task for _, task, _ in rows], pool, settings, on_progress=on_progress)
+    kept_rows, rejected_rows = [], []
+    for (row, _, _), verdict in zip(rows, result.verdicts):
+        if verdict.kept:
+            kept_rows.append(row)
+        else:
+            rejected_rows.append({**row, "_reinstruct": {"reasons": verdict.reasons, "max_rouge_l": verdict.max_rouge_l,
+                                                         "nearest": verdict.nearest_instruction}})
+    _write_jsonl(output_path, kept_rows)
+    if rejected_path:
+        _write_jsonl(rejected_path, rejected_rows)
+    return result
