@@ -144,9 +144,19 @@ def load_config(path: str | Path | None = None) -> ReinstructConfig:
     return parse_config(data, str(path))
 
 
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
 def config_from_app_args(args: dict | None) -> ReinstructConfig:
-    """Serve app builders get `args` from serve.yaml or serve.run: {"config": path} or {"settings": {...}}."""
-    args = args or {}
-    if "settings" in args:
-        return parse_config(args["settings"], "app args 'settings'")
-    return load_config(args.get("config"))
+    """Serve app builders get `args` from serve.yaml, a Helm chart or serve.run: {"config": yaml path}
+    and/or {"settings": {...}}, the settings overriding the file (both optional)."""
+    args = dict(args or {})
+    unknown = set(args) - {"config", "settings"}
+    if unknown:
+        raise ConfigError(f"app args: unknown key(s) {sorted(unknown)}; expected 'config' and/or 'settings'")
+    base = load_config(args["config"]).model_dump() if args.get("config") else {}
+    return parse_config(_merge(base, args.get("settings") or {}), "app args")
