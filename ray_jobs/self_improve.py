@@ -11,23 +11,27 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 from services.api import common_pb2, evaluator_pb2, filter_pb2, generator_pb2, trainer_pb2
 from services.client import ServiceClients
 from services.common.config import ReinstructConfig, load_config
 from services.common.convert import uri_source
-from services.common.formats import load_seed_tasks
+from services.common.formats import load_seed_tasks, load_tasks
 from services.common.records import TaskRecord
 from services.common.store import RunStore
+from services.evaluator.bootstrap import mean_interval
+from services.evaluator.gate import decide
+from services.evaluator.report import write_report
 from services.evaluator.split import split_by_task
 from services.generator.bootstrap import build_meta_tasks
 
 log = logging.getLogger("reinstruct.loop")
 
 ROUND_STAGES = ("generate_instructions", "classify", "generate_instances", "filter", "train_data", "train",
-                "evaluate", "promote")
+                "evaluate", "promote")  # plus "judge" before "promote" when evaluation.judge is on
 BOOTSTRAP_STAGES = ("split", "train_data", "train", "evaluate", "promote")
 
 
@@ -43,6 +47,12 @@ class Reporter:
 
     def training(self, round_index: int, step: int, total: int, loss: float) -> None:
         pass
+
+    def evaluation(self, round_index: int, done: int, total: int) -> None:
+        pass
+
+    def report(self, uri: str) -> None:
+        log.info("report: %s", uri)
 
 
 @dataclass
@@ -95,22 +105,41 @@ class LoopDriver:
 
     def _evaluate(self, k: int, model_uri: str, heldout_uri: str) -> dict:
         e = self.config.evaluation
-        response = self.clients.evaluate_model(evaluator_pb2.EvaluateModelRequest(
+        response = self.clients.stream_evaluation(evaluator_pb2.EvaluateModelRequest(
             context=self._ctx(k), model_uri=model_uri, eval_tasks=uri_source(heldout_uri),
-            max_instances_per_task=e.max_instances_per_task,
+            max_instances_per_task=e.max_instances_per_task, with_nll=e.with_nll,
             sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
-        ))
-        return {"model_uri": model_uri, "rouge_l": response.rouge_l, "num_tasks": response.num_tasks,
-                "num_instances": response.num_instances,
-                "per_task": {t.task_id: t.rouge_l for t in response.tasks}}
+            predictions_uri=self._uri(k, "eval_predictions"),
+        ), on_progress=lambda done, total: self.reporter.evaluation(k, done, total))
+        per_task = {t.task_id: (t.score if e.promotion_metric == "score" else t.rouge_l) for t in response.tasks}
+        interval = mean_interval(per_task, e.bootstrap_resamples, e.confidence)
+        return {"model_uri": model_uri, "metric": e.promotion_metric, "score": response.score,
+                "rouge_l": response.rouge_l, "exact_match": response.exact_match, "nll": response.nll,
+                "interval": [interval.low, interval.high], "confidence": e.confidence,
+                "num_tasks": response.num_tasks, "num_instances": response.num_instances,
+                "categories": {c.category: c.score for c in response.categories},
+                "per_task": per_task, "predictions_uri": response.predictions.uri}
 
     def _promote(self, k: int, candidate: dict, incumbent: dict | None) -> dict:
-        margin = self.config.evaluation.promote_margin
-        better = incumbent is None or candidate["rouge_l"] > incumbent["rouge_l"] + margin
-        chosen = candidate if better else incumbent
-        return {"promoted": better, "model_uri": chosen["model_uri"], "rouge_l": chosen["rouge_l"],
-                "candidate_rouge_l": candidate["rouge_l"],
-                "incumbent_rouge_l": incumbent["rouge_l"] if incumbent else None, "margin": margin}
+        e = self.config.evaluation
+        decision = decide(candidate["per_task"], incumbent["per_task"] if incumbent else None,
+                          metric=e.promotion_metric, margin=e.promote_margin, confidence=e.confidence,
+                          resamples=e.bootstrap_resamples, seed=self.config.seed + k)
+        chosen = candidate if decision.promoted else incumbent
+        return {**decision.to_dict(), "model_uri": chosen["model_uri"], "per_task": chosen["per_task"],
+                "candidate_model_uri": candidate["model_uri"]}
+
+    def _judge(self, k: int, incumbent: dict, candidate: dict, heldout_uri: str) -> dict:
+        e = self.config.evaluation
+        response = self.clients.compare_models(evaluator_pb2.CompareModelsRequest(
+            context=self._ctx(k), model_a_uri=incumbent["model_uri"], model_b_uri=candidate["model_uri"],
+            eval_tasks=uri_source(heldout_uri), max_instances_per_task=e.max_instances_per_task,
+            sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
+            judge_model_uri=e.judge_model or incumbent["model_uri"], bootstrap_resamples=e.bootstrap_resamples,
+            confidence=e.confidence))
+        d = response.score_difference
+        return {"win_rate": response.win_rate, "tie_rate": response.tie_rate, "loss_rate": response.loss_rate,
+                "judged_pairs": response.judged_pairs, "score_difference": [d.estimate, d.low, d.high]}
 
     def _machine_pool(self, up_to_round: int) -> list[TaskRecord]:
         pool = []
@@ -125,7 +154,9 @@ class LoopDriver:
         if self.store.remove_stale_temporaries(self.run_id):
             log.info("removed temporary files a killed run left behind")
         self.store.update_run(self.run_id, config=self.config.model_dump(), status="running")
-        seeds = load_seed_tasks(self.config.seeds.path)
+        seeds = load_seed_tasks(self.config.seeds.path)  # a malformed file fails here, before any stage
+        for path in self.config.evaluation.extra_sets:
+            load_tasks(path)
         split = self._stage(0, "split", lambda: self._split(seeds))
         promoted = self._bootstrap(split) if self.config.loop.bootstrap else {
             "model_uri": self.config.model.base, "rouge_l": None}
@@ -134,9 +165,15 @@ class LoopDriver:
         self.store.update_run(self.run_id, status="succeeded", final_model=promoted["model_uri"])
         return self.store.load_manifest(self.run_id)
 
+    def _write_report(self) -> None:
+        uri = write_report(self.store, self.run_id)
+        self.reporter.report(uri)
+
     def _split(self, seeds: list[TaskRecord]) -> dict:
         s = self.config.seeds
         train, heldout = split_by_task(seeds, s.heldout_fraction, s.split_seed)
+        for path in self.config.evaluation.extra_sets:  # user evaluation sets: held out as whole tasks too
+            heldout += [replace(t, id=f"{Path(path).stem}:{t.id}") for t in load_tasks(path)]
         self.store.write_tasks(self._uri(0, "seed_train"), train)
         self.store.write_tasks(self._uri(0, "seed_heldout"), heldout)
         self.store.write_tasks(self._uri(0, "seed_all"), seeds)
@@ -158,7 +195,9 @@ class LoopDriver:
         trained = self._stage(0, "train", lambda: self._train(0, self.config.model.base, data["uri"],
                                                                self.config.training.bootstrap_epochs))
         score = self._stage(0, "evaluate", lambda: self._evaluate(0, trained["model_uri"], split["seed_heldout_uri"]))
-        return self._stage(0, "promote", lambda: self._promote(0, score, None))
+        decision = self._stage(0, "promote", lambda: self._promote(0, score, None))
+        self._write_report()
+        return decision
 
     def _round(self, k: int, split: dict, promoted: dict) -> dict:
         g = self.config.generation
@@ -196,7 +235,11 @@ class LoopDriver:
             k, split, machine + (self.store.read_tasks(filtered["kept_uri"]) if filtered["kept_count"] else [])))
         trained = self._stage(k, "train", lambda: self._train(k, model, data["uri"], self.config.training.epochs))
         score = self._stage(k, "evaluate", lambda: self._evaluate(k, trained["model_uri"], split["seed_heldout_uri"]))
-        return self._stage(k, "promote", lambda: self._promote(k, score, promoted))
+        if self.config.evaluation.judge:
+            self._stage(k, "judge", lambda: self._judge(k, promoted, score, split["seed_heldout_uri"]))
+        decision = self._stage(k, "promote", lambda: self._promote(k, score, promoted))
+        self._write_report()
+        return decision
 
     def _unless_empty(self, k: int, name: str, previous: dict, call: Callable) -> dict:
         """Calls the service unless the previous stage produced nothing (services reject empty batches)."""
@@ -243,6 +286,7 @@ def summarize(manifest: dict) -> list[dict]:
             "train_examples": stages.get("train_data", {}).get("count"),
             "final_loss": stages.get("train", {}).get("final_loss"),
             "rouge_l": stages.get("evaluate", {}).get("rouge_l"),
+            "score": stages.get("evaluate", {}).get("score"),
             "promoted": stages.get("promote", {}).get("promoted"),
         })
     return rows

@@ -42,6 +42,8 @@ class RichReporter(Reporter):
         self.progress = progress
         self.overall = progress.add_task("run", total=total_stages)
         self.training_task = None
+        self.eval_task = None
+        self.report_uri = None
 
     def stage(self, round_index: int, stage: str, resumed: bool) -> None:
         note = " [dim](resumed)[/dim]" if resumed else ""
@@ -53,6 +55,17 @@ class RichReporter(Reporter):
             self.progress.remove_task(self.training_task)
             self.training_task = None
 
+    def evaluation(self, round_index: int, done: int, total: int) -> None:
+        if self.eval_task is None:
+            self.eval_task = self.progress.add_task(f"  evaluating model {round_index}", total=total)
+        self.progress.update(self.eval_task, completed=done, total=total)
+        if done >= total:
+            self.progress.remove_task(self.eval_task)
+            self.eval_task = None
+
+    def report(self, uri: str) -> None:
+        self.report_uri = uri
+
     def training(self, round_index: int, step: int, total: int, loss: float) -> None:
         if self.training_task is None:
             self.training_task = self.progress.add_task(f"  training model {round_index}", total=total or None)
@@ -63,14 +76,14 @@ class RichReporter(Reporter):
 def _summary_table(manifest: dict) -> Table:
     table = Table(title=f"run {manifest['run_id']}")
     for column in ("round", "instr.", "w/ inst.", "kept", "removed (rule=n)", "train ex.", "loss",
-                   "ROUGE-L", "promoted"):
+                   "score", "ROUGE-L", "promoted"):
         table.add_column(column)
     for row in summarize(manifest):
         funnel = ", ".join(f"{k}={v}" for k, v in (row["funnel"] or {}).items()) or ("-" if row["round"] == 0 else "none")
         fmt = lambda v, f="{}": "-" if v is None else f.format(v)  # noqa: E731
         table.add_row(str(row["round"]), fmt(row["instructions"]), fmt(row["with_instances"]), fmt(row["kept"]),
                       funnel, fmt(row["train_examples"]), fmt(row["final_loss"], "{:.3f}"),
-                      fmt(row["rouge_l"], "{:.4f}"), fmt(row["promoted"]))
+                      fmt(row["score"], "{:.4f}"), fmt(row["rouge_l"], "{:.4f}"), fmt(row["promoted"]))
     return table
 
 
@@ -102,7 +115,8 @@ def run(
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as progress:
-            manifest = LoopDriver(cfg, clients, run_id, RichReporter(progress, total)).run()
+            reporter = RichReporter(progress, total)
+            manifest = LoopDriver(cfg, clients, run_id, reporter).run()
     finally:
         clients.close()
         if started_ray:
@@ -110,6 +124,8 @@ def run(
     console.print(_summary_table(manifest))
     console.print(f"run store: [bold]{RunStore(cfg.store.root).uri(run_id)}[/bold] "
                   f"(manifest.json lists every dataset and checkpoint); {time.time() - started:.0f}s")
+    if reporter.report_uri:
+        console.print(f"report: [bold]{reporter.report_uri}[/bold]")
 
 
 @app.command("serve")
@@ -164,6 +180,29 @@ def filter_command(
     console.print(f"kept {len(result.kept)} of {len(result.verdicts)} -> {output}")
     for rule, count in sorted(result.funnel.items(), key=lambda kv: -kv[1]):
         console.print(f"  removed by {rule}: {count}")
+
+
+@app.command()
+def report(
+    run_id: str,
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Default: <store>/<run>/report.html"),
+    config: Optional[Path] = typer.Option(Path("configs/local.yaml"), help="YAML config"),
+    store_root: Optional[str] = typer.Option(None, help="Override store.root"),
+):
+    """Write a run's self-contained HTML report (funnel, ROUGE-L, lengths, verbs, loss, scores, promotions)."""
+    from .common.store import RunStore
+    from .evaluator.report import build_report, write_report
+
+    cfg = _load(config if config and config.exists() else None, store_root)
+    store = RunStore(cfg.store.root)
+    if not store.load_manifest(run_id)["rounds"]:
+        console.print(f"[red]no run {run_id!r} in {store.uri()}[/red]")
+        raise typer.Exit(2)
+    if output:
+        output.write_text(build_report(store, run_id))
+        console.print(f"wrote {output}")
+    else:
+        console.print(f"wrote {write_report(store, run_id)}")
 
 
 @app.command()

@@ -65,3 +65,15 @@ class ServiceClients:
 
     def evaluate_model(self, request):
         return self._call("evaluator", self._evaluator.EvaluateModel, request)
+
+    def stream_evaluation(self, request, on_progress=None):
+        """Evaluates with progress; returns the final EvaluateModelResponse."""
+        for update in self._call("evaluator", self._evaluator.StreamEvaluation, request):
+            if on_progress is not None:
+                on_progress(update.done, update.total)
+            if update.HasField("result"):
+                return update.result
+        raise RuntimeError("evaluation stream ended without a result")
+
+    def compare_models(self, request):
+        return self._call("evaluator", self._evaluator.CompareModels, request)

@@ -94,6 +94,19 @@ def test_every_method_answers(deployed):
         context=CTX, model_uri=status.model_uri, eval_tasks=tasks_to_source(seeds[:3]),
         max_instances_per_task=1, sampling=common_pb2.Sampling(max_new_tokens=8)))
     assert scored.num_tasks == 3 and 0.0 <= scored.rouge_l <= 1.0
+    progress = []
+    streamed = clients.stream_evaluation(evaluator_pb2.EvaluateModelRequest(
+        context=CTX, model_uri=status.model_uri, eval_tasks=tasks_to_source(seeds[:3]), with_nll=True,
+        max_instances_per_task=1, sampling=common_pb2.Sampling(max_new_tokens=8)),
+        on_progress=lambda done, total: progress.append((done, total)))
+    assert progress[-1] == (3, 3) and streamed.num_tasks == 3 and streamed.nll > 0
+    compared = clients.compare_models(evaluator_pb2.CompareModelsRequest(
+        context=CTX, model_a_uri="builtin:tiny-llama", model_b_uri=status.model_uri,
+        eval_tasks=tasks_to_source(seeds[:3]), max_instances_per_task=1,
+        sampling=common_pb2.Sampling(max_new_tokens=8), judge_model_uri=status.model_uri))
+    assert compared.judged_pairs == 3
+    assert compared.win_rate + compared.tie_rate + compared.loss_rate == pytest.approx(1.0)
+    assert compared.score_difference.low <= compared.score_difference.estimate <= compared.score_difference.high
 
 
 def _expect_invalid(call, request, field):
@@ -131,6 +144,11 @@ def test_malformed_requests_get_invalid_argument(deployed):
         context=CTX, model_uri="/etc/passwd", eval_tasks=tasks_to_source(seeds),
         sampling=common_pb2.Sampling(max_new_tokens=8)), "model_uri")
     _expect_invalid(clients.training_status, "no-such-job", "job_id")
+    with pytest.raises(grpc.RpcError) as info:  # a streaming method validates too
+        clients.stream_evaluation(evaluator_pb2.EvaluateModelRequest(
+            context=CTX, model_uri="builtin:tiny-llama", eval_tasks=tasks_to_source(seeds),
+            sampling=common_pb2.Sampling(max_new_tokens=0)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.max_new_tokens" in info.value.details()
     # ... and the services keep serving
     ok = clients.filter_tasks(filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(seeds)))
     assert ok.candidates == 3
@@ -142,12 +160,14 @@ def test_one_round_end_to_end_over_grpc(deployed):
     config, clients = deployed
     started = time.time()
     manifest = LoopDriver(config, clients, "loop").run()
+    store = RunStore(config.store.root)
     assert manifest["status"] == "succeeded"
     assert set(manifest["rounds"]) == {"0", "1"}
     stages = manifest["rounds"]["1"]["stages"]
     assert set(stages) == {"generate_instructions", "classify", "generate_instances", "filter", "train_data",
                            "train", "evaluate", "promote"}
-    store = RunStore(config.store.root)
+    assert stages["promote"]["reason"] and "interval" in stages["evaluate"]
+    assert os.path.exists(store.resolve(store.uri("loop", "report.html")))
     generated = store.read_tasks(stages["generate_instructions"]["uri"])
     assert generated, "the bootstrapped model must write parseable instructions"
     record = generated[0]

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,14 @@ def test_job_submit_runs_the_loop(tmp_path, head_node, builtin_cache):
     # One machine here, so an absolute path reaches the job; on a cluster it would be a shared path.
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(tiny_settings(str(store_root), builtin_cache, 9300, 8300)))
-    submitted = subprocess.run(
-        [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--submission-id", "loop-test",
-         "--", "python", "-m", "ray_jobs.self_improve", "--config", str(config_path), "--run-id", "job"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    for attempt in range(12):  # the head's job agent needs a few seconds after `ray start` returns
+        submitted = subprocess.run(
+            [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--submission-id", "loop-test",
+             "--", "python", "-m", "ray_jobs.self_improve", "--config", str(config_path), "--run-id", "job"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        if "No available agent to submit job" not in submitted.stdout + submitted.stderr:
+            break
+        time.sleep(5)
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
     from ray.job_submission import JobStatus, JobSubmissionClient
 

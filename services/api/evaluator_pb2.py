@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as reinstruct_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreinstruct/v1/evaluator.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\"\xcf\x01\n\x14\x45valuateModelRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12-\n\neval_tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x1e\n\x16max_instances_per_task\x18\x04 \x01(\x05\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\"@\n\tTaskScore\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07rouge_l\x18\x02 \x01(\x01\x12\x11\n\tinstances\x18\x03 \x01(\x05\"{\n\x15\x45valuateModelResponse\x12\x0f\n\x07rouge_l\x18\x01 \x01(\x01\x12\'\n\x05tasks\x18\x02 \x03(\x0b\x32\x18.reinstruct.v1.TaskScore\x12\x11\n\tnum_tasks\x18\x03 \x01(\x05\x12\x15\n\rnum_instances\x18\x04 \x01(\x05\x32g\n\tEvaluator\x12Z\n\rEvaluateModel\x12#.reinstruct.v1.EvaluateModelRequest\x1a$.reinstruct.v1.EvaluateModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreinstruct/v1/evaluator.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\"\xfa\x01\n\x14\x45valuateModelRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12-\n\neval_tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x1e\n\x16max_instances_per_task\x18\x04 \x01(\x05\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x10\n\x08with_nll\x18\x06 \x01(\x08\x12\x17\n\x0fpredictions_uri\x18\x07 \x01(\t\"\x83\x01\n\tTaskScore\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07rouge_l\x18\x02 \x01(\x01\x12\x11\n\tinstances\x18\x03 \x01(\x05\x12\x13\n\x0b\x65xact_match\x18\x04 \x01(\x01\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x0b\n\x03nll\x18\x06 \x01(\x01\x12\x10\n\x08\x63\x61tegory\x18\x07 \x01(\t\"?\n\rCategoryScore\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05tasks\x18\x03 \x01(\x05\"\x8e\x02\n\x15\x45valuateModelResponse\x12\x0f\n\x07rouge_l\x18\x01 \x01(\x01\x12\'\n\x05tasks\x18\x02 \x03(\x0b\x32\x18.reinstruct.v1.TaskScore\x12\x11\n\tnum_tasks\x18\x03 \x01(\x05\x12\x15\n\rnum_instances\x18\x04 \x01(\x05\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x13\n\x0b\x65xact_match\x18\x06 \x01(\x01\x12\x0b\n\x03nll\x18\x07 \x01(\x01\x12\x30\n\ncategories\x18\x08 \x03(\x0b\x32\x1c.reinstruct.v1.CategoryScore\x12.\n\x0bpredictions\x18\t \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef\"g\n\x12\x45valuationProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x34\n\x06result\x18\x03 \x01(\x0b\x32$.reinstruct.v1.EvaluateModelResponse\"\xb0\x02\n\x14\x43ompareModelsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x13\n\x0bmodel_a_uri\x18\x02 \x01(\t\x12\x13\n\x0bmodel_b_uri\x18\x03 \x01(\t\x12-\n\neval_tasks\x18\x04 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x1e\n\x16max_instances_per_task\x18\x05 \x01(\x05\x12)\n\x08sampling\x18\x06 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x17\n\x0fjudge_model_uri\x18\x07 \x01(\t\x12\x1b\n\x13\x62ootstrap_resamples\x18\x08 \x01(\x05\x12\x12\n\nconfidence\x18\t \x01(\x02\"K\n\x08Interval\x12\x10\n\x08\x65stimate\x18\x01 \x01(\x01\x12\x0b\n\x03low\x18\x02 \x01(\x01\x12\x0c\n\x04high\x18\x03 \x01(\x01\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"\xae\x02\n\x15\x43ompareModelsResponse\x12\x31\n\x10score_difference\x18\x01 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x33\n\x12rouge_l_difference\x18\x02 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x10\n\x08win_rate\x18\x03 \x01(\x01\x12\x10\n\x08tie_rate\x18\x04 \x01(\x01\x12\x11\n\tloss_rate\x18\x05 \x01(\x01\x12\x14\n\x0cjudged_pairs\x18\x06 \x01(\x05\x12/\n\x01\x61\x18\x07 \x01(\x0b\x32$.reinstruct.v1.EvaluateModelResponse\x12/\n\x01\x62\x18\x08 \x01(\x0b\x32$.reinstruct.v1.EvaluateModelResponse2\xa1\x02\n\tEvaluator\x12Z\n\rEvaluateModel\x12#.reinstruct.v1.EvaluateModelRequest\x1a$.reinstruct.v1.EvaluateModelResponse\x12\\\n\x10StreamEvaluation\x12#.reinstruct.v1.EvaluateModelRequest\x1a!.reinstruct.v1.EvaluationProgress0\x01\x12Z\n\rCompareModels\x12#.reinstruct.v1.CompareModelsRequest\x1a$.reinstruct.v1.CompareModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.api.evaluator_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVALUATEMODELREQUEST']._serialized_start=77
-  _globals['_EVALUATEMODELREQUEST']._serialized_end=284
-  _globals['_TASKSCORE']._serialized_start=286
-  _globals['_TASKSCORE']._serialized_end=350
-  _globals['_EVALUATEMODELRESPONSE']._serialized_start=352
-  _globals['_EVALUATEMODELRESPONSE']._serialized_end=475
-  _globals['_EVALUATOR']._serialized_start=477
-  _globals['_EVALUATOR']._serialized_end=580
+  _globals['_EVALUATEMODELREQUEST']._serialized_end=327
+  _globals['_TASKSCORE']._serialized_start=330
+  _globals['_TASKSCORE']._serialized_end=461
+  _globals['_CATEGORYSCORE']._serialized_start=463
+  _globals['_CATEGORYSCORE']._serialized_end=526
+  _globals['_EVALUATEMODELRESPONSE']._serialized_start=529
+  _globals['_EVALUATEMODELRESPONSE']._serialized_end=799
+  _globals['_EVALUATIONPROGRESS']._serialized_start=801
+  _globals['_EVALUATIONPROGRESS']._serialized_end=904
+  _globals['_COMPAREMODELSREQUEST']._serialized_start=907
+  _globals['_COMPAREMODELSREQUEST']._serialized_end=1211
+  _globals['_INTERVAL']._serialized_start=1213
+  _globals['_INTERVAL']._serialized_end=1288
+  _globals['_COMPAREMODELSRESPONSE']._serialized_start=1291
+  _globals['_COMPAREMODELSRESPONSE']._serialized_end=1593
+  _globals['_EVALUATOR']._serialized_start=1596
+  _globals['_EVALUATOR']._serialized_end=1885
 # @@protoc_insertion_point(module_scope)

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class EvaluatorStub:
-    """Scores a model on held-out tasks it never saw in training.
+    """Scores models on held-out tasks they never saw in training, and compares two of them.
     """
 
     def __init__(self, channel):
@@ -40,14 +40,39 @@ class EvaluatorStub:
                 request_serializer=reinstruct_dot_v1_dot_evaluator__pb2.EvaluateModelRequest.SerializeToString,
                 response_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.EvaluateModelResponse.FromString,
                 _registered_method=True)
+        self.StreamEvaluation = channel.unary_stream(
+                '/reinstruct.v1.Evaluator/StreamEvaluation',
+                request_serializer=reinstruct_dot_v1_dot_evaluator__pb2.EvaluateModelRequest.SerializeToString,
+                response_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.EvaluationProgress.FromString,
+                _registered_method=True)
+        self.CompareModels = channel.unary_unary(
+                '/reinstruct.v1.Evaluator/CompareModels',
+                request_serializer=reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsRequest.SerializeToString,
+                response_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsResponse.FromString,
+                _registered_method=True)
 
 
 class EvaluatorServicer:
-    """Scores a model on held-out tasks it never saw in training.
+    """Scores models on held-out tasks they never saw in training, and compares two of them.
     """
 
     def EvaluateModel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEvaluation(self, request, context):
+        """The same evaluation, streaming progress; the last message carries the result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareModels(self, request, context):
+        """Model A against model B: reference metrics with a bootstrap interval over tasks, and (with a
+        judge model) pairwise judgments in both orders.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -60,6 +85,16 @@ def add_EvaluatorServicer_to_server(servicer, server):
                     request_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.EvaluateModelRequest.FromString,
                     response_serializer=reinstruct_dot_v1_dot_evaluator__pb2.EvaluateModelResponse.SerializeToString,
             ),
+            'StreamEvaluation': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEvaluation,
+                    request_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.EvaluateModelRequest.FromString,
+                    response_serializer=reinstruct_dot_v1_dot_evaluator__pb2.EvaluationProgress.SerializeToString,
+            ),
+            'CompareModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareModels,
+                    request_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsRequest.FromString,
+                    response_serializer=reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'reinstruct.v1.Evaluator', rpc_method_handlers)
@@ -69,7 +104,7 @@ def add_EvaluatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Evaluator:
-    """Scores a model on held-out tasks it never saw in training.
+    """Scores models on held-out tasks they never saw in training, and compares two of them.
     """
 
     @staticmethod
@@ -89,6 +124,60 @@ class Evaluator:
             '/reinstruct.v1.Evaluator/EvaluateModel',
             reinstruct_dot_v1_dot_evaluator__pb2.EvaluateModelRequest.SerializeToString,
             reinstruct_dot_v1_dot_evaluator__pb2.EvaluateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/reinstruct.v1.Evaluator/StreamEvaluation',
+            reinstruct_dot_v1_dot_evaluator__pb2.EvaluateModelRequest.SerializeToString,
+            reinstruct_dot_v1_dot_evaluator__pb2.EvaluationProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reinstruct.v1.Evaluator/CompareModels',
+            reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsRequest.SerializeToString,
+            reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -83,7 +83,16 @@ class TrainingConfig(_Section):
 class EvaluationConfig(_Section):
     max_instances_per_task: int = Field(2, ge=0)
     max_new_tokens: int = Field(64, ge=1, le=4096)
-    promote_margin: float = Field(0.0, description="Promote model k+1 if its score exceeds model k's by more")
+    extra_sets: list[str] = Field([], description="More evaluation files (seed format, Alpaca with references, "
+                                  "or prompts without references, which only the judge uses)")
+    with_nll: bool = Field(True, description="Also the mean NLL of the reference responses")
+    promotion_metric: Literal["score", "rouge_l"] = Field(
+        "score", description="score: exact match for classification tasks, ROUGE-L for the others")
+    promote_margin: float = Field(0.0, description="Promote when the interval's lower bound exceeds this")
+    confidence: float = Field(0.9, gt=0.5, lt=1, description="Of the bootstrap interval (resampling tasks)")
+    bootstrap_resamples: int = Field(2000, ge=100)
+    judge: bool = Field(False, description="Also judge model k+1 against model k pairwise, in both orders")
+    judge_model: str | None = Field(None, description="Judge model; None: the incumbent model k")
 
 
 class LoopConfig(_Section):

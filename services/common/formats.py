@@ -138,6 +138,17 @@ def _chat(path: Path, line: int, row: dict) -> TaskRecord:
                       instances=[Instance("", normalized[j + 1][1])], lineage=Lineage(stage="import", model="human"))
 
 
+def _prompt_only(path: Path, line: int, row: dict) -> TaskRecord:
+    """Prompts without references (evaluation by a judge only)."""
+    field = "instruction" if "instruction" in row else "prompt"
+    instruction = _text(path, line, row, field)
+    if not instruction.strip():
+        raise DataFormatError(path, line, field, "empty")
+    return TaskRecord(id=str(row.get("id") or stable_id(path.name, line)), instruction=instruction,
+                      instances=[Instance(_text(path, line, row, "input", False), "")],
+                      lineage=Lineage(stage="import", model="human"))
+
+
 def detect_layout(row: dict) -> str:
     if "instances" in row:
         return "self_instruct"
@@ -147,10 +158,12 @@ def detect_layout(row: dict) -> str:
         return "dolly"
     if "instruction" in row and "output" in row:
         return "alpaca"
+    if "instruction" in row or "prompt" in row:
+        return "prompts"
     return "unknown"
 
 
-_PARSERS = {"self_instruct": _seed_task, "alpaca": _alpaca, "dolly": _dolly, "chat": _chat}
+_PARSERS = {"self_instruct": _seed_task, "alpaca": _alpaca, "dolly": _dolly, "chat": _chat, "prompts": _prompt_only}
 
 
 def load_tasks(path: str | Path, layout: str = "auto") -> list[TaskRecord]:

@@ -13,6 +13,35 @@ from .validation import RequestError
 logger = logging.getLogger("reinstruct")
 
 
+def _status_for(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, (RequestError, UriNotAllowed)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, StoreError):
+        return grpc.StatusCode.UNAVAILABLE, f"run store error: {exc}"
+    logger.error("%s failed", name, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+
+
+def grpc_stream_method(method):
+    """Like grpc_method, for server-streaming methods (generators of response messages)."""
+
+    def wrapper(self, request, grpc_context=None):
+        try:
+            yield from method(self, request)
+        except Exception as exc:  # reported as the stream's status, the replica keeps serving
+            code, details = _status_for(exc, method.__name__)
+            if grpc_context is None:
+                raise RuntimeError(f"{code.name}: {details}") from exc
+            # A stream that ends normally is OK whatever the context says; raising with the code set
+            # makes Serve end the stream with that status.
+            grpc_context.set_code(code)
+            grpc_context.set_details(details)
+            raise RuntimeError(details) from None
+
+    wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return wrapper
+
+
 def grpc_method(response_type):
     """Wraps a deployment method `(self, request) -> response` for Serve's gRPC proxy."""
 
@@ -21,13 +50,8 @@ def grpc_method(response_type):
         def wrapper(self, request, grpc_context=None):
             try:
                 return method(self, request)
-            except (RequestError, UriNotAllowed) as exc:
-                code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-            except StoreError as exc:
-                code, details = grpc.StatusCode.UNAVAILABLE, f"run store error: {exc}"
-            except Exception as exc:  # last resort: report, keep serving
-                logger.exception("%s failed", method.__name__)
-                code, details = grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # every failure becomes a status; the replica keeps serving
+                code, details = _status_for(exc, method.__name__)
             if grpc_context is None:
                 raise RuntimeError(f"{code.name}: {details}")
             grpc_context.set_code(code)

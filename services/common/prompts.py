@@ -119,3 +119,13 @@ TRAIN_NO_INPUT = [
 # Evaluation always uses the first of each list, so scores are comparable across rounds.
 EVAL_WITH_INPUT = TRAIN_WITH_INPUT[0]
 EVAL_NO_INPUT = TRAIN_NO_INPUT[0]
+
+# ---- Evaluation: pairwise judge -----------------------------------------------------------------
+PAIRWISE_JUDGE = _register(
+    "judge.pairwise",
+    1,
+    "Which response follows the instruction better? Answer with a short reason, then a last line "
+    "'Verdict: A', 'Verdict: B' or 'Verdict: tie'.\n\n"
+    "Instruction: {instruction}\n{input_block}"
+    "Response A: {response_a}\n\nResponse B: {response_b}\n\nReason:",
+)

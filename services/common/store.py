@@ -135,6 +135,9 @@ class RunStore:
             table = pq.read_table(handle)
         return [TaskRecord.from_row(r) for r in table.to_pylist()]
 
+    def write_bytes(self, uri: str, payload: bytes) -> None:
+        self._write_atomic(self.resolve(uri), lambda handle: handle.write(payload))
+
     def write_json(self, uri: str, data: Any) -> None:
         path = self.resolve(uri)
         payload = json.dumps(data, indent=2, sort_keys=True).encode()

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import queue
+import threading
+
 from ray import serve
 
-from ..api import evaluator_pb2
+from ..api import common_pb2, evaluator_pb2
 from ..common.config import ReinstructConfig, config_from_app_args
-from ..common.grpc_handler import grpc_method
+from ..common.grpc_handler import grpc_method, grpc_stream_method
 from ..common.store import RunStore
-from ..common.validation import check_context, check_model_uri, check_range, check_sampling, resolve_tasks
+from ..common.validation import (check_context, check_model_uri, check_output_uri, check_range, check_sampling,
+                                 resolve_tasks)
 from ..generator.engines import SamplingParams, create_engine
-from .service import EvaluatorService
+from .service import Evaluation, EvaluatorService
+
+
+def _sampling(s: common_pb2.Sampling) -> SamplingParams:
+    return SamplingParams(s.temperature, s.top_p or 1.0, s.max_new_tokens, s.seed)
+
+
+def _response(evaluation: Evaluation) -> evaluator_pb2.EvaluateModelResponse:
+    return evaluator_pb2.EvaluateModelResponse(
+        rouge_l=evaluation.rouge_l, score=evaluation.score, exact_match=evaluation.exact_match, nll=evaluation.nll,
+        num_tasks=len(evaluation.tasks), num_instances=evaluation.num_instances,
+        tasks=[evaluator_pb2.TaskScore(task_id=t.task_id, rouge_l=t.mean("rouge_l"), instances=len(t.rouge_l),
+                                       exact_match=t.mean("exact_match"), score=t.score, nll=t.mean("nll"),
+                                       category=t.category) for t in evaluation.tasks],
+        categories=[evaluator_pb2.CategoryScore(category=name, score=score, tasks=n)
+                    for name, (score, n) in evaluation.categories().items()],
+    )
+
+
+def _interval(interval) -> evaluator_pb2.Interval:
+    return evaluator_pb2.Interval(estimate=interval.estimate, low=interval.low, high=interval.high,
+                                  confidence=interval.confidence)
 
 
 @serve.deployment(name="Evaluator")
@@ -22,21 +47,78 @@ class EvaluatorDeployment:
                                                       trust_remote_code=config.model.trust_remote_code,
                                                       cache_dir=config.model.builtin_cache_dir))
 
-    @grpc_method(evaluator_pb2.EvaluateModelResponse)
-    def EvaluateModel(self, request: evaluator_pb2.EvaluateModelRequest):
+    def _checked(self, request: evaluator_pb2.EvaluateModelRequest):
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store)
         check_range(request.max_instances_per_task, "max_instances_per_task", 0, 10_000)
         check_sampling(request.sampling)
+        check_output_uri(request.predictions_uri, self.store, "predictions_uri")
         tasks = resolve_tasks(request.eval_tasks, self.store, "eval_tasks", require_instances=True)
-        s = request.sampling
-        result = self.service.evaluate(model_uri, tasks, request.max_instances_per_task,
-                                       SamplingParams(s.temperature, s.top_p or 1.0, s.max_new_tokens, s.seed))
-        return evaluator_pb2.EvaluateModelResponse(
-            rouge_l=result.rouge_l, num_tasks=len(result.tasks), num_instances=result.num_instances,
-            tasks=[evaluator_pb2.TaskScore(task_id=t.task_id, rouge_l=t.rouge_l, instances=t.instances)
-                   for t in result.tasks],
-        )
+        return model_uri, tasks
+
+    def _finish(self, request, evaluation: Evaluation) -> evaluator_pb2.EvaluateModelResponse:
+        response = _response(evaluation)
+        if request.predictions_uri:
+            count = self.store.write_tasks(request.predictions_uri, evaluation.predictions)
+            response.predictions.CopyFrom(common_pb2.DatasetRef(uri=request.predictions_uri, count=count))
+        return response
+
+    @grpc_method(evaluator_pb2.EvaluateModelResponse)
+    def EvaluateModel(self, request: evaluator_pb2.EvaluateModelRequest):
+        model_uri, tasks = self._checked(request)
+        evaluation = self.service.evaluate(model_uri, tasks, request.max_instances_per_task, _sampling(request.sampling),
+                                           with_nll=request.with_nll, run_id=request.context.run_id,
+                                           round_index=request.context.round)
+        return self._finish(request, evaluation)
+
+    @grpc_stream_method
+    def StreamEvaluation(self, request: evaluator_pb2.EvaluateModelRequest):
+        model_uri, tasks = self._checked(request)
+        updates: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def work():
+            try:
+                outcome["evaluation"] = self.service.evaluate(
+                    model_uri, tasks, request.max_instances_per_task, _sampling(request.sampling),
+                    with_nll=request.with_nll, on_progress=lambda done, total: updates.put((done, total)),
+                    run_id=request.context.run_id, round_index=request.context.round)
+            except Exception as exc:  # re-raised in the stream below
+                outcome["error"] = exc
+            updates.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (update := updates.get()) is not None:
+            yield evaluator_pb2.EvaluationProgress(done=update[0], total=update[1])
+        if "error" in outcome:
+            raise outcome["error"]
+        evaluation = outcome["evaluation"]
+        yield evaluator_pb2.EvaluationProgress(done=evaluation.num_instances, total=evaluation.num_instances,
+                                               result=self._finish(request, evaluation))
+
+    @grpc_method(evaluator_pb2.CompareModelsResponse)
+    def CompareModels(self, request: evaluator_pb2.CompareModelsRequest):
+        check_context(request.context)
+        model_a = check_model_uri(request.model_a_uri, self.store, "model_a_uri")
+        model_b = check_model_uri(request.model_b_uri, self.store, "model_b_uri")
+        judge = check_model_uri(request.judge_model_uri, self.store, "judge_model_uri") if request.judge_model_uri else ""
+        check_range(request.max_instances_per_task, "max_instances_per_task", 0, 10_000)
+        check_sampling(request.sampling)
+        resamples = request.bootstrap_resamples or 2000
+        check_range(resamples, "bootstrap_resamples", 100, 100_000)
+        confidence = request.confidence or 0.95
+        check_range(confidence, "confidence", 0.5, 0.999)
+        tasks = resolve_tasks(request.eval_tasks, self.store, "eval_tasks", require_instances=True)
+        result = self.service.compare(model_a, model_b, tasks, request.max_instances_per_task,
+                                      _sampling(request.sampling), judge, resamples, confidence)
+        response = evaluator_pb2.CompareModelsResponse(
+            score_difference=_interval(result.score_difference), rouge_l_difference=_interval(result.rouge_l_difference),
+            a=_response(result.a), b=_response(result.b))
+        if result.judged is not None:
+            response.win_rate, response.tie_rate, response.loss_rate = (result.judged.win, result.judged.tie,
+                                                                        result.judged.loss)
+            response.judged_pairs = result.judged.pairs
+        return response
 
 
 def build_app(args: dict | None = None):

@@ -1,47 +1,128 @@
-"""The evaluator's logic: greedy answers on held-out tasks, scored by exact ROUGE-L."""
+"""The evaluator's logic: greedy answers on held-out tasks, reference metrics, judged comparisons."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
-from ..common.records import TaskRecord
-from ..common.rouge import rouge_l
+from ..common.records import Instance, Lineage, TaskRecord
 from ..generator.engines import GenerationEngine, SamplingParams
 from ..trainer.formatting import render
+from . import judge as judging
+from .bootstrap import Interval, paired_difference
+from .metrics import TaskResult, category, mean_over_tasks, score_instance
 
-
-@dataclass
-class TaskScore:
-    task_id: str
-    rouge_l: float
-    instances: int
+STOPS = ("\n\n",)
 
 
 @dataclass
 class Evaluation:
-    rouge_l: float
-    tasks: list[TaskScore]
+    model_uri: str
+    tasks: list[TaskResult]
     num_instances: int
+    predictions: list[TaskRecord]
+
+    @property
+    def rouge_l(self) -> float:
+        return mean_over_tasks(self.tasks, "rouge_l")
+
+    @property
+    def score(self) -> float:
+        return mean_over_tasks(self.tasks, "score")
+
+    @property
+    def exact_match(self) -> float:
+        return mean_over_tasks(self.tasks, "exact_match", "classification")
+
+    @property
+    def nll(self) -> float:
+        return mean_over_tasks(self.tasks, "nll")
+
+    def per_task(self, metric: str = "score") -> dict[str, float]:
+        return {t.task_id: (t.score if metric == "score" else t.mean(metric)) for t in self.tasks}
+
+    def categories(self) -> dict[str, tuple[float, int]]:
+        names = sorted({t.category for t in self.tasks})
+        return {n: (mean_over_tasks(self.tasks, "score", n), sum(t.category == n for t in self.tasks)) for n in names}
+
+
+@dataclass
+class Comparison:
+    a: Evaluation
+    b: Evaluation
+    score_difference: Interval
+    rouge_l_difference: Interval
+    judged: judging.JudgedRates | None
+
+
+def _items(tasks: list[TaskRecord], max_instances_per_task: int) -> list[tuple[TaskRecord, Instance]]:
+    items = []
+    for task in tasks:
+        instances = task.instances[:max_instances_per_task] if max_instances_per_task else task.instances
+        items.extend((task, inst) for inst in instances)
+    return items
 
 
 class EvaluatorService:
-    def __init__(self, engine: GenerationEngine) -> None:
+    def __init__(self, engine: GenerationEngine, chunk_size: int = 16) -> None:
         self.engine = engine
+        self.chunk_size = chunk_size
 
-    def evaluate(self, model_uri: str, tasks: list[TaskRecord], max_instances_per_task: int,
-                 sampling: SamplingParams) -> Evaluation:
+    def evaluate(self, model_uri: str, tasks: list[TaskRecord], max_instances_per_task: int, sampling: SamplingParams,
+                 with_nll: bool = False, on_progress: Callable[[int, int], None] | None = None,
+                 run_id: str = "", round_index: int = 0) -> Evaluation:
         self.engine.load(model_uri)
-        items = []
-        for task in tasks:
-            instances = task.instances[:max_instances_per_task] if max_instances_per_task else task.instances
-            items.extend((task.id, render(task, inst), inst.output) for inst in instances)
-        completions = self.engine.generate([example.prompt for _, example, _ in items],
-                                           SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                                          max_new_tokens=sampling.max_new_tokens, seed=sampling.seed,
-                                                          stop=("\n\n",)))
-        per_task: dict[str, list[float]] = {}
-        for (task_id, _, reference), completion in zip(items, completions):
-            per_task.setdefault(task_id, []).append(rouge_l(completion.text.strip(), reference))
-        scores = [TaskScore(tid, sum(v) / len(v), len(v)) for tid, v in per_task.items()]
-        mean = sum(s.rouge_l for s in scores) / len(scores) if scores else 0.0
-        return Evaluation(mean, scores, len(items))
+        items = _items(tasks, max_instances_per_task)
+        params = replace(sampling, stop=STOPS)
+        results: dict[str, TaskResult] = {}
+        predictions: list[TaskRecord] = []
+        for start in range(0, len(items), self.chunk_size):
+            chunk = items[start : start + self.chunk_size]
+            examples = [render(task, inst) for task, inst in chunk]
+            completions = self.engine.generate([e.prompt for e in examples], params)
+            nlls = self.engine.score_nll([e.prompt for e in examples], [e.response for e in examples]) if with_nll else []
+            for j, ((task, inst), example, completion) in enumerate(zip(chunk, examples, completions)):
+                result = results.setdefault(task.id, TaskResult(task.id, category(task)))
+                has_reference = bool(inst.output.strip())  # prompts without references: judged only
+                if has_reference:
+                    score_instance(result, completion.text, inst.output)
+                    if with_nll:
+                        result.nll.append(nlls[j])
+                predictions.append(TaskRecord(
+                    id=f"{task.id}/{len(predictions)}", instruction=task.instruction, name=task.name,
+                    is_classification=task.is_classification, instances=[Instance(inst.input, completion.text.strip())],
+                    lineage=Lineage(run_id=run_id, round=round_index, stage="evaluate", model=model_uri,
+                                    prompt_template=example.template_id, parent_id=task.id,
+                                    scores={"rouge_l": result.rouge_l[-1],
+                                            **({"exact_match": result.exact_match[-1]} if result.exact_match else {})}
+                                    if has_reference else {}),
+                ))
+            if on_progress is not None:
+                on_progress(min(start + self.chunk_size, len(items)), len(items))
+        ordered = [results[t.id] for t in tasks if t.id in results and results[t.id].rouge_l]
+        return Evaluation(model_uri, ordered, len(items), predictions)
+
+    def compare(self, model_a: str, model_b: str, tasks: list[TaskRecord], max_instances_per_task: int,
+                sampling: SamplingParams, judge_model: str = "", resamples: int = 2000,
+                confidence: float = 0.95) -> Comparison:
+        a = self.evaluate(model_a, tasks, max_instances_per_task, sampling)
+        b = self.evaluate(model_b, tasks, max_instances_per_task, sampling)
+        judged = self._judge(judge_model, a, b) if judge_model else None
+        return Comparison(a, b, paired_difference(a.per_task(), b.per_task(), resamples, confidence),
+                          paired_difference(a.per_task("rouge_l"), b.per_task("rouge_l"), resamples, confidence),
+                          judged)
+
+    def _judge(self, judge_model: str, a: Evaluation, b: Evaluation) -> judging.JudgedRates:
+        self.engine.load(judge_model)
+        pairs = list(zip(a.predictions, b.predictions))
+        prompts = []
+        for pa, pb in pairs:
+            inst_a, inst_b = pa.instances[0], pb.instances[0]
+            prompts.append(judging.build_judge_prompt(pa.instruction, inst_a.input, inst_a.output, inst_b.output))
+            prompts.append(judging.build_judge_prompt(pa.instruction, inst_a.input, inst_b.output, inst_a.output))
+        completions = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=64))
+        outcomes = [
+            judging.combine(judging.parse_verdict(completions[2 * i].text), judging.parse_verdict(completions[2 * i + 1].text))
+            for i in range(len(pairs))
+        ]
+        return judging.rates(outcomes)

@@ -1,0 +1,193 @@
+"""The run report: one self-contained HTML file (plots as embedded PNG) a person can open anywhere.
+
+Sections: funnel per round, max ROUGE-L against the pool (Self-Instruct's Figure 3), instruction
+lengths, leading verbs, training loss curves, evaluation scores by round with their intervals, and
+the promotion decisions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import Counter
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..common.store import RunStore  # noqa: E402
+from .bootstrap import mean_interval  # noqa: E402
+
+SECTIONS = ("funnel", "rouge", "lengths", "verbs", "loss", "scores", "promotion")
+
+
+def _png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _rounds(manifest: dict) -> list[tuple[int, dict]]:
+    return [(int(k), v["stages"]) for k, v in sorted(manifest.get("rounds", {}).items(), key=lambda kv: int(kv[0]))]
+
+
+def _funnel(rounds) -> str:
+    rows = [(k, s["filter"]) for k, s in rounds if "filter" in s]
+    if not rows:
+        return "<p>No filtered rounds yet.</p>"
+    rules = sorted({rule for _, f in rows for rule in f["funnel"]})
+    figure, axis = plt.subplots(figsize=(7, 3.2))
+    labels = [f"round {k}" for k, _ in rows]
+    bottom = [0] * len(rows)
+    kept = [f["kept_count"] for _, f in rows]
+    axis.bar(labels, kept, label="kept", color="#2a9d8f")
+    bottom = kept
+    for rule in rules:
+        values = [f["funnel"].get(rule, 0) for _, f in rows]
+        axis.bar(labels, values, bottom=bottom, label=rule)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    axis.set_ylabel("candidates")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    table = "".join(
+        f"<tr><td>{k}</td><td>{f['candidates']}</td><td>{f['kept_count']}</td><td>"
+        + html.escape(", ".join(f"{r}: {n}" for r, n in sorted(f["funnel"].items()))) + "</td></tr>"
+        for k, f in rows)
+    return _png(figure) + f"<table><tr><th>round</th><th>candidates</th><th>kept</th><th>removed</th></tr>{table}</table>"
+
+
+def _rouge(rounds) -> str:
+    figure, axis = plt.subplots(figsize=(7, 3))
+    plotted = False
+    for k, stages in rounds:
+        scores = stages.get("filter", {}).get("max_rouge_l")
+        if scores:
+            axis.hist(scores, bins=[i / 20 for i in range(21)], alpha=0.6, label=f"round {k}")
+            plotted = True
+    if not plotted:
+        plt.close(figure)
+        return "<p>No candidates scored yet.</p>"
+    axis.axvline(0.7, color="black", linestyle="--", linewidth=1)
+    axis.set_xlabel("max ROUGE-L F against the pool")
+    axis.set_ylabel("instructions")
+    axis.legend(fontsize=8)
+    return _png(figure)
+
+
+def _instructions(store: RunStore, rounds) -> dict[int, list[str]]:
+    out = {}
+    for k, stages in rounds:
+        uri = stages.get("generate_instructions", {}).get("uri")
+        if uri and stages["generate_instructions"].get("count"):
+            out[k] = [t.instruction for t in store.read_tasks(uri)]
+    return out
+
+
+def _lengths(instructions: dict[int, list[str]]) -> str:
+    if not instructions:
+        return "<p>No instructions generated yet.</p>"
+    figure, axis = plt.subplots(figsize=(7, 3))
+    for k, texts in instructions.items():
+        axis.hist([len(t.split()) for t in texts], bins=range(0, 41, 2), alpha=0.6, label=f"round {k}")
+    axis.set_xlabel("words per instruction")
+    axis.set_ylabel("instructions")
+    axis.legend(fontsize=8)
+    return _png(figure)
+
+
+def _verbs(instructions: dict[int, list[str]]) -> str:
+    words = Counter(t.split()[0].strip(".,:;!?").lower() for texts in instructions.values() for t in texts if t.split())
+    if not words:
+        return "<p>No instructions generated yet.</p>"
+    common = words.most_common(20)
+    figure, axis = plt.subplots(figsize=(7, 3.2))
+    axis.barh([w for w, _ in reversed(common)], [n for _, n in reversed(common)], color="#264653")
+    axis.set_xlabel("instructions starting with the word")
+    return _png(figure)
+
+
+def _loss(rounds) -> str:
+    figure, axis = plt.subplots(figsize=(7, 3))
+    plotted = False
+    for k, stages in rounds:
+        losses = stages.get("train", {}).get("losses")
+        if losses:
+            axis.plot(range(1, len(losses) + 1), losses, label=f"model {k}")
+            plotted = True
+    if not plotted:
+        plt.close(figure)
+        return "<p>No training yet.</p>"
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (response tokens)")
+    axis.legend(fontsize=8)
+    return _png(figure)
+
+
+def _scores(rounds) -> str:
+    points = []
+    for k, stages in rounds:
+        evaluation = stages.get("evaluate")
+        if evaluation and evaluation.get("per_task"):
+            interval = mean_interval(evaluation["per_task"], 1000, 0.9)
+            points.append((k, interval))
+    if not points:
+        return "<p>No evaluations yet.</p>"
+    figure, axis = plt.subplots(figsize=(7, 3))
+    xs = [k for k, _ in points]
+    ys = [i.estimate for _, i in points]
+    errors = [[i.estimate - i.low for _, i in points], [i.high - i.estimate for _, i in points]]
+    axis.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4)
+    axis.set_xticks(xs)
+    axis.set_xlabel("model (round)")
+    axis.set_ylabel("held-out score (90% CI)")
+    rows = "".join(f"<tr><td>{k}</td><td>{i.estimate:.4f}</td><td>[{i.low:.4f}, {i.high:.4f}]</td></tr>"
+                   for k, i in points)
+    return _png(figure) + f"<table><tr><th>model</th><th>score</th><th>90% CI</th></tr>{rows}</table>"
+
+
+def _promotion(rounds) -> str:
+    rows = []
+    for k, stages in rounds:
+        decision = stages.get("promote")
+        if decision:
+            verdict = "promoted" if decision.get("promoted") else "kept previous"
+            rows.append(f"<tr><td>{k}</td><td>{verdict}</td><td>{html.escape(str(decision.get('reason', '')))}</td>"
+                        f"<td>{html.escape(str(decision.get('model_uri', '')))}</td></tr>")
+    if not rows:
+        return "<p>No decisions yet.</p>"
+    return ("<table><tr><th>round</th><th>decision</th><th>why</th><th>model used next</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em}
+img{max-width:100%}"""
+
+
+def build_report(store: RunStore, run_id: str) -> str:
+    manifest = store.load_manifest(run_id)
+    rounds = _rounds(manifest)
+    instructions = _instructions(store, rounds)
+    sections = {
+        "funnel": ("Funnel per round", _funnel(rounds)),
+        "rouge": ("Max ROUGE-L against the pool", _rouge(rounds)),
+        "lengths": ("Instruction lengths", _lengths(instructions)),
+        "verbs": ("Most common leading words", _verbs(instructions)),
+        "loss": ("Training loss", _loss(rounds)),
+        "scores": ("Held-out evaluation by round", _scores(rounds)),
+        "promotion": ("Promotion decisions", _promotion(rounds)),
+    }
+    body = "".join(f'<section id="{key}"><h2>{title}</h2>{content}</section>' for key, (title, content) in sections.items())
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>reinstruct run {html.escape(run_id)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>reinstruct run {html.escape(run_id)}</h1>"
+            f"<p>status: {html.escape(str(manifest.get('status', '?')))}; rounds: {len(rounds)}</p>{body}</body></html>")
+
+
+def write_report(store: RunStore, run_id: str) -> str:
+    uri = store.uri(run_id, "report.html")
+    store.write_bytes(uri, build_report(store, run_id).encode())
+    return uri
