@@ -20,19 +20,32 @@ from services.client import ServiceClients
 from services.common.config import ReinstructConfig, load_config
 from services.common.convert import uri_source
 from services.common.formats import load_seed_tasks, load_tasks
-from services.common.records import TaskRecord
+from services.common.records import Instance, Lineage, TaskRecord, stable_id
 from services.common.store import RunStore
 from services.evaluator.bootstrap import mean_interval
 from services.evaluator.gate import decide
 from services.evaluator.report import write_report
 from services.evaluator.split import split_by_task
+from services.generator.backtranslation import backward_tasks, curation_meta_tasks
 from services.generator.bootstrap import build_meta_tasks
+from services.generator.corpus import load_segments, sample_segments
 
 log = logging.getLogger("reinstruct.loop")
 
-ROUND_STAGES = ("generate_instructions", "classify", "generate_instances", "filter", "train_data", "train",
-                "evaluate", "promote")  # plus "judge" before "promote" when evaluation.judge is on
+SELF_INSTRUCT_STAGES = ("generate_instructions", "classify", "generate_instances", "filter")
+BACKTRANSLATION_STAGES = ("segments", "backtranslate", "curate", "filter_augmented")
+TRAIN_STAGES = ("train_data", "train", "evaluate", "promote")  # plus "judge" when evaluation.judge is on
 BOOTSTRAP_STAGES = ("split", "train_data", "train", "evaluate", "promote")
+BACKWARD_STAGES = ("backward_data", "backward_train")
+
+
+def stage_count(config: ReinstructConfig) -> int:
+    """How many stages a run has (progress bars)."""
+    bt = config.backtranslation.enabled
+    per_round = len(SELF_INSTRUCT_STAGES) + len(TRAIN_STAGES) + (len(BACKTRANSLATION_STAGES) if bt else 0)
+    per_round += 1 if config.evaluation.judge else 0
+    first = (len(BOOTSTRAP_STAGES) if config.loop.bootstrap else 1) + (len(BACKWARD_STAGES) if bt else 0)
+    return first + config.loop.rounds * per_round
 
 
 class Reporter:
@@ -87,14 +100,15 @@ class LoopDriver:
         return common_pb2.Sampling(temperature=g.temperature if temperature is None else temperature,
                                    top_p=g.top_p, max_new_tokens=max_new_tokens, seed=seed)
 
-    def _train(self, k: int, base_model: str, dataset_uri: str, epochs: int) -> dict:
+    def _train(self, k: int, base_model: str, dataset_uri: str, epochs: int, output_uri: str | None = None) -> dict:
         t = self.config.training
         request = trainer_pb2.StartTrainingRequest(
             context=self._ctx(k), base_model_uri=base_model, train_tasks=uri_source(dataset_uri),
-            output_model_uri=self.store.model_uri(self.run_id, k),
+            output_model_uri=output_uri or self.store.model_uri(self.run_id, k),
             params=trainer_pb2.TrainingParams(epochs=epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
                                               batch_size=t.batch_size, max_seq_len=t.max_seq_len,
-                                              num_workers=t.num_workers, use_gpu=t.use_gpu, seed=self.config.seed + k),
+                                              num_workers=t.num_workers, use_gpu=t.use_gpu, seed=self.config.seed + k,
+                                              augmented_tag=self.config.backtranslation.tag),
         )
         status = self.clients.wait_for_training(
             request, poll_s=t.poll_interval_s,
@@ -122,10 +136,10 @@ class LoopDriver:
 
     def _promote(self, k: int, candidate: dict, incumbent: dict | None) -> dict:
         e = self.config.evaluation
-        decision = decide(candidate["per_task"], incumbent["per_task"] if incumbent else None,
+        decision = decide(candidate["per_task"], incumbent["per_task"] if incumbent and incumbent.get("per_task") else None,
                           metric=e.promotion_metric, margin=e.promote_margin, confidence=e.confidence,
                           resamples=e.bootstrap_resamples, seed=self.config.seed + k)
-        chosen = candidate if decision.promoted else incumbent
+        chosen = candidate if decision.promoted or incumbent is None else incumbent
         return {**decision.to_dict(), "model_uri": chosen["model_uri"], "per_task": chosen["per_task"],
                 "candidate_model_uri": candidate["model_uri"]}
 
@@ -141,13 +155,72 @@ class LoopDriver:
         return {"win_rate": response.win_rate, "tie_rate": response.tie_rate, "loss_rate": response.loss_rate,
                 "judged_pairs": response.judged_pairs, "score_difference": [d.estimate, d.low, d.high]}
 
-    def _machine_pool(self, up_to_round: int) -> list[TaskRecord]:
+    def _machine_pool(self, up_to_round: int, stage: str = "filter") -> list[TaskRecord]:
+        """Everything a filter stage kept in rounds 1 .. up_to_round-1."""
         pool = []
         for k in range(1, up_to_round):
-            out = self.store.stage_output(self.run_id, k, "filter")
+            out = self.store.stage_output(self.run_id, k, stage)
             if out and out["kept_count"]:
                 pool.extend(self.store.read_tasks(out["kept_uri"]))
         return pool
+
+    # ---- instruction backtranslation -----------------------------------------------------------
+    def _backward_model(self, split: dict) -> str:
+        b = self.config.backtranslation
+        data = self._stage(0, "backward_data", lambda: self._write(
+            0, "backward_train", backward_tasks(self.store.read_tasks(split["seed_train_uri"]))))
+        trained = self._stage(0, "backward_train", lambda: self._train(
+            0, self.config.model.base, data["uri"], b.backward_epochs,
+            output_uri=self.store.uri(self.run_id, "round-000", "backward_model")))
+        return trained["model_uri"]
+
+    def _write(self, k: int, name: str, tasks: list[TaskRecord]) -> dict:
+        uri = self._uri(k, name)
+        self.store.write_tasks(uri, tasks)
+        return {"uri": uri, "count": len(tasks)}
+
+    def _backtranslation_round(self, k: int, model: str, backward_model: str) -> dict:
+        b = self.config.backtranslation
+
+        def segments() -> dict:
+            pieces = sample_segments(load_segments(b.corpus, b.min_chars, b.max_chars), b.segments_per_round,
+                                     self.config.seed + k)
+            tasks = [TaskRecord(id=stable_id(self.run_id, k, "segment", i), instruction="",
+                                instances=[Instance("", text)], lineage=Lineage(run_id=self.run_id, round=k,
+                                                                                stage="unlabelled", model="corpus"))
+                     for i, text in enumerate(pieces)]
+            return {**self._write(k, "segments", tasks), "corpus": b.corpus if isinstance(b.corpus, str) else list(b.corpus)}
+
+        segs = self._stage(k, "segments", segments)
+        augmented = self._stage(k, "backtranslate", lambda: self._unless_empty(k, "augmented", segs, lambda: (
+            self.clients.backtranslate(generator_pb2.BacktranslateRequest(
+                context=self._ctx(k), model_uri=backward_model, segment_tasks=uri_source(segs["uri"]),
+                sampling=self._sampling(b.max_new_tokens, self.config.seed + k), output_uri=self._uri(k, "augmented"))))))
+        curated = self._stage(k, "curate", lambda: self._unless_empty(k, "curated", augmented, lambda: (
+            self.clients.curate_examples(generator_pb2.CurateExamplesRequest(
+                context=self._ctx(k), model_uri=model, tasks=uri_source(augmented["uri"]),
+                output_uri=self._uri(k, "curated"))))))
+        threshold = b.curation_threshold_first_round if k == 1 else b.curation_threshold_later
+
+        def filter_augmented() -> dict:
+            if curated["count"] == 0:
+                return {"kept_uri": "", "kept_count": 0, "rejected_uri": "", "candidates": 0, "funnel": {},
+                        "curation_threshold": threshold, "scores": {}}
+            f = self.config.filter
+            response = self.clients.filter_tasks(filter_pb2.FilterTasksRequest(
+                context=self._ctx(k), candidates=uri_source(curated["uri"]), rouge_l_threshold=1.0,
+                min_instruction_words=f.min_instruction_words, max_instruction_words=f.max_instruction_words,
+                decontaminate_against=uri_source(self.store.stage_output(self.run_id, 0, "split")["seed_heldout_uri"]),
+                decontamination_ngram=f.decontamination_ngram, near_duplicate_threshold=f.near_duplicate_threshold or -1,
+                min_curation_score=threshold, kept_uri=self._uri(k, "augmented_kept"),
+                rejected_uri=self._uri(k, "augmented_rejected")))
+            scores = [t.lineage.scores.get("curation", 0.0) for t in self.store.read_tasks(curated["uri"])]
+            return {"kept_uri": response.kept_ref.uri, "kept_count": response.kept_count,
+                    "rejected_uri": response.rejected_ref.uri, "candidates": response.candidates,
+                    "funnel": {step.rule: step.removed for step in response.funnel}, "curation_threshold": threshold,
+                    "scores": {str(n): scores.count(float(n)) for n in range(6)}}
+
+        return self._stage(k, "filter_augmented", filter_augmented)
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -159,10 +232,12 @@ class LoopDriver:
             load_tasks(path)
         split = self._stage(0, "split", lambda: self._split(seeds))
         promoted = self._bootstrap(split) if self.config.loop.bootstrap else {
-            "model_uri": self.config.model.base, "rouge_l": None}
+            "model_uri": self.config.model.base, "per_task": None}
+        backward = self._backward_model(split) if self.config.backtranslation.enabled else None
         for k in range(1, self.config.loop.rounds + 1):
-            promoted = self._round(k, split, promoted)
+            promoted = self._round(k, split, promoted, backward)
         self.store.update_run(self.run_id, status="succeeded", final_model=promoted["model_uri"])
+        self._write_report()
         return self.store.load_manifest(self.run_id)
 
     def _write_report(self) -> None:
@@ -181,17 +256,20 @@ class LoopDriver:
                 "seed_all_uri": self._uri(0, "seed_all"), "train_tasks": len(train), "heldout_tasks": len(heldout),
                 "heldout_task_ids": sorted(t.id for t in heldout)}
 
-    def _train_mix(self, k: int, split: dict, machine: list[TaskRecord]) -> dict:
+    def _train_mix(self, k: int, split: dict, machine: list[TaskRecord], augmented: list[TaskRecord]) -> dict:
         human = self.store.read_tasks(split["seed_train_uri"])
         meta = build_meta_tasks(human, machine, seed=self.config.seed + k,
                                 examples_per_task=self.config.training.bootstrap_examples_per_task)
-        mix = human + machine + meta
+        if self.config.backtranslation.enabled:  # the forward model also rates pairs (self-curation)
+            meta += curation_meta_tasks(human, seed=self.config.seed + k)
+        mix = human + machine + augmented + meta
         uri = self._uri(k, "train_mix")
         self.store.write_tasks(uri, mix)
-        return {"uri": uri, "count": len(mix), "seed": len(human), "machine": len(machine), "meta": len(meta)}
+        return {"uri": uri, "count": len(mix), "seed": len(human), "machine": len(machine),
+                "augmented": len(augmented), "meta": len(meta)}
 
     def _bootstrap(self, split: dict) -> dict:
-        data = self._stage(0, "train_data", lambda: self._train_mix(0, split, []))
+        data = self._stage(0, "train_data", lambda: self._train_mix(0, split, [], []))
         trained = self._stage(0, "train", lambda: self._train(0, self.config.model.base, data["uri"],
                                                                self.config.training.bootstrap_epochs))
         score = self._stage(0, "evaluate", lambda: self._evaluate(0, trained["model_uri"], split["seed_heldout_uri"]))
@@ -199,7 +277,7 @@ class LoopDriver:
         self._write_report()
         return decision
 
-    def _round(self, k: int, split: dict, promoted: dict) -> dict:
+    def _round(self, k: int, split: dict, promoted: dict, backward_model: str | None) -> dict:
         g = self.config.generation
         model = promoted["model_uri"]
         machine = self._machine_pool(k)
@@ -211,7 +289,8 @@ class LoopDriver:
                 context=self._ctx(k), model_uri=model, seed_tasks=uri_source(split["seed_train_uri"]),
                 machine_tasks=uri_source(pool_uri), num_prompts=g.num_prompts,
                 num_human_in_context=g.num_human_in_context, num_machine_in_context=g.num_machine_in_context,
-                sampling=self._sampling(g.max_new_tokens, self.config.seed + k),
+                sampling=common_pb2.Sampling(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
+                                             seed=self.config.seed + k, presence_penalty=g.presence_penalty),
                 output_uri=self._uri(k, "instructions"),
             ))
             return {"uri": response.output.uri, "count": response.output.count, "prompts": response.prompts,
@@ -231,8 +310,14 @@ class LoopDriver:
                 sampling=self._sampling(g.instance_max_new_tokens, self.config.seed + k),
                 output_uri=self._uri(k, "candidates"))))))
         filtered = self._stage(k, "filter", lambda: self._filter(k, split, machine, candidates))
+        augmented: list[TaskRecord] = []
+        if backward_model is not None:
+            kept_augmented = self._backtranslation_round(k, model, backward_model)
+            augmented = self._machine_pool(k, "filter_augmented") + (
+                self.store.read_tasks(kept_augmented["kept_uri"]) if kept_augmented["kept_count"] else [])
         data = self._stage(k, "train_data", lambda: self._train_mix(
-            k, split, machine + (self.store.read_tasks(filtered["kept_uri"]) if filtered["kept_count"] else [])))
+            k, split, machine + (self.store.read_tasks(filtered["kept_uri"]) if filtered["kept_count"] else []),
+            augmented))
         trained = self._stage(k, "train", lambda: self._train(k, model, data["uri"], self.config.training.epochs))
         score = self._stage(k, "evaluate", lambda: self._evaluate(k, trained["model_uri"], split["seed_heldout_uri"]))
         if self.config.evaluation.judge:
@@ -283,6 +368,7 @@ def summarize(manifest: dict) -> list[dict]:
             "with_instances": stages.get("generate_instances", {}).get("count"),
             "kept": filt.get("kept_count"),
             "funnel": filt.get("funnel"),
+            "augmented_kept": stages.get("filter_augmented", {}).get("kept_count"),
             "train_examples": stages.get("train_data", {}).get("count"),
             "final_loss": stages.get("train", {}).get("final_loss"),
             "rouge_l": stages.get("evaluate", {}).get("rouge_l"),

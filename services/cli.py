@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ray_jobs.self_improve import BOOTSTRAP_STAGES, ROUND_STAGES, LoopDriver, Reporter, summarize
+from ray_jobs.self_improve import LoopDriver, Reporter, stage_count, summarize
 
 from .common.config import ConfigError, ReinstructConfig, load_config
 
@@ -75,14 +75,14 @@ class RichReporter(Reporter):
 
 def _summary_table(manifest: dict) -> Table:
     table = Table(title=f"run {manifest['run_id']}")
-    for column in ("round", "instr.", "w/ inst.", "kept", "removed (rule=n)", "train ex.", "loss",
-                   "score", "ROUGE-L", "promoted"):
+    for column in ("round", "instr.", "w/ inst.", "kept", "removed (rule=n)", "backtr. kept", "train ex.",
+                   "loss", "score", "ROUGE-L", "promoted"):
         table.add_column(column)
     for row in summarize(manifest):
         funnel = ", ".join(f"{k}={v}" for k, v in (row["funnel"] or {}).items()) or ("-" if row["round"] == 0 else "none")
         fmt = lambda v, f="{}": "-" if v is None else f.format(v)  # noqa: E731
         table.add_row(str(row["round"]), fmt(row["instructions"]), fmt(row["with_instances"]), fmt(row["kept"]),
-                      funnel, fmt(row["train_examples"]), fmt(row["final_loss"], "{:.3f}"),
+                      funnel, fmt(row["augmented_kept"]), fmt(row["train_examples"]), fmt(row["final_loss"], "{:.3f}"),
                       fmt(row["score"], "{:.4f}"), fmt(row["rouge_l"], "{:.4f}"), fmt(row["promoted"]))
     return table
 
@@ -111,7 +111,7 @@ def run(
     console.print(f"[green]apps up[/green]: gRPC {cfg.serve.host}:{cfg.serve.grpc_port} "
                   f"(reflection on; metadata application=generator|filter|trainer|evaluator)")
     clients = ServiceClients(f"{cfg.serve.host}:{cfg.serve.grpc_port}", cfg.serve.request_timeout_s)
-    total = (len(BOOTSTRAP_STAGES) if cfg.loop.bootstrap else 1) + cfg.loop.rounds * len(ROUND_STAGES)
+    total = stage_count(cfg)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as progress:

@@ -39,6 +39,21 @@ class ServiceClients:
     def generate_instances(self, request):
         return self._call("generator", self._generator.GenerateInstances, request)
 
+    def backtranslate(self, request):
+        return self._call("generator", self._generator.Backtranslate, request)
+
+    def curate_examples(self, request):
+        return self._call("generator", self._generator.CurateExamples, request)
+
+    def stream_instances(self, request, on_progress=None):
+        """GenerateInstances with progress; returns the final TasksResponse."""
+        for update in self._call("generator", self._generator.StreamInstances, request):
+            if on_progress is not None:
+                on_progress(update.done, update.total)
+            if update.HasField("result"):
+                return update.result
+        raise RuntimeError("instance stream ended without a result")
+
     def filter_tasks(self, request):
         return self._call("filter", self._filter.FilterTasks, request)
 

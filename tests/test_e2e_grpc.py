@@ -164,8 +164,16 @@ def test_one_round_end_to_end_over_grpc(deployed):
     assert manifest["status"] == "succeeded"
     assert set(manifest["rounds"]) == {"0", "1"}
     stages = manifest["rounds"]["1"]["stages"]
-    assert set(stages) == {"generate_instructions", "classify", "generate_instances", "filter", "train_data",
-                           "train", "evaluate", "promote"}
+    assert set(stages) == {"generate_instructions", "classify", "generate_instances", "filter", "segments",
+                           "backtranslate", "curate", "filter_augmented", "train_data", "train", "evaluate", "promote"}
+    assert {"backward_data", "backward_train"} <= set(manifest["rounds"]["0"]["stages"])
+    assert stages["segments"]["count"] == 6 and stages["filter_augmented"]["curation_threshold"] == 5
+    if stages["backtranslate"]["count"]:
+        augmented = store.read_tasks(stages["backtranslate"]["uri"])
+        assert augmented[0].lineage.stage == "backtranslate"
+        assert augmented[0].lineage.model.endswith("backward_model")
+        curated = store.read_tasks(stages["curate"]["uri"])
+        assert all(0 <= t.lineage.scores["curation"] <= 5 for t in curated)
     assert stages["promote"]["reason"] and "interval" in stages["evaluate"]
     assert os.path.exists(store.resolve(store.uri("loop", "report.html")))
     generated = store.read_tasks(stages["generate_instructions"]["uri"])
@@ -177,3 +185,36 @@ def test_one_round_end_to_end_over_grpc(deployed):
     assert len(record.lineage.context_task_ids) == 8
     assert os.path.exists(os.path.join(store.resolve(stages["train"]["model_uri"]), "model.safetensors"))
     assert time.time() - started < 900
+
+
+def test_openai_compatible_api_and_engine(deployed):
+    """The generator app speaks OpenAI's HTTP API; the `openai` engine is tested against it."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from services.generator.engines import SamplingParams, create_engine
+
+    config, _ = deployed
+    base = f"http://127.0.0.1:{config.serve.http_port}/generator/v1"
+    engine = create_engine("openai", base_url=base)
+    engine.load("builtin:tiny-llama")
+    out = engine.generate(["Come up with a series of tasks:\n1.", "Task: Name a colour.\nAnswer:"],
+                          SamplingParams(temperature=0.0, max_new_tokens=8))
+    assert len(out) == 2 and all(c.finish_reason in ("stop", "length") for c in out)
+
+    def post(path, body):
+        request = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+
+    chat = post("/chat/completions", {"model": "current", "max_tokens": 8, "temperature": 0,
+                                      "messages": [{"role": "user", "content": "Name a colour."}]})
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+    with urllib.request.urlopen(f"{base}/models", timeout=30) as response:
+        assert json.loads(response.read())["data"][0]["id"] == "builtin:tiny-llama"
+    for body, status in (({"model": "/etc/passwd", "prompt": "x"}, 400), ({"prompt": "x", "temperature": 9}, 422)):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            post("/completions", body)
+        assert info.value.code == status

@@ -16,6 +16,7 @@ from services.evaluator.report import SECTIONS, build_report
 from services.evaluator.service import EvaluatorService
 from services.evaluator.split import split_by_task
 from services.generator.engines.base import Completion, SamplingParams
+from tests.tiny import fill_example_run
 
 
 @settings(max_examples=50, deadline=None)
@@ -140,17 +141,7 @@ def test_evaluate_and_compare_with_judge():
 
 def test_report_has_every_section(tmp_path):
     store = RunStore(str(tmp_path))
-    tasks = [TaskRecord(id=f"i{i}", instruction=f"Write {w} about the sea.") for i, w in enumerate(["a poem", "a song"])]
-    store.write_tasks(store.dataset_uri("r", 1, "instructions"), tasks)
-    store.commit_stage("r", 0, "train", {"losses": [3.0, 2.0, 1.5]})
-    store.commit_stage("r", 0, "evaluate", {"per_task": {"a": 0.2, "b": 0.3}})
-    store.commit_stage("r", 0, "promote", {"promoted": True, "reason": "no incumbent", "model_uri": "m0"})
-    store.commit_stage("r", 1, "generate_instructions", {"uri": store.dataset_uri("r", 1, "instructions"), "count": 2})
-    store.commit_stage("r", 1, "filter", {"candidates": 5, "kept_count": 2, "funnel": {"too_short": 3},
-                                          "max_rouge_l": [0.1, 0.5, 0.8]})
-    store.commit_stage("r", 1, "train", {"losses": [2.0, 1.0]})
-    store.commit_stage("r", 1, "evaluate", {"per_task": {"a": 0.1, "b": 0.2}})
-    store.commit_stage("r", 1, "promote", {"promoted": False, "reason": "lower bound -0.1 <= margin 0", "model_uri": "m0"})
+    fill_example_run(store)
     page = build_report(store, "r")
     for section in SECTIONS:
         assert f'<section id="{section}">' in page

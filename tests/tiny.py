@@ -10,5 +10,25 @@ def tiny_settings(store_root: str, builtin_cache: str, grpc_port: int = 9000, ht
         "training": {"epochs": 1, "bootstrap_epochs": 2, "bootstrap_examples_per_task": 1, "max_seq_len": 256,
                      "batch_size": 16, "poll_interval_s": 0.5},
         "evaluation": {"max_instances_per_task": 1, "max_new_tokens": 16},
+        "backtranslation": {"segments_per_round": 6, "backward_epochs": 2, "max_new_tokens": 16},
         "loop": {"rounds": 1},
     }
+
+
+def fill_example_run(store, run_id: str = "r") -> None:
+    """A small run in the store with every kind of stage output the report draws on."""
+    from services.common.records import TaskRecord
+
+    tasks = [TaskRecord(id=f"i{i}", instruction=f"Write {w} about the sea.") for i, w in enumerate(["a poem", "a song"])]
+    store.write_tasks(store.dataset_uri(run_id, 1, "instructions"), tasks)
+    store.commit_stage(run_id, 0, "train", {"losses": [3.0, 2.0, 1.5]})
+    store.commit_stage(run_id, 0, "evaluate", {"per_task": {"a": 0.2, "b": 0.3}})
+    store.commit_stage(run_id, 0, "promote", {"promoted": True, "reason": "no incumbent", "model_uri": "m0"})
+    store.commit_stage(run_id, 1, "generate_instructions", {"uri": store.dataset_uri(run_id, 1, "instructions"),
+                                                            "count": 2})
+    store.commit_stage(run_id, 1, "filter", {"candidates": 5, "kept_count": 2, "funnel": {"too_short": 3},
+                                             "max_rouge_l": [0.1, 0.5, 0.8]})
+    store.commit_stage(run_id, 1, "train", {"losses": [2.0, 1.0]})
+    store.commit_stage(run_id, 1, "evaluate", {"per_task": {"a": 0.1, "b": 0.2}})
+    store.commit_stage(run_id, 1, "promote", {"promoted": False, "reason": "lower bound -0.1 <= margin 0",
+                                              "model_uri": "m0"})

@@ -25,23 +25,29 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as reinstruct_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreinstruct/v1/generator.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\"\xcf\x02\n\x1bGenerateInstructionsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12-\n\nseed_tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x30\n\rmachine_tasks\x18\x04 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x13\n\x0bnum_prompts\x18\x05 \x01(\x05\x12\x1c\n\x14num_human_in_context\x18\x06 \x01(\x05\x12\x1e\n\x16num_machine_in_context\x18\x07 \x01(\x05\x12)\n\x08sampling\x18\x08 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x12\n\noutput_uri\x18\t \x01(\t\"\x9d\x01\n\x1cGenerateInstructionsResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.reinstruct.v1.Task\x12)\n\x06output\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef\x12\x0f\n\x07prompts\x18\x03 \x01(\x05\x12\x1d\n\x15\x63ompletions_truncated\x18\x04 \x01(\x05\"\x9a\x01\n\x1b\x43lassifyInstructionsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12(\n\x05tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x12\n\noutput_uri\x18\x04 \x01(\t\"\x91\x02\n\x18GenerateInstancesRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12(\n\x05tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x31\n\x0e\x64\x65monstrations\x18\x04 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x1a\n\x12num_demonstrations\x18\x05 \x01(\x05\x12)\n\x08sampling\x18\x06 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x12\n\noutput_uri\x18\x07 \x01(\t\"^\n\rTasksResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.reinstruct.v1.Task\x12)\n\x06output\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef2\xba\x02\n\tGenerator\x12o\n\x14GenerateInstructions\x12*.reinstruct.v1.GenerateInstructionsRequest\x1a+.reinstruct.v1.GenerateInstructionsResponse\x12`\n\x14\x43lassifyInstructions\x12*.reinstruct.v1.ClassifyInstructionsRequest\x1a\x1c.reinstruct.v1.TasksResponse\x12Z\n\x11GenerateInstances\x12\'.reinstruct.v1.GenerateInstancesRequest\x1a\x1c.reinstruct.v1.TasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreinstruct/v1/generator.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\"\xd8\x01\n\x14\x42\x61\x63ktranslateRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12\x10\n\x08segments\x18\x03 \x03(\t\x12\x30\n\rsegment_tasks\x18\x04 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x12\n\noutput_uri\x18\x06 \x01(\t\"\x94\x01\n\x15\x43urateExamplesRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12(\n\x05tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x12\n\noutput_uri\x18\x04 \x01(\t\"_\n\x12GenerationProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12,\n\x06result\x18\x03 \x01(\x0b\x32\x1c.reinstruct.v1.TasksResponse\"\xcf\x02\n\x1bGenerateInstructionsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12-\n\nseed_tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x30\n\rmachine_tasks\x18\x04 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x13\n\x0bnum_prompts\x18\x05 \x01(\x05\x12\x1c\n\x14num_human_in_context\x18\x06 \x01(\x05\x12\x1e\n\x16num_machine_in_context\x18\x07 \x01(\x05\x12)\n\x08sampling\x18\x08 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x12\n\noutput_uri\x18\t \x01(\t\"\x9d\x01\n\x1cGenerateInstructionsResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.reinstruct.v1.Task\x12)\n\x06output\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef\x12\x0f\n\x07prompts\x18\x03 \x01(\x05\x12\x1d\n\x15\x63ompletions_truncated\x18\x04 \x01(\x05\"\x9a\x01\n\x1b\x43lassifyInstructionsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12(\n\x05tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x12\n\noutput_uri\x18\x04 \x01(\t\"\x91\x02\n\x18GenerateInstancesRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12(\n\x05tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x31\n\x0e\x64\x65monstrations\x18\x04 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x1a\n\x12num_demonstrations\x18\x05 \x01(\x05\x12)\n\x08sampling\x18\x06 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x12\n\noutput_uri\x18\x07 \x01(\t\"^\n\rTasksResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.reinstruct.v1.Task\x12)\n\x06output\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef2\xc5\x04\n\tGenerator\x12o\n\x14GenerateInstructions\x12*.reinstruct.v1.GenerateInstructionsRequest\x1a+.reinstruct.v1.GenerateInstructionsResponse\x12`\n\x14\x43lassifyInstructions\x12*.reinstruct.v1.ClassifyInstructionsRequest\x1a\x1c.reinstruct.v1.TasksResponse\x12Z\n\x11GenerateInstances\x12\'.reinstruct.v1.GenerateInstancesRequest\x1a\x1c.reinstruct.v1.TasksResponse\x12R\n\rBacktranslate\x12#.reinstruct.v1.BacktranslateRequest\x1a\x1c.reinstruct.v1.TasksResponse\x12T\n\x0e\x43urateExamples\x12$.reinstruct.v1.CurateExamplesRequest\x1a\x1c.reinstruct.v1.TasksResponse\x12_\n\x0fStreamInstances\x12\'.reinstruct.v1.GenerateInstancesRequest\x1a!.reinstruct.v1.GenerationProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.api.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEINSTRUCTIONSREQUEST']._serialized_start=77
-  _globals['_GENERATEINSTRUCTIONSREQUEST']._serialized_end=412
-  _globals['_GENERATEINSTRUCTIONSRESPONSE']._serialized_start=415
-  _globals['_GENERATEINSTRUCTIONSRESPONSE']._serialized_end=572
-  _globals['_CLASSIFYINSTRUCTIONSREQUEST']._serialized_start=575
-  _globals['_CLASSIFYINSTRUCTIONSREQUEST']._serialized_end=729
-  _globals['_GENERATEINSTANCESREQUEST']._serialized_start=732
-  _globals['_GENERATEINSTANCESREQUEST']._serialized_end=1005
-  _globals['_TASKSRESPONSE']._serialized_start=1007
-  _globals['_TASKSRESPONSE']._serialized_end=1101
-  _globals['_GENERATOR']._serialized_start=1104
-  _globals['_GENERATOR']._serialized_end=1418
+  _globals['_BACKTRANSLATEREQUEST']._serialized_start=77
+  _globals['_BACKTRANSLATEREQUEST']._serialized_end=293
+  _globals['_CURATEEXAMPLESREQUEST']._serialized_start=296
+  _globals['_CURATEEXAMPLESREQUEST']._serialized_end=444
+  _globals['_GENERATIONPROGRESS']._serialized_start=446
+  _globals['_GENERATIONPROGRESS']._serialized_end=541
+  _globals['_GENERATEINSTRUCTIONSREQUEST']._serialized_start=544
+  _globals['_GENERATEINSTRUCTIONSREQUEST']._serialized_end=879
+  _globals['_GENERATEINSTRUCTIONSRESPONSE']._serialized_start=882
+  _globals['_GENERATEINSTRUCTIONSRESPONSE']._serialized_end=1039
+  _globals['_CLASSIFYINSTRUCTIONSREQUEST']._serialized_start=1042
+  _globals['_CLASSIFYINSTRUCTIONSREQUEST']._serialized_end=1196
+  _globals['_GENERATEINSTANCESREQUEST']._serialized_start=1199
+  _globals['_GENERATEINSTANCESREQUEST']._serialized_end=1472
+  _globals['_TASKSRESPONSE']._serialized_start=1474
+  _globals['_TASKSRESPONSE']._serialized_end=1568
+  _globals['_GENERATOR']._serialized_start=1571
+  _globals['_GENERATOR']._serialized_end=2152
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,21 @@ class GeneratorStub:
                 request_serializer=reinstruct_dot_v1_dot_generator__pb2.GenerateInstancesRequest.SerializeToString,
                 response_deserializer=reinstruct_dot_v1_dot_generator__pb2.TasksResponse.FromString,
                 _registered_method=True)
+        self.Backtranslate = channel.unary_unary(
+                '/reinstruct.v1.Generator/Backtranslate',
+                request_serializer=reinstruct_dot_v1_dot_generator__pb2.BacktranslateRequest.SerializeToString,
+                response_deserializer=reinstruct_dot_v1_dot_generator__pb2.TasksResponse.FromString,
+                _registered_method=True)
+        self.CurateExamples = channel.unary_unary(
+                '/reinstruct.v1.Generator/CurateExamples',
+                request_serializer=reinstruct_dot_v1_dot_generator__pb2.CurateExamplesRequest.SerializeToString,
+                response_deserializer=reinstruct_dot_v1_dot_generator__pb2.TasksResponse.FromString,
+                _registered_method=True)
+        self.StreamInstances = channel.unary_stream(
+                '/reinstruct.v1.Generator/StreamInstances',
+                request_serializer=reinstruct_dot_v1_dot_generator__pb2.GenerateInstancesRequest.SerializeToString,
+                response_deserializer=reinstruct_dot_v1_dot_generator__pb2.GenerationProgress.FromString,
+                _registered_method=True)
 
 
 class GeneratorServicer:
@@ -77,6 +92,27 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backtranslate(self, request, context):
+        """Self-augmentation: the backward model writes an instruction for each unlabelled segment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CurateExamples(self, request, context):
+        """Self-curation: the forward model rates each (instruction, output) pair 1-5 ("curation" score).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamInstances(self, request, context):
+        """GenerateInstances with progress: one message per batch, the last one carries the result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GeneratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +130,21 @@ def add_GeneratorServicer_to_server(servicer, server):
                     servicer.GenerateInstances,
                     request_deserializer=reinstruct_dot_v1_dot_generator__pb2.GenerateInstancesRequest.FromString,
                     response_serializer=reinstruct_dot_v1_dot_generator__pb2.TasksResponse.SerializeToString,
+            ),
+            'Backtranslate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backtranslate,
+                    request_deserializer=reinstruct_dot_v1_dot_generator__pb2.BacktranslateRequest.FromString,
+                    response_serializer=reinstruct_dot_v1_dot_generator__pb2.TasksResponse.SerializeToString,
+            ),
+            'CurateExamples': grpc.unary_unary_rpc_method_handler(
+                    servicer.CurateExamples,
+                    request_deserializer=reinstruct_dot_v1_dot_generator__pb2.CurateExamplesRequest.FromString,
+                    response_serializer=reinstruct_dot_v1_dot_generator__pb2.TasksResponse.SerializeToString,
+            ),
+            'StreamInstances': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamInstances,
+                    request_deserializer=reinstruct_dot_v1_dot_generator__pb2.GenerateInstancesRequest.FromString,
+                    response_serializer=reinstruct_dot_v1_dot_generator__pb2.GenerationProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +229,87 @@ class Generator:
             '/reinstruct.v1.Generator/GenerateInstances',
             reinstruct_dot_v1_dot_generator__pb2.GenerateInstancesRequest.SerializeToString,
             reinstruct_dot_v1_dot_generator__pb2.TasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backtranslate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reinstruct.v1.Generator/Backtranslate',
+            reinstruct_dot_v1_dot_generator__pb2.BacktranslateRequest.SerializeToString,
+            reinstruct_dot_v1_dot_generator__pb2.TasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CurateExamples(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reinstruct.v1.Generator/CurateExamples',
+            reinstruct_dot_v1_dot_generator__pb2.CurateExamplesRequest.SerializeToString,
+            reinstruct_dot_v1_dot_generator__pb2.TasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/reinstruct.v1.Generator/StreamInstances',
+            reinstruct_dot_v1_dot_generator__pb2.GenerateInstancesRequest.SerializeToString,
+            reinstruct_dot_v1_dot_generator__pb2.GenerationProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,7 +44,16 @@ class SeedConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "vllm", "openai"] = Field("hf", description="hf: transformers (CPU/GPU); vllm: "
+                                                   "vllm.LLM in the replica (GPU, optional extra); openai: an "
+                                                   "OpenAI-compatible endpoint")
+    presence_penalty: float = Field(2.0, ge=-2, le=2, description="Instruction generation (vllm/openai engines)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per generator/evaluator replica (vllm, or hf on GPU)")
+    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    openai_base_url: str = Field("http://127.0.0.1:8000/generator/v1", description="For engine: openai")
+    openai_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key")
+    openai_model: str | None = Field(None, description="Model name to send; None: the round's model URI")
+    openai_concurrency: int = Field(8, ge=1, le=1024)
     num_prompts: int = Field(24, ge=1, description="Instruction-generation prompts per round")
     num_human_in_context: int = Field(6, ge=0, le=8)
     num_machine_in_context: int = Field(2, ge=0, le=8)
@@ -95,6 +104,20 @@ class EvaluationConfig(_Section):
     judge_model: str | None = Field(None, description="Judge model; None: the incumbent model k")
 
 
+class BacktranslationConfig(_Section):
+    enabled: bool = Field(True, description="Add instruction-backtranslation data every round")
+    corpus: str | list[str] = Field("stdlib-docstrings", description="Unlabelled text: 'stdlib-docstrings' "
+                                    "(offline everywhere) or text / JSONL ('text') / Parquet ('text') files")
+    min_chars: int = Field(80, ge=1, description="Segments are paragraphs of this many characters or more")
+    max_chars: int = Field(600, ge=1)
+    segments_per_round: int = Field(32, ge=1)
+    backward_epochs: int = Field(6, ge=1, description="Backward model (output -> instruction) training epochs")
+    max_new_tokens: int = Field(48, ge=1, le=4096)
+    curation_threshold_first_round: float = Field(5, ge=0, le=5, description="Humpback: keep score 5 in round 1")
+    curation_threshold_later: float = Field(4, ge=0, le=5, description="... and score >= 4 afterwards")
+    tag: str = Field("[augmented]", max_length=200, description="Prefixed to prompts of backtranslated data")
+
+
 class LoopConfig(_Section):
     rounds: int = Field(2, ge=1, description="Self-improvement rounds after the round-0 bootstrap")
     bootstrap: bool = Field(True, description="Fine-tune the base model on the seed tasks first (round 0)")
@@ -110,6 +133,7 @@ class ReinstructConfig(_Section):
     filter: FilterConfig = FilterConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    backtranslation: BacktranslationConfig = BacktranslationConfig()
     loop: LoopConfig = LoopConfig()
 
 
@@ -151,6 +175,18 @@ def load_config(path: str | Path | None = None) -> ReinstructConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(data, str(path))
+
+
+def engine_options(config: ReinstructConfig) -> dict:
+    """Keyword arguments for services.generator.engines.create_engine(config.generation.engine, ...)."""
+    g, m = config.generation, config.model
+    common = {"trust_remote_code": m.trust_remote_code, "cache_dir": m.builtin_cache_dir, "batch_size": g.batch_size}
+    if g.engine == "openai":
+        return {"base_url": g.openai_base_url, "api_key_env": g.openai_api_key_env, "model": g.openai_model,
+                "concurrency": g.openai_concurrency}
+    if g.engine == "vllm":
+        return {**common, "gpu_memory_utilization": g.vllm_gpu_memory_utilization}
+    return common
 
 
 def _merge(base: dict, overrides: dict) -> dict:

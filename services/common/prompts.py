@@ -129,3 +129,19 @@ PAIRWISE_JUDGE = _register(
     "Instruction: {instruction}\n{input_block}"
     "Response A: {response_a}\n\nResponse B: {response_b}\n\nReason:",
 )
+
+# ---- Instruction backtranslation (Li et al. 2023, "Self-Alignment with Instruction Backtranslation") --
+BACKWARD = _register(
+    "backtranslation.backward",
+    1,
+    "Below is a response. Write the instruction that it answers.\n\nResponse: {output}\n\nInstruction:",
+)
+CURATE = _register(
+    "backtranslation.curate",
+    1,
+    "Rate how well the response answers the instruction on a scale of 1 to 5 (5: a complete, helpful "
+    "answer; 1: unrelated or useless). Give a short reason, then a last line 'Score: N'.\n\n"
+    "Instruction: {instruction}\n\nResponse: {output}\n\nReason:",
+)
+# Humpback told seed and augmented data apart with two system prompts; ours is a configurable prefix.
+AUGMENTED_TAG_DEFAULT = "[augmented]"

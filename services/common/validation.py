@@ -60,6 +60,7 @@ def check_sampling(sampling: common_pb2.Sampling, field: str = "sampling") -> No
     if sampling.temperature > 0 and sampling.top_p <= 0:
         raise RequestError(f"{field}.top_p", "must be above 0 when sampling (temperature > 0)")
     check_range(sampling.max_new_tokens, f"{field}.max_new_tokens", 1, MAX_NEW_TOKENS)
+    check_range(sampling.presence_penalty, f"{field}.presence_penalty", -2.0, 2.0)
 
 
 def check_model_uri(uri: str, store: RunStore, field: str = "model_uri") -> str:
@@ -85,7 +86,7 @@ def check_output_uri(uri: str, store: RunStore, field: str) -> str:
 
 
 def resolve_tasks(source: common_pb2.TaskSource, store: RunStore, field: str, *, required: bool = True,
-                  require_instances: bool = False) -> list[TaskRecord]:
+                  require_instances: bool = False, require_instruction: bool = True) -> list[TaskRecord]:
     """Inline tasks (checked) or a dataset from the store (confined to its root)."""
     kind = source.WhichOneof("source")
     if kind is None:
@@ -108,7 +109,7 @@ def resolve_tasks(source: common_pb2.TaskSource, store: RunStore, field: str, *,
     for i, task in enumerate(tasks):
         where = f"{field}.inline.tasks[{i}]"
         check_text(task.id, f"{where}.id", limit=MAX_ID_CHARS)
-        check_text(task.instruction, f"{where}.instruction", required=True)
+        check_text(task.instruction, f"{where}.instruction", required=require_instruction)
         if len(task.instances) > MAX_INSTANCES_PER_TASK:
             raise RequestError(f"{where}.instances", f"has {len(task.instances)}; the limit is {MAX_INSTANCES_PER_TASK}")
         if require_instances and not task.instances:

@@ -8,7 +8,7 @@ import threading
 from ray import serve
 
 from ..api import common_pb2, evaluator_pb2
-from ..common.config import ReinstructConfig, config_from_app_args
+from ..common.config import ReinstructConfig, config_from_app_args, engine_options
 from ..common.grpc_handler import grpc_method, grpc_stream_method
 from ..common.store import RunStore
 from ..common.validation import (check_context, check_model_uri, check_output_uri, check_range, check_sampling,
@@ -43,9 +43,7 @@ class EvaluatorDeployment:
     def __init__(self, settings: dict):
         config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(config.store.root, config.store.allowed_schemes)
-        self.service = EvaluatorService(create_engine(config.generation.engine, batch_size=config.generation.batch_size,
-                                                      trust_remote_code=config.model.trust_remote_code,
-                                                      cache_dir=config.model.builtin_cache_dir))
+        self.service = EvaluatorService(create_engine(config.generation.engine, **engine_options(config)))
 
     def _checked(self, request: evaluator_pb2.EvaluateModelRequest):
         check_context(request.context)
@@ -124,6 +122,6 @@ class EvaluatorDeployment:
 def build_app(args: dict | None = None):
     config = config_from_app_args(args)
     return EvaluatorDeployment.options(
-        ray_actor_options={"num_cpus": config.serve.replica_num_cpus},
+        ray_actor_options={"num_cpus": config.serve.replica_num_cpus, "num_gpus": config.generation.num_gpus},
         max_ongoing_requests=config.serve.max_ongoing_requests,
     ).bind(config.model_dump())

@@ -1,34 +1,73 @@
 """Ray Serve deployment of the generator (gRPC). Validation and proto conversion only."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI must see the request models as real types.
+import queue
+import threading
 
 from ray import serve
 
 from ..api import common_pb2, generator_pb2
-from ..common.config import ReinstructConfig, config_from_app_args
+from ..common.config import ReinstructConfig, config_from_app_args, engine_options
 from ..common.convert import task_to_proto
-from ..common.grpc_handler import grpc_method
+from ..common.grpc_handler import grpc_method, grpc_stream_method
 from ..common.store import RunStore
-from ..common.validation import (MAX_PROMPTS, RequestError, check_context, check_model_uri, check_output_uri,
-                                 check_range, check_sampling, resolve_tasks)
+from ..common.validation import (MAX_INLINE_TASKS, MAX_PROMPTS, RequestError, check_context, check_model_uri,
+                                 check_output_uri, check_range, check_sampling, check_text, resolve_tasks)
+from fastapi import HTTPException
+
 from .engines import SamplingParams, create_engine
+from .openai_api import ChatRequest, CompletionRequest, chat_prompt, completion_response, openai_app
 from .service import GeneratorService, RunContext
 
 
 def _sampling(message: common_pb2.Sampling) -> SamplingParams:
     return SamplingParams(temperature=message.temperature, top_p=message.top_p or 1.0,
-                          max_new_tokens=message.max_new_tokens, seed=message.seed)
+                          max_new_tokens=message.max_new_tokens, seed=message.seed,
+                          presence_penalty=message.presence_penalty)
 
 
 @serve.deployment(name="Generator")
+@serve.ingress(openai_app)
 class GeneratorDeployment:
     def __init__(self, settings: dict):
         config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(config.store.root, config.store.allowed_schemes)
-        engine = create_engine(config.generation.engine, batch_size=config.generation.batch_size,
-                               trust_remote_code=config.model.trust_remote_code,
-                               cache_dir=config.model.builtin_cache_dir)
+        engine = create_engine(config.generation.engine, **engine_options(config))
         self.service = GeneratorService(engine)
+        self.default_model = config.model.base
+
+    # ---- OpenAI-compatible HTTP (route prefix /generator) ---------------------------------------
+    def _openai_model(self, name: str) -> str:
+        if name in ("", "current"):
+            return self.service.engine.model_uri or self.default_model
+        try:
+            return check_model_uri(name, self.store, "model")
+        except RequestError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    @openai_app.get("/v1/models")
+    def list_models(self):
+        current = self.service.engine.model_uri or self.default_model
+        return {"object": "list", "data": [{"id": current, "object": "model", "owned_by": "reinstruct"}]}
+
+    @openai_app.post("/v1/completions")
+    def completions(self, body: CompletionRequest):
+        model = self._openai_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        self.service.engine.load(model)
+        out = self.service.engine.generate(prompts, body.sampling())
+        return completion_response(model, [(c.text, c.finish_reason) for c in out], "text")
+
+    @openai_app.post("/v1/chat/completions")
+    def chat_completions(self, body: ChatRequest):
+        model = self._openai_model(body.model)
+        self.service.engine.load(model)
+        prompt = chat_prompt(self.service.engine.tokenizer, body.messages)
+        sampling = body.sampling()
+        out = self.service.engine.generate([prompt], SamplingParams(
+            sampling.temperature, sampling.top_p, sampling.max_new_tokens, sampling.seed,
+            sampling.stop or ("\n\n",), sampling.presence_penalty))
+        return completion_response(model, [(c.text.strip(), c.finish_reason) for c in out], "chat")
 
     def _respond(self, tasks, output_uri, response_type, **extra):
         if output_uri:
@@ -67,8 +106,7 @@ class GeneratorDeployment:
         return self._respond(self.service.classify(ctx, model_uri, tasks), request.output_uri,
                              generator_pb2.TasksResponse)
 
-    @grpc_method(generator_pb2.TasksResponse)
-    def GenerateInstances(self, request: generator_pb2.GenerateInstancesRequest):
+    def _instances_request(self, request: generator_pb2.GenerateInstancesRequest):
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store)
         check_range(request.num_demonstrations, "num_demonstrations", 0, 8)
@@ -77,15 +115,75 @@ class GeneratorDeployment:
         tasks = resolve_tasks(request.tasks, self.store, "tasks")
         demos = resolve_tasks(request.demonstrations, self.store, "demonstrations", required=False,
                               require_instances=True)
-        ctx = RunContext(request.context.run_id, request.context.round)
+        return RunContext(request.context.run_id, request.context.round), model_uri, tasks, demos
+
+    @grpc_method(generator_pb2.TasksResponse)
+    def GenerateInstances(self, request: generator_pb2.GenerateInstancesRequest):
+        ctx, model_uri, tasks, demos = self._instances_request(request)
         out = self.service.generate_instances(ctx, model_uri, tasks, demos, request.num_demonstrations,
                                               _sampling(request.sampling))
         return self._respond(out, request.output_uri, generator_pb2.TasksResponse)
+
+    @grpc_stream_method
+    def StreamInstances(self, request: generator_pb2.GenerateInstancesRequest):
+        ctx, model_uri, tasks, demos = self._instances_request(request)
+        updates: queue.Queue = queue.Queue()
+        outcome: dict = {}
+
+        def work():
+            try:
+                outcome["tasks"] = self.service.generate_instances(
+                    ctx, model_uri, tasks, demos, request.num_demonstrations, _sampling(request.sampling),
+                    on_progress=lambda done, total: updates.put((done, total)))
+            except Exception as exc:  # re-raised in the stream below
+                outcome["error"] = exc
+            updates.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        while (update := updates.get()) is not None:
+            yield generator_pb2.GenerationProgress(done=update[0], total=update[1])
+        if "error" in outcome:
+            raise outcome["error"]
+        yield generator_pb2.GenerationProgress(
+            done=len(tasks), total=len(tasks),
+            result=self._respond(outcome["tasks"], request.output_uri, generator_pb2.TasksResponse))
+
+    @grpc_method(generator_pb2.TasksResponse)
+    def Backtranslate(self, request: generator_pb2.BacktranslateRequest):
+        check_context(request.context)
+        model_uri = check_model_uri(request.model_uri, self.store)
+        check_sampling(request.sampling)
+        check_output_uri(request.output_uri, self.store, "output_uri")
+        if request.segments and request.segment_tasks.WhichOneof("source"):
+            raise RequestError("segments", "give segments inline or segment_tasks, not both")
+        if request.segments:
+            if len(request.segments) > MAX_INLINE_TASKS:
+                raise RequestError("segments", f"has {len(request.segments)}; the inline limit is {MAX_INLINE_TASKS}")
+            segments = [check_text(text, f"segments[{i}]", required=True) for i, text in enumerate(request.segments)]
+        else:
+            tasks = resolve_tasks(request.segment_tasks, self.store, "segment_tasks", require_instances=True,
+                                  require_instruction=False)
+            segments = [t.instances[0].output for t in tasks if t.instances and t.instances[0].output.strip()]
+            if not segments:
+                raise RequestError("segment_tasks", "no task carries a non-empty segment in instances[0].output")
+        ctx = RunContext(request.context.run_id, request.context.round)
+        out = self.service.backtranslate(ctx, model_uri, segments, _sampling(request.sampling))
+        return self._respond(out, request.output_uri, generator_pb2.TasksResponse)
+
+    @grpc_method(generator_pb2.TasksResponse)
+    def CurateExamples(self, request: generator_pb2.CurateExamplesRequest):
+        check_context(request.context)
+        model_uri = check_model_uri(request.model_uri, self.store)
+        check_output_uri(request.output_uri, self.store, "output_uri")
+        tasks = resolve_tasks(request.tasks, self.store, "tasks", require_instances=True)
+        ctx = RunContext(request.context.run_id, request.context.round)
+        return self._respond(self.service.curate(ctx, model_uri, tasks), request.output_uri,
+                             generator_pb2.TasksResponse)
 
 
 def build_app(args: dict | None = None):
     config = config_from_app_args(args)
     return GeneratorDeployment.options(
-        ray_actor_options={"num_cpus": config.serve.replica_num_cpus},
+        ray_actor_options={"num_cpus": config.serve.replica_num_cpus, "num_gpus": config.generation.num_gpus},
         max_ongoing_requests=config.serve.max_ongoing_requests,
     ).bind(config.model_dump())

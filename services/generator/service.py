@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass, replace
 
 from ..common.records import Instance, Lineage, TaskRecord, stable_id
+from . import backtranslation as bt
 from . import self_instruct as si
 from .engines import GenerationEngine, SamplingParams
 
@@ -65,7 +66,7 @@ class GeneratorService:
 
     def generate_instances(
         self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], demonstrations: list[TaskRecord],
-        num_demonstrations: int, sampling: SamplingParams,
+        num_demonstrations: int, sampling: SamplingParams, on_progress=None, chunk_size: int = 16,
     ) -> list[TaskRecord]:
         """Tasks that got at least one instance, each with its instances; the others are dropped."""
         self.engine.load(model_uri)
@@ -76,7 +77,13 @@ class GeneratorService:
             demos = rng.sample(pool, min(num_demonstrations, len(pool)))
             built.append(si.build_instance_prompt(task.instruction, task.is_classification, demos))
         params = replace(sampling, stop=si.INSTANCE_STOPS)
-        completions = self.engine.generate([text for text, _ in built], params)
+        completions = []
+        for start in range(0, len(built), chunk_size):
+            # the seed varies per chunk so that chunking does not repeat the same random stream
+            chunk_params = replace(params, seed=params.seed + start)
+            completions.extend(self.engine.generate([text for text, _ in built[start : start + chunk_size]], chunk_params))
+            if on_progress is not None:
+                on_progress(len(completions), len(built))
         out = []
         for task, (_, template_id), completion in zip(tasks, built, completions):
             parse = si.parse_output_first if task.is_classification else si.parse_input_first
@@ -85,4 +92,30 @@ class GeneratorService:
                 continue
             lineage = replace(task.lineage, verdicts=[*task.lineage.verdicts, f"instances_by:{template_id}"])
             out.append(replace(task, instances=[Instance(i, o) for i, o in pairs], lineage=lineage))
+        return out
+
+    def backtranslate(self, ctx: RunContext, backward_model: str, segments: list[str],
+                      sampling: SamplingParams) -> list[TaskRecord]:
+        """One instruction per segment from the backward model; segments it wrote nothing for are dropped."""
+        self.engine.load(backward_model)
+        completions = self.engine.generate([bt.build_backward_prompt(s) for s in segments],
+                                           replace(sampling, stop=("\n",)))
+        out = []
+        for index, (segment, completion) in enumerate(zip(segments, completions)):
+            instruction = bt.parse_backward(completion.text)
+            if instruction:
+                out.append(bt.augmented_task(ctx.run_id, ctx.round, backward_model, index, segment, instruction))
+        return out
+
+    def curate(self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord]) -> list[TaskRecord]:
+        """Adds lineage score 'curation' (1-5; 0 when the rating cannot be read) to every task."""
+        self.engine.load(model_uri)
+        prompts = [bt.build_rating_prompt(t.instruction, t.instances[0].input if t.instances else "",
+                                          t.instances[0].output if t.instances else "") for t in tasks]
+        completions = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=48))
+        out = []
+        for task, completion in zip(tasks, completions):
+            lineage = replace(task.lineage, scores={**task.lineage.scores, "curation": float(bt.parse_rating(completion.text))},
+                              verdicts=[*task.lineage.verdicts, f"curated_by:{model_uri}"])
+            out.append(replace(task, lineage=lineage))
         return out

@@ -49,6 +49,7 @@ class TrainerDeployment:
             max_seq_len=int(check_range(p.max_seq_len or d.max_seq_len, "params.max_seq_len", 16, 65_536)),
             num_workers=int(check_range(p.num_workers or d.num_workers, "params.num_workers", 1, 1024)),
             use_gpu=p.use_gpu or d.use_gpu, seed=p.seed,
+            augmented_tag=check_text(p.augmented_tag, "params.augmented_tag", limit=200),
         )
         source = request.train_tasks
         if source.WhichOneof("source") == "inline":

@@ -26,10 +26,14 @@ class Example:
     template_id: str
 
 
-def render(task: TaskRecord, instance: Instance, rng: random.Random | None = None) -> Example:
-    """Picks one of several instruction templates (rng=None: the fixed evaluation template)."""
+def render(task: TaskRecord, instance: Instance, rng: random.Random | None = None, augmented_tag: str = "") -> Example:
+    """Picks one of several instruction templates (rng=None: the fixed evaluation template).
+    Backtranslated data gets augmented_tag before its prompt, so the model can tell it apart."""
     if task.format == "raw":
         return Example(task.instruction, instance.output, task.id, "raw")
+    if augmented_tag and task.lineage.stage == "backtranslate":
+        example = render(TaskRecord(id=task.id, instruction=task.instruction), instance, rng)
+        return Example(f"{augmented_tag}\n{example.prompt}", example.response, task.id, example.template_id)
     has_input = bool(instance.input.strip())
     choices = prompts.TRAIN_WITH_INPUT if has_input else prompts.TRAIN_NO_INPUT
     if rng is None:
@@ -40,9 +44,9 @@ def render(task: TaskRecord, instance: Instance, rng: random.Random | None = Non
     return Example(prompt, " " + instance.output.strip(), task.id, template.id)
 
 
-def render_all(tasks: list[TaskRecord], seed: int) -> list[Example]:
+def render_all(tasks: list[TaskRecord], seed: int, augmented_tag: str = "") -> list[Example]:
     rng = random.Random(seed)
-    return [render(task, inst, rng) for task in tasks for inst in task.instances]
+    return [render(task, inst, rng, augmented_tag) for task in tasks for inst in task.instances]
 
 
 def tokenize_decoder_only(example: Example, tokenizer, max_len: int) -> dict:

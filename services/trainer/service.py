@@ -27,6 +27,7 @@ class TrainingParams:
     num_workers: int = 1
     use_gpu: bool = False
     seed: int = 0
+    augmented_tag: str = ""
 
 
 @dataclass

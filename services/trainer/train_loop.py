@@ -40,7 +40,7 @@ def train_loop_per_worker(config: dict) -> None:
                                   cache_dir=config["builtin_cache_dir"])
     encoder_decoder = bool(model.config.is_encoder_decoder)
     features = [tokenize(e, tokenizer, config["max_seq_len"], encoder_decoder)
-                for e in render_all(tasks, config["seed"])]
+                for e in render_all(tasks, config["seed"], config.get("augmented_tag", ""))]
     # Sort into length buckets, then shuffle the buckets: little padding, still random order.
     loader = torch.utils.data.DataLoader(
         features, batch_size=config["batch_size"], shuffle=True,

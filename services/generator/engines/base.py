@@ -13,6 +13,7 @@ class SamplingParams:
     max_new_tokens: int = 128
     seed: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)
+    presence_penalty: float = 0.0  # vLLM and OpenAI engines; transformers has no equivalent
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""Instruction backtranslation: a backward model writes instructions for unlabelled text
+(self-augmentation), and the forward model rates each pair 1-5 (self-curation)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from ..common import prompts
+from ..common.records import Instance, Lineage, TaskRecord, stable_id
+
+_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([1-5])\b", re.IGNORECASE)
+
+
+def build_backward_prompt(output: str) -> str:
+    return prompts.BACKWARD.render(output=output.strip())
+
+
+def parse_backward(completion: str) -> str:
+    """The first line of the completion, trimmed; empty if there is none."""
+    return re.sub(r"\s+", " ", completion.strip().split("\n", 1)[0]).strip() if completion.strip() else ""
+
+
+def build_rating_prompt(instruction: str, input_text: str, output: str) -> str:
+    full = instruction.strip() + (f"\n\n{input_text.strip()}" if input_text.strip() else "")
+    return prompts.CURATE.render(instruction=full, output=output.strip())
+
+
+def parse_rating(completion: str) -> int:
+    """The last 'Score: N' (1-5) in the completion; 0 when there is none (unparseable counts as 0)."""
+    matches = _SCORE.findall(completion or "")
+    return int(matches[-1]) if matches else 0
+
+
+def backward_tasks(seed_tasks: list[TaskRecord]) -> list[TaskRecord]:
+    """(output -> instruction) pairs from the seed data, as raw tasks for the trainer."""
+    out = []
+    for task in seed_tasks:
+        for j, inst in enumerate(task.instances):
+            if not inst.output.strip():
+                continue
+            out.append(TaskRecord(
+                id=f"backward-{task.id}-{j}", instruction=build_backward_prompt(inst.output),
+                instances=[Instance("", " " + task.instruction.strip())], format="raw",
+                lineage=Lineage(stage="backward_data", model="human", prompt_template=prompts.BACKWARD.id,
+                                parent_id=task.id),
+            ))
+    return out
+
+
+def curation_meta_tasks(seed_tasks: list[TaskRecord], seed: int) -> list[TaskRecord]:
+    """Teach the rating format: a seed pair is a 5, a pair with another task's output a 1 or 2."""
+    rng = random.Random(seed)
+    out = []
+    for task in seed_tasks:
+        inst = task.instances[0]
+        good = build_rating_prompt(task.instruction, inst.input, inst.output)
+        out.append(TaskRecord(id=f"meta-curate-good-{task.id}", instruction=good, format="raw",
+                              instances=[Instance("", " The response answers the instruction.\nScore: 5")],
+                              lineage=Lineage(stage="meta_task", model="human", prompt_template=prompts.CURATE.id)))
+        other = rng.choice([t for t in seed_tasks if t.id != task.id])
+        bad = build_rating_prompt(task.instruction, inst.input, other.instances[0].output)
+        score = rng.choice([1, 2])
+        out.append(TaskRecord(id=f"meta-curate-bad-{task.id}", instruction=bad, format="raw",
+                              instances=[Instance("", f" The response is about something else.\nScore: {score}")],
+                              lineage=Lineage(stage="meta_task", model="human", prompt_template=prompts.CURATE.id)))
+    return out
+
+
+def augmented_task(run_id: str, round_index: int, model: str, index: int, segment: str, instruction: str) -> TaskRecord:
+    return TaskRecord(
+        id=stable_id(run_id, round_index, "backtranslate", index), instruction=instruction,
+        instances=[Instance("", segment)],
+        lineage=Lineage(run_id=run_id, round=round_index, stage="backtranslate", model=model,
+                        prompt_template=prompts.BACKWARD.id),
+    )

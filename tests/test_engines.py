@@ -1,0 +1,130 @@
+"""The engines behind one interface: hf on the tiny model, openai against local servers (its retry
+logic against a scripted one; the project's own OpenAI-compatible server in test_e2e_grpc), and the
+vllm adapter against a stand-in `vllm` module (vLLM's GPU engine cannot run on these machines)."""
+
+import asyncio
+import sys
+import threading
+import types
+
+import pytest
+from aiohttp import web
+
+from services.generator.engines import SamplingParams, create_engine
+from services.generator.engines.openai import OpenAIError
+
+
+def test_hf_engine_batched_equals_unbatched_greedy(builtin_cache):
+    engine = create_engine("hf", batch_size=4, cache_dir=builtin_cache)
+    engine.load("builtin:tiny-llama")
+    prompts = ["Come up with a series of tasks:\n1.", "Task: Name a colour.\nAnswer:", "Hi", "Write a poem about a very long river."]
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    batched = engine.generate(prompts, params)
+    single = [engine.generate([p], params)[0] for p in prompts]
+    assert [c.text for c in batched] == [c.text for c in single]  # left padding changes nothing
+    assert all(c.finish_reason in ("stop", "length") for c in batched)
+    sampled = engine.generate(prompts[:2], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=3))
+    again = engine.generate(prompts[:2], SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=3))
+    assert [c.text for c in sampled] == [c.text for c in again]  # seeded sampling is reproducible
+    assert len(engine.score_nll(["Say hi:"], [" hi"])) == 1
+
+
+def test_hf_engine_encoder_decoder(builtin_cache):
+    engine = create_engine("hf", cache_dir=builtin_cache)
+    engine.load("builtin:tiny-t5")
+    out = engine.generate(["Task: Name a colour.\nAnswer:"], SamplingParams(temperature=0.0, max_new_tokens=6))
+    assert len(out) == 1 and out[0].num_tokens <= 6
+
+
+class _ScriptedServer:
+    """An OpenAI-like server on loopback that fails the first `failures` calls with 429/503."""
+
+    def __init__(self, failures: int, status: int = 429):
+        self.failures, self.status, self.calls, self.bodies = failures, status, 0, []
+
+    async def completions(self, request):
+        self.calls += 1
+        self.bodies.append(await request.json())
+        if self.calls <= self.failures:
+            return web.Response(status=self.status, text="slow down", headers={"Retry-After": "0.01"})
+        body = self.bodies[-1]
+        return web.json_response({"choices": [{"text": f" echo:{body['prompt']}", "finish_reason": "stop"}]})
+
+    def __enter__(self):
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.completions)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_openai_engine_retries_on_429_then_succeeds():
+    with _ScriptedServer(failures=2) as server:
+        engine = create_engine("openai", base_url=f"http://127.0.0.1:{server.port}/v1", backoff_s=0.01)
+        engine.load("my-model")
+        out = engine.generate(["a", "b"], SamplingParams(max_new_tokens=5, stop=("\n", "x", "y", "z", "w")))
+    assert [c.text for c in out] == [" echo:a", " echo:b"]
+    assert server.calls == 4
+    assert server.bodies[-1]["model"] == "my-model" and len(server.bodies[-1]["stop"]) == 4
+
+
+def test_openai_engine_gives_up_with_a_clear_error():
+    with _ScriptedServer(failures=100, status=503) as server:
+        engine = create_engine("openai", base_url=f"http://127.0.0.1:{server.port}/v1", backoff_s=0.001,
+                               max_retries=2)
+        engine.load("m")
+        with pytest.raises(OpenAIError, match="503"):
+            engine.generate(["a"], SamplingParams())
+    assert server.calls == 3
+    with _ScriptedServer(failures=100, status=400) as server:  # not retryable
+        engine = create_engine("openai", base_url=f"http://127.0.0.1:{server.port}/v1", backoff_s=0.001)
+        engine.load("m")
+        with pytest.raises(OpenAIError, match="400"):
+            engine.generate(["a"], SamplingParams())
+    assert server.calls == 1
+
+
+def test_vllm_adapter_against_stand_in(monkeypatch, builtin_cache):
+    """A stand-in for the `vllm` package at the boundary we cannot reach here (its GPU engine)."""
+    built, slept = [], []
+
+    class SamplingParamsStub:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLMStub:
+        def __init__(self, model, **options):
+            built.append((model, options))
+            self.model = model
+
+        def generate(self, prompts, params, use_tqdm=False):
+            self.last_params = params.kwargs
+            out = types.SimpleNamespace(text="done", finish_reason="length", token_ids=[1, 2])
+            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+
+        def sleep(self, level):
+            slept.append((self.model, level))
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLMStub, SamplingParams=SamplingParamsStub))
+    engine = create_engine("vllm", cache_dir=builtin_cache, gpu_memory_utilization=0.5)
+    engine.load("/models/round-1")
+    engine.load("/models/round-1")  # same weights: nothing rebuilt
+    out = engine.generate(["p"], SamplingParams(temperature=0.7, top_p=0.5, max_new_tokens=9, stop=("\n\n",),
+                                                seed=4, presence_penalty=2.0))
+    assert (out[0].text, out[0].finish_reason, out[0].num_tokens) == ("done", "length", 2)
+    assert engine.llm.last_params == {"temperature": 0.7, "top_p": 0.5, "max_tokens": 9, "stop": ["\n\n"],
+                                      "seed": 4, "presence_penalty": 2.0}
+    engine.load("/models/round-2")  # next round: the old engine sleeps, a new one loads
+    assert [m for m, _ in built] == ["/models/round-1", "/models/round-2"]
+    assert slept == [("/models/round-1", 2)]
+    assert built[0][1]["gpu_memory_utilization"] == 0.5 and built[0][1]["enable_sleep_mode"] is True
