@@ -115,7 +115,8 @@ class LoopDriver:
             on_progress=lambda s: self.reporter.training(k, s.step, s.total_steps, s.loss),
         )
         return {"model_uri": status.model_uri, "job_id": status.job_id, "steps": status.step,
-                "final_loss": status.loss, "losses": list(status.losses), "examples": status.train_examples}
+                "final_loss": status.loss, "losses": list(status.losses), "examples": status.train_examples,
+                "real_token_share": status.real_token_share, "resumed_from_step": status.resumed_from_step}
 
     def _evaluate(self, k: int, model_uri: str, heldout_uri: str) -> dict:
         e = self.config.evaluation

@@ -110,6 +110,9 @@ def run(
         deploy_apps(cfg)
     console.print(f"[green]apps up[/green]: gRPC {cfg.serve.host}:{cfg.serve.grpc_port} "
                   f"(reflection on; metadata application=generator|filter|trainer|evaluator)")
+    if cfg.backtranslation.enabled and cfg.backtranslation.corpus == "stdlib-docstrings":
+        console.print("backtranslation corpus: the Python standard library's docstrings (the offline default; "
+                      "set backtranslation.corpus to your own text)")
     clients = ServiceClients(f"{cfg.serve.host}:{cfg.serve.grpc_port}", cfg.serve.request_timeout_s)
     total = stage_count(cfg)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

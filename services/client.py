@@ -64,6 +64,12 @@ class ServiceClients:
         return self._call("trainer", self._trainer.GetTrainingStatus,
                           trainer_pb2.GetTrainingStatusRequest(job_id=job_id), 30)
 
+    def stream_training(self, job_id: str):
+        return self._call("trainer", self._trainer.StreamTraining, trainer_pb2.GetTrainingStatusRequest(job_id=job_id))
+
+    def cancel_training(self, job_id: str):
+        return self._call("trainer", self._trainer.CancelTraining, trainer_pb2.GetTrainingStatusRequest(job_id=job_id), 30)
+
     def wait_for_training(self, request, poll_s: float = 2.0, on_progress=None):
         """Starts (or re-attaches to) a training job and polls until it ends."""
         status = self.start_training(request)

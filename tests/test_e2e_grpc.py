@@ -70,6 +70,24 @@ def test_every_method_answers(deployed):
         context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:2]),
         demonstrations=tasks_to_source(seeds), num_demonstrations=2, sampling=SAMPLING))
     assert len(instances.tasks) <= 2
+    progress = []
+    streamed = clients.stream_instances(generator_pb2.GenerateInstancesRequest(
+        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:3]),
+        demonstrations=tasks_to_source(seeds), num_demonstrations=1, sampling=SAMPLING),
+        on_progress=lambda done, total: progress.append((done, total)))
+    assert progress[-1] == (3, 3) and len(streamed.tasks) <= 3
+    clf_only = clients.generate_instructions(generator_pb2.GenerateInstructionsRequest(
+        context=CTX, model_uri="builtin:tiny-llama", seed_tasks=tasks_to_source(load_seed_tasks()), num_prompts=1,
+        num_human_in_context=6, num_machine_in_context=2, sampling=SAMPLING, classification_only=True))
+    assert clf_only.prompts == 1
+    augmented = clients.backtranslate(generator_pb2.BacktranslateRequest(
+        context=CTX, model_uri="builtin:tiny-llama", segments=["Return the sum of two numbers.", "Sort a list."],
+        sampling=SAMPLING))
+    assert all(t.lineage.stage == "backtranslate" and t.instances[0].output for t in augmented.tasks)
+    curated = clients.curate_examples(generator_pb2.CurateExamplesRequest(
+        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:2])))
+    assert [t.id for t in curated.tasks] == [t.id for t in seeds[:2]]
+    assert all(0 <= t.lineage.scores["curation"] <= 5 for t in curated.tasks)
     filtered = clients.filter_tasks(filter_pb2.FilterTasksRequest(
         context=CTX, candidates=tasks_to_source(seeds[:4]), pool=tasks_to_source(seeds[2:6])))
     assert [v.kept for v in filtered.verdicts] == [True, True, False, False]
@@ -144,6 +162,8 @@ def test_malformed_requests_get_invalid_argument(deployed):
         context=CTX, model_uri="/etc/passwd", eval_tasks=tasks_to_source(seeds),
         sampling=common_pb2.Sampling(max_new_tokens=8)), "model_uri")
     _expect_invalid(clients.training_status, "no-such-job", "job_id")
+    _expect_invalid(clients.backtranslate, generator_pb2.BacktranslateRequest(
+        context=CTX, model_uri="builtin:tiny-llama", segments=["ok", ""], sampling=SAMPLING), "segments[1]")
     with pytest.raises(grpc.RpcError) as info:  # a streaming method validates too
         clients.stream_evaluation(evaluator_pb2.EvaluateModelRequest(
             context=CTX, model_uri="builtin:tiny-llama", eval_tasks=tasks_to_source(seeds),

@@ -88,3 +88,13 @@ def test_meta_tasks_teach_the_prompt_layouts():
     assert si.parse_instructions(completion, "stop")  # what we teach is what we can parse
     classify = {t.id: t.instances[0].output for t in meta if t.id.startswith("meta-classify")}
     assert classify["meta-classify-clf0"] == " Yes" and classify["meta-classify-human0"] == " No"
+
+
+def test_classification_only_variant():
+    human = _tasks("human", 10) + _tasks("clf", 8, clf=True)
+    prompt = si.build_instruction_prompt([t for t in human if t.is_classification], [], random.Random(0),
+                                         classification_only=True)
+    assert prompt.text.startswith("Come up with a series of classification tasks. Try to specify the possible "
+                                  "output labels when possible.\n1. ")
+    assert all(i.startswith("clf") for i in prompt.context_task_ids)
+    assert prompt.template_id == "self_instruct.classification_instructions@1"

@@ -45,6 +45,16 @@ class TrainerStub:
                 request_serializer=reinstruct_dot_v1_dot_trainer__pb2.GetTrainingStatusRequest.SerializeToString,
                 response_deserializer=reinstruct_dot_v1_dot_trainer__pb2.TrainingStatus.FromString,
                 _registered_method=True)
+        self.StreamTraining = channel.unary_stream(
+                '/reinstruct.v1.Trainer/StreamTraining',
+                request_serializer=reinstruct_dot_v1_dot_trainer__pb2.GetTrainingStatusRequest.SerializeToString,
+                response_deserializer=reinstruct_dot_v1_dot_trainer__pb2.TrainingStatus.FromString,
+                _registered_method=True)
+        self.CancelTraining = channel.unary_unary(
+                '/reinstruct.v1.Trainer/CancelTraining',
+                request_serializer=reinstruct_dot_v1_dot_trainer__pb2.GetTrainingStatusRequest.SerializeToString,
+                response_deserializer=reinstruct_dot_v1_dot_trainer__pb2.TrainingStatus.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer:
@@ -63,6 +73,19 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamTraining(self, request, context):
+        """Status every poll_interval until the job ends (loss curve and progress as they grow).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTraining(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +96,16 @@ def add_TrainerServicer_to_server(servicer, server):
             ),
             'GetTrainingStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTrainingStatus,
+                    request_deserializer=reinstruct_dot_v1_dot_trainer__pb2.GetTrainingStatusRequest.FromString,
+                    response_serializer=reinstruct_dot_v1_dot_trainer__pb2.TrainingStatus.SerializeToString,
+            ),
+            'StreamTraining': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamTraining,
+                    request_deserializer=reinstruct_dot_v1_dot_trainer__pb2.GetTrainingStatusRequest.FromString,
+                    response_serializer=reinstruct_dot_v1_dot_trainer__pb2.TrainingStatus.SerializeToString,
+            ),
+            'CancelTraining': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTraining,
                     request_deserializer=reinstruct_dot_v1_dot_trainer__pb2.GetTrainingStatusRequest.FromString,
                     response_serializer=reinstruct_dot_v1_dot_trainer__pb2.TrainingStatus.SerializeToString,
             ),
@@ -130,6 +163,60 @@ class Trainer:
             request,
             target,
             '/reinstruct.v1.Trainer/GetTrainingStatus',
+            reinstruct_dot_v1_dot_trainer__pb2.GetTrainingStatusRequest.SerializeToString,
+            reinstruct_dot_v1_dot_trainer__pb2.TrainingStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/reinstruct.v1.Trainer/StreamTraining',
+            reinstruct_dot_v1_dot_trainer__pb2.GetTrainingStatusRequest.SerializeToString,
+            reinstruct_dot_v1_dot_trainer__pb2.TrainingStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTraining(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reinstruct.v1.Trainer/CancelTraining',
             reinstruct_dot_v1_dot_trainer__pb2.GetTrainingStatusRequest.SerializeToString,
             reinstruct_dot_v1_dot_trainer__pb2.TrainingStatus.FromString,
             options,

@@ -76,6 +76,14 @@ class FilterConfig(_Section):
     min_curation_score: float = Field(0.0, ge=0, le=5, description="Drop data whose self-curation score is lower")
 
 
+class LoraConfig(_Section):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights")
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    keep_adapter: bool = Field(False, description="Save the adapter beside the base instead of merging it")
+
+
 class TrainingConfig(_Section):
     epochs: int = Field(2, ge=1)
     max_steps: int = Field(0, ge=0, description="0: no cap")
@@ -84,6 +92,14 @@ class TrainingConfig(_Section):
     max_seq_len: int = Field(384, ge=16)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    packing: bool = Field(True, description="Pack several examples per sequence (decoder-only; no leakage)")
+    checkpoint_every: int = Field(50, ge=1, description="Steps between Ray Train checkpoints")
+    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (FailureConfig)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision (autocast)")
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = LoraConfig()
+    fewshot_fraction: float = Field(0.0, ge=0, le=1, description="Share of examples shown after k exemplars")
+    fewshot_k: int = Field(2, ge=1, le=16)
     bootstrap_epochs: int = Field(12, ge=1, description="Round 0: epochs on the seed tasks")
     bootstrap_examples_per_task: int = Field(4, ge=1, description="Round 0: meta-task examples per seed task")
     poll_interval_s: float = Field(2.0, gt=0)

@@ -116,6 +116,15 @@ def load_model(uri_or_id: str, *, trust_remote_code: bool = False, cache_dir: st
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     path = resolve_model(uri_or_id, cache_dir)
+    if os.path.exists(os.path.join(path, "adapter_config.json")):  # a LoRA adapter saved beside its base
+        from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM, PeftConfig
+
+        base = PeftConfig.from_pretrained(path).base_model_name_or_path
+        base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+        auto = AutoPeftModelForSeq2SeqLM if base_config.is_encoder_decoder else AutoPeftModelForCausalLM
+        model = auto.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return model.to(device).eval(), tokenizer
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)

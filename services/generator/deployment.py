@@ -91,7 +91,7 @@ class GeneratorDeployment:
         ctx = RunContext(request.context.run_id, request.context.round)
         batch = self.service.generate_instructions(
             ctx, model_uri, human, machine, request.num_prompts, _sampling(request.sampling),
-            request.num_human_in_context, request.num_machine_in_context,
+            request.num_human_in_context, request.num_machine_in_context, request.classification_only,
         )
         return self._respond(batch.tasks, request.output_uri, generator_pb2.GenerateInstructionsResponse,
                              prompts=batch.prompts, completions_truncated=batch.truncated)

@@ -32,10 +32,15 @@ class GeneratorService:
     def generate_instructions(
         self, ctx: RunContext, model_uri: str, human: list[TaskRecord], machine: list[TaskRecord],
         num_prompts: int, sampling: SamplingParams, num_human: int = 6, num_machine: int = 2,
+        classification_only: bool = False,
     ) -> InstructionBatch:
         self.engine.load(model_uri)
-        rng = random.Random(f"{ctx.run_id}/{ctx.round}/{sampling.seed}")
-        built = [si.build_instruction_prompt(human, machine, rng, num_human, num_machine) for _ in range(num_prompts)]
+        rng = random.Random(f"{ctx.run_id}/{ctx.round}/{sampling.seed}/{classification_only}")
+        if classification_only:  # Self-Instruct's classification variant shows classification tasks only
+            human = [t for t in human if t.is_classification] or human
+            machine = [t for t in machine if t.is_classification]
+        built = [si.build_instruction_prompt(human, machine, rng, num_human, num_machine, classification_only)
+                 for _ in range(num_prompts)]
         params = replace(sampling, stop=si.INSTRUCTION_STOPS)
         completions = self.engine.generate([p.text for p in built], params)
         tasks, truncated = [], 0
@@ -43,7 +48,7 @@ class GeneratorService:
             truncated += completion.finish_reason == "length"
             for i_index, instruction in enumerate(si.parse_instructions(completion.text, completion.finish_reason)):
                 tasks.append(TaskRecord(
-                    id=stable_id(ctx.run_id, ctx.round, "instruction", p_index, i_index),
+                    id=stable_id(ctx.run_id, ctx.round, "instruction", classification_only, p_index, i_index),
                     instruction=instruction,
                     lineage=Lineage(run_id=ctx.run_id, round=ctx.round, stage="generate_instructions",
                                     model=model_uri, prompt_template=prompt.template_id,

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from ray import serve
 
 from ..api import trainer_pb2
 from ..common.config import ReinstructConfig, config_from_app_args
-from ..common.grpc_handler import grpc_method
+from ..common.grpc_handler import grpc_method, grpc_stream_method
 from ..common.store import RunStore
 from ..common.validation import (RequestError, check_context, check_model_uri, check_output_uri, check_range,
                                  check_text, resolve_tasks)
 from .service import TrainerService, TrainingJob, TrainingParams
 
-_STATES = {name: getattr(trainer_pb2.TrainingStatus, name) for name in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED")}
+_STATES = {name: getattr(trainer_pb2.TrainingStatus, name)
+           for name in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")}
+_FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 def _status(job: TrainingJob) -> trainer_pb2.TrainingStatus:
@@ -22,6 +25,7 @@ def _status(job: TrainingJob) -> trainer_pb2.TrainingStatus:
         job_id=job.job_id, state=_STATES[job.state], step=job.step, total_steps=job.total_steps,
         loss=job.losses[-1] if job.losses else 0.0, losses=job.losses,
         model_uri=job.model_uri if job.state == "SUCCEEDED" else "", error=job.error, train_examples=job.examples,
+        real_token_share=job.real_token_share, resumed_from_step=job.resumed_from_step,
     )
 
 
@@ -50,7 +54,19 @@ class TrainerDeployment:
             num_workers=int(check_range(p.num_workers or d.num_workers, "params.num_workers", 1, 1024)),
             use_gpu=p.use_gpu or d.use_gpu, seed=p.seed,
             augmented_tag=check_text(p.augmented_tag, "params.augmented_tag", limit=200),
+            packing=not p.no_packing and d.packing,
+            checkpoint_every=int(check_range(p.checkpoint_every or d.checkpoint_every, "params.checkpoint_every", 1, 10**7)),
+            max_failures=int(check_range(p.max_failures or d.max_failures, "params.max_failures", 0, 100)),
+            precision=p.precision or d.precision, gradient_checkpointing=p.gradient_checkpointing or d.gradient_checkpointing,
+            lora={"enabled": p.lora.enabled or d.lora.enabled, "r": int(p.lora.r or d.lora.r),
+                  "alpha": float(p.lora.alpha or d.lora.alpha), "dropout": float(p.lora.dropout or d.lora.dropout),
+                  "keep_adapter": p.lora.keep_adapter or d.lora.keep_adapter},
+            fewshot_fraction=check_range(p.fewshot_fraction or d.fewshot_fraction, "params.fewshot_fraction", 0.0, 1.0),
+            fewshot_k=int(check_range(p.fewshot_k or d.fewshot_k, "params.fewshot_k", 1, 16)),
         )
+        if params.precision not in ("fp32", "bf16", "fp16"):
+            raise RequestError("params.precision", f"must be fp32, bf16 or fp16, got {params.precision!r}")
+        check_range(params.lora["r"], "params.lora.r", 1, 1024)
         source = request.train_tasks
         if source.WhichOneof("source") == "inline":
             tasks = resolve_tasks(source, self.store, "train_tasks", require_instances=True)
@@ -65,12 +81,35 @@ class TrainerDeployment:
                                  request.output_model_uri, params)
         return _status(job)
 
-    @grpc_method(trainer_pb2.TrainingStatus)
-    def GetTrainingStatus(self, request: trainer_pb2.GetTrainingStatusRequest):
+    def _job(self, request: trainer_pb2.GetTrainingStatusRequest):
         check_text(request.job_id, "job_id", required=True, limit=128)
         job = self.service.status(request.job_id)
         if job is None:
             raise RequestError("job_id", f"no training job {request.job_id!r} on this replica")
+        return job
+
+    @grpc_method(trainer_pb2.TrainingStatus)
+    def GetTrainingStatus(self, request: trainer_pb2.GetTrainingStatusRequest):
+        return _status(self._job(request))
+
+    @grpc_stream_method
+    def StreamTraining(self, request: trainer_pb2.GetTrainingStatusRequest):
+        job = self._job(request)
+        last = None
+        while True:
+            job = self.service.status(job.job_id)
+            current = (job.state, job.step, len(job.losses))
+            if current != last:
+                yield _status(job)
+                last = current
+            if job.state in _FINAL:
+                return
+            time.sleep(self.config.training.poll_interval_s)
+
+    @grpc_method(trainer_pb2.TrainingStatus)
+    def CancelTraining(self, request: trainer_pb2.GetTrainingStatusRequest):
+        job = self._job(request)
+        self.service.cancel(job.job_id)
         return _status(job)
 
 

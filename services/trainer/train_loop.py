@@ -1,7 +1,9 @@
 """The per-worker training loop: plain PyTorch with Ray Train's prepare_* and report.
 
-Progress goes to a small JSON file beside the staging checkpoint (written atomically) so the trainer
-service can answer status calls while fit() runs.
+Checkpoints (weights, optimizer, scheduler, step) are reported to Ray Train every checkpoint_every
+steps; when a worker dies, Ray Train (FailureConfig) restarts the group and the loop resumes from the
+last one. Progress goes to a small JSON file beside the staging checkpoint (written atomically) so the
+trainer service can answer status calls while fit() runs; a 'cancel' file beside it stops the run.
 """
 
 from __future__ import annotations
@@ -10,13 +12,20 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 
 import torch
 
 from ..common.models import load_model
 from ..common.store import RunStore
-from .formatting import collate, render_all, tokenize
+from .formatting import collate, collate_packed, pack, render_all, tokenize
+
+PROGRESS_EVERY = 5
+
+
+class Cancelled(RuntimeError):
+    pass
 
 
 def _write_progress(path: str, progress: dict) -> None:
@@ -26,9 +35,48 @@ def _write_progress(path: str, progress: dict) -> None:
     os.replace(tmp, path)
 
 
+def _batches(features: list[dict], config: dict, encoder_decoder: bool, pad_id: int):
+    """(dataset, collate_fn, batch size, real-token share)."""
+    max_len = config["max_seq_len"]
+    if config.get("packing", True) and not encoder_decoder:
+        packs = pack(features, max_len)
+        mean_len = sum(len(f["input_ids"]) for f in features) / max(len(features), 1)
+        batch_size = max(1, round(config["batch_size"] * mean_len / max_len))
+        width = max((len(p["input_ids"]) for p in packs), default=1)
+        share = sum(len(p["input_ids"]) for p in packs) / max(len(packs) * width, 1)
+        return packs, (lambda b: collate_packed(b, pad_id)), batch_size, share
+    longest = max((len(f["input_ids"]) for f in features), default=1)
+    share = sum(len(f["input_ids"]) for f in features) / max(len(features) * longest, 1)
+    return features, (lambda b: collate(b, pad_id)), config["batch_size"], share
+
+
+def _apply_lora(model, config: dict):
+    from peft import LoraConfig, get_peft_model
+
+    lora = config["lora"]
+    target = "all-linear"
+    peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=target,
+                             task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
+    return get_peft_model(model, peft_config)
+
+
+def _save_final(model, tokenizer, config: dict) -> None:
+    output_dir = config["output_dir"]
+    if config.get("lora", {}).get("enabled"):
+        if config["lora"].get("keep_adapter"):
+            model.save_pretrained(output_dir)  # adapter_config.json + adapter weights; base named inside
+        else:
+            model.merge_and_unload().save_pretrained(output_dir, safe_serialization=True)
+    else:
+        model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
+    from safetensors.torch import load_model as load_weights
+    from safetensors.torch import save_model as save_weights
 
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
@@ -39,19 +87,19 @@ def train_loop_per_worker(config: dict) -> None:
     model, tokenizer = load_model(config["base_model"], trust_remote_code=config["trust_remote_code"],
                                   cache_dir=config["builtin_cache_dir"])
     encoder_decoder = bool(model.config.is_encoder_decoder)
-    features = [tokenize(e, tokenizer, config["max_seq_len"], encoder_decoder)
-                for e in render_all(tasks, config["seed"], config.get("augmented_tag", ""))]
-    # Sort into length buckets, then shuffle the buckets: little padding, still random order.
-    loader = torch.utils.data.DataLoader(
-        features, batch_size=config["batch_size"], shuffle=True,
-        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id),
-        generator=torch.Generator().manual_seed(config["seed"]),
-    )
-    loader = ray.train.torch.prepare_data_loader(loader)
+    examples = render_all(tasks, config["seed"], config.get("augmented_tag", ""), config.get("fewshot_fraction", 0.0),
+                          config.get("fewshot_k", 2), tokenizer if getattr(tokenizer, "chat_template", None) else None)
+    features = [tokenize(e, tokenizer, config["max_seq_len"], encoder_decoder) for e in examples]
+    dataset, collate_fn, batch_size, share = _batches(features, config, encoder_decoder, tokenizer.pad_token_id)
+    if config.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    if config.get("lora", {}).get("enabled"):
+        model = _apply_lora(model, config)
     model.train()
     model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=0.0)
-    steps_per_epoch = max(len(loader), 1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"],
+                                  weight_decay=0.0)
+    steps_per_epoch = max(math.ceil(len(dataset) / batch_size / context.get_world_size()), 1)
     total = steps_per_epoch * config["epochs"]
     if config["max_steps"]:
         total = min(total, config["max_steps"])
@@ -59,33 +107,82 @@ def train_loop_per_worker(config: dict) -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / total)))
     )
-    progress_path = config["progress_path"]
-    losses: list[float] = []
-    step = 0
+    step, losses, resumed_from = 0, [], 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group: go on where the last checkpoint left off
+        with checkpoint.as_directory() as directory:
+            unwrapped = model.module if hasattr(model, "module") else model
+            load_weights(unwrapped, os.path.join(directory, "weights.safetensors"), strict=False)
+            optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
+            schedule.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True))
+            with open(os.path.join(directory, "state.json")) as handle:
+                state = json.load(handle)
+            step, losses, resumed_from = state["step"], state["losses"], state["step"]
+    device = ray.train.torch.get_device()
+    precision = config.get("precision", "fp32")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
+    progress_path, cancel_path = config["progress_path"], config["cancel_path"]
     started = time.time()
+
+    def progress(done: bool = False) -> None:
+        if rank == 0:
+            _write_progress(progress_path, {
+                "step": step, "total_steps": total, "losses": losses, "examples": len(features),
+                "real_token_share": share, "resumed_from_step": resumed_from, "pid": os.getpid(),
+                "elapsed_s": time.time() - started, "done": done})
+
+    progress()
+    generator = torch.Generator()
     while step < total:
-        for batch in loader:
-            loss = model(**batch).loss
-            loss.backward()
+        epoch, skip = divmod(step, steps_per_epoch)
+        generator.manual_seed(config["seed"] * 1000 + epoch)  # the same order on a resume
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn,
+                                             generator=generator)
+        loader = ray.train.torch.prepare_data_loader(loader, move_to_device=True)
+        for index, batch in enumerate(loader):
+            if index < skip:
+                continue
+            if os.path.exists(cancel_path):
+                raise Cancelled("training cancelled by request")
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = model(**batch).loss
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(float(loss.detach()))
-            if rank == 0 and (step % 5 == 0 or step == total):
-                _write_progress(progress_path, {"step": step, "total_steps": total, "losses": losses,
-                                                "examples": len(features), "elapsed_s": time.time() - started})
+            if step % PROGRESS_EVERY == 0:
+                progress()
+            every = config.get("checkpoint_every") or 0
+            if every and step % every == 0 and step < total:
+                metrics = {"loss": losses[-1], "step": step}
+                if rank == 0:
+                    with tempfile.TemporaryDirectory() as directory:
+                        unwrapped = model.module if hasattr(model, "module") else model
+                        save_weights(unwrapped, os.path.join(directory, "weights.safetensors"))  # tied weights ok
+                        torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+                        torch.save(schedule.state_dict(), os.path.join(directory, "scheduler.pt"))
+                        with open(os.path.join(directory, "state.json"), "w") as handle:
+                            json.dump({"step": step, "losses": losses}, handle)
+                        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+                else:
+                    ray.train.report(metrics)
             if step >= total:
                 break
-    metrics = {"loss": losses[-1] if losses else float("nan"), "step": step, "total_steps": total}
     if rank == 0:
         unwrapped = model.module if hasattr(model, "module") else model
         unwrapped.eval()
-        unwrapped.save_pretrained(config["output_dir"], safe_serialization=True)
-        tokenizer.save_pretrained(config["output_dir"])
-        _write_progress(progress_path, {"step": step, "total_steps": total, "losses": losses,
-                                        "examples": len(features), "elapsed_s": time.time() - started, "done": True})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(config["output_dir"]))
-    else:
-        ray.train.report(metrics)
+        _save_final(unwrapped, tokenizer, config)
+        progress(done=True)
+    ray.train.report({"loss": losses[-1] if losses else float("nan"), "step": step})
