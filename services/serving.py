@@ -23,7 +23,8 @@ def connect_ray(local_num_cpus: int | None = None) -> bool:
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init(log_to_driver=False)
         return False
-    ray.init(num_cpus=local_num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
+    # The dashboard hosts Ray's job API, which the trainer submits training runs to.
+    ray.init(num_cpus=local_num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=True, log_to_driver=False)
     return True
 
 

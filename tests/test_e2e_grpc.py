@@ -28,7 +28,7 @@ def deployed(tmp_path_factory, builtin_cache):
 
     store_root = str(tmp_path_factory.mktemp("store"))
     config = parse_config(tiny_settings(store_root, builtin_cache))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # the job API for training
     try:
         deploy_apps(config)
         clients = ServiceClients(f"127.0.0.1:{config.serve.grpc_port}", 300)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.ray
 def local_ray():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # the job API for training
     yield
     ray.shutdown()
 
@@ -32,6 +32,8 @@ def _wait(predicate, timeout_s: float, what: str):
 
 
 def _progress(job) -> dict:
+    if not job.progress_path:
+        return {}
     try:
         with open(job.progress_path) as handle:
             return json.load(handle)
@@ -53,12 +55,17 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tmp_path, builtin_cach
     victim = _progress(job)["pid"]
     os.kill(victim, signal.SIGKILL)
     _wait(lambda: service.status(job.job_id).state in ("SUCCEEDED", "FAILED"), 600, "the run to end")
+    job = service.status(job.job_id)
     assert job.state == "SUCCEEDED", job.error
     assert job.resumed_from_step >= 5 and job.resumed_from_step % 5 == 0
     assert job.step == job.total_steps == 12 * 16
     assert _progress(job)["pid"] != victim
     model = AutoModelForCausalLM.from_pretrained(store.resolve(job.model_uri), use_safetensors=True)
     assert model.config.model_type == "llama"
+    # a redeployed trainer replica (new service object, nothing in memory) attaches to the same job
+    again = TrainerService(store, builtin_cache_dir=builtin_cache).start(
+        "kill", 1, "builtin:tiny-llama", data, store.model_uri("kill", 1), params)
+    assert (again.job_id, again.state) == (job.job_id, "SUCCEEDED")
 
 
 def test_cancel_stops_a_run(local_ray, tmp_path, builtin_cache):
@@ -71,5 +78,6 @@ def test_cancel_stops_a_run(local_ray, tmp_path, builtin_cache):
     _wait(lambda: _progress(job).get("step", 0) >= 5, 240, "training to start")
     service.cancel(job.job_id)
     _wait(lambda: service.status(job.job_id).state in ("CANCELLED", "FAILED", "SUCCEEDED"), 300, "the cancel")
+    job = service.status(job.job_id)
     assert job.state == "CANCELLED" and job.error == "cancelled by request"
     assert not store.exists(job.model_uri)  # nothing half-trained becomes visible

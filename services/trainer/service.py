@@ -1,21 +1,27 @@
-"""The trainer's logic: one Ray Train TorchTrainer run per (run, round), tracked as a job.
+"""The trainer's logic: one Ray Train run per (run, round), submitted as a Ray job.
 
-A job id is derived from run, round and output URI, so a repeated StartTraining call (a client retry,
-a resumed loop driver) attaches to the job already running or returns the finished one.
+The job's submission id is derived from run, round and output URI, so a repeated StartTraining call
+(a client retry, a resumed loop driver, a redeployed trainer replica) attaches to the job already
+running or finished instead of starting a twin. Status comes from Ray's job API plus a progress file
+the training loop writes beside the checkpoint; a cancel file asks the loop to stop.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
-import threading
-import traceback
-import uuid
-from dataclasses import dataclass, field
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 
 from ..common.records import stable_id
 from ..common.store import RunStore
+
+_JOB_STATES = {"PENDING": "PENDING", "RUNNING": "RUNNING", "SUCCEEDED": "SUCCEEDED", "FAILED": "FAILED",
+               "STOPPED": "CANCELLED"}
+EXIT_CANCELLED = 3
 
 
 @dataclass
@@ -58,41 +64,109 @@ class TrainingJob:
 
 class TrainerService:
     def __init__(self, store: RunStore, trust_remote_code: bool = False,
-                 builtin_cache_dir: str = "~/.cache/reinstruct/builtin") -> None:
+                 builtin_cache_dir: str = "~/.cache/reinstruct/builtin", job_address: str | None = None) -> None:
         self.store = store
         self.trust_remote_code = trust_remote_code
         self.builtin_cache_dir = builtin_cache_dir
-        self._jobs: dict[str, TrainingJob] = {}
-        self._lock = threading.Lock()
+        self.job_address = job_address
+        self._client = None
+        self._models: dict[str, str] = {}
+
+    @property
+    def client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.job_address)
+        return self._client
+
+    def _paths(self, job_id: str, model_uri: str) -> tuple[str, str, str]:
+        base = os.path.join(os.path.dirname(self.store.resolve(model_uri)), f".{job_id}")
+        return f"{base}.spec.json", f"{base}.progress.json", f"{base}.cancel"
 
     def start(self, run_id: str, round_index: int, base_model: str, dataset_uri: str, model_uri: str,
               params: TrainingParams) -> TrainingJob:
         job_id = f"train-{stable_id(run_id, round_index, model_uri)}"
-        with self._lock:
-            job = self._jobs.get(job_id)
-            if job and job.state in ("PENDING", "RUNNING", "SUCCEEDED"):
-                return job  # a retry or a resumed driver attaches to the same job
-            if self.store.exists(model_uri + "/config.json"):
-                job = TrainingJob(job_id, model_uri, state="SUCCEEDED")  # committed by an earlier replica
-                self._jobs[job_id] = job
-                return job
-            job = TrainingJob(job_id, model_uri)
-            self._jobs[job_id] = job
-        threading.Thread(target=self._run, args=(job, run_id, base_model, dataset_uri, params), daemon=True).start()
-        return job
+        self._models[job_id] = model_uri
+        existing = self.status(job_id)
+        if existing is not None and existing.state in ("PENDING", "RUNNING", "SUCCEEDED"):
+            return existing  # a retry, a resumed driver or a redeployed replica attaches to the same job
+        if self.store.exists(model_uri + "/config.json"):
+            return TrainingJob(job_id, model_uri, state="SUCCEEDED")  # committed earlier
+        self._remove_stale_staging(model_uri)
+        spec_path, progress_path, cancel_path = self._paths(job_id, model_uri)
+        for stale in (progress_path, cancel_path):
+            if os.path.exists(stale):
+                os.remove(stale)
+        spec = {"job_id": job_id, "run_id": run_id, "store_root": self.store.uri(), "dataset_uri": dataset_uri,
+                "base_model": base_model, "model_uri": model_uri, "progress_path": progress_path,
+                "cancel_path": cancel_path, "trust_remote_code": self.trust_remote_code,
+                "builtin_cache_dir": self.builtin_cache_dir, "params": asdict(params)}
+        self.store.write_json(spec_path, spec)
+        submission_id = job_id if existing is None else f"{job_id}-retry-{int(time.time())}"
+        self._submit(submission_id, spec_path, model_uri)
+        if submission_id != job_id:
+            self._models[submission_id] = model_uri
+        return self.status(submission_id) or TrainingJob(submission_id, model_uri)
+
+    def _submit(self, submission_id: str, spec_path: str, model_uri: str) -> None:
+        for attempt in range(24):  # the head's job agent can take a few seconds to come up
+            try:
+                # this interpreter (the one Ray runs) rather than whatever `python` is on the job's PATH
+                self.client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} -m ray_jobs.train --spec "
+                                                  f"{shlex.quote(spec_path)}",
+                                       submission_id=submission_id, entrypoint_num_cpus=0,
+                                       metadata={"model_uri": model_uri})
+                return
+            except RuntimeError as exc:
+                if "already exists" in str(exc):
+                    return
+                if "No available agent" not in str(exc) or attempt == 23:
+                    raise
+                time.sleep(2.5)
 
     def status(self, job_id: str) -> TrainingJob | None:
-        job = self._jobs.get(job_id)
-        if job and job.progress_path and os.path.exists(job.progress_path) and job.state == "RUNNING":
-            try:
-                with open(job.progress_path) as handle:
-                    progress = json.load(handle)
-                job.step, job.total_steps = progress["step"], progress["total_steps"]
-                job.losses, job.examples = progress["losses"], progress["examples"]
-                job.real_token_share = progress.get("real_token_share", 0.0)
-                job.resumed_from_step = max(job.resumed_from_step, progress.get("resumed_from_step", 0))
-            except (OSError, ValueError, KeyError):
-                pass  # the file is replaced atomically; a failed read just means no news yet
+        try:
+            info = self.client.get_job_info(job_id)
+        except RuntimeError:  # unknown submission id
+            return None
+        model_uri = self._models.get(job_id) or (info.metadata or {}).get("model_uri", "")
+        if not model_uri:
+            return None  # not a training job of ours
+        _, progress_path, cancel_path = self._paths(job_id.split("-retry-")[0], model_uri)
+        state = _JOB_STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), "FAILED")
+        if state == "FAILED" and os.path.exists(cancel_path):
+            state = "CANCELLED"
+        job = TrainingJob(job_id, model_uri, state=state, progress_path=progress_path, cancel_path=cancel_path)
+        try:
+            with open(progress_path) as handle:
+                progress = json.load(handle)
+            job.step, job.total_steps = progress["step"], progress["total_steps"]
+            job.losses, job.examples = progress["losses"], progress["examples"]
+            job.real_token_share = progress.get("real_token_share", 0.0)
+            job.resumed_from_step = progress.get("resumed_from_step", 0)
+        except (OSError, ValueError, KeyError):
+            pass  # replaced atomically; a failed read only means no news yet
+        if state == "CANCELLED":
+            job.error = "cancelled by request"
+        elif state == "FAILED":
+            job.error = (info.message or "") + "\n" + self._log_tail(job_id)
+        return job
+
+    def _log_tail(self, job_id: str) -> str:
+        try:
+            return self.client.get_job_logs(job_id)[-2000:]
+        except RuntimeError:
+            return ""
+
+    def cancel(self, job_id: str) -> TrainingJob | None:
+        """Asks the run to stop at its next step (a file the workers look for), then stops the job."""
+        job = self.status(job_id)
+        if job and job.state in ("PENDING", "RUNNING"):
+            with open(job.cancel_path, "w") as handle:
+                handle.write("cancel\n")
+            if job.step == 0:  # not training yet: no loop will see the file
+                self.client.stop_job(job_id)
         return job
 
     def _remove_stale_staging(self, model_uri: str) -> None:
@@ -104,50 +178,3 @@ class TrainerService:
         for entry in os.listdir(parent) if os.path.isdir(parent) else []:
             if entry.startswith(f"{name}.tmp-"):
                 shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-    def cancel(self, job_id: str) -> TrainingJob | None:
-        """Asks a running job to stop at its next step (a file the workers look for)."""
-        job = self._jobs.get(job_id)
-        if job and job.state in ("PENDING", "RUNNING") and job.cancel_path:
-            with open(job.cancel_path, "w") as handle:
-                handle.write("cancel\n")
-        return job
-
-    def _run(self, job: TrainingJob, run_id: str, base_model: str, dataset_uri: str, params: TrainingParams) -> None:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
-
-        from .train_loop import train_loop_per_worker
-
-        self._remove_stale_staging(job.model_uri)
-        staging = self.store.staging_dir(job.model_uri)
-        job.progress_path = os.path.join(os.path.dirname(staging), f".{job.job_id}.progress.json")
-        job.cancel_path = os.path.join(os.path.dirname(staging), f".{job.job_id}.cancel")
-        for stale in (job.progress_path, job.cancel_path):
-            if os.path.exists(stale):
-                os.remove(stale)
-        job.state = "RUNNING"
-        try:
-            trainer = TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config={
-                    "store_root": self.store.uri(), "dataset_uri": dataset_uri, "base_model": base_model,
-                    "output_dir": staging, "progress_path": job.progress_path, "cancel_path": job.cancel_path,
-                    "trust_remote_code": self.trust_remote_code, "builtin_cache_dir": self.builtin_cache_dir,
-                    **params.__dict__,
-                },
-                scaling_config=ScalingConfig(num_workers=params.num_workers, use_gpu=params.use_gpu),
-                run_config=RunConfig(name=f"{job.job_id}-{uuid.uuid4().hex[:6]}",
-                                     storage_path=self.store.uri(run_id, "ray_train"),
-                                     failure_config=FailureConfig(max_failures=params.max_failures)),
-            )
-            trainer.fit()
-            self.status(job.job_id)
-            job.step = job.total_steps or job.step
-            self.store.commit_directory(staging, job.model_uri)
-            job.state = "SUCCEEDED"
-        except Exception as exc:  # reported to the client through GetTrainingStatus
-            cancelled = os.path.exists(job.cancel_path)
-            job.error = "cancelled by request" if cancelled else f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            job.state = "CANCELLED" if cancelled else "FAILED"
-            shutil.rmtree(staging, ignore_errors=True)
