@@ -53,6 +53,8 @@ def values_schema() -> dict:
             "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
             "rayAuth": _object({"enabled": {"type": "boolean"}, "existingSecret": {"type": "string"},
                                 "token": {"type": "string"}}),
+            "apiAuth": _object({"enabled": {"type": "boolean"}, "existingSecret": {"type": "string"},
+                                "token": {"type": "string"}}),
             "store": _object({
                 "mountPath": {"type": "string", "pattern": "^/"},
                 "root": {"type": "string", "minLength": 1},

@@ -3,19 +3,32 @@ key (the app names are the service names in lower case) and the deployment metho
 
 from __future__ import annotations
 
+import os
 import time
 
 import grpc
 
+from .common.grpc_handler import API_TOKEN_ENV
 from .api import evaluator_pb2_grpc, filter_pb2_grpc, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "actor died", "unexpectedly")
+
+
+def _retryable(exc: grpc.RpcError) -> bool:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return code == grpc.StatusCode.INTERNAL and any(s in (exc.details() or "") for s in _REPLICA_GONE)
 
 
 class ServiceClients:
-    def __init__(self, target: str, timeout_s: float = 900.0) -> None:
+    def __init__(self, target: str, timeout_s: float = 900.0, token: str | None = None, retries: int = 3) -> None:
         self.target = target
         self.timeout_s = timeout_s
+        self.retries = retries
+        token = token if token is not None else os.environ.get(API_TOKEN_ENV, "")
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self.channel = grpc.insecure_channel(target, options=options)
@@ -28,7 +41,18 @@ class ServiceClients:
         self.channel.close()
 
     def _call(self, app: str, method, request, timeout_s: float | None = None):
-        return method(request, metadata=(("application", app),), timeout=timeout_s or self.timeout_s)
+        """Every call has a deadline. Calls whose replica died or was unavailable are retried with the
+        same request: every method is idempotent (outputs go to the request's URIs, record ids are
+        derived from run, round and position), so a retry never duplicates a record."""
+        metadata = (("application", app),) + self._auth
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, metadata=metadata, timeout=timeout_s or self.timeout_s)
+            except grpc.RpcError as exc:
+                if attempt == self.retries or not _retryable(exc):
+                    raise
+                time.sleep(min(2.0 * 2**attempt, 20.0))
+        raise AssertionError("unreachable")
 
     def generate_instructions(self, request):
         return self._call("generator", self._generator.GenerateInstructions, request)

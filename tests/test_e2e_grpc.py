@@ -238,3 +238,73 @@ def test_openai_compatible_api_and_engine(deployed):
         with pytest.raises(urllib.error.HTTPError) as info:
             post("/completions", body)
         assert info.value.code == status
+
+
+_METHODS = [
+    ("generator", "/reinstruct.v1.Generator/GenerateInstructions", False),
+    ("generator", "/reinstruct.v1.Generator/ClassifyInstructions", False),
+    ("generator", "/reinstruct.v1.Generator/GenerateInstances", False),
+    ("generator", "/reinstruct.v1.Generator/Backtranslate", False),
+    ("generator", "/reinstruct.v1.Generator/CurateExamples", False),
+    ("generator", "/reinstruct.v1.Generator/StreamInstances", True),
+    ("filter", "/reinstruct.v1.Filter/FilterTasks", False),
+    ("trainer", "/reinstruct.v1.Trainer/StartTraining", False),
+    ("trainer", "/reinstruct.v1.Trainer/GetTrainingStatus", False),
+    ("trainer", "/reinstruct.v1.Trainer/StreamTraining", True),
+    ("trainer", "/reinstruct.v1.Trainer/CancelTraining", False),
+    ("evaluator", "/reinstruct.v1.Evaluator/EvaluateModel", False),
+    ("evaluator", "/reinstruct.v1.Evaluator/StreamEvaluation", True),
+    ("evaluator", "/reinstruct.v1.Evaluator/CompareModels", False),
+]
+FUZZ_OUTCOMES: dict = {}
+
+
+def _valid_filter_bytes() -> bytes:
+    return filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(load_seed_tasks()[:2])).SerializeToString()
+
+
+def _mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
+    buffer = bytearray(data)
+    for position, value in edits:
+        buffer[position % len(buffer)] = value
+    return bytes(buffer)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_payloads = st.one_of(
+    st.binary(max_size=3000),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8).map(
+        lambda edits: ("filter-mutant", _mutate(_valid_filter_bytes(), edits))),
+)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(method=st.sampled_from(_METHODS), payload=_payloads)
+def test_fuzz_every_method_through_the_proxy(deployed, method, payload):
+    """1,000 malformed or random requests across all methods: every answer is a proper status, fast."""
+    config, _ = deployed
+    app, path, streaming = method
+    if isinstance(payload, tuple):  # mutants of a valid request go to the method they were made for
+        (app, path, streaming), payload = _METHODS[6], payload[1]
+    channel = FUZZ_OUTCOMES.setdefault("channel", grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}"))
+    call = (channel.unary_stream if streaming else channel.unary_unary)(path)
+    try:
+        result = call(payload, metadata=(("application", app),), timeout=60)
+        if streaming:
+            list(result)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        code = exc.code()
+    assert code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN), (path, payload[:100])
+    FUZZ_OUTCOMES[code.name] = FUZZ_OUTCOMES.get(code.name, 0) + 1
+
+
+def test_still_serving_after_fuzz(deployed):
+    _, clients = deployed
+    counts = {k: v for k, v in FUZZ_OUTCOMES.items() if k != "channel"}
+    assert sum(counts.values()) >= 1000, counts
+    print(f"fuzz outcomes: {counts}")
+    ok = clients.filter_tasks(filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(load_seed_tasks()[:3])))
+    assert ok.candidates == 3

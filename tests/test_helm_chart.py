@@ -100,6 +100,10 @@ def test_rendered_objects_validate(helm, values, monkeypatch):
                 assert getattr(importlib.import_module(module), attr)(app.args) is not None
     if values and values.name == "values-gpu.yaml":
         assert "RayJob" in kinds
+        secrets = [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
+        assert "rel-reinstruct-api-token" in secrets
+        env = head.get("env", [])
+        assert env and env[0]["name"] == "REINSTRUCT_API_TOKEN"
         service = next(o for o in objects if o["kind"] == "RayService")
         groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
         limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]

@@ -34,7 +34,12 @@ def _run_cli(config_path: Path, run_id: str) -> subprocess.Popen:
     )
 
 
-def test_sigkill_mid_round_then_resume(tmp_path, builtin_cache):
+# Kill as soon as this stage is committed, while the next one is in flight.
+KILL_POINTS = [("0", "split"), ("1", "generate_instructions"), ("1", "filter")]
+
+
+@pytest.mark.parametrize("round_key, after_stage", KILL_POINTS, ids=[f"{r}-{s}" for r, s in KILL_POINTS])
+def test_sigkill_mid_round_then_resume(tmp_path, builtin_cache, round_key, after_stage):
     store_root = tmp_path / "store"
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(tiny_settings(str(store_root), builtin_cache, 9100, 8100)))
@@ -42,16 +47,15 @@ def test_sigkill_mid_round_then_resume(tmp_path, builtin_cache):
 
     first = _run_cli(config_path, run_id)
     deadline = time.time() + 600
-    # Kill as soon as round 1 has committed its first stage: the rest of round 1 is in flight.
-    while "1" not in _manifest(store_root, run_id)["rounds"]:
+    while after_stage not in _manifest(store_root, run_id)["rounds"].get(round_key, {}).get("stages", {}):
         assert first.poll() is None, first.stdout.read()
-        assert time.time() < deadline, "round 1 never started"
-        time.sleep(0.2)
+        assert time.time() < deadline, f"{round_key}/{after_stage} never committed"
+        time.sleep(0.1)
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = _manifest(store_root, run_id)
     committed_before = {(k, s): v["committed_at"] for k, r in before["rounds"].items() for s, v in r["stages"].items()}
-    assert ("1", "train") not in committed_before
+    assert ("1", "promote") not in committed_before
 
     time.sleep(3)  # let the killed cluster's processes exit and free their ports
     second = _run_cli(config_path, run_id)
@@ -64,10 +68,12 @@ def test_sigkill_mid_round_then_resume(tmp_path, builtin_cache):
 
     store = RunStore(str(store_root))
     stages = after["rounds"]["1"]["stages"]
-    for name in ("generate_instructions", "classify", "generate_instances"):
+    for name in ("generate_instructions", "classify", "generate_instances", "segments", "backtranslate", "curate"):
         tasks = store.read_tasks(stages[name]["uri"])
         ids = [t.id for t in tasks]
         assert len(ids) == len(set(ids)) == stages[name]["count"], name
+    mix = store.read_tasks(after["rounds"]["1"]["stages"]["train_data"]["uri"])
+    assert len({t.id for t in mix}) == len(mix)  # nothing doubled in what the next model learns from
     kept = store.read_tasks(stages["filter"]["kept_uri"]) if stages["filter"]["kept_count"] else []
     rejected = store.read_tasks(stages["filter"]["rejected_uri"]) if stages["filter"]["candidates"] else []
     assert len(kept) + len(rejected) == stages["filter"]["candidates"] == stages["generate_instances"]["count"]

@@ -34,7 +34,9 @@ class ServeConfig(_Section):
     http_port: int = Field(8000, ge=1, le=65535)
     request_timeout_s: float = Field(900.0, gt=0, description="Client deadline for one gRPC call")
     replica_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved by each Serve replica")
-    max_ongoing_requests: int = Field(8, ge=1)
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica works on at once")
+    max_queued_requests: int = Field(32, ge=-1, description="Requests waiting per deployment before callers "
+                                     "get RESOURCE_EXHAUSTED at once (-1: no limit)")
 
 
 class SeedConfig(_Section):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hmac
 import logging
+import os
 
 import grpc
 
@@ -12,8 +14,43 @@ from .validation import RequestError
 
 logger = logging.getLogger("reinstruct")
 
+# When this variable is set in the replicas' environment (a Kubernetes Secret, or the shell that
+# starts a local cluster), every call must carry metadata `authorization: Bearer <token>`.
+API_TOKEN_ENV = "REINSTRUCT_API_TOKEN"
+MAX_REQUEST_BYTES = int(os.environ.get("REINSTRUCT_MAX_REQUEST_BYTES", 64 * 1024 * 1024))
+
+
+class Unauthenticated(PermissionError):
+    pass
+
+
+class RequestTooLarge(ValueError):
+    pass
+
+
+def token_matches(presented: str | None) -> bool:
+    expected = os.environ.get(API_TOKEN_ENV, "")
+    if not expected:
+        return True
+    return hmac.compare_digest((presented or "").encode(), f"Bearer {expected}".encode())
+
+
+def _admit(request, grpc_context) -> None:
+    """Authentication and size, before anything else looks at the request."""
+    metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+    if not token_matches(metadata.get("authorization")):
+        raise Unauthenticated("missing or wrong bearer token in metadata 'authorization'")
+    size = request.ByteSize()
+    if size > MAX_REQUEST_BYTES:
+        raise RequestTooLarge(f"request is {size} bytes; the limit is {MAX_REQUEST_BYTES} "
+                              "(send large batches by dataset uri)")
+
 
 def _status_for(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, RequestTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, (RequestError, UriNotAllowed)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, StoreError):
@@ -27,6 +64,7 @@ def grpc_stream_method(method):
 
     def wrapper(self, request, grpc_context=None):
         try:
+            _admit(request, grpc_context)
             yield from method(self, request)
         except Exception as exc:  # reported as the stream's status, the replica keeps serving
             code, details = _status_for(exc, method.__name__)
@@ -49,6 +87,7 @@ def grpc_method(response_type):
         @functools.wraps(method)
         def wrapper(self, request, grpc_context=None):
             try:
+                _admit(request, grpc_context)
                 return method(self, request)
             except Exception as exc:  # every failure becomes a status; the replica keeps serving
                 code, details = _status_for(exc, method.__name__)

@@ -124,4 +124,5 @@ def build_app(args: dict | None = None):
     return EvaluatorDeployment.options(
         ray_actor_options={"num_cpus": config.serve.replica_num_cpus, "num_gpus": config.generation.num_gpus},
         max_ongoing_requests=config.serve.max_ongoing_requests,
+        max_queued_requests=config.serve.max_queued_requests,
     ).bind(config.model_dump())

@@ -69,4 +69,5 @@ def build_app(args: dict | None = None):
     return FilterDeployment.options(
         ray_actor_options={"num_cpus": config.serve.replica_num_cpus},
         max_ongoing_requests=config.serve.max_ongoing_requests,
+        max_queued_requests=config.serve.max_queued_requests,
     ).bind(config.model_dump())

@@ -13,7 +13,9 @@ from ..common.grpc_handler import grpc_method, grpc_stream_method
 from ..common.store import RunStore
 from ..common.validation import (MAX_INLINE_TASKS, MAX_PROMPTS, RequestError, check_context, check_model_uri,
                                  check_output_uri, check_range, check_sampling, check_text, resolve_tasks)
-from fastapi import HTTPException
+from fastapi import Depends, Header, HTTPException
+
+from ..common.grpc_handler import token_matches
 
 from .engines import SamplingParams, create_engine
 from .openai_api import ChatRequest, CompletionRequest, chat_prompt, completion_response, openai_app
@@ -24,6 +26,14 @@ def _sampling(message: common_pb2.Sampling) -> SamplingParams:
     return SamplingParams(temperature=message.temperature, top_p=message.top_p or 1.0,
                           max_new_tokens=message.max_new_tokens, seed=message.seed,
                           presence_penalty=message.presence_penalty)
+
+
+def _http_auth(authorization: str | None = Header(default=None)) -> None:
+    if not token_matches(authorization):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+openai_app.router.dependencies.append(Depends(_http_auth))
 
 
 @serve.deployment(name="Generator")
@@ -186,4 +196,5 @@ def build_app(args: dict | None = None):
     return GeneratorDeployment.options(
         ray_actor_options={"num_cpus": config.serve.replica_num_cpus, "num_gpus": config.generation.num_gpus},
         max_ongoing_requests=config.serve.max_ongoing_requests,
+        max_queued_requests=config.serve.max_queued_requests,
     ).bind(config.model_dump())

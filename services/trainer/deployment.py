@@ -118,4 +118,5 @@ def build_app(args: dict | None = None):
     # One replica: training jobs are tracked in its memory (issue: move to Ray Jobs for redeploys).
     return TrainerDeployment.options(
         num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=config.serve.max_ongoing_requests,
+        max_queued_requests=config.serve.max_queued_requests,
     ).bind(config.model_dump())

@@ -18,6 +18,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default (printf "%s-ray-auth" (include "reinstruct.fullname" .)) .Values.rayAuth.existingSecret -}}
 {{- end -}}
 
+{{- define "reinstruct.apiSecret" -}}
+{{- default (printf "%s-api-token" (include "reinstruct.fullname" .)) .Values.apiAuth.existingSecret -}}
+{{- end -}}
+
+{{/* REINSTRUCT_API_TOKEN for the replicas (they check it) and the loop driver (it presents it). */}}
+{{- define "reinstruct.apiEnv" -}}
+{{- if .Values.apiAuth.enabled }}
+env:
+  - name: REINSTRUCT_API_TOKEN
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "reinstruct.apiSecret" . }}
+        key: api_token
+{{- end }}
+{{- end -}}
+
 {{- define "reinstruct.claim" -}}
 {{- default (printf "%s-store" (include "reinstruct.fullname" .)) .Values.store.pvc.existingClaim -}}
 {{- end -}}
@@ -127,6 +143,7 @@ headGroupSpec:
             - {containerPort: {{ .Values.serve.grpcPort }}, name: serve-grpc}
           resources:
             {{- toYaml .Values.head.resources | nindent 12 }}
+          {{- include "reinstruct.apiEnv" . | nindent 10 }}
           {{- include "reinstruct.volumeMounts" . | nindent 10 }}
       {{- include "reinstruct.volumes" . | nindent 6 }}
 workerGroupSpecs:
@@ -146,6 +163,7 @@ workerGroupSpecs:
             imagePullPolicy: {{ .Values.image.pullPolicy }}
             resources:
               {{- toYaml .Values.cpuWorkers.resources | nindent 14 }}
+            {{- include "reinstruct.apiEnv" . | nindent 12 }}
             {{- include "reinstruct.volumeMounts" . | nindent 12 }}
         {{- include "reinstruct.volumes" . | nindent 8 }}
 {{- if .Values.gpuWorkers.enabled }}
@@ -179,6 +197,7 @@ workerGroupSpecs:
               limits:
                 {{- toYaml .Values.gpuWorkers.resources.limits | nindent 16 }}
                 nvidia.com/gpu: {{ .Values.gpuWorkers.gpusPerWorker }}
+            {{- include "reinstruct.apiEnv" . | nindent 12 }}
             {{- include "reinstruct.volumeMounts" . | nindent 12 }}
         {{- include "reinstruct.volumes" . | nindent 8 }}
 {{- end }}

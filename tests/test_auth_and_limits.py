@@ -1,0 +1,89 @@
+"""Bearer-token auth on every gRPC method and on the OpenAI HTTP API, and oversized requests: a real
+local cluster whose replicas have REINSTRUCT_API_TOKEN in their environment (the filter and
+generator apps only, to keep it quick)."""
+
+import json
+import os
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from services.api import filter_pb2, filter_pb2_grpc
+from services.client import ServiceClients
+from services.common.config import parse_config
+from services.common.convert import tasks_to_source
+from services.common.formats import load_seed_tasks
+from services.common.grpc_handler import API_TOKEN_ENV
+from tests.tiny import tiny_settings
+
+pytestmark = pytest.mark.ray
+TOKEN = "s3cret-token-for-tests"
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory, builtin_cache):
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from services.api import SERVICER_FUNCTIONS
+    from services.filter.deployment import build_app as build_filter
+    from services.generator.deployment import build_app as build_generator
+
+    config = parse_config(tiny_settings(str(tmp_path_factory.mktemp("store")), builtin_cache, 9400, 8400))
+    os.environ[API_TOKEN_ENV] = TOKEN  # the local cluster's processes inherit it
+    try:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options=HTTPOptions(port=8400), grpc_options=gRPCOptions(
+            port=9400, grpc_servicer_functions=SERVICER_FUNCTIONS))
+        args = {"settings": config.model_dump()}
+        serve.run(build_filter(args), name="filter", route_prefix="/filter")
+        serve.run(build_generator(args), name="generator", route_prefix="/generator")
+        yield config
+    finally:
+        os.environ.pop(API_TOKEN_ENV, None)
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _request(n: int = 3):
+    from services.api import common_pb2
+
+    return filter_pb2.FilterTasksRequest(context=common_pb2.RunContext(run_id="auth", round=1),
+                                         candidates=tasks_to_source(load_seed_tasks()[:n]))
+
+
+def test_grpc_calls_need_the_token(secured):
+    channel = grpc.insecure_channel("127.0.0.1:9400")
+    stub = filter_pb2_grpc.FilterStub(channel)
+    for metadata in ((("application", "filter"),), (("application", "filter"), ("authorization", "Bearer wrong"))):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.FilterTasks(_request(), metadata=metadata, timeout=60)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ServiceClients("127.0.0.1:9400", 60, token=TOKEN).filter_tasks(_request()).candidates == 3
+    channel.close()
+
+
+def test_oversized_request_is_resource_exhausted(secured, monkeypatch):
+    clients = ServiceClients("127.0.0.1:9400", 60, token=TOKEN)
+    request = _request(1)
+    for i in range(4000):  # ~70 MiB in 4,000 valid-looking tasks, past the 64 MiB request limit
+        task = request.candidates.inline.tasks.add()
+        task.id, task.instruction = f"big{i}", "x " * 9_000
+    with pytest.raises(grpc.RpcError) as info:
+        clients.filter_tasks(request)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit" in info.value.details()
+    assert clients.filter_tasks(_request()).candidates == 3  # and it keeps serving
+
+
+def test_openai_http_api_needs_the_token(secured):
+    url = "http://127.0.0.1:8400/generator/v1/models"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(url, timeout=60)
+    assert info.value.code == 401
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert json.loads(response.read())["object"] == "list"
