@@ -14,6 +14,29 @@ APP_BUILDERS = {
 }
 
 
+AGENT_PORT = 52365  # Ray's dashboard agent; a killed local cluster's agent holds it for about a minute
+
+
+def _port_busy(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for_previous_cluster(timeout_s: float = 150.0) -> None:
+    """After a local run was killed (SIGKILL), its Ray agents outlive it by about a minute and hold
+    their ports; a new local cluster started meanwhile has no job agent (training could not start)."""
+    deadline = time.time() + timeout_s
+    warned = False
+    while _port_busy(AGENT_PORT) and time.time() < deadline:
+        if not warned:
+            print("waiting for a previous local Ray cluster's processes to exit ...", flush=True)
+            warned = True
+        time.sleep(1.0)
+
+
 def connect_ray(local_num_cpus: int | None = None) -> bool:
     """Joins RAY_ADDRESS (or the job's cluster) if set, else starts a local Ray. True if we started it."""
     import ray
@@ -23,6 +46,7 @@ def connect_ray(local_num_cpus: int | None = None) -> bool:
     if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
         ray.init(log_to_driver=False)
         return False
+    wait_for_previous_cluster()
     # The dashboard hosts Ray's job API, which the trainer submits training runs to.
     ray.init(num_cpus=local_num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=True, log_to_driver=False)
     return True

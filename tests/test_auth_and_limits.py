@@ -35,6 +35,9 @@ def secured(tmp_path_factory, builtin_cache):
     config = parse_config(tiny_settings(str(tmp_path_factory.mktemp("store")), builtin_cache, 9400, 8400))
     os.environ[API_TOKEN_ENV] = TOKEN  # the local cluster's processes inherit it
     try:
+        from services.serving import wait_for_previous_cluster
+
+        wait_for_previous_cluster()  # a killed cluster's agent may still hold its port
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         serve.start(http_options=HTTPOptions(port=8400), grpc_options=gRPCOptions(
             port=9400, grpc_servicer_functions=SERVICER_FUNCTIONS))

@@ -28,6 +28,9 @@ def deployed(tmp_path_factory, builtin_cache):
 
     store_root = str(tmp_path_factory.mktemp("store"))
     config = parse_config(tiny_settings(store_root, builtin_cache))
+    from services.serving import wait_for_previous_cluster
+
+    wait_for_previous_cluster()  # a killed cluster's agent may still hold its port
     ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # the job API for training
     try:
         deploy_apps(config)
@@ -195,7 +198,20 @@ def test_one_round_end_to_end_over_grpc(deployed):
         curated = store.read_tasks(stages["curate"]["uri"])
         assert all(0 <= t.lineage.scores["curation"] <= 5 for t in curated)
     assert stages["promote"]["reason"] and "interval" in stages["evaluate"]
-    assert os.path.exists(store.resolve(store.uri("loop", "report.html")))
+    report = store.resolve(store.uri("loop", "report.html"))
+    assert os.path.exists(report)
+    from tests.test_report_browser import CHROMIUM, FLAGS
+
+    if CHROMIUM:  # this real run's report, opened in headless Chromium
+        import subprocess
+
+        from services.evaluator.report import SECTIONS
+
+        import tempfile
+
+        dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tempfile.mkdtemp()}", "--dump-dom",
+                              f"file://{report}"], capture_output=True, text=True, timeout=120)
+        assert all(f'id="{section}"' in dom.stdout for section in SECTIONS)
     generated = store.read_tasks(stages["generate_instructions"]["uri"])
     assert generated, "the bootstrapped model must write parseable instructions"
     record = generated[0]

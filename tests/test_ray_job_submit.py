@@ -27,6 +27,9 @@ def head_node(tmp_path):
     env.pop("RAY_ADDRESS", None)
     # Its own session dir (no clash with other local clusters), short: Unix socket paths max 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")
+    from services.serving import wait_for_previous_cluster
+
+    wait_for_previous_cluster()  # a killed cluster's agent may still hold its port
     started = subprocess.run(
         [RAY, "start", "--head", "--port=6390", "--dashboard-port=8266", "--num-cpus=4", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],

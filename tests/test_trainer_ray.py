@@ -19,6 +19,9 @@ pytestmark = pytest.mark.ray
 def local_ray():
     import ray
 
+    from services.serving import wait_for_previous_cluster
+
+    wait_for_previous_cluster()  # a killed cluster's agent may still hold its port
     ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # the job API for training
     yield
     ray.shutdown()

@@ -40,6 +40,8 @@ def _admit(request, grpc_context) -> None:
     metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
     if not token_matches(metadata.get("authorization")):
         raise Unauthenticated("missing or wrong bearer token in metadata 'authorization'")
+    if request is None:  # services.api.servicers: the bytes were no valid message of this method's type
+        raise RequestError("request", "not a valid protobuf message for this method")
     size = request.ByteSize()
     if size > MAX_REQUEST_BYTES:
         raise RequestTooLarge(f"request is {size} bytes; the limit is {MAX_REQUEST_BYTES} "

@@ -60,10 +60,10 @@ grpc_options:
   port: {{ .Values.serve.grpcPort }}
   enable_reflection: true
   grpc_servicer_functions:
-    - services.api.generator_pb2_grpc.add_GeneratorServicer_to_server
-    - services.api.filter_pb2_grpc.add_FilterServicer_to_server
-    - services.api.trainer_pb2_grpc.add_TrainerServicer_to_server
-    - services.api.evaluator_pb2_grpc.add_EvaluatorServicer_to_server
+    - services.api.servicers.add_GeneratorServicer_to_server
+    - services.api.servicers.add_FilterServicer_to_server
+    - services.api.servicers.add_TrainerServicer_to_server
+    - services.api.servicers.add_EvaluatorServicer_to_server
 applications:
   - name: generator
     route_prefix: /generator
