@@ -15,6 +15,16 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "actor died", "unexpectedly")
 
 
+def _final(stream, on_progress):
+    """Reports each progress message of a stream and returns the result the last one carries."""
+    for update in stream:
+        if on_progress is not None:
+            on_progress(update.done, update.total)
+        if update.HasField("result"):
+            return update.result
+    raise RuntimeError("the stream ended without a result")
+
+
 def _retryable(exc: grpc.RpcError) -> bool:
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -71,12 +81,7 @@ class ServiceClients:
 
     def stream_instances(self, request, on_progress=None):
         """GenerateInstances with progress; returns the final TasksResponse."""
-        for update in self._call("generator", self._generator.StreamInstances, request):
-            if on_progress is not None:
-                on_progress(update.done, update.total)
-            if update.HasField("result"):
-                return update.result
-        raise RuntimeError("instance stream ended without a result")
+        return _final(self._call("generator", self._generator.StreamInstances, request), on_progress)
 
     def filter_tasks(self, request):
         return self._call("filter", self._filter.FilterTasks, request)
@@ -113,12 +118,7 @@ class ServiceClients:
 
     def stream_evaluation(self, request, on_progress=None):
         """Evaluates with progress; returns the final EvaluateModelResponse."""
-        for update in self._call("evaluator", self._evaluator.StreamEvaluation, request):
-            if on_progress is not None:
-                on_progress(update.done, update.total)
-            if update.HasField("result"):
-                return update.result
-        raise RuntimeError("evaluation stream ended without a result")
+        return _final(self._call("evaluator", self._evaluator.StreamEvaluation, request), on_progress)
 
     def compare_models(self, request):
         return self._call("evaluator", self._evaluator.CompareModels, request)

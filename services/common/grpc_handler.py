@@ -105,3 +105,27 @@ def grpc_method(response_type):
         return wrapper
 
     return decorate
+
+
+def run_with_progress(work):
+    """Runs work(on_progress) in a thread; yields (done, total) as it reports, then ('result', value).
+    Exceptions in work are re-raised in the caller's generator (and so become the stream's status)."""
+    import queue
+    import threading
+
+    updates: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = work(lambda done, total: updates.put((done, total)))
+        except Exception as exc:  # re-raised below, in the streaming method
+            outcome["error"] = exc
+        updates.put(None)
+
+    threading.Thread(target=target, daemon=True).start()
+    while (update := updates.get()) is not None:
+        yield update
+    if "error" in outcome:
+        raise outcome["error"]
+    yield ("result", outcome["value"])

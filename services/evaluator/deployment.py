@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import queue
-import threading
-
 from ray import serve
 
 from ..api import common_pb2, evaluator_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, engine_options
-from ..common.grpc_handler import grpc_method, grpc_stream_method
+from ..common.grpc_handler import grpc_method, grpc_stream_method, run_with_progress
 from ..common.store import RunStore
 from ..common.validation import (check_context, check_model_uri, check_output_uri, check_range, check_sampling,
                                  resolve_tasks)
@@ -72,27 +69,15 @@ class EvaluatorDeployment:
     @grpc_stream_method
     def StreamEvaluation(self, request: evaluator_pb2.EvaluateModelRequest):
         model_uri, tasks = self._checked(request)
-        updates: queue.Queue = queue.Queue()
-        outcome: dict = {}
-
-        def work():
-            try:
-                outcome["evaluation"] = self.service.evaluate(
-                    model_uri, tasks, request.max_instances_per_task, _sampling(request.sampling),
-                    with_nll=request.with_nll, on_progress=lambda done, total: updates.put((done, total)),
-                    run_id=request.context.run_id, round_index=request.context.round)
-            except Exception as exc:  # re-raised in the stream below
-                outcome["error"] = exc
-            updates.put(None)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (update := updates.get()) is not None:
-            yield evaluator_pb2.EvaluationProgress(done=update[0], total=update[1])
-        if "error" in outcome:
-            raise outcome["error"]
-        evaluation = outcome["evaluation"]
-        yield evaluator_pb2.EvaluationProgress(done=evaluation.num_instances, total=evaluation.num_instances,
-                                               result=self._finish(request, evaluation))
+        for done, value in run_with_progress(lambda on_progress: self.service.evaluate(
+                model_uri, tasks, request.max_instances_per_task, _sampling(request.sampling),
+                with_nll=request.with_nll, on_progress=on_progress, run_id=request.context.run_id,
+                round_index=request.context.round)):
+            if done != "result":
+                yield evaluator_pb2.EvaluationProgress(done=done, total=value)
+            else:
+                yield evaluator_pb2.EvaluationProgress(done=value.num_instances, total=value.num_instances,
+                                                       result=self._finish(request, value))
 
     @grpc_method(evaluator_pb2.CompareModelsResponse)
     def CompareModels(self, request: evaluator_pb2.CompareModelsRequest):

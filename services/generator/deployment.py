@@ -1,21 +1,16 @@
 """Ray Serve deployment of the generator (gRPC). Validation and proto conversion only."""
 
 # No `from __future__ import annotations` here: FastAPI must see the request models as real types.
-import queue
-import threading
-
+from fastapi import Depends, Header, HTTPException
 from ray import serve
 
 from ..api import common_pb2, generator_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, engine_options
 from ..common.convert import task_to_proto
-from ..common.grpc_handler import grpc_method, grpc_stream_method
+from ..common.grpc_handler import grpc_method, grpc_stream_method, run_with_progress, token_matches
 from ..common.store import RunStore
 from ..common.validation import (MAX_INLINE_TASKS, MAX_PROMPTS, RequestError, check_context, check_model_uri,
                                  check_output_uri, check_range, check_sampling, check_text, resolve_tasks)
-from fastapi import Depends, Header, HTTPException
-
-from ..common.grpc_handler import token_matches
 
 from .engines import SamplingParams, create_engine
 from .openai_api import ChatRequest, CompletionRequest, chat_prompt, completion_response, openai_app
@@ -137,26 +132,15 @@ class GeneratorDeployment:
     @grpc_stream_method
     def StreamInstances(self, request: generator_pb2.GenerateInstancesRequest):
         ctx, model_uri, tasks, demos = self._instances_request(request)
-        updates: queue.Queue = queue.Queue()
-        outcome: dict = {}
-
-        def work():
-            try:
-                outcome["tasks"] = self.service.generate_instances(
-                    ctx, model_uri, tasks, demos, request.num_demonstrations, _sampling(request.sampling),
-                    on_progress=lambda done, total: updates.put((done, total)))
-            except Exception as exc:  # re-raised in the stream below
-                outcome["error"] = exc
-            updates.put(None)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (update := updates.get()) is not None:
-            yield generator_pb2.GenerationProgress(done=update[0], total=update[1])
-        if "error" in outcome:
-            raise outcome["error"]
-        yield generator_pb2.GenerationProgress(
-            done=len(tasks), total=len(tasks),
-            result=self._respond(outcome["tasks"], request.output_uri, generator_pb2.TasksResponse))
+        for done, value in run_with_progress(lambda on_progress: self.service.generate_instances(
+                ctx, model_uri, tasks, demos, request.num_demonstrations, _sampling(request.sampling),
+                on_progress=on_progress)):
+            if done != "result":
+                yield generator_pb2.GenerationProgress(done=done, total=value)
+            else:
+                yield generator_pb2.GenerationProgress(
+                    done=len(tasks), total=len(tasks),
+                    result=self._respond(value, request.output_uri, generator_pb2.TasksResponse))
 
     @grpc_method(generator_pb2.TasksResponse)
     def Backtranslate(self, request: generator_pb2.BacktranslateRequest):
