@@ -324,3 +324,50 @@ def test_still_serving_after_fuzz(deployed):
     print(f"fuzz outcomes: {counts}")
     ok = clients.filter_tasks(filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(load_seed_tasks()[:3])))
     assert ok.candidates == 3
+
+
+def test_replica_killed_under_load_requests_are_retried(deployed):
+    """Kill the filter replica while requests are in flight: the client retries each with the same
+    request (its kept_uri is the idempotency key), and every output holds each record exactly once."""
+    import threading
+
+    import ray
+    from ray.util.state import list_actors
+
+    from benchmarks.rouge_filter import synthetic_instructions
+    from services.common.records import Instance, TaskRecord
+
+    config, clients = deployed
+    store = RunStore(config.store.root)
+    texts = synthetic_instructions(1500, seed=11)
+    candidates = [TaskRecord(id=f"c{i}", instruction=t, instances=[Instance("", f"answer {i}")])
+                  for i, t in enumerate(texts)]
+    pool = tasks_to_source([TaskRecord(id=f"p{i}", instruction=t) for i, t in enumerate(synthetic_instructions(1500, 12))])
+    results, errors = {}, []
+
+    def call(n: int) -> None:
+        kept_uri = store.dataset_uri("replica-kill", 1, f"kept-{n}")
+        try:
+            response = clients.filter_tasks(filter_pb2.FilterTasksRequest(
+                context=CTX, candidates=tasks_to_source(candidates), pool=pool, kept_uri=kept_uri,
+                near_duplicate_threshold=-1))
+            results[n] = (kept_uri, response.kept_count)
+        except grpc.RpcError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ServeReplica:filter:Filter"]
+    assert replicas, "no filter replica found"
+    ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
+    for thread in threads:
+        thread.join(300)
+    assert not errors, [e.details() for e in errors]
+    counts = set()
+    for kept_uri, kept_count in results.values():
+        ids = [t.id for t in store.read_tasks(kept_uri)]
+        assert len(ids) == len(set(ids)) == kept_count
+        counts.add(kept_count)
+    assert len(results) == 6 and len(counts) == 1  # same request, same answer, whoever served it

@@ -51,7 +51,8 @@ def test_job_submit_runs_the_loop(tmp_path, head_node, builtin_cache):
     for attempt in range(12):  # the head's job agent needs a few seconds after `ray start` returns
         submitted = subprocess.run(
             [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--submission-id", "loop-test",
-             "--", "python", "-m", "ray_jobs.self_improve", "--config", str(config_path), "--run-id", "job"],
+             # this test's interpreter: `python` on PATH need not be the one with reinstruct installed
+             "--", sys.executable, "-m", "ray_jobs.self_improve", "--config", str(config_path), "--run-id", "job"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         if "No available agent to submit job" not in submitted.stdout + submitted.stderr:
             break
