@@ -53,7 +53,10 @@ def main() -> None:
     from .rouge_filter import synthetic_instructions
 
     config = parse_config({"store": {"root": tempfile.mkdtemp(prefix="load-")}})
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from services.serving import wait_for_previous_cluster
+
+    wait_for_previous_cluster()
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # the state API finds the replica
     try:
         serve.start(http_options=HTTPOptions(port=8600),
                     grpc_options=gRPCOptions(port=9600, grpc_servicer_functions=SERVICER_FUNCTIONS))
