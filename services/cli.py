@@ -139,20 +139,24 @@ def serve_command(config: Optional[Path] = typer.Option(Path("configs/local.yaml
     from .serving import APP_NAMES, connect_ray, deploy_apps
 
     cfg = _load(config if config and config.exists() else None)
-    started_ray = connect_ray()
-    deploy_apps(cfg)
-    console.print(f"[green]serving[/green] gRPC on {cfg.serve.host}:{cfg.serve.grpc_port} "
-                  f"(apps: {', '.join(APP_NAMES)}); Ctrl-C to stop")
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
-    console.print("shutting down what this command started ...")
-    if started_ray:
-        serve.shutdown()
-    else:
-        for name in APP_NAMES:
-            serve.delete(name)
+    started_ray = connect_ray()
+    try:
+        deploy_apps(cfg)
+        console.print(f"[green]serving[/green] gRPC on {cfg.serve.host}:{cfg.serve.grpc_port} "
+                      f"(apps: {', '.join(APP_NAMES)}); Ctrl-C to stop")
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        stop.wait()
+    except KeyboardInterrupt:  # Ctrl-C while the apps were still deploying
+        pass
+    finally:
+        console.print("shutting down what this command started ...")
+        if started_ray:
+            serve.shutdown()
+        else:
+            for name in APP_NAMES:
+                serve.delete(name)
 
 
 @app.command("filter")

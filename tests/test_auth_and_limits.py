@@ -4,6 +4,7 @@ generator apps only, to keep it quick)."""
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 
@@ -32,7 +33,9 @@ def secured(tmp_path_factory, builtin_cache):
     from services.filter.deployment import build_app as build_filter
     from services.generator.deployment import build_app as build_generator
 
-    config = parse_config(tiny_settings(str(tmp_path_factory.mktemp("store")), builtin_cache, 9400, 8400))
+    settings = tiny_settings(str(tmp_path_factory.mktemp("store")), builtin_cache, 9400, 8400)
+    settings["serve"].update(max_ongoing_requests=1, max_queued_requests=1)  # overload comes quickly
+    config = parse_config(settings)
     os.environ[API_TOKEN_ENV] = TOKEN  # the local cluster's processes inherit it
     try:
         from services.serving import wait_for_previous_cluster
@@ -90,3 +93,38 @@ def test_openai_http_api_needs_the_token(secured):
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
     with urllib.request.urlopen(request, timeout=60) as response:
         assert json.loads(response.read())["object"] == "list"
+
+
+def test_overload_is_refused_quickly(secured):
+    """Past max_ongoing_requests + max_queued_requests, callers get RESOURCE_EXHAUSTED at once."""
+    import threading
+
+    from services.api import common_pb2, generator_pb2
+
+    clients = ServiceClients("127.0.0.1:9400", 120, token=TOKEN, retries=0)
+    request = generator_pb2.GenerateInstructionsRequest(
+        context=common_pb2.RunContext(run_id="overload", round=1), model_uri="builtin:tiny-llama",
+        seed_tasks=tasks_to_source(load_seed_tasks()[:20]), num_prompts=16, num_human_in_context=6,
+        sampling=common_pb2.Sampling(temperature=1.0, top_p=1.0, max_new_tokens=256, seed=1))
+    outcomes, lock = [], threading.Lock()
+
+    def call():
+        started = time.time()
+        try:
+            clients.generate_instructions(request)
+            code = "OK"
+        except grpc.RpcError as exc:
+            code = exc.code().name
+        with lock:
+            outcomes.append((code, time.time() - started))
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.2)
+    for thread in threads:
+        thread.join(600)
+    refused = [seconds for code, seconds in outcomes if code == "RESOURCE_EXHAUSTED"]
+    assert len(outcomes) == 6 and len(refused) >= 3, outcomes
+    assert max(refused) < 5.0  # refused at once, not after waiting
+    assert [code for code, _ in outcomes].count("OK") >= 1
