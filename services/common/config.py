@@ -207,6 +207,16 @@ def engine_options(config: ReinstructConfig) -> dict:
     return common
 
 
+def replica_options(config: ReinstructConfig, *, num_gpus: float = 0.0, num_cpus: float | None = None) -> dict:
+    """Keyword arguments for Deployment.options(): resources and the overload limits of `serve`."""
+    return {
+        "ray_actor_options": {"num_cpus": config.serve.replica_num_cpus if num_cpus is None else num_cpus,
+                              "num_gpus": num_gpus},
+        "max_ongoing_requests": config.serve.max_ongoing_requests,
+        "max_queued_requests": config.serve.max_queued_requests,
+    }
+
+
 def _merge(base: dict, overrides: dict) -> dict:
     merged = dict(base)
     for key, value in overrides.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray import serve
 
 from ..api import common_pb2, evaluator_pb2
-from ..common.config import ReinstructConfig, config_from_app_args, engine_options
+from ..common.config import ReinstructConfig, config_from_app_args, replica_options, engine_options
 from ..common.grpc_handler import grpc_method, grpc_stream_method, run_with_progress
 from ..common.store import RunStore
 from ..common.validation import (check_context, check_model_uri, check_output_uri, check_range, check_sampling,
@@ -106,8 +106,5 @@ class EvaluatorDeployment:
 
 def build_app(args: dict | None = None):
     config = config_from_app_args(args)
-    return EvaluatorDeployment.options(
-        ray_actor_options={"num_cpus": config.serve.replica_num_cpus, "num_gpus": config.generation.num_gpus},
-        max_ongoing_requests=config.serve.max_ongoing_requests,
-        max_queued_requests=config.serve.max_queued_requests,
-    ).bind(config.model_dump())
+    options = replica_options(config, num_gpus=config.generation.num_gpus)
+    return EvaluatorDeployment.options(**options).bind(config.model_dump())

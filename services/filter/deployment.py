@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray import serve
 
 from ..api import common_pb2, filter_pb2
-from ..common.config import ReinstructConfig, config_from_app_args
+from ..common.config import ReinstructConfig, config_from_app_args, replica_options
 from ..common.convert import task_to_proto
 from ..common.grpc_handler import grpc_method
 from ..common.store import RunStore
@@ -66,8 +66,4 @@ class FilterDeployment:
 
 def build_app(args: dict | None = None):
     config = config_from_app_args(args)
-    return FilterDeployment.options(
-        ray_actor_options={"num_cpus": config.serve.replica_num_cpus},
-        max_ongoing_requests=config.serve.max_ongoing_requests,
-        max_queued_requests=config.serve.max_queued_requests,
-    ).bind(config.model_dump())
+    return FilterDeployment.options(**replica_options(config)).bind(config.model_dump())

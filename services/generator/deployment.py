@@ -5,7 +5,7 @@ from fastapi import Depends, Header, HTTPException
 from ray import serve
 
 from ..api import common_pb2, generator_pb2
-from ..common.config import ReinstructConfig, config_from_app_args, engine_options
+from ..common.config import ReinstructConfig, config_from_app_args, replica_options, engine_options
 from ..common.convert import task_to_proto
 from ..common.grpc_handler import grpc_method, grpc_stream_method, run_with_progress, token_matches
 from ..common.store import RunStore
@@ -177,8 +177,5 @@ class GeneratorDeployment:
 
 def build_app(args: dict | None = None):
     config = config_from_app_args(args)
-    return GeneratorDeployment.options(
-        ray_actor_options={"num_cpus": config.serve.replica_num_cpus, "num_gpus": config.generation.num_gpus},
-        max_ongoing_requests=config.serve.max_ongoing_requests,
-        max_queued_requests=config.serve.max_queued_requests,
-    ).bind(config.model_dump())
+    options = replica_options(config, num_gpus=config.generation.num_gpus)
+    return GeneratorDeployment.options(**options).bind(config.model_dump())

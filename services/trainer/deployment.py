@@ -8,7 +8,7 @@ import uuid
 from ray import serve
 
 from ..api import trainer_pb2
-from ..common.config import ReinstructConfig, config_from_app_args
+from ..common.config import ReinstructConfig, config_from_app_args, replica_options
 from ..common.grpc_handler import grpc_method, grpc_stream_method
 from ..common.store import RunStore
 from ..common.validation import (RequestError, check_context, check_model_uri, check_output_uri, check_range,
@@ -115,8 +115,6 @@ class TrainerDeployment:
 
 def build_app(args: dict | None = None):
     config = config_from_app_args(args)
-    # One replica: training jobs are tracked in its memory (issue: move to Ray Jobs for redeploys).
-    return TrainerDeployment.options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=config.serve.max_ongoing_requests,
-        max_queued_requests=config.serve.max_queued_requests,
-    ).bind(config.model_dump())
+    # Training runs as Ray jobs, so the trainer replica itself needs no CPU and holds no state.
+    options = replica_options(config, num_cpus=0)
+    return TrainerDeployment.options(num_replicas=1, **options).bind(config.model_dump())
