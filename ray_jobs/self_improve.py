@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -36,6 +37,7 @@ SELF_INSTRUCT_STAGES = ("generate_instructions", "classify", "generate_instances
 BACKTRANSLATION_STAGES = ("segments", "backtranslate", "curate", "filter_augmented")
 TRAIN_STAGES = ("train_data", "train", "evaluate", "promote")  # plus "judge" when evaluation.judge is on
 BOOTSTRAP_STAGES = ("split", "train_data", "train", "evaluate", "promote")
+BASE_MODEL_STAGES = ("split", "evaluate", "promote")  # no bootstrap: the base model is model 0
 BACKWARD_STAGES = ("backward_data", "backward_train")
 
 
@@ -44,7 +46,7 @@ def stage_count(config: ReinstructConfig) -> int:
     bt = config.backtranslation.enabled
     per_round = len(SELF_INSTRUCT_STAGES) + len(TRAIN_STAGES) + (len(BACKTRANSLATION_STAGES) if bt else 0)
     per_round += 1 if config.evaluation.judge else 0
-    first = (len(BOOTSTRAP_STAGES) if config.loop.bootstrap else 1) + (len(BACKWARD_STAGES) if bt else 0)
+    first = (len(BOOTSTRAP_STAGES) if config.loop.bootstrap else len(BASE_MODEL_STAGES)) + (len(BACKWARD_STAGES) if bt else 0)
     return first + config.loop.rounds * per_round
 
 
@@ -87,7 +89,9 @@ class LoopDriver:
         self.reporter.stage(k, stage, resumed=done is not None)
         if done is not None:
             return done
+        started = time.monotonic()
         output = work()
+        output["elapsed_s"] = round(time.monotonic() - started, 2)
         self.store.commit_stage(self.run_id, k, stage, output)
         self.reporter.stage_done(k, stage, output)
         return output
@@ -232,8 +236,7 @@ class LoopDriver:
         for path in self.config.evaluation.extra_sets:
             load_tasks(path)
         split = self._stage(0, "split", lambda: self._split(seeds))
-        promoted = self._bootstrap(split) if self.config.loop.bootstrap else {
-            "model_uri": self.config.model.base, "per_task": None}
+        promoted = self._bootstrap(split) if self.config.loop.bootstrap else self._base_model(split)
         backward = self._backward_model(split) if self.config.backtranslation.enabled else None
         for k in range(1, self.config.loop.rounds + 1):
             promoted = self._round(k, split, promoted, backward)
@@ -259,10 +262,12 @@ class LoopDriver:
 
     def _train_mix(self, k: int, split: dict, machine: list[TaskRecord], augmented: list[TaskRecord]) -> dict:
         human = self.store.read_tasks(split["seed_train_uri"])
-        meta = build_meta_tasks(human, machine, seed=self.config.seed + k,
-                                examples_per_task=self.config.training.bootstrap_examples_per_task)
-        if self.config.backtranslation.enabled:  # the forward model also rates pairs (self-curation)
-            meta += curation_meta_tasks(human, seed=self.config.seed + k)
+        meta = []
+        if self.config.training.meta_tasks:  # teach the Self-Instruct and rating formats themselves
+            meta = build_meta_tasks(human, machine, seed=self.config.seed + k,
+                                    examples_per_task=self.config.training.bootstrap_examples_per_task)
+            if self.config.backtranslation.enabled:  # the forward model also rates pairs (self-curation)
+                meta += curation_meta_tasks(human, seed=self.config.seed + k)
         mix = human + machine + augmented + meta
         uri = self._uri(k, "train_mix")
         self.store.write_tasks(uri, mix)
@@ -274,6 +279,13 @@ class LoopDriver:
         trained = self._stage(0, "train", lambda: self._train(0, self.config.model.base, data["uri"],
                                                                self.config.training.bootstrap_epochs))
         score = self._stage(0, "evaluate", lambda: self._evaluate(0, trained["model_uri"], split["seed_heldout_uri"]))
+        decision = self._stage(0, "promote", lambda: self._promote(0, score, None))
+        self._write_report()
+        return decision
+
+    def _base_model(self, split: dict) -> dict:
+        """Model 0 is the base model itself: evaluated like every later model, so round 1 must beat it."""
+        score = self._stage(0, "evaluate", lambda: self._evaluate(0, self.config.model.base, split["seed_heldout_uri"]))
         decision = self._stage(0, "promote", lambda: self._promote(0, score, None))
         self._write_report()
         return decision

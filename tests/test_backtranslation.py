@@ -8,7 +8,7 @@ from services.generator import backtranslation as bt
 from services.generator.corpus import STDLIB, load_segments, sample_segments, segment
 from services.generator.engines.base import Completion, SamplingParams
 from services.generator.service import GeneratorService, RunContext
-from services.trainer.formatting import render
+from services.common.rendering import Renderer
 
 
 @pytest.mark.parametrize("text, score", [
@@ -83,6 +83,6 @@ def test_augmented_data_is_tagged_in_training_prompts():
     task = TaskRecord(id="a", instruction="Explain the function.", instances=[Instance("", "It adds.")],
                       lineage=Lineage(stage="backtranslate"))
     seed = TaskRecord(id="s", instruction="Explain the function.", instances=[Instance("", "It adds.")])
-    tagged = render(task, task.instances[0], None, "[augmented]")
+    tagged = Renderer(augmented_tag="[augmented]").render(task, task.instances[0])
     assert tagged.prompt.startswith("[augmented]\n") and tagged.response == " It adds."
-    assert not render(seed, seed.instances[0], None, "[augmented]").prompt.startswith("[augmented]")
+    assert not Renderer(augmented_tag="[augmented]").render(seed, seed.instances[0]).prompt.startswith("[augmented]")

@@ -13,7 +13,7 @@ def test_defaults_in_one_place():
     assert config.filter.rouge_l_threshold == 0.7
     assert config.generation.num_human_in_context + config.generation.num_machine_in_context == 8
     assert config.serve.grpc_port == 9000
-    assert config.model.base == "builtin:tiny-llama"
+    assert config.model.base == "builtin:smollm2-135m"
     assert config.model.trust_remote_code is False
 
 

@@ -108,7 +108,7 @@ def test_vllm_adapter_against_stand_in(monkeypatch, builtin_cache):
             self.model = model
 
         def generate(self, prompts, params, use_tqdm=False):
-            self.last_params = params.kwargs
+            self.last_params, self.last_prompts = params.kwargs, prompts
             out = types.SimpleNamespace(text="done", finish_reason="length", token_ids=[1, 2])
             return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
 
@@ -117,14 +117,15 @@ def test_vllm_adapter_against_stand_in(monkeypatch, builtin_cache):
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLMStub, SamplingParams=SamplingParamsStub))
     engine = create_engine("vllm", cache_dir=builtin_cache, gpu_memory_utilization=0.5)
-    engine.load("/models/round-1")
-    engine.load("/models/round-1")  # same weights: nothing rebuilt
+    engine.load("builtin:tiny-llama")
+    engine.load("builtin:tiny-llama")  # same weights: nothing rebuilt
     out = engine.generate(["p"], SamplingParams(temperature=0.7, top_p=0.5, max_new_tokens=9, stop=("\n\n",),
                                                 seed=4, presence_penalty=2.0))
     assert (out[0].text, out[0].finish_reason, out[0].num_tokens) == ("done", "length", 2)
     assert engine.llm.last_params == {"temperature": 0.7, "top_p": 0.5, "max_tokens": 9, "stop": ["\n\n"],
                                       "seed": 4, "presence_penalty": 2.0}
-    engine.load("/models/round-2")  # next round: the old engine sleeps, a new one loads
-    assert [m for m, _ in built] == ["/models/round-1", "/models/round-2"]
-    assert slept == [("/models/round-1", 2)]
+    assert engine.llm.last_prompts == [{"prompt_token_ids": engine.tokenizer("p", add_special_tokens=False).input_ids}]
+    engine.load("builtin:tiny-t5")  # next round: the old engine sleeps, a new one loads
+    assert [m.rsplit("/", 1)[-1] for m, _ in built] == ["tiny-llama-v1", "tiny-t5-v1"]
+    assert slept == [(built[0][0], 2)]
     assert built[0][1]["gpu_memory_utilization"] == 0.5 and built[0][1]["enable_sleep_mode"] is True

@@ -102,6 +102,7 @@ class ScriptedEngine:
     def __init__(self, answers):
         self.answers = answers
         self.loaded = None
+        self.tokenizer = None  # the plain instruction templates
 
     def load(self, model_uri):
         self.loaded = model_uri
@@ -109,7 +110,7 @@ class ScriptedEngine:
     def generate(self, prompts, params):
         return [Completion(self.answers(self.loaded, p), "stop") for p in prompts]
 
-    def score_nll(self, prompts, responses):
+    def score_nll(self, prompts, responses, max_len=0):
         return [1.0 for _ in prompts]
 
 

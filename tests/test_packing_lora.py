@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from services.common.models import load_model
-from services.trainer.formatting import IGNORE_INDEX, Example, collate, collate_packed, pack, tokenize
+from services.common.rendering import IGNORE_INDEX, Example, tokenize
+from services.trainer.formatting import collate, collate_packed, pack
 from services.trainer.train_loop import _apply_lora, _save_final
 
 
@@ -27,8 +28,10 @@ def _per_token_losses(model, batch):
     return losses, shift_labels != IGNORE_INDEX
 
 
-def test_packed_batch_gives_the_same_per_example_loss(llama):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_batch_gives_the_same_per_example_loss(llama, attention):
     model, tok = llama
+    model.set_attn_implementation(attention)  # the 4-D mask must hold under both
     features = [tokenize(e, tok, 128, False) for e in EXAMPLES]
     one_by_one = []
     with torch.no_grad():

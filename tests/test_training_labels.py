@@ -6,7 +6,11 @@ import pytest
 
 from services.common.models import load_model
 from services.common.records import Instance, TaskRecord
-from services.trainer.formatting import IGNORE_INDEX, Example, collate, render, render_all, tokenize
+from services.common.rendering import IGNORE_INDEX, Example, Renderer, tokenize
+from services.trainer.formatting import collate
+
+render = Renderer().render
+render_all = Renderer().render_all
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ def tiny_settings(store_root: str, builtin_cache: str, grpc_port: int = 9000, ht
         "store": {"root": store_root},
         "serve": {"grpc_port": grpc_port, "http_port": http_port, "request_timeout_s": 300},
         "generation": {"num_prompts": 4, "max_new_tokens": 48, "instance_max_new_tokens": 48, "batch_size": 8},
-        "training": {"epochs": 1, "bootstrap_epochs": 2, "bootstrap_examples_per_task": 1, "max_seq_len": 256,
+        "training": {"epochs": 1, "meta_tasks": True, "bootstrap_epochs": 2, "bootstrap_examples_per_task": 1, "max_seq_len": 256,
                      "batch_size": 16, "poll_interval_s": 0.5},
         "evaluation": {"max_instances_per_task": 1, "max_new_tokens": 16},
         "backtranslation": {"segments_per_round": 6, "backward_epochs": 2, "max_new_tokens": 16},
-        "loop": {"rounds": 1},
+        "loop": {"rounds": 1, "bootstrap": True},
     }
 
 

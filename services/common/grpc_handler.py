@@ -9,6 +9,7 @@ import os
 
 import grpc
 
+from .models import ModelUnavailable
 from .store import StoreError, UriNotAllowed
 from .validation import RequestError
 
@@ -57,6 +58,8 @@ def _status_for(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE, f"run store error: {exc}"
+    if isinstance(exc, ModelUnavailable):  # the operator's setup (a package, a file): say what to fix
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     logger.error("%s failed", name, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 

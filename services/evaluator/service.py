@@ -6,8 +6,8 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..common.records import Instance, Lineage, TaskRecord
+from ..common.rendering import NO_LIMIT, PromptFormat, Renderer
 from ..generator.engines import GenerationEngine, SamplingParams
-from ..trainer.formatting import render
 from . import judge as judging
 from .bootstrap import Interval, paired_difference
 from .metrics import TaskResult, category, mean_over_tasks, score_instance
@@ -64,8 +64,14 @@ def _items(tasks: list[TaskRecord], max_instances_per_task: int) -> list[tuple[T
 
 
 class EvaluatorService:
-    def __init__(self, engine: GenerationEngine, chunk_size: int = 16) -> None:
+    """prompt_format and max_seq_len are the model's and the trainer's (config.model.prompt_format,
+    config.training.max_seq_len): a held-out task is rendered, cut and scored as training would."""
+
+    def __init__(self, engine: GenerationEngine, prompt_format: PromptFormat = "auto", max_seq_len: int = NO_LIMIT,
+                 chunk_size: int = 16) -> None:
         self.engine = engine
+        self.prompt_format = prompt_format
+        self.max_seq_len = max_seq_len
         self.chunk_size = chunk_size
 
     def evaluate(self, model_uri: str, tasks: list[TaskRecord], max_instances_per_task: int, sampling: SamplingParams,
@@ -73,14 +79,16 @@ class EvaluatorService:
                  run_id: str = "", round_index: int = 0) -> Evaluation:
         self.engine.load(model_uri)
         items = _items(tasks, max_instances_per_task)
-        params = replace(sampling, stop=STOPS)
+        params = replace(sampling, stop=STOPS, max_prompt_tokens=self.max_seq_len)
+        renderer = Renderer.for_tokenizer(self.engine.tokenizer, self.prompt_format)
         results: dict[str, TaskResult] = {}
         predictions: list[TaskRecord] = []
         for start in range(0, len(items), self.chunk_size):
             chunk = items[start : start + self.chunk_size]
-            examples = [render(task, inst) for task, inst in chunk]
+            examples = [renderer.render(task, inst) for task, inst in chunk]
             completions = self.engine.generate([e.prompt for e in examples], params)
-            nlls = self.engine.score_nll([e.prompt for e in examples], [e.response for e in examples]) if with_nll else []
+            nlls = self.engine.score_nll([e.prompt for e in examples], [e.response for e in examples],
+                                         self.max_seq_len) if with_nll else []
             for j, ((task, inst), example, completion) in enumerate(zip(chunk, examples, completions)):
                 result = results.setdefault(task.id, TaskResult(task.id, category(task)))
                 has_reference = bool(inst.output.strip())  # prompts without references: judged only

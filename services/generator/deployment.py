@@ -9,7 +9,7 @@ from ..common.config import ReinstructConfig, config_from_app_args, replica_opti
 from ..common.convert import task_to_proto
 from ..common.grpc_handler import grpc_method, grpc_stream_method, run_with_progress, token_matches
 from ..common.store import RunStore
-from ..common.validation import (MAX_INLINE_TASKS, MAX_PROMPTS, RequestError, check_context, check_model_uri,
+from ..common.validation import (MAX_INLINE_TASKS, MAX_PROMPTS, RequestError, check_context, check_model_uri, TrustedModels,
                                  check_output_uri, check_range, check_sampling, check_text, resolve_tasks)
 
 from .engines import SamplingParams, create_engine
@@ -37,16 +37,18 @@ class GeneratorDeployment:
     def __init__(self, settings: dict):
         config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(config.store.root, config.store.allowed_schemes)
+        self.trusted = TrustedModels.from_config(config)
         engine = create_engine(config.generation.engine, **engine_options(config))
         self.service = GeneratorService(engine)
         self.default_model = config.model.base
+        self.prompt_format = config.model.prompt_format
 
     # ---- OpenAI-compatible HTTP (route prefix /generator) ---------------------------------------
     def _openai_model(self, name: str) -> str:
         if name in ("", "current"):
             return self.service.engine.model_uri or self.default_model
         try:
-            return check_model_uri(name, self.store, "model")
+            return check_model_uri(name, self.store, "model", trusted=self.trusted)
         except RequestError as exc:
             raise HTTPException(400, str(exc)) from None
 
@@ -67,7 +69,7 @@ class GeneratorDeployment:
     def chat_completions(self, body: ChatRequest):
         model = self._openai_model(body.model)
         self.service.engine.load(model)
-        prompt = chat_prompt(self.service.engine.tokenizer, body.messages)
+        prompt = chat_prompt(self.service.engine.tokenizer, body.messages, self.prompt_format)
         sampling = body.sampling()
         out = self.service.engine.generate([prompt], SamplingParams(
             sampling.temperature, sampling.top_p, sampling.max_new_tokens, sampling.seed,
@@ -83,7 +85,7 @@ class GeneratorDeployment:
     @grpc_method(generator_pb2.GenerateInstructionsResponse)
     def GenerateInstructions(self, request: generator_pb2.GenerateInstructionsRequest):
         check_context(request.context)
-        model_uri = check_model_uri(request.model_uri, self.store)
+        model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_range(request.num_prompts, "num_prompts", 1, MAX_PROMPTS)
         check_range(request.num_human_in_context, "num_human_in_context", 0, 8)
         check_range(request.num_machine_in_context, "num_machine_in_context", 0, 8)
@@ -104,7 +106,7 @@ class GeneratorDeployment:
     @grpc_method(generator_pb2.TasksResponse)
     def ClassifyInstructions(self, request: generator_pb2.ClassifyInstructionsRequest):
         check_context(request.context)
-        model_uri = check_model_uri(request.model_uri, self.store)
+        model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_output_uri(request.output_uri, self.store, "output_uri")
         tasks = resolve_tasks(request.tasks, self.store, "tasks")
         ctx = RunContext(request.context.run_id, request.context.round)
@@ -113,7 +115,7 @@ class GeneratorDeployment:
 
     def _instances_request(self, request: generator_pb2.GenerateInstancesRequest):
         check_context(request.context)
-        model_uri = check_model_uri(request.model_uri, self.store)
+        model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_range(request.num_demonstrations, "num_demonstrations", 0, 8)
         check_sampling(request.sampling)
         check_output_uri(request.output_uri, self.store, "output_uri")
@@ -145,7 +147,7 @@ class GeneratorDeployment:
     @grpc_method(generator_pb2.TasksResponse)
     def Backtranslate(self, request: generator_pb2.BacktranslateRequest):
         check_context(request.context)
-        model_uri = check_model_uri(request.model_uri, self.store)
+        model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_sampling(request.sampling)
         check_output_uri(request.output_uri, self.store, "output_uri")
         if request.segments and request.segment_tasks.WhichOneof("source"):
@@ -167,7 +169,7 @@ class GeneratorDeployment:
     @grpc_method(generator_pb2.TasksResponse)
     def CurateExamples(self, request: generator_pb2.CurateExamplesRequest):
         check_context(request.context)
-        model_uri = check_model_uri(request.model_uri, self.store)
+        model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_output_uri(request.output_uri, self.store, "output_uri")
         tasks = resolve_tasks(request.tasks, self.store, "tasks", require_instances=True)
         ctx = RunContext(request.context.run_id, request.context.round)

@@ -5,8 +5,8 @@
     client.completions.create(model="runs/demo/round-002/model", prompt="...")
 
 `model` is a checkpoint the generator may load (a run-store path or builtin:<preset>), or "current"
-for whatever it has loaded. Chat requests use the model's chat template when it has one, else the
-instruction template the model was trained with."""
+for whatever it has loaded. Chat requests are rendered by services/common/rendering.py, as training
+renders them (the chat template, or the plain instruction template, per `model.prompt_format`)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from typing import Literal
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..common.records import Instance, TaskRecord
-from ..trainer.formatting import render
+from ..common.rendering import PromptFormat, Renderer
 from .engines import SamplingParams
 
 openai_app = FastAPI(title="reinstruct generator", description="OpenAI-compatible completions for each round's model")
@@ -54,15 +53,13 @@ class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
 
 
-def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([m.model_dump() for m in messages], tokenize=False,
-                                             add_generation_prompt=True)
-    users = [m.content for m in messages if m.role == "user"]
-    if not users:
-        raise HTTPException(400, "messages: at least one user message is needed")
-    task = TaskRecord(id="chat", instruction=users[-1])
-    return render(task, Instance("", "")).prompt
+def chat_prompt(tokenizer, messages: list[ChatMessage], prompt_format: PromptFormat) -> str:
+    if tokenizer is None:
+        raise HTTPException(400, "model: chat needs the model's tokenizer; this engine has none for it")
+    try:
+        return Renderer.for_tokenizer(tokenizer, prompt_format).chat([m.model_dump() for m in messages])
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 def completion_response(model: str, texts: list[tuple[str, str]], kind: str) -> dict:

@@ -11,7 +11,7 @@ from ..api import trainer_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, replica_options
 from ..common.grpc_handler import grpc_method, grpc_stream_method
 from ..common.store import RunStore
-from ..common.validation import (RequestError, check_context, check_model_uri, check_output_uri, check_range,
+from ..common.validation import (RequestError, check_context, check_model_uri, TrustedModels, check_output_uri, check_range,
                                  check_text, resolve_tasks)
 from .service import TrainerService, TrainingJob, TrainingParams
 
@@ -34,13 +34,14 @@ class TrainerDeployment:
     def __init__(self, settings: dict):
         self.config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(self.config.store.root, self.config.store.allowed_schemes)
+        self.trusted = TrustedModels.from_config(self.config)
         self.service = TrainerService(self.store, self.config.model.trust_remote_code,
-                                      self.config.model.builtin_cache_dir)
+                                      self.config.model.builtin_cache_dir, prompt_format=self.config.model.prompt_format)
 
     @grpc_method(trainer_pb2.TrainingStatus)
     def StartTraining(self, request: trainer_pb2.StartTrainingRequest):
         check_context(request.context)
-        base = check_model_uri(request.base_model_uri, self.store, "base_model_uri")
+        base = check_model_uri(request.base_model_uri, self.store, "base_model_uri", trusted=self.trusted)
         if not request.output_model_uri:
             raise RequestError("output_model_uri", "must not be empty")
         check_output_uri(request.output_model_uri, self.store, "output_model_uri")

@@ -1,103 +1,12 @@
-"""Turning tasks into training sequences, for decoder-only and encoder-decoder models.
+"""Batching training sequences: right-padded batches, and packing several examples per sequence.
 
-Decoder-only: the loss covers exactly the response tokens plus an appended EOS; prompt tokens are
-masked (-100). The whole text is tokenized once and the boundary found by character offsets, so the
-labels cover exactly the tokens the model sees (tokenizing prompt and response apart and gluing them
-can differ at the boundary and silently drop the first answer token from the loss).
-Encoder-decoder: the prompt goes to the encoder; the response plus EOS are the decoder labels.
+Rendering and tokenization (labels on the response tokens plus EOS) live in
+services/common/rendering.py, shared with evaluation and the engines.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-
-from ..common import prompts
-from ..common.records import Instance, TaskRecord
-
-IGNORE_INDEX = -100
-
-
-@dataclass
-class Example:
-    prompt: str
-    response: str
-    task_id: str
-    template_id: str
-
-
-def render(task: TaskRecord, instance: Instance, rng: random.Random | None = None, augmented_tag: str = "") -> Example:
-    """Picks one of several instruction templates (rng=None: the fixed evaluation template).
-    Backtranslated data gets augmented_tag before its prompt, so the model can tell it apart."""
-    if task.format == "raw":
-        return Example(task.instruction, instance.output, task.id, "raw")
-    if augmented_tag and task.lineage.stage == "backtranslate":
-        example = render(TaskRecord(id=task.id, instruction=task.instruction), instance, rng)
-        return Example(f"{augmented_tag}\n{example.prompt}", example.response, task.id, example.template_id)
-    has_input = bool(instance.input.strip())
-    choices = prompts.TRAIN_WITH_INPUT if has_input else prompts.TRAIN_NO_INPUT
-    if rng is None:
-        template = prompts.EVAL_WITH_INPUT if has_input else prompts.EVAL_NO_INPUT
-    else:
-        template = rng.choice(choices)
-    prompt = template.render(instruction=task.instruction.strip(), input=instance.input.strip())
-    return Example(prompt, " " + instance.output.strip(), task.id, template.id)
-
-
-def render_all(tasks: list[TaskRecord], seed: int, augmented_tag: str = "", fewshot_fraction: float = 0.0,
-               fewshot_k: int = 2, chat_tokenizer=None) -> list[Example]:
-    """Every instance of every task, each with a template drawn from seed. A fewshot_fraction of the
-    instances of tasks with more than fewshot_k instances are shown after k exemplars of the same task
-    (zero-/few-shot mix, as FLAN). chat_tokenizer: use its chat template instead of ours."""
-    rng = random.Random(seed)
-    out = []
-    for task in tasks:
-        for index, inst in enumerate(task.instances):
-            example = render(task, inst, rng, augmented_tag)
-            if chat_tokenizer is not None and task.format != "raw":
-                example = _chat(chat_tokenizer, example, task, inst)
-            others = [o for j, o in enumerate(task.instances) if j != index]
-            if task.format != "raw" and len(others) >= fewshot_k > 0 and rng.random() < fewshot_fraction:
-                shots = [render(task, o, rng, augmented_tag) for o in rng.sample(others, fewshot_k)]
-                prefix = "".join(f"{s.prompt}{s.response}\n\n" for s in shots)
-                example = Example(prefix + example.prompt, example.response, task.id, example.template_id + "+fewshot")
-            out.append(example)
-    return out
-
-
-def _chat(tokenizer, example: Example, task: TaskRecord, inst: Instance) -> Example:
-    user = task.instruction.strip() + (f"\n\n{inst.input.strip()}" if inst.input.strip() else "")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-    return Example(prompt, inst.output.strip(), task.id, "chat_template")
-
-
-def tokenize_decoder_only(example: Example, tokenizer, max_len: int) -> dict:
-    text = example.prompt + example.response
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    boundary = len(example.prompt)
-    # A token belongs to the response if any of its characters do.
-    labels = [tok if end > boundary else IGNORE_INDEX for tok, (_, end) in zip(ids, offsets)]
-    ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
-    if len(ids) > max_len:  # keep the response: drop prompt tokens from the left, then cut the end
-        overflow = len(ids) - max_len
-        prompt_len = sum(1 for label in labels if label == IGNORE_INDEX)
-        cut = min(overflow, max(prompt_len - 1, 0))
-        ids, labels = ids[cut:], labels[cut:]
-        ids, labels = ids[:max_len], labels[:max_len]
-    return {"input_ids": ids, "labels": labels}
-
-
-def tokenize_encoder_decoder(example: Example, tokenizer, max_len: int) -> dict:
-    source = tokenizer(example.prompt, add_special_tokens=False)["input_ids"][-(max_len - 1):]
-    target = tokenizer(example.response.strip(), add_special_tokens=False)["input_ids"][: max_len - 1]
-    return {"input_ids": source + [tokenizer.eos_token_id], "labels": target + [tokenizer.eos_token_id]}
-
-
-def tokenize(example: Example, tokenizer, max_len: int, encoder_decoder: bool) -> dict:
-    if encoder_decoder:
-        return tokenize_encoder_decoder(example, tokenizer, max_len)
-    return tokenize_decoder_only(example, tokenizer, max_len)
+from ..common.rendering import IGNORE_INDEX
 
 
 def collate(features: list[dict], pad_id: int) -> dict:
@@ -151,7 +60,8 @@ def pack(features: list[dict], max_len: int) -> list[dict]:
 
 def collate_packed(packs: list[dict], pad_id: int) -> dict:
     """Right-padded packed batch with a block-diagonal causal mask (B, 1, L, L): a token attends only
-    to earlier tokens of its own example. Pads attend to themselves (a row with no key is NaN)."""
+    to earlier tokens of its own example. Correct under SDPA and eager attention (tests check both);
+    models.load_model pins SDPA. Pads attend to themselves (a row with no key is NaN)."""
     import torch
 
     width = max(len(p["input_ids"]) for p in packs)
@@ -170,11 +80,9 @@ def collate_packed(packs: list[dict], pad_id: int) -> dict:
     causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
     same = segments[:, :, None] == segments[:, None, :]
     eye = torch.eye(width, dtype=torch.bool)[None]
-    mask = (causal[None] & same) | eye
+    allowed = (causal[None] & same) | eye
+    # Additive float mask (0 or the most negative float): transformers passes a 4-D mask through as
+    # is, SDPA adds a float mask to the scores, and eager attention adds it too; a boolean mask would
+    # mean "attend" to SDPA but be added as 0/1 by eager, i.e. no masking at all.
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions, "attention_mask": mask[:, None]}
-
-
-def real_token_share(batches_lengths: list[tuple[int, int]]) -> float:
-    """(real tokens, width) per sequence -> share of non-pad tokens."""
-    total = sum(width for _, width in batches_lengths)
-    return sum(real for real, _ in batches_lengths) / total if total else 0.0

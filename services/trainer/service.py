@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..common.models import DEFAULT_CACHE_DIR
 from ..common.records import stable_id
 from ..common.store import RunStore
 
@@ -64,8 +65,10 @@ class TrainingJob:
 
 class TrainerService:
     def __init__(self, store: RunStore, trust_remote_code: bool = False,
-                 builtin_cache_dir: str = "~/.cache/reinstruct/builtin", job_address: str | None = None) -> None:
+                 builtin_cache_dir: str = DEFAULT_CACHE_DIR, job_address: str | None = None,
+                 prompt_format: str = "auto") -> None:
         self.store = store
+        self.prompt_format = prompt_format
         self.trust_remote_code = trust_remote_code
         self.builtin_cache_dir = builtin_cache_dir
         self.job_address = job_address
@@ -101,7 +104,8 @@ class TrainerService:
         spec = {"job_id": job_id, "run_id": run_id, "store_root": self.store.uri(), "dataset_uri": dataset_uri,
                 "base_model": base_model, "model_uri": model_uri, "progress_path": progress_path,
                 "cancel_path": cancel_path, "trust_remote_code": self.trust_remote_code,
-                "builtin_cache_dir": self.builtin_cache_dir, "params": asdict(params)}
+                "builtin_cache_dir": self.builtin_cache_dir, "prompt_format": self.prompt_format,
+                "params": asdict(params)}
         self.store.write_json(spec_path, spec)
         submission_id = job_id if existing is None else f"{job_id}-retry-{int(time.time())}"
         self._submit(submission_id, spec_path, model_uri)

@@ -19,7 +19,8 @@ import torch
 
 from ..common.models import load_model
 from ..common.store import RunStore
-from .formatting import collate, collate_packed, pack, render_all, tokenize
+from ..common.rendering import Renderer, tokenize
+from .formatting import collate, collate_packed, pack
 
 PROGRESS_EVERY = 5
 
@@ -87,8 +88,8 @@ def train_loop_per_worker(config: dict) -> None:
     model, tokenizer = load_model(config["base_model"], trust_remote_code=config["trust_remote_code"],
                                   cache_dir=config["builtin_cache_dir"])
     encoder_decoder = bool(model.config.is_encoder_decoder)
-    examples = render_all(tasks, config["seed"], config.get("augmented_tag", ""), config.get("fewshot_fraction", 0.0),
-                          config.get("fewshot_k", 2), tokenizer if getattr(tokenizer, "chat_template", None) else None)
+    renderer = Renderer.for_tokenizer(tokenizer, config["prompt_format"], config.get("augmented_tag", ""))
+    examples = renderer.render_all(tasks, config["seed"], config.get("fewshot_fraction", 0.0), config.get("fewshot_k", 2))
     features = [tokenize(e, tokenizer, config["max_seq_len"], encoder_decoder) for e in examples]
     dataset, collate_fn, batch_size, share = _batches(features, config, encoder_decoder, tokenizer.pad_token_id)
     if config.get("gradient_checkpointing"):

@@ -1,9 +1,10 @@
-"""The interface every engine implements."""
+"""The interface every engine implements. Every engine turns text into token ids with
+services/common/rendering.py (the rule training uses), so one model sees its text one way."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -13,7 +14,8 @@ class SamplingParams:
     max_new_tokens: int = 128
     seed: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)
-    presence_penalty: float = 0.0  # vLLM and OpenAI engines; transformers has no equivalent
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated (OpenAI's rule)
+    max_prompt_tokens: int = 0  # a longer prompt keeps its last tokens, as in training; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,14 @@ class Completion:
 
 
 class GenerationEngine(Protocol):
+    model_uri: str | None  # what load() last made current
+    tokenizer: Any  # the current model's tokenizer (None where the engine has no local copy)
+
     def load(self, model_uri: str) -> None:
         """Makes model_uri the model that generate() uses; a no-op when it already is."""
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]: ...
 
-    def score_nll(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """Mean negative log-likelihood per response token, given its prompt."""
+    def score_nll(self, prompts: list[str], responses: list[str], max_len: int = 0) -> list[float]:
+        """Mean negative log-likelihood per response token (EOS included), given its prompt, tokenized
+        exactly as training tokenizes (max_len: training's max_seq_len; 0: no limit)."""

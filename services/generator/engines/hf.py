@@ -5,21 +5,39 @@ from __future__ import annotations
 import threading
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from ...common.models import load_model
+from ...common.models import DEFAULT_CACHE_DIR, load_model
+from ...common.rendering import NO_LIMIT, Example, encode_prompt, tokenize
 from .base import Completion, SamplingParams
 
 
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     positions = [i for i in (text.find(s) for s in stops) if i >= 0]
     if not positions:
         return text, False
     return text[: min(positions)], True
 
 
+class PresencePenalty(LogitsProcessor):
+    """OpenAI's / vLLM's presence penalty: a flat subtraction from the logit of every token that
+    already occurs in the completion (not the prompt). Self-Instruct uses 2 for instructions, so a
+    model does not write the same task six times in one list."""
+
+    def __init__(self, penalty: float, prompt_len: int) -> None:
+        self.penalty, self.prompt_len = penalty, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_len :]
+        if generated.shape[1] == 0:
+            return scores
+        present = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True)
+        return scores - self.penalty * present.to(scores.dtype)
+
+
 class HFEngine:
     def __init__(self, *, batch_size: int = 16, device: str | None = None, trust_remote_code: bool = False,
-                 cache_dir: str = "~/.cache/reinstruct/builtin") -> None:
+                 cache_dir: str = DEFAULT_CACHE_DIR) -> None:
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.trust_remote_code = trust_remote_code
@@ -54,15 +72,18 @@ class HFEngine:
 
     def _generate_batch(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
         tok = self.tokenizer
+        ids = [encode_prompt(tok, p, encoder_decoder=self.is_encoder_decoder, max_len=params.max_prompt_tokens)
+               for p in prompts]
         tok.padding_side = "right" if self.is_encoder_decoder else "left"
-        batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        batch = tok.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
         sampling = params.temperature > 0
-        kwargs = dict(
-            max_new_tokens=params.max_new_tokens, do_sample=sampling, pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
+        kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=sampling, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.presence_penalty:
+            prompt_len = 1 if self.is_encoder_decoder else batch["input_ids"].shape[1]
+            kwargs["logits_processor"] = LogitsProcessorList([PresencePenalty(params.presence_penalty, prompt_len)])
         with torch.no_grad():
             output = self.model.generate(**batch, **kwargs)
         new_tokens = output if self.is_encoder_decoder else output[:, batch["input_ids"].shape[1] :]
@@ -75,22 +96,17 @@ class HFEngine:
             if ended:
                 ids = ids[: ids.index(tok.eos_token_id)]
             ids = [i for i in ids if i != tok.pad_token_id]
-            text, stopped = _cut_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop)
+            text, stopped = cut_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop)
             completions.append(Completion(text, "stop" if (ended or stopped) else "length", len(ids)))
         return completions
 
-    def score_nll(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def score_nll(self, prompts: list[str], responses: list[str], max_len: int = 0) -> list[float]:
         with self._lock, torch.no_grad():
             losses = []
             for prompt, response in zip(prompts, responses):
-                prompt_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids
-                response_ids = self.tokenizer(response, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
-                if self.is_encoder_decoder:
-                    out = self.model(input_ids=torch.tensor([prompt_ids], device=self.device),
-                                     labels=torch.tensor([response_ids], device=self.device))
-                else:
-                    ids = torch.tensor([prompt_ids + response_ids], device=self.device)
-                    labels = torch.tensor([[-100] * len(prompt_ids) + response_ids], device=self.device)
-                    out = self.model(input_ids=ids, labels=labels)
+                features = tokenize(Example(prompt, response, "", ""), self.tokenizer, max_len or NO_LIMIT,
+                                    self.is_encoder_decoder)
+                out = self.model(input_ids=torch.tensor([features["input_ids"]], device=self.device),
+                                 labels=torch.tensor([features["labels"]], device=self.device))
                 losses.append(float(out.loss))
             return losses

@@ -1,5 +1,10 @@
 """Any OpenAI-compatible endpoint (a vLLM server, a hosted teacher model, reinstruct's own generator
-app): async requests with a concurrency limit, retries with backoff on 429/5xx, timeouts."""
+app): async requests with a concurrency limit, retries with backoff on 429/5xx, timeouts.
+
+Where the model is a local checkpoint (a round's model in the run store, a preset), its tokenizer is
+loaded here and prompts travel as token ids (the completions API takes them), tokenized by the rule
+training uses; score_nll asks for the prompt's own log-probs (`echo` with `logprobs`, as vLLM's
+server gives them). A remote model without a local tokenizer gets text prompts."""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import random
 
 import aiohttp
 
+from ...common.models import DEFAULT_CACHE_DIR, load_tokenizer, resolve_model
+from ...common.rendering import NO_LIMIT, Example, encode_prompt, mean_response_nll, tokenize
 from .base import Completion, SamplingParams
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
@@ -21,7 +28,7 @@ class OpenAIError(RuntimeError):
 class OpenAIEngine:
     def __init__(self, *, base_url: str, api_key_env: str = "OPENAI_API_KEY", model: str | None = None,
                  concurrency: int = 8, timeout_s: float = 120.0, max_retries: int = 5, backoff_s: float = 0.5,
-                 **_ignored) -> None:
+                 cache_dir: str = DEFAULT_CACHE_DIR, trust_remote_code: bool = False) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = os.environ.get(api_key_env, "")
         self.model = model
@@ -29,37 +36,61 @@ class OpenAIEngine:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.cache_dir = cache_dir
+        self.trust_remote_code = trust_remote_code
+        self.model_uri: str | None = None
+        self.tokenizer = None
 
     def load(self, model_uri: str) -> None:
-        """The model name sent with each request (a fixed `model` from the config wins)."""
+        """The model name sent with each request (a fixed `model` from the config wins), and its
+        tokenizer where the model is a local checkpoint."""
+        if model_uri == self.model_uri:
+            return
+        path = resolve_model(model_uri, self.cache_dir) if model_uri.startswith(("builtin:", "/")) else ""
+        self.tokenizer = load_tokenizer(path, trust_remote_code=self.trust_remote_code) if path else None
         self.model_uri = model_uri
 
+    def _prompt(self, text: str, max_len: int) -> str | list[int]:
+        return text if self.tokenizer is None else encode_prompt(self.tokenizer, text, max_len=max_len)
+
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        return asyncio.run(self._generate_all(prompts, params))
+        bodies = []
+        for index, prompt in enumerate(prompts):
+            body = {"prompt": self._prompt(prompt, params.max_prompt_tokens), "max_tokens": params.max_new_tokens,
+                    "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed + index,
+                    "presence_penalty": params.presence_penalty}
+            if params.stop:
+                body["stop"] = list(params.stop)[:4]  # the OpenAI API takes at most 4 stop sequences
+            bodies.append(body)
+        choices = asyncio.run(self._post_all(bodies))
+        return [Completion(c.get("text", ""), "length" if c.get("finish_reason") == "length" else "stop")
+                for c in choices]
 
-    def score_nll(self, prompts: list[str], responses: list[str]) -> list[float]:
-        raise NotImplementedError("the OpenAI API gives no log-likelihood of a given text; use the hf engine")
+    def score_nll(self, prompts: list[str], responses: list[str], max_len: int = 0) -> list[float]:
+        if self.tokenizer is None:
+            raise OpenAIError(f"scoring needs the model's tokenizer, and {self.model_uri!r} is no local checkpoint; "
+                              "set evaluation.with_nll: false for remote models")
+        features = [tokenize(Example(p, r, "", ""), self.tokenizer, max_len or NO_LIMIT, False)
+                    for p, r in zip(prompts, responses)]
+        choices = asyncio.run(self._post_all([{"prompt": f["input_ids"], "max_tokens": 1, "temperature": 0.0,
+                                               "echo": True, "logprobs": 0} for f in features]))
+        return [mean_response_nll(f["input_ids"], f["labels"], c["logprobs"]["token_logprobs"][: len(f["input_ids"])])
+                for f, c in zip(features, choices)]
 
-    async def _generate_all(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+    async def _post_all(self, bodies: list[dict]) -> list[dict]:
         semaphore = asyncio.Semaphore(self.concurrency)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         async with aiohttp.ClientSession(timeout=self.timeout, headers=headers) as session:
-            return list(await asyncio.gather(*(self._one(session, semaphore, p, params, i) for i, p in enumerate(prompts))))
+            return list(await asyncio.gather(*(self._one(session, semaphore, b) for b in bodies)))
 
-    async def _one(self, session, semaphore, prompt: str, params: SamplingParams, index: int) -> Completion:
-        body = {"model": self.model or getattr(self, "model_uri", "current"), "prompt": prompt,
-                "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-                "seed": params.seed + index, "presence_penalty": params.presence_penalty}
-        if params.stop:
-            body["stop"] = list(params.stop)[:4]  # the OpenAI API takes at most 4 stop sequences
+    async def _one(self, session, semaphore, body: dict) -> dict:
+        body = {"model": self.model or self.model_uri or "current", **body}
         async with semaphore:
             for attempt in range(self.max_retries + 1):
                 try:
                     async with session.post(f"{self.base_url}/completions", json=body) as response:
                         if response.status == 200:
-                            choice = (await response.json())["choices"][0]
-                            return Completion(choice.get("text", ""), "length" if choice.get("finish_reason") == "length"
-                                              else "stop")
+                            return (await response.json())["choices"][0]
                         text = await response.text()
                         if response.status not in RETRYABLE or attempt == self.max_retries:
                             raise OpenAIError(f"{response.status} from {self.base_url}/completions: {text[:300]}")

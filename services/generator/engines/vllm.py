@@ -1,21 +1,25 @@
 """vLLM inside a Serve replica (GPU). A thin adapter typed against vLLM's offline API (`vllm.LLM`,
 `vllm.SamplingParams`); it cannot run on CPU-only machines, so its tests use a stand-in module at
 this boundary. Switching to the next round's weights happens here, in the engine: the old engine is
-put to sleep (its GPU memory freed) and a new one is built for the new checkpoint."""
+put to sleep (its GPU memory freed) and a new one is built for the new checkpoint.
+
+vLLM gets token ids, never text: given text it would add BOS by its own rule, and the model would
+see a different sequence from the one it was trained on (and score_nll would be a token off)."""
 
 from __future__ import annotations
 
 import gc
 import threading
 
-from ...common.models import resolve_model
+from ...common.models import DEFAULT_CACHE_DIR, load_tokenizer, resolve_model
+from ...common.rendering import NO_LIMIT, Example, encode_prompt, mean_response_nll, tokenize
 from .base import Completion, SamplingParams
 
 
 class VLLMEngine:
     def __init__(self, *, gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, dtype: str = "auto",
-                 trust_remote_code: bool = False, cache_dir: str = "~/.cache/reinstruct/builtin",
-                 max_model_len: int | None = None, batch_size: int | None = None, **_ignored) -> None:
+                 trust_remote_code: bool = False, cache_dir: str = DEFAULT_CACHE_DIR,
+                 max_model_len: int | None = None, batch_size: int | None = None) -> None:
         import vllm  # the optional extra: pip install 'reinstruct[vllm]'
 
         self._vllm = vllm
@@ -25,6 +29,7 @@ class VLLMEngine:
             self.options["max_model_len"] = max_model_len
         self.cache_dir = cache_dir
         self.model_uri: str | None = None
+        self.tokenizer = None
         self.llm = None
         self._lock = threading.Lock()
 
@@ -36,7 +41,9 @@ class VLLMEngine:
                 self.llm.sleep(level=2)  # drop weights and KV cache before the next engine claims the GPU
                 self.llm = None
                 gc.collect()
-            self.llm = self._vllm.LLM(model=resolve_model(model_uri, self.cache_dir), **self.options)
+            path = resolve_model(model_uri, self.cache_dir)
+            self.llm = self._vllm.LLM(model=path, **self.options)
+            self.tokenizer = load_tokenizer(path, trust_remote_code=self.options["trust_remote_code"])
             self.model_uri = model_uri
 
     def _params(self, params: SamplingParams, **extra):
@@ -46,8 +53,10 @@ class VLLMEngine:
             presence_penalty=params.presence_penalty, **extra)
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
+        token_prompts = [{"prompt_token_ids": encode_prompt(self.tokenizer, p, max_len=params.max_prompt_tokens)}
+                         for p in prompts]
         with self._lock:
-            outputs = self.llm.generate(prompts, self._params(params), use_tqdm=False)
+            outputs = self.llm.generate(token_prompts, self._params(params), use_tqdm=False)
         completions = []
         for output in outputs:
             best = output.outputs[0]
@@ -55,16 +64,16 @@ class VLLMEngine:
                                           len(best.token_ids)))
         return completions
 
-    def score_nll(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """Mean NLL of each response's tokens from vLLM's prompt log-probs over prompt + response."""
-        tokenizer = self.llm.get_tokenizer()
+    def score_nll(self, prompts: list[str], responses: list[str], max_len: int = 0) -> list[float]:
+        """Mean NLL of the response tokens (training's labels) from vLLM's prompt log-probs."""
+        features = [tokenize(Example(p, r, "", ""), self.tokenizer, max_len or NO_LIMIT, False)
+                    for p, r in zip(prompts, responses)]
         scoring = SamplingParams(temperature=0.0, max_new_tokens=1)
         with self._lock:
-            outputs = self.llm.generate([p + r for p, r in zip(prompts, responses)],
+            outputs = self.llm.generate([{"prompt_token_ids": f["input_ids"]} for f in features],
                                         self._params(scoring, prompt_logprobs=0), use_tqdm=False)
-        losses = []
-        for prompt, output in zip(prompts, outputs):
-            n_prompt = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-            picked = [next(iter(lp.values())).logprob for lp in output.prompt_logprobs[n_prompt:] if lp]
-            losses.append(-sum(picked) / max(len(picked), 1))
-        return losses
+        return [mean_response_nll(f["input_ids"], f["labels"],
+                             [None if lp is None else lp[token].logprob
+                              for lp, token in zip(output.prompt_logprobs, f["input_ids"])])
+                for f, output in zip(features, outputs)]
+

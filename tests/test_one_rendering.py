@@ -1,0 +1,188 @@
+"""One model sees its text one way: the same task renders and tokenizes identically in the trainer,
+the evaluator and every engine (hf, vllm, openai), for decoder-only and encoder-decoder models, with
+and without a chat template; and every engine's NLL equals the training loss of the same example.
+
+The vllm engine runs against a stand-in module (vLLM's GPU engine cannot run here) and the openai
+engine against a loopback server; both compute with the same transformers model, so any difference
+comes from what each engine sends."""
+
+import asyncio
+import sys
+import threading
+import types
+
+import pytest
+import torch
+from aiohttp import web
+
+from services.common.models import load_model
+from services.common.records import Instance, Lineage, TaskRecord
+from services.common.rendering import IGNORE_INDEX, Renderer, encode_prompt, tokenize
+from services.evaluator.service import EvaluatorService
+from services.generator.engines import SamplingParams, create_engine
+
+TASKS = [
+    TaskRecord(id="with-input", instruction="Classify the sentiment of the review.", is_classification=True,
+               instances=[Instance("I loved every minute of it.", "positive")]),
+    TaskRecord(id="no-input", instruction="Name three primary colours.", instances=[Instance("", "Red, blue and yellow.")]),
+    TaskRecord(id="augmented", instruction="Explain what a list comprehension is.",
+               instances=[Instance("", "A compact way to build a list from an iterable.")],
+               lineage=Lineage(stage="backtranslate")),
+]
+
+
+def _token_logprobs(model, ids: list[int]) -> list[float | None]:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    logprobs = torch.log_softmax(logits, -1)
+    return [None] + [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))]
+
+
+def _greedy(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    new = out[0, len(ids):].tolist()
+    return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+
+class _LoopbackOpenAI:
+    """What a vLLM OpenAI server answers (token-id prompts, echo + logprobs), from a transformers model."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer, self.prompts = model, tokenizer, []
+
+    async def completions(self, request):
+        body = await request.json()
+        ids = body["prompt"]
+        self.prompts.append(ids)
+        if body.get("echo"):
+            return web.json_response({"choices": [{"text": "", "finish_reason": "length",
+                                                   "logprobs": {"token_logprobs": _token_logprobs(self.model, ids)}}]})
+        new = _greedy(self.model, self.tokenizer, ids, body["max_tokens"])
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        for stop in body.get("stop") or []:
+            text = text.split(stop)[0]
+        return web.json_response({"choices": [{"text": text, "finish_reason": "stop"}]})
+
+    def __enter__(self):
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.completions)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def _vllm_stand_in(model, tokenizer, seen: list):
+    class SamplingParamsStub:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLMStub:
+        def __init__(self, model=None, **options):
+            pass
+
+        def generate(self, prompts, params, use_tqdm=False):
+            outputs = []
+            for prompt in prompts:
+                ids = prompt["prompt_token_ids"]
+                seen.append(ids)
+                logprobs = [None if lp is None else {tok: types.SimpleNamespace(logprob=lp)}
+                            for lp, tok in zip(_token_logprobs(model, ids), ids)]
+                out = types.SimpleNamespace(text="", finish_reason="stop", token_ids=[])
+                outputs.append(types.SimpleNamespace(outputs=[out], prompt_logprobs=logprobs))
+            return outputs
+
+    return types.SimpleNamespace(LLM=LLMStub, SamplingParams=SamplingParamsStub)
+
+
+def _models(builtin_cache, smollm2):
+    return [("builtin:tiny-llama", "plain"), ("builtin:tiny-t5", "plain"), (smollm2, "chat"), (smollm2, "plain")]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["tiny-llama", "tiny-t5", "smollm2-chat", "smollm2-plain"])
+def test_every_stage_and_engine_sees_the_same_tokens(index, builtin_cache, smollm2, monkeypatch):
+    uri, prompt_format = _models(builtin_cache, smollm2)[index]
+    model, tokenizer = load_model(uri, cache_dir=builtin_cache)
+    encoder_decoder = bool(model.config.is_encoder_decoder)
+    renderer = Renderer.for_tokenizer(tokenizer, prompt_format, augmented_tag="[augmented]")
+    assert renderer.style == prompt_format
+    examples = [renderer.render(t, t.instances[0]) for t in TASKS]
+    if prompt_format == "chat":
+        assert all("<|im_start|>assistant" in e.prompt for e in examples)
+        assert "[augmented]" in examples[2].prompt  # the tag survives the chat template
+    prompts = [e.prompt for e in examples]
+    max_len = 96
+
+    # the trainer: labels exactly on response + EOS; the prompt part is what the engines send
+    trained = [tokenize(e, tokenizer, max_len, encoder_decoder) for e in examples]
+    expected = [encode_prompt(tokenizer, p, encoder_decoder=encoder_decoder, max_len=max_len) for p in prompts]
+    for features, prompt_ids in zip(trained, expected):
+        if encoder_decoder:
+            assert features["input_ids"] == prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id
+        else:
+            n = sum(1 for label in features["labels"] if label == IGNORE_INDEX)
+            assert features["input_ids"][:n] == prompt_ids
+        assert features["labels"][-1] == tokenizer.eos_token_id
+
+    # the hf engine: what reaches model.generate, and the NLL (= the training loss of the example)
+    hf = create_engine("hf", cache_dir=builtin_cache, batch_size=1)
+    hf.load(uri)
+    sent = []
+    original = hf.model.generate
+
+    def recording_generate(**kwargs):
+        sent.append(kwargs["input_ids"][0].tolist())
+        return original(**kwargs)
+
+    monkeypatch.setattr(hf.model, "generate", recording_generate)
+    params = SamplingParams(temperature=0.0, max_new_tokens=4, max_prompt_tokens=max_len)
+    hf.generate(prompts, params)
+    assert sent == expected
+    hf_nll = hf.score_nll(prompts, [e.response for e in examples], max_len)
+    with torch.no_grad():
+        losses = [float(model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss)
+                  for f in trained]
+    assert hf_nll == pytest.approx(losses, rel=1e-5)
+    if encoder_decoder:
+        return  # vLLM and OpenAI-style servers here are decoder-only
+
+    # the vllm engine (stand-in at the GPU boundary) and the openai engine (loopback server)
+    vllm_seen: list = []
+    monkeypatch.setitem(sys.modules, "vllm", _vllm_stand_in(model, tokenizer, vllm_seen))
+    vllm = create_engine("vllm", cache_dir=builtin_cache)
+    vllm.load(uri)
+    vllm.generate(prompts, params)
+    assert vllm_seen == expected
+    assert vllm.score_nll(prompts, [e.response for e in examples], max_len) == pytest.approx(losses, rel=1e-4)
+    with _LoopbackOpenAI(model, tokenizer) as server:
+        openai = create_engine("openai", base_url=f"http://127.0.0.1:{server.port}/v1", cache_dir=builtin_cache)
+        openai.load(uri)
+        openai.generate(prompts, params)
+        assert server.prompts == expected
+        assert openai.score_nll(prompts, [e.response for e in examples], max_len) == pytest.approx(losses, rel=1e-4)
+
+
+def test_openai_engine_evaluates_like_the_hf_engine(builtin_cache, smollm2):
+    """Evaluation (greedy answers + NLL) through the openai engine gives the hf engine's numbers."""
+    model, tokenizer = load_model(smollm2, cache_dir=builtin_cache)
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    hf = create_engine("hf", cache_dir=builtin_cache)
+    by_hf = EvaluatorService(hf, "chat", 256).evaluate(smollm2, TASKS[:2], 1, params, with_nll=True)
+    with _LoopbackOpenAI(model, tokenizer) as server:
+        openai = create_engine("openai", base_url=f"http://127.0.0.1:{server.port}/v1", cache_dir=builtin_cache)
+        by_openai = EvaluatorService(openai, "chat", 256).evaluate(smollm2, TASKS[:2], 1, params, with_nll=True)
+    assert [p.instances[0].output for p in by_openai.predictions] == [p.instances[0].output for p in by_hf.predictions]
+    assert by_openai.nll == pytest.approx(by_hf.nll, rel=1e-4) and by_hf.nll > 0
+    assert by_openai.score == pytest.approx(by_hf.score)
