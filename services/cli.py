@@ -73,18 +73,83 @@ class RichReporter(Reporter):
                              description=f"  training model {round_index} (loss {loss:.3f})")
 
 
-def _summary_table(manifest: dict) -> Table:
-    table = Table(title=f"run {manifest['run_id']}")
-    for column in ("round", "instr.", "w/ inst.", "kept", "removed (rule=n)", "backtr. kept", "train ex.",
-                   "loss", "score", "ROUGE-L", "promoted"):
-        table.add_column(column)
+class PlainReporter(Reporter):
+    """For a log file, CI or `ray job logs` (stdout not a terminal): one plain line per stage and per
+    progress step, with counts and the elapsed time, so a user can tail it."""
+
+    def __init__(self, total_stages: int, echo=print) -> None:
+        self.total, self.done, self.started, self.echo = total_stages, 0, time.monotonic(), echo
+        self._last_training = (-1, -1.0)
+        self.report_uri = None
+
+    def _line(self, text: str) -> None:
+        self.echo(f"[{time.monotonic() - self.started:7.1f}s] {text}", flush=True)
+
+    def stage(self, round_index: int, stage: str, resumed: bool) -> None:
+        self._line(f"round {round_index}: {stage}" + (" (committed earlier, skipped)" if resumed else " ..."))
+
+    def stage_done(self, round_index: int, stage: str, output: dict) -> None:
+        self.done += 1
+        counts = ", ".join(f"{k}={v}" for k, v in output.items()
+                           if k == "promoted" or (isinstance(v, (int, float)) and not isinstance(v, bool)))
+        self._line(f"round {round_index}: {stage} done ({self.done}/{self.total} stages){': ' + counts if counts else ''}")
+
+    def training(self, round_index: int, step: int, total: int, loss: float) -> None:
+        # a line every 10% of the steps (or every step of a short run), not every poll
+        every = max(total // 10, 1)
+        if step != self._last_training[0] and (step % every == 0 or step == total):
+            self._last_training = (step, loss)
+            self._line(f"round {round_index}: training step {step}/{total}, loss {loss:.4f}")
+
+    def evaluation(self, round_index: int, done: int, total: int) -> None:
+        self._line(f"round {round_index}: evaluated {done}/{total} instances")
+
+    def report(self, uri: str) -> None:
+        self.report_uri = uri
+        self._line(f"report: {uri}")
+
+
+def _summary_rows(manifest: dict) -> tuple[list[str], list[list[str]]]:
+    columns = ["round", "instr.", "w/ inst.", "kept", "removed (rule=n)", "backtr. kept", "train ex.", "loss",
+               "score", "ROUGE-L", "promoted"]
+    rows = []
     for row in summarize(manifest):
         funnel = ", ".join(f"{k}={v}" for k, v in (row["funnel"] or {}).items()) or ("-" if row["round"] == 0 else "none")
         fmt = lambda v, f="{}": "-" if v is None else f.format(v)  # noqa: E731
-        table.add_row(str(row["round"]), fmt(row["instructions"]), fmt(row["with_instances"]), fmt(row["kept"]),
-                      funnel, fmt(row["augmented_kept"]), fmt(row["train_examples"]), fmt(row["final_loss"], "{:.3f}"),
-                      fmt(row["score"], "{:.4f}"), fmt(row["rouge_l"], "{:.4f}"), fmt(row["promoted"]))
-    return table
+        rows.append([str(row["round"]), fmt(row["instructions"]), fmt(row["with_instances"]), fmt(row["kept"]),
+                     funnel, fmt(row["augmented_kept"]), fmt(row["train_examples"]), fmt(row["final_loss"], "{:.3f}"),
+                     fmt(row["score"], "{:.4f}"), fmt(row["rouge_l"], "{:.4f}"), fmt(row["promoted"])])
+    return columns, rows
+
+
+def _print_summary(manifest: dict) -> None:
+    columns, rows = _summary_rows(manifest)
+    if console.is_terminal:
+        table = Table(title=f"run {manifest['run_id']}")
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]  # never cut a cell
+    for line in [columns, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """One line for errors a user can fix (a bad config value, a model that cannot be had); None for
+    anything else, which keeps its traceback."""
+    import grpc
+
+    from .common.models import ModelUnavailable
+
+    if isinstance(exc, grpc.RpcError) and exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                        grpc.StatusCode.FAILED_PRECONDITION):
+        return exc.details()
+    if isinstance(exc, (ModelUnavailable, ConfigError)):
+        return str(exc)
+    return None
 
 
 @app.command()
@@ -105,6 +170,8 @@ def run(
     cfg = _load(config if config and config.exists() else None, store_root, rounds)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
     started = time.time()
+    if not console.is_terminal:
+        print("starting Ray and deploying generator, filter, trainer, evaluator ...", flush=True)
     with console.status("starting Ray and deploying generator, filter, trainer, evaluator ..."):
         started_ray = connect_ray()
         deploy_apps(cfg)
@@ -117,14 +184,24 @@ def run(
     total = stage_count(cfg)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console) as progress:
-            reporter = RichReporter(progress, total)
+        if console.is_terminal:
+            with Progress(*columns, console=console) as progress:
+                reporter = RichReporter(progress, total)
+                manifest = LoopDriver(cfg, clients, run_id, reporter).run()
+        else:
+            reporter = PlainReporter(total)
             manifest = LoopDriver(cfg, clients, run_id, reporter).run()
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None:
+            raise
+        console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+        raise typer.Exit(2)
     finally:
         clients.close()
         if started_ray:
             serve.shutdown()
-    console.print(_summary_table(manifest))
+    _print_summary(manifest)
     console.print(f"run store: [bold]{RunStore(cfg.store.root).uri(run_id)}[/bold] "
                   f"(manifest.json lists every dataset and checkpoint); {time.time() - started:.0f}s")
     if reporter.report_uri:
