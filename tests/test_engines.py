@@ -126,6 +126,6 @@ def test_vllm_adapter_against_stand_in(monkeypatch, builtin_cache):
                                       "seed": 4, "presence_penalty": 2.0}
     assert engine.llm.last_prompts == [{"prompt_token_ids": engine.tokenizer("p", add_special_tokens=False).input_ids}]
     engine.load("builtin:tiny-t5")  # next round: the old engine sleeps, a new one loads
-    assert [m.rsplit("/", 1)[-1] for m, _ in built] == ["tiny-llama-v1", "tiny-t5-v1"]
+    assert [m.rsplit("/", 1)[-1] for m, _ in built] == ["tiny-llama-v2", "tiny-t5-v2"]
     assert slept == [(built[0][0], 2)]
     assert built[0][1]["gpu_memory_utilization"] == 0.5 and built[0][1]["enable_sleep_mode"] is True

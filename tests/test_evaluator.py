@@ -146,8 +146,13 @@ def test_report_has_every_section(tmp_path):
     page = build_report(store, "r")
     for section in SECTIONS:
         assert f'<section id="{section}">' in page
-    assert page.count("data:image/png;base64,") == 6
+    assert page.count("data:image/png;base64,") == 7  # + the curation score histogram
     assert "kept previous" in page and "too_short: 3" in page
+    assert "Write a haiku about &lt;autumn&gt;." in page and "nearest pool entry: <i>Write a poem.</i>" in page
+    assert "rejected:too_short" in page and "Leaves fall" in page  # kept and rejected, with instances
+    assert "round 1 (8 of 8 pairs, best rated first)" in page and "curation score 5" in page
+    assert "kept score &ge; 5: 1 of 8" in page
+    assert "<td>curate</td><td>12.2</td>" in page and "<b>13.8</b>" in page  # stage times and round total
 
 
 def test_prompt_only_eval_files(tmp_path):

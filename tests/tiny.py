@@ -26,8 +26,22 @@ def fill_example_run(store, run_id: str = "r") -> None:
     store.commit_stage(run_id, 0, "promote", {"promoted": True, "reason": "no incumbent", "model_uri": "m0"})
     store.commit_stage(run_id, 1, "generate_instructions", {"uri": store.dataset_uri(run_id, 1, "instructions"),
                                                             "count": 2})
+    from services.common.records import Instance, Lineage
+
+    kept = [TaskRecord(id="k", instruction="Write a haiku about <autumn>.", instances=[Instance("", "Leaves fall")],
+                       lineage=Lineage(scores={"max_rouge_l": 0.31}, verdicts=["nearest:Write a poem.", "kept"]))]
+    rejected = [TaskRecord(id="x", instruction="Draw a map.", lineage=Lineage(verdicts=["rejected:too_short"]))]
+    curated = [TaskRecord(id=f"b{i}", instruction=f"Explain item {i}.", instances=[Instance("", f"text {i}")],
+                          lineage=Lineage(stage="backtranslate", scores={"curation": float(i % 6)})) for i in range(8)]
+    for name, records in (("kept", kept), ("rejected", rejected), ("curated", curated)):
+        store.write_tasks(store.dataset_uri(run_id, 1, name), records)
     store.commit_stage(run_id, 1, "filter", {"candidates": 5, "kept_count": 2, "funnel": {"too_short": 3},
-                                             "max_rouge_l": [0.1, 0.5, 0.8]})
+                                             "max_rouge_l": [0.1, 0.5, 0.8], "elapsed_s": 1.5,
+                                             "kept_uri": store.dataset_uri(run_id, 1, "kept"),
+                                             "rejected_uri": store.dataset_uri(run_id, 1, "rejected")})
+    store.commit_stage(run_id, 1, "curate", {"uri": store.dataset_uri(run_id, 1, "curated"), "count": 8,
+                                            "elapsed_s": 12.25})
+    store.commit_stage(run_id, 1, "filter_augmented", {"candidates": 8, "kept_count": 1, "curation_threshold": 5})
     store.commit_stage(run_id, 1, "train", {"losses": [2.0, 1.0]})
     store.commit_stage(run_id, 1, "evaluate", {"per_task": {"a": 0.1, "b": 0.2}})
     store.commit_stage(run_id, 1, "promote", {"promoted": False, "reason": "lower bound -0.1 <= margin 0",

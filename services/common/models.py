@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_VERSION = 1  # bump when a preset's architecture or tokenizer recipe changes
+BUILTIN_VERSION = 2  # bump when a preset's architecture or tokenizer recipe changes
 BUILTIN_PRESETS = ("smollm2-135m", "tiny-llama", "tiny-t5")
 DEFAULT_CACHE_DIR = "~/.cache/reinstruct/builtin"
 ATTENTION = "sdpa"
@@ -154,7 +154,9 @@ def convert_gguf(gguf_file: str | Path, output_dir: str | Path) -> None:
     gguf_file = Path(gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    model = type(loaded)(loaded.config)
+    config = type(loaded.config).from_dict({k: v for k, v in loaded.config.to_dict().items()
+                                            if k != "quantization_config"})  # the weights are floats now
+    model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     model.save_pretrained(output_dir, safe_serialization=True)

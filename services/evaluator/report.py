@@ -1,8 +1,10 @@
 """The run report: one self-contained HTML file (plots as embedded PNG) a person can open anywhere.
 
 Sections: funnel per round, max ROUGE-L against the pool (Self-Instruct's Figure 3), instruction
-lengths, leading verbs, training loss curves, evaluation scores by round with their intervals, and
-the promotion decisions.
+lengths, leading verbs, a browsable sample of kept and rejected tasks (instances, reasons, nearest
+pool entry), the backtranslated pairs with their curation scores, training loss curves, evaluation
+scores by round with their intervals, the promotion decisions, and the time each stage took.
+Everything is read from the run store; nothing is written by hand.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import base64
 import html
 import io
 from collections import Counter
+from dataclasses import replace
 
 import matplotlib
 
@@ -20,7 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..common.store import RunStore  # noqa: E402
 from .bootstrap import mean_interval  # noqa: E402
 
-SECTIONS = ("funnel", "rouge", "lengths", "verbs", "loss", "scores", "promotion")
+SECTIONS = ("funnel", "rouge", "lengths", "verbs", "samples", "backtranslation", "loss", "scores", "promotion",
+            "timing")
+SAMPLE_SIZE = 25  # tasks shown per round and verdict
 
 
 def _png(figure) -> str:
@@ -109,6 +114,72 @@ def _verbs(instructions: dict[int, list[str]]) -> str:
     return _png(figure)
 
 
+def _task_html(task) -> str:
+    lineage = task.lineage
+    verdicts = [v for v in lineage.verdicts if v.startswith(("kept", "rejected:"))]
+    nearest = next((v[len("nearest:"):] for v in lineage.verdicts if v.startswith("nearest:")), "")
+    facts = [f"verdict: {', '.join(verdicts) or '-'}"]
+    if "max_rouge_l" in lineage.scores:
+        facts.append(f"max ROUGE-L {lineage.scores['max_rouge_l']:.3f}")
+    if "curation" in lineage.scores:
+        facts.append(f"curation score {lineage.scores['curation']:.0f}")
+    facts.append("classification" if task.is_classification else "open-ended")
+    instances = "".join(
+        "<li>" + (f"<b>input</b> {html.escape(i.input)}<br>" if i.input.strip() else "")
+        + f"<b>output</b> {html.escape(i.output)}</li>" for i in task.instances)
+    return (f"<details><summary>{html.escape(task.instruction)}</summary><p class='facts'>{html.escape('; '.join(facts))}"
+            + (f"<br>nearest pool entry: <i>{html.escape(nearest)}</i>" if nearest else "")
+            + f"</p><ol>{instances}</ol></details>")
+
+
+def _samples(store: RunStore, rounds) -> str:
+    parts = []
+    for k, stages in rounds:
+        result = stages.get("filter")
+        if not result or not result.get("candidates"):
+            continue
+        for label, key in (("kept", "kept_uri"), ("rejected", "rejected_uri")):
+            tasks = store.read_tasks(result[key]) if result.get(key) else []
+            shown = "".join(_task_html(t) for t in tasks[:SAMPLE_SIZE])
+            parts.append(f"<h3>round {k}: {label} ({min(len(tasks), SAMPLE_SIZE)} of {len(tasks)})</h3>{shown}")
+    return "".join(parts) or "<p>No filtered rounds yet.</p>"
+
+
+def _backtranslation(store: RunStore, rounds) -> str:
+    curated = [(k, store.read_tasks(s["curate"]["uri"])) for k, s in rounds if s.get("curate", {}).get("count")]
+    if not curated:
+        return "<p>No backtranslated pairs yet.</p>"
+    figure, axis = plt.subplots(figsize=(7, 2.8))
+    width = 0.8 / len(curated)
+    for n, (k, tasks) in enumerate(curated):
+        counts = Counter(int(t.lineage.scores.get("curation", 0)) for t in tasks)
+        axis.bar([score + n * width for score in range(6)], [counts.get(score, 0) for score in range(6)], width=width,
+                 label=f"round {k}")
+    axis.set_xticks([score + 0.4 - width / 2 for score in range(6)], ["unreadable", "1", "2", "3", "4", "5"])
+    axis.set_xlabel("self-curation score")
+    axis.set_ylabel("pairs")
+    axis.legend(fontsize=8)
+    pairs = "".join(f"<h3>round {k} ({min(len(tasks), SAMPLE_SIZE)} of {len(tasks)} pairs, best rated first)</h3>"
+                    + "".join(_task_html(t) for t in sorted(tasks, key=lambda t: -t.lineage.scores.get("curation", 0))
+                              [:SAMPLE_SIZE]) for k, tasks in curated)
+    thresholds = "".join(f"<li>round {k}: kept score &ge; {s['filter_augmented']['curation_threshold']:g}: "
+                         f"{s['filter_augmented']['kept_count']} of {s['filter_augmented']['candidates']}</li>"
+                         for k, s in rounds if s.get("filter_augmented", {}).get("candidates"))
+    return _png(figure) + (f"<ul>{thresholds}</ul>" if thresholds else "") + pairs
+
+
+def _timing(rounds) -> str:
+    rows = [(k, stage, out["elapsed_s"]) for k, stages in rounds for stage, out in stages.items() if "elapsed_s" in out]
+    if not rows:
+        return "<p>No stage timed yet.</p>"
+    by_round: dict[int, float] = {}
+    for k, _, seconds in rows:
+        by_round[k] = by_round.get(k, 0.0) + seconds
+    body = "".join(f"<tr><td>{k}</td><td>{html.escape(stage)}</td><td>{seconds:.1f}</td></tr>" for k, stage, seconds in rows)
+    totals = "".join(f"<tr><td>{k}</td><td><b>round total</b></td><td><b>{t:.1f}</b></td></tr>" for k, t in by_round.items())
+    return f"<table><tr><th>round</th><th>stage</th><th>seconds</th></tr>{body}{totals}</table>"
+
+
 def _loss(rounds) -> str:
     figure, axis = plt.subplots(figsize=(7, 3))
     plotted = False
@@ -131,21 +202,24 @@ def _scores(rounds) -> str:
     for k, stages in rounds:
         evaluation = stages.get("evaluate")
         if evaluation and evaluation.get("per_task"):
-            interval = mean_interval(evaluation["per_task"], 1000, 0.9)
-            points.append((k, interval))
+            confidence = evaluation.get("confidence", 0.9)  # the interval the gate used, when recorded
+            interval = mean_interval(evaluation["per_task"], 1000, confidence)
+            if evaluation.get("interval"):
+                interval = replace(interval, low=evaluation["interval"][0], high=evaluation["interval"][1])
+            points.append((k, interval, confidence))
     if not points:
         return "<p>No evaluations yet.</p>"
     figure, axis = plt.subplots(figsize=(7, 3))
-    xs = [k for k, _ in points]
-    ys = [i.estimate for _, i in points]
-    errors = [[i.estimate - i.low for _, i in points], [i.high - i.estimate for _, i in points]]
+    xs = [k for k, _, _ in points]
+    ys = [i.estimate for _, i, _ in points]
+    errors = [[i.estimate - i.low for _, i, _ in points], [i.high - i.estimate for _, i, _ in points]]
     axis.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4)
     axis.set_xticks(xs)
     axis.set_xlabel("model (round)")
-    axis.set_ylabel("held-out score (90% CI)")
-    rows = "".join(f"<tr><td>{k}</td><td>{i.estimate:.4f}</td><td>[{i.low:.4f}, {i.high:.4f}]</td></tr>"
-                   for k, i in points)
-    return _png(figure) + f"<table><tr><th>model</th><th>score</th><th>90% CI</th></tr>{rows}</table>"
+    axis.set_ylabel("held-out score (bootstrap CI)")
+    rows = "".join(f"<tr><td>{k}</td><td>{i.estimate:.4f}</td><td>{c:.0%}: [{i.low:.4f}, {i.high:.4f}]</td></tr>"
+                   for k, i, c in points)
+    return _png(figure) + f"<table><tr><th>model</th><th>score</th><th>interval</th></tr>{rows}</table>"
 
 
 def _promotion(rounds) -> str:
@@ -165,7 +239,8 @@ def _promotion(rounds) -> str:
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em}
-img{max-width:100%}"""
+img{max-width:100%}details{margin:.2em 0}summary{cursor:pointer}.facts{color:#555;font-size:.9em;margin:.3em 1em}
+h3{font-size:1em;margin-top:1.2em}"""
 
 
 def build_report(store: RunStore, run_id: str) -> str:
@@ -177,9 +252,12 @@ def build_report(store: RunStore, run_id: str) -> str:
         "rouge": ("Max ROUGE-L against the pool", _rouge(rounds)),
         "lengths": ("Instruction lengths", _lengths(instructions)),
         "verbs": ("Most common leading words", _verbs(instructions)),
+        "samples": ("Kept and rejected tasks (a sample; click to open)", _samples(store, rounds)),
+        "backtranslation": ("Backtranslated pairs and their self-curation scores", _backtranslation(store, rounds)),
         "loss": ("Training loss", _loss(rounds)),
         "scores": ("Held-out evaluation by round", _scores(rounds)),
         "promotion": ("Promotion decisions", _promotion(rounds)),
+        "timing": ("Time per stage", _timing(rounds)),
     }
     body = "".join(f'<section id="{key}"><h2>{title}</h2>{content}</section>' for key, (title, content) in sections.items())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>reinstruct run {html.escape(run_id)}</title>"

@@ -85,7 +85,9 @@ def filter_tasks(candidates: list[TaskRecord], pool: list[TaskRecord], settings:
         verdict = Verdict(task.id, reason is None, ([reason] if reason else []) + instance_reasons, score,
                           index.texts[nearest] if nearest >= 0 else "")
         lineage = replace(task.lineage, scores={**task.lineage.scores, "max_rouge_l": score},
-                          verdicts=[*task.lineage.verdicts, "kept" if reason is None else f"rejected:{reason}"])
+                          verdicts=[*task.lineage.verdicts,
+                                    *([f"nearest:{verdict.nearest_instruction}"] if verdict.nearest_instruction else []),
+                                    "kept" if reason is None else f"rejected:{reason}"])
         record = replace(task, instances=instances if reason is None else task.instances, lineage=lineage)
         if reason is None:
             kept.append(record)

@@ -60,8 +60,8 @@ class GeneratorDeployment:
     @openai_app.post("/v1/completions")
     def completions(self, body: CompletionRequest):
         model = self._openai_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         self.service.engine.load(model)
+        prompts = body.texts(self.service.engine.tokenizer)
         out = self.service.engine.generate(prompts, body.sampling())
         return completion_response(model, [(c.text, c.finish_reason) for c in out], "text")
 

@@ -41,7 +41,22 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] = Field(..., max_length=256)
+    # text, a batch of texts, or one prompt as token ids (what reinstruct's openai engine sends)
+    prompt: str | list[str] | list[int] = Field(..., max_length=256)
+    echo: bool = False
+
+    def texts(self, tokenizer) -> list[str]:
+        if self.echo:
+            raise HTTPException(400, "echo: not supported here (vLLM's OpenAI server has it)")
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(p, int) for p in self.prompt):
+            if tokenizer is None:
+                raise HTTPException(400, "prompt: token ids need the model's tokenizer; this engine has none")
+            # ids made by rendering.encode_prompt decode to the text they came from; the engine encodes
+            # that text by the same rule again
+            return [tokenizer.decode(self.prompt)]
+        return list(self.prompt)
 
 
 class ChatMessage(BaseModel):
