@@ -12,14 +12,14 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from services.api import common_pb2, evaluator_pb2, filter_pb2, generator_pb2, trainer_pb2
 from services.client import ServiceClients
 from services.common.config import ReinstructConfig, load_config
-from services.common.convert import uri_source
+from services.common.convert import task_from_proto, tasks_to_source, uri_source
 from services.common.formats import load_seed_tasks, load_tasks
 from services.common.records import Instance, Lineage, TaskRecord, stable_id
 from services.common.store import RunStore
@@ -34,7 +34,7 @@ from services.generator.corpus import load_segments, sample_segments
 log = logging.getLogger("reinstruct.loop")
 
 SELF_INSTRUCT_STAGES = ("generate_instructions", "classify", "generate_instances", "filter")
-BACKTRANSLATION_STAGES = ("segments", "backtranslate", "curate", "filter_augmented")
+BACKTRANSLATION_STAGES = ("segments", "backtranslate", "rating_pool", "curate", "filter_augmented")
 TRAIN_STAGES = ("train_data", "train", "evaluate", "promote")  # plus "judge" when evaluation.judge is on
 BOOTSTRAP_STAGES = ("split", "train_data", "train", "evaluate", "promote")
 BASE_MODEL_STAGES = ("split", "evaluate", "promote")  # no bootstrap: the base model is model 0
@@ -46,8 +46,9 @@ def stage_count(config: ReinstructConfig) -> int:
     bt = config.backtranslation.enabled
     per_round = len(SELF_INSTRUCT_STAGES) + len(TRAIN_STAGES) + (len(BACKTRANSLATION_STAGES) if bt else 0)
     per_round += 1 if config.evaluation.judge else 0
+    final = 1 if config.evaluation.test_fraction else 0  # the test stage
     first = (len(BOOTSTRAP_STAGES) if config.loop.bootstrap else len(BASE_MODEL_STAGES)) + (len(BACKWARD_STAGES) if bt else 0)
-    return first + config.loop.rounds * per_round
+    return first + config.loop.rounds * per_round + final
 
 
 class Reporter:
@@ -99,10 +100,12 @@ class LoopDriver:
     def _uri(self, k: int, name: str) -> str:
         return self.store.dataset_uri(self.run_id, k, name)
 
-    def _sampling(self, max_new_tokens: int, seed: int, temperature: float | None = None) -> common_pb2.Sampling:
+    def _sampling(self, max_new_tokens: int, seed: int, temperature: float | None = None,
+                  presence_penalty: float = 0.0) -> common_pb2.Sampling:
         g = self.config.generation
         return common_pb2.Sampling(temperature=g.temperature if temperature is None else temperature,
-                                   top_p=g.top_p, max_new_tokens=max_new_tokens, seed=seed)
+                                   top_p=g.top_p, max_new_tokens=max_new_tokens, seed=seed,
+                                   presence_penalty=presence_penalty)
 
     def _train(self, k: int, base_model: str, dataset_uri: str, epochs: int, output_uri: str | None = None) -> dict:
         t = self.config.training
@@ -154,20 +157,29 @@ class LoopDriver:
             context=self._ctx(k), model_a_uri=incumbent["model_uri"], model_b_uri=candidate["model_uri"],
             eval_tasks=uri_source(heldout_uri), max_instances_per_task=e.max_instances_per_task,
             sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
-            judge_model_uri=e.judge_model or incumbent["model_uri"], bootstrap_resamples=e.bootstrap_resamples,
+            judge_model_uri=e.judge_model, bootstrap_resamples=e.bootstrap_resamples,
             confidence=e.confidence))
         d = response.score_difference
         return {"win_rate": response.win_rate, "tie_rate": response.tie_rate, "loss_rate": response.loss_rate,
                 "judged_pairs": response.judged_pairs, "score_difference": [d.estimate, d.low, d.high]}
 
-    def _machine_pool(self, up_to_round: int, stage: str = "filter") -> list[TaskRecord]:
+    def _test(self, split: dict, final_model: str) -> dict:
+        """Model 0 and the final model on the test tasks, which chose nothing: the honest score."""
+        e = self.config.evaluation
+        first = self.store.stage_output(self.run_id, 0, "evaluate")["model_uri"]
+        response = self.clients.compare_models(evaluator_pb2.CompareModelsRequest(
+            context=self._ctx(self.config.loop.rounds), model_a_uri=first, model_b_uri=final_model,
+            eval_tasks=uri_source(split["seed_test_uri"]), max_instances_per_task=e.max_instances_per_task,
+            sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
+            bootstrap_resamples=e.bootstrap_resamples, confidence=e.confidence))
+        d = response.score_difference
+        return {"model_0": first, "final_model": final_model, "model_0_score": response.a.score,
+                "final_score": response.b.score, "difference": [d.estimate, d.low, d.high],
+                "confidence": e.confidence, "num_tasks": response.b.num_tasks}
+
+    def _machine_pool(self, up_to_round: int) -> list[TaskRecord]:
         """Everything a filter stage kept in rounds 1 .. up_to_round-1."""
-        pool = []
-        for k in range(1, up_to_round):
-            out = self.store.stage_output(self.run_id, k, stage)
-            if out and out["kept_count"]:
-                pool.extend(self.store.read_tasks(out["kept_uri"]))
-        return pool
+        return [t for k in range(1, up_to_round) for t in self._stage_tasks(k, "filter", "kept_uri")]
 
     # ---- instruction backtranslation -----------------------------------------------------------
     def _backward_model(self, split: dict) -> str:
@@ -201,9 +213,11 @@ class LoopDriver:
             self.clients.backtranslate(generator_pb2.BacktranslateRequest(
                 context=self._ctx(k), model_uri=backward_model, segment_tasks=uri_source(segs["uri"]),
                 sampling=self._sampling(b.max_new_tokens, self.config.seed + k), output_uri=self._uri(k, "augmented"))))))
-        curated = self._stage(k, "curate", lambda: self._unless_empty(k, "curated", augmented, lambda: (
+        to_rate = self._stage(k, "rating_pool", lambda: self._rating_pool(k, augmented))
+        curated = self._stage(k, "curate", lambda: self._unless_empty(k, "curated", to_rate, lambda: (
             self.clients.curate_examples(generator_pb2.CurateExamplesRequest(
-                context=self._ctx(k), model_uri=model, tasks=uri_source(augmented["uri"]),
+                context=self._ctx(k), model_uri=model, tasks=uri_source(to_rate["uri"]),
+                sampling=self._sampling(b.curation_max_new_tokens, self.config.seed + k, temperature=0.0),
                 output_uri=self._uri(k, "curated"))))))
         threshold = b.curation_threshold_first_round if k == 1 else b.curation_threshold_later
 
@@ -227,6 +241,17 @@ class LoopDriver:
 
         return self._stage(k, "filter_augmented", filter_augmented)
 
+    def _rating_pool(self, k: int, augmented: dict) -> dict:
+        """What model k rates: every pair backtranslated so far (Humpback rescores the whole augmented
+        set with each iteration's model), or only this round's new pairs."""
+        rounds = range(1, k + 1) if self.config.backtranslation.rescore_all else [k]
+        pairs = [t for j in rounds for t in self._stage_tasks(j, "backtranslate", "uri")]
+        return {**self._write(k, "rating_pool", pairs), "rounds": list(rounds)}
+
+    def _stage_tasks(self, k: int, stage: str, key: str) -> list[TaskRecord]:
+        out = self.store.stage_output(self.run_id, k, stage)
+        return self.store.read_tasks(out[key]) if out and out.get(key) and out.get("count", out.get("kept_count")) else []
+
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
         if self.store.remove_stale_temporaries(self.run_id):
@@ -240,6 +265,8 @@ class LoopDriver:
         backward = self._backward_model(split) if self.config.backtranslation.enabled else None
         for k in range(1, self.config.loop.rounds + 1):
             promoted = self._round(k, split, promoted, backward)
+        if split.get("test_tasks"):
+            self._stage(self.config.loop.rounds, "test", lambda: self._test(split, promoted["model_uri"]))
         self.store.update_run(self.run_id, status="succeeded", final_model=promoted["model_uri"])
         self._write_report()
         return self.store.load_manifest(self.run_id)
@@ -249,16 +276,22 @@ class LoopDriver:
         self.reporter.report(uri)
 
     def _split(self, seeds: list[TaskRecord]) -> dict:
+        """Seed tasks split by task into train and held-out; held-out into dev (the gate decides on it)
+        and test (nothing decides on it: evaluated once, at the end)."""
         s = self.config.seeds
         train, heldout = split_by_task(seeds, s.heldout_fraction, s.split_seed)
         for path in self.config.evaluation.extra_sets:  # user evaluation sets: held out as whole tasks too
             heldout += [replace(t, id=f"{Path(path).stem}:{t.id}") for t in load_tasks(path)]
-        self.store.write_tasks(self._uri(0, "seed_train"), train)
-        self.store.write_tasks(self._uri(0, "seed_heldout"), heldout)
-        self.store.write_tasks(self._uri(0, "seed_all"), seeds)
+        dev, test = split_by_task(heldout, self.config.evaluation.test_fraction, s.split_seed + 1) \
+            if self.config.evaluation.test_fraction else (heldout, [])
+        for name, tasks in (("seed_train", train), ("seed_heldout", heldout), ("seed_dev", dev), ("seed_test", test),
+                            ("seed_all", seeds)):
+            self.store.write_tasks(self._uri(0, name), tasks)
         return {"seed_train_uri": self._uri(0, "seed_train"), "seed_heldout_uri": self._uri(0, "seed_heldout"),
+                "seed_dev_uri": self._uri(0, "seed_dev"), "seed_test_uri": self._uri(0, "seed_test"),
                 "seed_all_uri": self._uri(0, "seed_all"), "train_tasks": len(train), "heldout_tasks": len(heldout),
-                "heldout_task_ids": sorted(t.id for t in heldout)}
+                "dev_tasks": len(dev), "test_tasks": len(test),
+                "dev_task_ids": sorted(t.id for t in dev), "test_task_ids": sorted(t.id for t in test)}
 
     def _train_mix(self, k: int, split: dict, machine: list[TaskRecord], augmented: list[TaskRecord]) -> dict:
         human = self.store.read_tasks(split["seed_train_uri"])
@@ -278,14 +311,14 @@ class LoopDriver:
         data = self._stage(0, "train_data", lambda: self._train_mix(0, split, [], []))
         trained = self._stage(0, "train", lambda: self._train(0, self.config.model.base, data["uri"],
                                                                self.config.training.bootstrap_epochs))
-        score = self._stage(0, "evaluate", lambda: self._evaluate(0, trained["model_uri"], split["seed_heldout_uri"]))
+        score = self._stage(0, "evaluate", lambda: self._evaluate(0, trained["model_uri"], split["seed_dev_uri"]))
         decision = self._stage(0, "promote", lambda: self._promote(0, score, None))
         self._write_report()
         return decision
 
     def _base_model(self, split: dict) -> dict:
         """Model 0 is the base model itself: evaluated like every later model, so round 1 must beat it."""
-        score = self._stage(0, "evaluate", lambda: self._evaluate(0, self.config.model.base, split["seed_heldout_uri"]))
+        score = self._stage(0, "evaluate", lambda: self._evaluate(0, self.config.model.base, split["seed_dev_uri"]))
         decision = self._stage(0, "promote", lambda: self._promote(0, score, None))
         self._write_report()
         return decision
@@ -297,17 +330,26 @@ class LoopDriver:
         pool_uri = self._uri(k, "machine_pool")
 
         def generate() -> dict:
-            self.store.write_tasks(pool_uri, machine)
-            response = self.clients.generate_instructions(generator_pb2.GenerateInstructionsRequest(
-                context=self._ctx(k), model_uri=model, seed_tasks=uri_source(split["seed_train_uri"]),
-                machine_tasks=uri_source(pool_uri), num_prompts=g.num_prompts,
-                num_human_in_context=g.num_human_in_context, num_machine_in_context=g.num_machine_in_context,
-                sampling=common_pb2.Sampling(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens,
-                                             seed=self.config.seed + k, presence_penalty=g.presence_penalty),
-                output_uri=self._uri(k, "instructions"),
-            ))
-            return {"uri": response.output.uri, "count": response.output.count, "prompts": response.prompts,
-                    "truncated": response.completions_truncated, "model_uri": model}
+            """Self-Instruct's bootstrap: prompts go out pool_refresh_prompts at a time; after each request
+            the new instructions that pass the ROUGE-L and instruction rules join the machine tasks shown
+            in context, so later prompts of the round see earlier ones (the reference's request batches)."""
+            in_context, written, truncated = list(machine), [], 0
+            for start in range(0, g.num_prompts, g.pool_refresh_prompts):
+                self.store.write_tasks(pool_uri, in_context)
+                response = self.clients.generate_instructions(generator_pb2.GenerateInstructionsRequest(
+                    context=self._ctx(k), model_uri=model, seed_tasks=uri_source(split["seed_train_uri"]),
+                    machine_tasks=uri_source(pool_uri), num_prompts=min(g.pool_refresh_prompts, g.num_prompts - start),
+                    num_human_in_context=g.num_human_in_context, num_machine_in_context=g.num_machine_in_context,
+                    sampling=self._sampling(g.max_new_tokens, self.config.seed + k, presence_penalty=g.presence_penalty),
+                    first_prompt_index=start))
+                new = [task_from_proto(t) for t in response.tasks]
+                written += new
+                truncated += response.completions_truncated
+                if new and start + g.pool_refresh_prompts < g.num_prompts:
+                    in_context += self._novel_instructions(k, split, in_context, new)
+            self.store.write_tasks(self._uri(k, "instructions"), written)
+            return {"uri": self._uri(k, "instructions"), "count": len(written), "prompts": g.num_prompts,
+                    "truncated": truncated, "model_uri": model, "in_context_pool": len(in_context)}
 
         instructions = self._stage(k, "generate_instructions", generate)
         if instructions["count"] == 0:
@@ -320,24 +362,42 @@ class LoopDriver:
             self.clients.generate_instances(generator_pb2.GenerateInstancesRequest(
                 context=self._ctx(k), model_uri=model, tasks=uri_source(classified["uri"]),
                 demonstrations=uri_source(split["seed_train_uri"]), num_demonstrations=g.num_demonstrations,
-                sampling=self._sampling(g.instance_max_new_tokens, self.config.seed + k),
+                sampling=self._sampling(g.instance_max_new_tokens, self.config.seed + k, g.instance_temperature,
+                                        g.instance_presence_penalty),
                 output_uri=self._uri(k, "candidates"))))))
         filtered = self._stage(k, "filter", lambda: self._filter(k, split, machine, candidates))
         augmented: list[TaskRecord] = []
         if backward_model is not None:
-            kept_augmented = self._backtranslation_round(k, model, backward_model)
-            augmented = self._machine_pool(k, "filter_augmented") + (
-                self.store.read_tasks(kept_augmented["kept_uri"]) if kept_augmented["kept_count"] else [])
+            self._backtranslation_round(k, model, backward_model)
+            # rescoring: this round's ratings alone choose the augmented set; else every round's choice adds up
+            rounds = [k] if self.config.backtranslation.rescore_all else range(1, k + 1)
+            augmented = [t for j in rounds for t in self._stage_tasks(j, "filter_augmented", "kept_uri")]
         data = self._stage(k, "train_data", lambda: self._train_mix(
             k, split, machine + (self.store.read_tasks(filtered["kept_uri"]) if filtered["kept_count"] else []),
             augmented))
-        trained = self._stage(k, "train", lambda: self._train(k, model, data["uri"], self.config.training.epochs))
-        score = self._stage(k, "evaluate", lambda: self._evaluate(k, trained["model_uri"], split["seed_heldout_uri"]))
+        start_from = self.config.model.base if self.config.training.from_base else model
+        trained = self._stage(k, "train", lambda: self._train(k, start_from, data["uri"], self.config.training.epochs))
+        score = self._stage(k, "evaluate", lambda: self._evaluate(k, trained["model_uri"], split["seed_dev_uri"]))
         if self.config.evaluation.judge:
-            self._stage(k, "judge", lambda: self._judge(k, promoted, score, split["seed_heldout_uri"]))
+            self._stage(k, "judge", lambda: self._judge(k, promoted, score, split["seed_dev_uri"]))
         decision = self._stage(k, "promote", lambda: self._promote(k, score, promoted))
         self._write_report()
         return decision
+
+    def _novel_instructions(self, k: int, split: dict, pool: list[TaskRecord], new: list[TaskRecord]) -> list[TaskRecord]:
+        """The new instructions that pass the instruction rules and ROUGE-L < threshold against seeds + pool."""
+        f = self.config.filter
+        response = self.clients.filter_tasks(filter_pb2.FilterTasksRequest(
+            context=self._ctx(k), candidates=tasks_to_source(new),
+            pool=self._written(k, "refresh_pool", self.store.read_tasks(split["seed_all_uri"]) + pool),
+            instructions_only=True,
+            rouge_l_threshold=f.rouge_l_threshold, min_instruction_words=f.min_instruction_words,
+            max_instruction_words=f.max_instruction_words, reject_only_above_threshold=f.reject_only_above_threshold))
+        return [task_from_proto(t) for t in response.kept]
+
+    def _written(self, k: int, name: str, tasks: list[TaskRecord]) -> common_pb2.TaskSource:
+        self.store.write_tasks(self._uri(k, name), tasks)
+        return uri_source(self._uri(k, name))
 
     def _unless_empty(self, k: int, name: str, previous: dict, call: Callable) -> dict:
         """Calls the service unless the previous stage produced nothing (services reject empty batches)."""

@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -22,7 +21,7 @@ app = typer.Typer(help="reinstruct: a model that improves by training on data it
 console = Console(soft_wrap=True)  # a log file gets whole lines, not 80-column cuts
 
 
-def _load(config: Optional[Path], store_root: Optional[str] = None, rounds: Optional[int] = None) -> ReinstructConfig:
+def _load(config: Path | None, store_root: str | None = None, rounds: int | None = None) -> ReinstructConfig:
     try:
         cfg = load_config(config)
     except ConfigError as exc:
@@ -154,10 +153,10 @@ def _user_error(exc: BaseException) -> str | None:
 
 @app.command()
 def run(
-    config: Optional[Path] = typer.Option(Path("configs/local.yaml"), help="YAML config"),
+    config: Path | None = typer.Option(Path("configs/local.yaml"), help="YAML config"),
     run_id: str = typer.Option("demo", help="Run id; rerunning the same id resumes it"),
-    rounds: Optional[int] = typer.Option(None, help="Override loop.rounds"),
-    store_root: Optional[str] = typer.Option(None, help="Override store.root"),
+    rounds: int | None = typer.Option(None, help="Override loop.rounds"),
+    store_root: str | None = typer.Option(None, help="Override store.root"),
     verbose: bool = typer.Option(False, help="Log every stage"),
 ):
     """Start (or join RAY_ADDRESS) Ray, deploy the four apps, run the configured rounds."""
@@ -209,7 +208,7 @@ def run(
 
 
 @app.command("serve")
-def serve_command(config: Optional[Path] = typer.Option(Path("configs/local.yaml"), help="YAML config")):
+def serve_command(config: Path | None = typer.Option(Path("configs/local.yaml"), help="YAML config")):
     """Deploy the four apps (on RAY_ADDRESS if set, else a local Ray) and stay up until interrupted."""
     from ray import serve
 
@@ -240,9 +239,9 @@ def serve_command(config: Optional[Path] = typer.Option(Path("configs/local.yaml
 def filter_command(
     input_path: Path = typer.Argument(..., help="JSONL/JSON/Parquet records with an 'instruction' field"),
     output: Path = typer.Option(..., "-o", "--output", help="Kept records (JSONL, input order)"),
-    pool: Optional[Path] = typer.Option(None, help="Instructions already pooled (e.g. seed tasks)"),
+    pool: Path | None = typer.Option(None, help="Instructions already pooled (e.g. seed tasks)"),
     threshold: float = typer.Option(0.7, min=0.0, max=1.0, help="Keep only if max ROUGE-L F < threshold"),
-    rejected: Optional[Path] = typer.Option(None, help="Write rejected records with reasons here"),
+    rejected: Path | None = typer.Option(None, help="Write rejected records with reasons here"),
     reference_rule: bool = typer.Option(False, help="Drop only F > threshold, as Self-Instruct's code does"),
 ):
     """Self-Instruct's filter on your own data: ROUGE-L novelty, keyword and length rules, dedup."""
@@ -269,9 +268,9 @@ def filter_command(
 @app.command()
 def report(
     run_id: str,
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Default: <store>/<run>/report.html"),
-    config: Optional[Path] = typer.Option(Path("configs/local.yaml"), help="YAML config"),
-    store_root: Optional[str] = typer.Option(None, help="Override store.root"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Default: <store>/<run>/report.html"),
+    config: Path | None = typer.Option(Path("configs/local.yaml"), help="YAML config"),
+    store_root: str | None = typer.Option(None, help="Override store.root"),
 ):
     """Write a run's self-contained HTML report (funnel, ROUGE-L, lengths, verbs, loss, scores, promotions)."""
     from .common.store import RunStore
@@ -293,8 +292,8 @@ def report(
 def export(
     run_id: str,
     output: Path = typer.Option(..., "-o", "--output", help=".jsonl (Alpaca) or .parquet (chat messages)"),
-    config: Optional[Path] = typer.Option(Path("configs/local.yaml"), help="YAML config"),
-    store_root: Optional[str] = typer.Option(None, help="Override store.root"),
+    config: Path | None = typer.Option(Path("configs/local.yaml"), help="YAML config"),
+    store_root: str | None = typer.Option(None, help="Override store.root"),
 ):
     """Export every task kept in a run, for other training tools."""
     from .common.formats import export_alpaca_jsonl, export_chat_parquet

@@ -8,8 +8,8 @@ import time
 
 import grpc
 
-from .common.grpc_handler import API_TOKEN_ENV
 from .api import evaluator_pb2_grpc, filter_pb2_grpc, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from .common.grpc_handler import API_TOKEN_ENV
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "actor died", "unexpectedly")

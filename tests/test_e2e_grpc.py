@@ -88,7 +88,7 @@ def test_every_method_answers(deployed):
         sampling=SAMPLING))
     assert all(t.lineage.stage == "backtranslate" and t.instances[0].output for t in augmented.tasks)
     curated = clients.curate_examples(generator_pb2.CurateExamplesRequest(
-        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:2])))
+        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:2]), sampling=SAMPLING))
     assert [t.id for t in curated.tasks] == [t.id for t in seeds[:2]]
     assert all(0 <= t.lineage.scores["curation"] <= 5 for t in curated.tasks)
     filtered = clients.filter_tasks(filter_pb2.FilterTasksRequest(
@@ -235,10 +235,9 @@ def test_one_round_end_to_end_over_grpc(deployed):
 
     if CHROMIUM:  # this real run's report, opened in headless Chromium
         import subprocess
+        import tempfile
 
         from services.evaluator.report import SECTIONS
-
-        import tempfile
 
         dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tempfile.mkdtemp()}", "--dump-dom",
                               f"file://{report}"], capture_output=True, text=True, timeout=120)

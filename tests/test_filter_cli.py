@@ -40,3 +40,16 @@ def test_filter_cli_instruction_only_and_bad_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(tmp_path / "o.jsonl")],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0 and "kept 1 of 1" in done.stdout
+
+
+def test_filter_cli_kept_seed_record_shows_only_surviving_instances(tmp_path):
+    row = {"id": "t1", "instruction": "Give the capital of the country.", "is_classification": False,
+           "instances": [{"input": "France", "output": "Paris"}, {"input": "Spain", "output": "Madrid"},
+                         {"input": "Peru", "output": ""}, {"input": "Chile", "output": "Chile"}]}
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps(row) + "\n")
+    done = subprocess.run([sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(out)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    kept = json.loads(out.read_text())
+    assert kept["instances"] == row["instances"][:2] and kept["id"] == "t1"

@@ -30,14 +30,53 @@ def test_instruction_rules_keep(text):
     assert instruction_rejection(text) is None
 
 
-def test_clean_instances():
-    kept, reasons = clean_instances([
-        Instance("a", "1"), Instance("a", "1"), Instance("b", "2"), Instance("b", "3"), Instance("c", ""),
-        Instance("echo", "echo"), Instance("d", "4"),
-    ])
-    assert [(k.input, k.output) for k in kept] == [("a", "1"), ("d", "4")]
-    assert sorted(reasons) == sorted(["duplicate_instance", "same_input_different_output",
-                                      "same_input_different_output", "empty_output", "output_repeats_input"])
+def _reference(instances: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Self-Instruct's reference rules (yizhongw/self-instruct, prepare_for_finetuning.py:
+    filter_duplicate_instances, filter_invalid_instances), transcribed: (input, output) pairs."""
+    for i in range(1, len(instances)):  # same non-empty input, different output: the task is dropped
+        for j in range(0, i):
+            if instances[i][0] == "":
+                continue
+            if instances[i][0] == instances[j][0] and instances[i][1] != instances[j][1]:
+                return set()
+    kept = set()
+    for inp, out in set(instances):
+        if inp == out or out == "" or inp.strip().endswith(":") or out.strip().endswith(":"):
+            continue
+        kept.add((inp, out))
+    return kept
+
+
+@pytest.mark.parametrize("pairs", [
+    [("a", "1"), ("a", "1"), ("c", ""), ("echo", "echo"), ("d", "4")],
+    [("a", "1"), ("b", "2"), ("b", "3"), ("d", "4")],                  # a conflict drops the whole task
+    [("", "Paris"), ("", "The capital is Paris."), ("", "Lyon")],       # no input: several answers are fine
+    [("Translate:", "Bonjour"), ("hello", "Output:"), ("x", "y")],      # a cut generation ends with ':'
+    [("", ""), ("q", "a")],
+])
+def test_clean_instances_decides_as_the_reference(pairs):
+    kept, reasons = clean_instances([Instance(i, o) for i, o in pairs])
+    assert {(k.input, k.output) for k in kept} == _reference(pairs)
+    assert len(kept) + len(reasons) == len(pairs)  # every removal has its reason
+
+
+def test_clean_instances_reasons():
+    _, reasons = clean_instances([Instance("a", "1"), Instance("a", "1"), Instance("c", ""), Instance("e", "e"),
+                                  Instance("f", "g:")])
+    assert sorted(reasons) == ["duplicate_instance", "empty_output", "ends_with_colon", "output_repeats_input"]
+    kept, reasons = clean_instances([Instance("b", "2"), Instance("b", "3")])
+    assert kept == [] and reasons == ["same_input_different_output"] * 2
+
+
+def test_up_to_five_instances_kept_at_random_after_cleaning():
+    from services.filter.rules import sample_instances
+
+    instances = [Instance(str(i), f"out {i}") for i in range(9)]
+    chosen = sample_instances(instances, 5, "task-1")
+    assert len(chosen) == 5 and chosen == sorted(chosen, key=lambda i: int(i.input))  # original order
+    assert chosen == sample_instances(instances, 5, "task-1")  # reproducible per task
+    assert len({tuple(i.input for i in sample_instances(instances, 5, f"task-{n}")) for n in range(10)}) > 1  # random
+    assert sample_instances(instances[:3], 5, "t") == instances[:3]
 
 
 def _task(i, text, instances=None):

@@ -4,8 +4,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.common.formats import (DataFormatError, export_alpaca_jsonl, export_chat_parquet, load_seed_tasks,
-                                     load_tasks)
+from services.common.formats import (
+    DataFormatError,
+    export_alpaca_jsonl,
+    export_chat_parquet,
+    load_seed_tasks,
+    load_tasks,
+)
 
 
 def test_builtin_seed_set():

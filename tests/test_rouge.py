@@ -3,10 +3,10 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer
+from rouge_score.tokenize import tokenize as _reference_tokenize
 
 from services.common.formats import load_seed_tasks, load_tasks
 from services.common.rouge import NoveltyIndex, rouge_l, tokenize
-from rouge_score.tokenize import tokenize as _reference_tokenize
 
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Section(BaseModel):
@@ -49,7 +49,8 @@ class ServeConfig(_Section):
 
 class SeedConfig(_Section):
     path: str | None = Field(None, description="Seed tasks file (Self-Instruct seed format); None: built-in set")
-    heldout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of seed tasks held out for evaluation")
+    heldout_fraction: float = Field(0.3, gt=0, lt=1, description="Share of seed tasks held out for evaluation "
+                                    "(split again into dev and test: evaluation.test_fraction)")
     split_seed: int = 0
 
 
@@ -57,7 +58,7 @@ class GenerationConfig(_Section):
     engine: Literal["hf", "vllm", "openai"] = Field("hf", description="hf: transformers (CPU/GPU); vllm: "
                                                    "vllm.LLM in the replica (GPU, optional extra); openai: an "
                                                    "OpenAI-compatible endpoint")
-    presence_penalty: float = Field(2.0, ge=-2, le=2, description="Instruction generation (vllm/openai engines)")
+    presence_penalty: float = Field(2.0, ge=-2, le=2, description="Instruction generation (Self-Instruct: 2)")
     num_gpus: float = Field(0, ge=0, description="GPUs per generator/evaluator replica (vllm, or hf on GPU)")
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     openai_base_url: str = Field("http://127.0.0.1:8000/generator/v1", description="For engine: openai")
@@ -71,6 +72,12 @@ class GenerationConfig(_Section):
     top_p: float = Field(0.5, gt=0, le=1)
     max_new_tokens: int = Field(160, ge=1, le=4096)
     instance_max_new_tokens: int = Field(128, ge=1, le=4096)
+    instance_temperature: float = Field(0.0, ge=0, le=2, description="Instances (Self-Instruct: greedy, 0)")
+    instance_presence_penalty: float = Field(1.5, ge=-2, le=2, description="Instances (Self-Instruct: 1.5)")
+    pool_refresh_prompts: int = Field(5, ge=1, description="Prompts per request; after each, instructions that "
+                                      "pass the ROUGE-L and instruction rules join the machine tasks shown in "
+                                      "context (Self-Instruct's request batch of 5); a round's later prompts see "
+                                      "its earlier tasks")
     num_demonstrations: int = Field(2, ge=0, le=8, description="Seed tasks shown when writing instances")
     batch_size: int = Field(16, ge=1)
 
@@ -84,6 +91,8 @@ class FilterConfig(_Section):
     near_duplicate_threshold: float = Field(0.9, le=1, description="MinHash Jaccard over responses; <= 0: off")
     decontamination_ngram: int = Field(13, ge=4, le=64, description="Drop data sharing this many tokens with eval sets")
     min_curation_score: float = Field(0.0, ge=0, le=5, description="Drop data whose self-curation score is lower")
+    max_instances_per_task: int = Field(5, ge=0, description="Instances kept per task, chosen at random after "
+                                        "cleaning (Self-Instruct's reference keeps 5); 0: all")
 
 
 class LoraConfig(_Section):
@@ -110,6 +119,9 @@ class TrainingConfig(_Section):
     lora: LoraConfig = LoraConfig()
     fewshot_fraction: float = Field(0.0, ge=0, le=1, description="Share of examples shown after k exemplars")
     fewshot_k: int = Field(2, ge=1, le=16)
+    from_base: bool = Field(True, description="Fine-tune each round's model from model.base on seeds + all data "
+                            "kept so far (Humpback, and Self-Instruct's single fine-tune); off: continue from the "
+                            "promoted model k")
     meta_tasks: bool = Field(False, description="Also train on Self-Instruct and rating prompts (teaches the "
                              "formats to models that cannot follow them from context, like the tiny presets)")
     bootstrap_epochs: int = Field(12, ge=1, description="Round 0: epochs on the seed tasks")
@@ -129,7 +141,18 @@ class EvaluationConfig(_Section):
     confidence: float = Field(0.9, gt=0.5, lt=1, description="Of the bootstrap interval (resampling tasks)")
     bootstrap_resamples: int = Field(2000, ge=100)
     judge: bool = Field(False, description="Also judge model k+1 against model k pairwise, in both orders")
-    judge_model: str | None = Field(None, description="Judge model; None: the incumbent model k")
+    judge_model: str | None = Field(None, description="Judge model (needed for judge: true); a model judging "
+                                    "itself is biased, so there is no default")
+    test_fraction: float = Field(0.5, ge=0, lt=1, description="Share of the held-out tasks kept as a test set: "
+                                 "the gate decides on the rest (dev); only the run's end evaluates model 0 and the "
+                                 "final model on test, so the reported test score is chosen by nothing")
+
+
+    @model_validator(mode="after")
+    def _judge_needs_a_model(self) -> "EvaluationConfig":
+        if self.judge and not self.judge_model:
+            raise ValueError("judge: true needs judge_model (a model judging itself is biased; there is no default)")
+        return self
 
 
 class BacktranslationConfig(_Section):
@@ -140,9 +163,14 @@ class BacktranslationConfig(_Section):
     max_chars: int = Field(600, ge=1)
     segments_per_round: int = Field(32, ge=1)
     backward_epochs: int = Field(6, ge=1, description="Backward model (output -> instruction) training epochs")
-    max_new_tokens: int = Field(48, ge=1, le=4096)
-    curation_threshold_first_round: float = Field(5, ge=0, le=5, description="Humpback: keep score 5 in round 1")
-    curation_threshold_later: float = Field(4, ge=0, le=5, description="... and score >= 4 afterwards")
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Backward model: the instruction it writes")
+    curation_max_new_tokens: int = Field(96, ge=1, le=4096, description="Self-curation: reason and 'Score: N'")
+    curation_threshold_first_round: float = Field(5, ge=0, le=5, description="Humpback: keep score 5 (k=5)")
+    curation_threshold_later: float = Field(5, ge=0, le=5, description="Later rounds (Humpback: k=5 in both "
+                                            "iterations; k=4 is its ablation)")
+    rescore_all: bool = Field(True, description="Each round the current model rates every pair backtranslated "
+                              "so far, and only this round's ratings choose the kept set (Humpback); off: rate "
+                              "only the new pairs and keep every earlier choice")
     tag: str = Field("[augmented]", max_length=200, description="Prefixed to prompts of backtranslated data")
 
 

@@ -142,10 +142,36 @@ BACKWARD = _register(
     1,
     "Below is a response. Write the instruction that it answers.\n\nResponse: {output}\n\nInstruction:",
 )
+# Humpback's self-curation prompt (Li et al. 2023, Table 19): the 5-point scale of how well an answer
+# is written as an AI assistant's answer to the instruction; reason first, then "Score: N".
 CURATE = _register(
     "backtranslation.curate",
-    1,
-    "Rate how well the response answers the instruction on a scale of 1 to 5 (5: a complete, helpful "
-    "answer; 1: unrelated or useless). Give a short reason, then a last line 'Score: N'.\n\n"
-    "Instruction: {instruction}\n\nResponse: {output}\n\nReason:",
+    2,
+    "Below is an instruction from an user and a candidate answer. Evaluate whether or not the answer is a good "
+    "example of how AI Assistant should respond to the user's instruction. Please assign a score using the "
+    "following 5-point scale:\n"
+    "1: It means the answer is incomplete, vague, off-topic, controversial, or not exactly what the user asked "
+    "for. For example, some content seems missing, numbered list does not start from the beginning, the opening "
+    "sentence repeats user's question. Or the response is from another person's perspective with their personal "
+    "experience (e.g. taken from blog posts), or looks like an answer from a forum. Or it contains promotional "
+    "text, navigation text, or other irrelevant information.\n"
+    "2: It means the answer addresses most of the asks from the user. It does not directly address the user's "
+    "question. For example, it only provides a high-level methodology instead of the exact solution to user's "
+    "question.\n"
+    "3: It means the answer is helpful but not written by an AI Assistant. It addresses all the basic asks from "
+    "the user. It is complete and self contained with the drawback that the response is not written from an AI "
+    "assistant's perspective, but from other people's perspective. The content looks like an excerpt from a blog "
+    "post, web page, or web search results. For example, it contains personal experience or opinion, mentions "
+    "comments section, or share on social media, etc.\n"
+    "4: It means the answer is written from an AI assistant's perspective with a clear focus of addressing the "
+    "instruction. It provide a complete, clear, and comprehensive response to user's question or instruction "
+    "without missing or irrelevant information. It is well organized, self-contained, and written in a helpful "
+    "tone. It has minor room for improvement, e.g. more concise and focused.\n"
+    "5: It means it is a perfect answer from an AI Assistant. It has a clear focus on being a helpful AI "
+    "Assistant, where the response looks like intentionally written to address the user's question or "
+    "instruction without any irrelevant sentences. The answer provides high quality content, demonstrating expert "
+    "knowledge in the area, is very well written, logical, easy-to-follow, engaging and insightful.\n\n"
+    "Please first provide a brief reasoning you used to derive the rating score, and then write \"Score: "
+    "<rating>\" in the last line.\n\n"
+    "<instruction>\n{instruction}\n</instruction>\n\n<answer>\n{output}\n</answer>\n\nReasoning:",
 )

@@ -46,7 +46,7 @@ class Renderer:
     augmented_tag: str = ""
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, prompt_format: PromptFormat = "auto", augmented_tag: str = "") -> "Renderer":
+    def for_tokenizer(cls, tokenizer, prompt_format: PromptFormat = "auto", augmented_tag: str = "") -> Renderer:
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if prompt_format == "chat" and not has_template:
             raise ValueError("model.prompt_format is 'chat' but the model's tokenizer has no chat template")

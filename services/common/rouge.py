@@ -205,7 +205,7 @@ class NoveltyIndex:
         store.write_json(uri, {"version": 1, "texts": self.texts})
 
     @classmethod
-    def load(cls, store, uri: str) -> "NoveltyIndex":
+    def load(cls, store, uri: str) -> NoveltyIndex:
         return cls(store.read_json(uri)["texts"])
 
 

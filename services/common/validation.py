@@ -75,7 +75,7 @@ class TrustedModels:
     dirs: tuple[str, ...] = ()
 
     @classmethod
-    def from_config(cls, config) -> "TrustedModels":
+    def from_config(cls, config) -> TrustedModels:
         names = {config.model.base} | ({config.evaluation.judge_model} if config.evaluation.judge_model else set())
         dirs = tuple(os.path.realpath(os.path.expanduser(d)) for d in config.model.allowed_dirs)
         return cls(frozenset(names), dirs)

@@ -5,11 +5,18 @@ from __future__ import annotations
 from ray import serve
 
 from ..api import common_pb2, evaluator_pb2
-from ..common.config import ReinstructConfig, config_from_app_args, replica_options, engine_options
+from ..common.config import ReinstructConfig, config_from_app_args, engine_options, replica_options
 from ..common.grpc_handler import grpc_method, grpc_stream_method, run_with_progress
 from ..common.store import RunStore
-from ..common.validation import (check_context, check_model_uri, TrustedModels, check_output_uri, check_range, check_sampling,
-                                 resolve_tasks)
+from ..common.validation import (
+    TrustedModels,
+    check_context,
+    check_model_uri,
+    check_output_uri,
+    check_range,
+    check_sampling,
+    resolve_tasks,
+)
 from ..generator.engines import SamplingParams, create_engine
 from .service import Evaluation, EvaluatorService
 

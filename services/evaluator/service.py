@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from ..common.records import Instance, Lineage, TaskRecord
 from ..common.rendering import NO_LIMIT, PromptFormat, Renderer

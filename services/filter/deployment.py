@@ -44,7 +44,9 @@ class FilterDeployment:
         settings = FilterSettings(threshold, min_words, max_words,
                                   reject_only_above_threshold=request.reject_only_above_threshold,
                                   near_duplicate_threshold=near if near > 0 else None,
-                                  decontamination_ngram=ngram, min_curation_score=request.min_curation_score)
+                                  decontamination_ngram=ngram, min_curation_score=request.min_curation_score,
+                                  max_instances_per_task=defaults.max_instances_per_task,
+                                  check_instances=not request.instructions_only)
         result = filter_tasks(candidates, pool, settings, eval_tasks)
         response = filter_pb2.FilterTasksResponse(
             verdicts=[filter_pb2.Verdict(task_id=v.task_id, kept=v.kept, reasons=v.reasons,

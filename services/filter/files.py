@@ -1,7 +1,8 @@
 """`reinstruct filter`: the filter on a user's own files, no Ray needed.
 
 Records need an `instruction` field (Alpaca rows and Self-Instruct seed records both work). Kept rows
-are written unchanged, in input order; rejected rows get a `_reinstruct` field with the reasons.
+are written in input order, unchanged except that a seed-format record keeps only the instances that
+survived cleaning; rejected rows get a `_reinstruct` field with the reasons.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _with_instances(row: dict, kept: TaskRecord) -> dict:
+    """A kept seed-format record shows only the instances that survived cleaning; other rows are
+    written unchanged."""
+    if not isinstance(row.get("instances"), list):
+        return row
+    return {**row, "instances": [{"input": i.input, "output": i.output} for i in kept.instances]}
+
+
 def filter_file(input_path: Path, output_path: Path, pool_path: Path | None, settings: FilterSettings,
                 rejected_path: Path | None = None, on_progress=None) -> FilterResult:
     rows = load_rows(input_path)
@@ -51,9 +60,10 @@ def filter_file(input_path: Path, output_path: Path, pool_path: Path | None, set
     settings.check_instances = all(has_outputs for _, _, has_outputs in rows)
     result = filter_tasks([task for _, task, _ in rows], pool, settings, on_progress=on_progress)
     kept_rows, rejected_rows = [], []
+    kept_by_id = {t.id: t for t in result.kept}
     for (row, _, _), verdict in zip(rows, result.verdicts):
         if verdict.kept:
-            kept_rows.append(row)
+            kept_rows.append(_with_instances(row, kept_by_id[verdict.task_id]))
         else:
             rejected_rows.append({**row, "_reinstruct": {"reasons": verdict.reasons, "max_rouge_l": verdict.max_rouge_l,
                                                          "nearest": verdict.nearest_instruction}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import string
 
@@ -33,26 +34,38 @@ def instruction_rejection(instruction: str, min_words: int = 4, max_words: int =
 
 
 def clean_instances(instances: list[Instance], max_output_chars: int = 4000) -> tuple[list[Instance], list[str]]:
-    """Drops empty/over-long outputs, outputs that repeat the input, exact duplicates, and every
-    instance whose input also appears with a different output. Returns (kept, reasons removed)."""
+    """Self-Instruct's instance rules (generate_instances.py / prepare_for_finetuning.py): drops empty
+    and over-long outputs, outputs equal to the input, inputs or outputs ending with ':' (usually a
+    cut generation), and exact duplicates; a task whose instances give different outputs for the same
+    non-empty input loses all of them (the reference drops the task). Returns (kept, reasons)."""
     reasons, kept = [], []
     for inst in instances:
-        output = inst.output.strip()
+        output, given = inst.output.strip(), inst.input.strip()
         if not output:
             reasons.append("empty_output")
         elif len(output) > max_output_chars:
             reasons.append("output_too_long")
-        elif inst.input.strip() and output == inst.input.strip():
+        elif given and output == given:
             reasons.append("output_repeats_input")
-        elif any(k.input.strip() == inst.input.strip() and k.output.strip() == output for k in kept):
+        elif output.endswith(":") or given.endswith(":"):
+            reasons.append("ends_with_colon")
+        elif any(k.input.strip() == given and k.output.strip() == output for k in kept):
             reasons.append("duplicate_instance")
         else:
             kept.append(inst)
     outputs_by_input: dict[str, set[str]] = {}
     for inst in kept:
-        outputs_by_input.setdefault(inst.input.strip(), set()).add(inst.output.strip())
-    conflicting = {inp for inp, outs in outputs_by_input.items() if len(outs) > 1}
-    if conflicting:
-        reasons.extend("same_input_different_output" for k in kept if k.input.strip() in conflicting)
-        kept = [k for k in kept if k.input.strip() not in conflicting]
+        if inst.input.strip():  # tasks without input may well have several right answers
+            outputs_by_input.setdefault(inst.input.strip(), set()).add(inst.output.strip())
+    if any(len(outputs) > 1 for outputs in outputs_by_input.values()):
+        return [], reasons + ["same_input_different_output"] * len(kept)
     return kept, reasons
+
+
+def sample_instances(instances: list[Instance], limit: int, seed: str) -> list[Instance]:
+    """At most `limit` instances chosen at random (the reference keeps up to 5 after cleaning), in
+    their original order; reproducible per task."""
+    if limit <= 0 or len(instances) <= limit:
+        return instances
+    chosen = sorted(random.Random(seed).sample(range(len(instances)), limit))
+    return [instances[i] for i in chosen]

@@ -14,7 +14,7 @@ from ..common.records import TaskRecord
 from ..common.rouge import NoveltyIndex
 from .decontamination import ContaminationIndex
 from .near_duplicates import ResponseDeduper
-from .rules import DEFAULT_BLACKLIST, clean_instances, instruction_rejection
+from .rules import DEFAULT_BLACKLIST, clean_instances, instruction_rejection, sample_instances
 
 
 @dataclass
@@ -45,6 +45,7 @@ class FilterSettings:
     decontamination_ngram: int = 13
     min_curation_score: float = 0.0
     check_instances: bool = True  # False for instruction-only data: no instance rules, no response dedup
+    max_instances_per_task: int = 5  # kept at random after cleaning (the reference's 5); 0: all
 
 
 def filter_tasks(candidates: list[TaskRecord], pool: list[TaskRecord], settings: FilterSettings,
@@ -62,6 +63,8 @@ def filter_tasks(candidates: list[TaskRecord], pool: list[TaskRecord], settings:
         reason = instruction_rejection(task.instruction, settings.min_instruction_words,
                                        settings.max_instruction_words, settings.blacklist)
         instances, instance_reasons = clean_instances(task.instances) if settings.check_instances else (task.instances, [])
+        if settings.check_instances:
+            instances = sample_instances(instances, settings.max_instances_per_task, task.id)
         score, nearest = 0.0, -1
         response = "\n".join(i.output for i in instances)
         if reason is None and settings.check_instances and not instances:

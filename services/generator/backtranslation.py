@@ -9,6 +9,7 @@ import re
 from ..common import prompts
 from ..common.records import Instance, Lineage, TaskRecord, stable_id
 
+BACKWARD_STOPS = ("\n\n\n", "\nResponse:")  # an instruction may carry a context paragraph
 _SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([1-5])\b", re.IGNORECASE)
 
 
@@ -17,12 +18,19 @@ def build_backward_prompt(output: str) -> str:
 
 
 def parse_backward(completion: str) -> str:
-    """The first line of the completion, trimmed; empty if there is none."""
-    return re.sub(r"\s+", " ", completion.strip().split("\n", 1)[0]).strip() if completion.strip() else ""
+    """The instruction the backward model wrote: up to two paragraphs (an instruction and the context
+    it gives, as the seed prompts it learnt from), each paragraph's whitespace collapsed."""
+    paragraphs = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", completion.strip())]
+    return "\n\n".join(p for p in paragraphs[:2] if p)
+
+
+def seed_prompt(task: TaskRecord, instance: Instance) -> str:
+    """The whole prompt side of a seed example: instruction, and its input when it has one."""
+    return task.instruction.strip() + (f"\n\n{instance.input.strip()}" if instance.input.strip() else "")
 
 
 def build_rating_prompt(instruction: str, input_text: str, output: str) -> str:
-    full = instruction.strip() + (f"\n\n{input_text.strip()}" if input_text.strip() else "")
+    full = seed_prompt(TaskRecord(id="", instruction=instruction), Instance(input_text, output))
     return prompts.CURATE.render(instruction=full, output=output.strip())
 
 
@@ -33,7 +41,9 @@ def parse_rating(completion: str) -> int:
 
 
 def backward_tasks(seed_tasks: list[TaskRecord]) -> list[TaskRecord]:
-    """(output -> instruction) pairs from the seed data, as raw tasks for the trainer."""
+    """(output -> instruction) pairs from the seed data, as raw tasks for the trainer. The target is
+    the whole prompt side (instruction + input): "negative" alone does not say "Classify the review";
+    Humpback's x is everything the user wrote."""
     out = []
     for task in seed_tasks:
         for j, inst in enumerate(task.instances):
@@ -41,7 +51,7 @@ def backward_tasks(seed_tasks: list[TaskRecord]) -> list[TaskRecord]:
                 continue
             out.append(TaskRecord(
                 id=f"backward-{task.id}-{j}", instruction=build_backward_prompt(inst.output),
-                instances=[Instance("", " " + task.instruction.strip())], format="raw",
+                instances=[Instance("", " " + seed_prompt(task, inst))], format="raw",
                 lineage=Lineage(stage="backward_data", model="human", prompt_template=prompts.BACKWARD.id,
                                 parent_id=task.id),
             ))

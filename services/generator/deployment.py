@@ -5,13 +5,23 @@ from fastapi import Depends, Header, HTTPException
 from ray import serve
 
 from ..api import common_pb2, generator_pb2
-from ..common.config import ReinstructConfig, config_from_app_args, replica_options, engine_options
+from ..common.config import ReinstructConfig, config_from_app_args, engine_options, replica_options
 from ..common.convert import task_to_proto
 from ..common.grpc_handler import grpc_method, grpc_stream_method, run_with_progress, token_matches
 from ..common.store import RunStore
-from ..common.validation import (MAX_INLINE_TASKS, MAX_PROMPTS, RequestError, check_context, check_model_uri, TrustedModels,
-                                 check_output_uri, check_range, check_sampling, check_text, resolve_tasks)
-
+from ..common.validation import (
+    MAX_INLINE_TASKS,
+    MAX_PROMPTS,
+    RequestError,
+    TrustedModels,
+    check_context,
+    check_model_uri,
+    check_output_uri,
+    check_range,
+    check_sampling,
+    check_text,
+    resolve_tasks,
+)
 from .engines import SamplingParams, create_engine
 from .openai_api import ChatRequest, CompletionRequest, chat_prompt, completion_response, openai_app
 from .service import GeneratorService, RunContext
@@ -99,6 +109,7 @@ class GeneratorDeployment:
         batch = self.service.generate_instructions(
             ctx, model_uri, human, machine, request.num_prompts, _sampling(request.sampling),
             request.num_human_in_context, request.num_machine_in_context, request.classification_only,
+            int(check_range(request.first_prompt_index, "first_prompt_index", 0, 10_000_000)),
         )
         return self._respond(batch.tasks, request.output_uri, generator_pb2.GenerateInstructionsResponse,
                              prompts=batch.prompts, completions_truncated=batch.truncated)
@@ -171,10 +182,11 @@ class GeneratorDeployment:
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_output_uri(request.output_uri, self.store, "output_uri")
+        check_sampling(request.sampling)
         tasks = resolve_tasks(request.tasks, self.store, "tasks", require_instances=True)
         ctx = RunContext(request.context.run_id, request.context.round)
-        return self._respond(self.service.curate(ctx, model_uri, tasks), request.output_uri,
-                             generator_pb2.TasksResponse)
+        return self._respond(self.service.curate(ctx, model_uri, tasks, _sampling(request.sampling)),
+                             request.output_uri, generator_pb2.TasksResponse)
 
 
 def build_app(args: dict | None = None):

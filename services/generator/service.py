@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass, replace
 
 from ..common.records import Instance, Lineage, TaskRecord, stable_id
+from ..common.validation import MAX_INSTANCES_PER_TASK
 from . import backtranslation as bt
 from . import self_instruct as si
 from .engines import GenerationEngine, SamplingParams
@@ -25,26 +26,28 @@ class InstructionBatch:
 
 
 class GeneratorService:
-    def __init__(self, engine: GenerationEngine, max_instances_per_task: int = 3) -> None:
+    def __init__(self, engine: GenerationEngine) -> None:
         self.engine = engine
-        self.max_instances_per_task = max_instances_per_task
 
     def generate_instructions(
         self, ctx: RunContext, model_uri: str, human: list[TaskRecord], machine: list[TaskRecord],
         num_prompts: int, sampling: SamplingParams, num_human: int = 6, num_machine: int = 2,
-        classification_only: bool = False,
+        classification_only: bool = False, first_prompt_index: int = 0,
     ) -> InstructionBatch:
+        """Prompts first_prompt_index .. +num_prompts of the round: each prompt's in-context draw and
+        record ids depend on its index alone, so a stage sent in parts gives the same tasks."""
         self.engine.load(model_uri)
-        rng = random.Random(f"{ctx.run_id}/{ctx.round}/{sampling.seed}/{classification_only}")
         if classification_only:  # Self-Instruct's classification variant shows classification tasks only
             human = [t for t in human if t.is_classification] or human
             machine = [t for t in machine if t.is_classification]
-        built = [si.build_instruction_prompt(human, machine, rng, num_human, num_machine, classification_only)
-                 for _ in range(num_prompts)]
-        params = replace(sampling, stop=si.INSTRUCTION_STOPS)
+        indices = range(first_prompt_index, first_prompt_index + num_prompts)
+        built = [si.build_instruction_prompt(
+            human, machine, random.Random(f"{ctx.run_id}/{ctx.round}/{sampling.seed}/{classification_only}/{i}"),
+            num_human, num_machine, classification_only) for i in indices]
+        params = replace(sampling, stop=si.INSTRUCTION_STOPS, seed=sampling.seed + first_prompt_index)
         completions = self.engine.generate([p.text for p in built], params)
         tasks, truncated = [], 0
-        for p_index, (prompt, completion) in enumerate(zip(built, completions)):
+        for p_index, prompt, completion in zip(indices, built, completions):
             truncated += completion.finish_reason == "length"
             for i_index, instruction in enumerate(si.parse_instructions(completion.text, completion.finish_reason)):
                 tasks.append(TaskRecord(
@@ -92,7 +95,8 @@ class GeneratorService:
         out = []
         for task, (_, template_id), completion in zip(tasks, built, completions):
             parse = si.parse_output_first if task.is_classification else si.parse_input_first
-            pairs = parse(completion.text, completion.finish_reason)[: self.max_instances_per_task]
+            # every parsed instance goes on: the filter cleans them, then keeps a random few (the reference)
+            pairs = parse(completion.text, completion.finish_reason)[:MAX_INSTANCES_PER_TASK]
             if not pairs:
                 continue
             lineage = replace(task.lineage, verdicts=[*task.lineage.verdicts, f"instances_by:{template_id}"])
@@ -104,7 +108,7 @@ class GeneratorService:
         """One instruction per segment from the backward model; segments it wrote nothing for are dropped."""
         self.engine.load(backward_model)
         completions = self.engine.generate([bt.build_backward_prompt(s) for s in segments],
-                                           replace(sampling, stop=("\n",)))
+                                           replace(sampling, stop=bt.BACKWARD_STOPS))
         out = []
         for index, (segment, completion) in enumerate(zip(segments, completions)):
             instruction = bt.parse_backward(completion.text)
@@ -112,12 +116,12 @@ class GeneratorService:
                 out.append(bt.augmented_task(ctx.run_id, ctx.round, backward_model, index, segment, instruction))
         return out
 
-    def curate(self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord]) -> list[TaskRecord]:
+    def curate(self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], sampling: SamplingParams) -> list[TaskRecord]:
         """Adds lineage score 'curation' (1-5; 0 when the rating cannot be read) to every task."""
         self.engine.load(model_uri)
         prompts = [bt.build_rating_prompt(t.instruction, t.instances[0].input if t.instances else "",
                                           t.instances[0].output if t.instances else "") for t in tasks]
-        completions = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=48))
+        completions = self.engine.generate(prompts, sampling)
         out = []
         for task, completion in zip(tasks, completions):
             lineage = replace(task.lineage, scores={**task.lineage.scores, "curation": float(bt.parse_rating(completion.text))},

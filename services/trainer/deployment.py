@@ -11,8 +11,16 @@ from ..api import trainer_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, replica_options
 from ..common.grpc_handler import grpc_method, grpc_stream_method
 from ..common.store import RunStore
-from ..common.validation import (RequestError, check_context, check_model_uri, TrustedModels, check_output_uri, check_range,
-                                 check_text, resolve_tasks)
+from ..common.validation import (
+    RequestError,
+    TrustedModels,
+    check_context,
+    check_model_uri,
+    check_output_uri,
+    check_range,
+    check_text,
+    resolve_tasks,
+)
 from .service import TrainerService, TrainingJob, TrainingParams
 
 _STATES = {name: getattr(trainer_pb2.TrainingStatus, name)

@@ -18,8 +18,8 @@ import time
 import torch
 
 from ..common.models import load_model
-from ..common.store import RunStore
 from ..common.rendering import Renderer, tokenize
+from ..common.store import RunStore
 from .formatting import collate, collate_packed, pack
 
 PROGRESS_EVERY = 5

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from .base import Completion, GenerationEngine, SamplingParams
 
-
 ENGINES = ("hf", "vllm", "openai")
 
 

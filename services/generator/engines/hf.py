@@ -81,6 +81,8 @@ class HFEngine:
                       eos_token_id=tok.eos_token_id)
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if params.stop:  # a sequence that wrote a stop string is finished: the batch ends when all are
+            kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
         if params.presence_penalty:
             prompt_len = 1 if self.is_encoder_decoder else batch["input_ids"].shape[1]
             kwargs["logits_processor"] = LogitsProcessorList([PresencePenalty(params.presence_penalty, prompt_len)])
