@@ -219,7 +219,15 @@ def test_one_round_end_to_end_over_grpc(deployed):
     assert set(manifest["rounds"]) == {"0", "1"}
     stages = manifest["rounds"]["1"]["stages"]
     assert set(stages) == {"generate_instructions", "classify", "generate_instances", "filter", "segments",
-                           "backtranslate", "curate", "filter_augmented", "train_data", "train", "evaluate", "promote"}
+                           "backtranslate", "rating_pool", "curate", "filter_augmented", "train_data", "train",
+                           "evaluate", "promote", "test"}
+    split = manifest["rounds"]["0"]["stages"]["split"]
+    assert not set(split["dev_task_ids"]) & set(split["test_task_ids"]) and split["test_tasks"] > 0
+    assert stages["evaluate"]["num_tasks"] == split["dev_tasks"]  # the gate decides on dev only
+    test = stages["test"]
+    assert test["num_tasks"] == split["test_tasks"] and test["final_model"] == manifest["final_model"]
+    assert test["difference"][1] <= test["difference"][0] <= test["difference"][2]
+    assert stages["generate_instructions"]["prompts"] == config.generation.num_prompts
     assert {"backward_data", "backward_train"} <= set(manifest["rounds"]["0"]["stages"])
     assert stages["segments"]["count"] == 6 and stages["filter_augmented"]["curation_threshold"] == 5
     if stages["backtranslate"]["count"]:

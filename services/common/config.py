@@ -149,7 +149,7 @@ class EvaluationConfig(_Section):
 
 
     @model_validator(mode="after")
-    def _judge_needs_a_model(self) -> "EvaluationConfig":
+    def _judge_needs_a_model(self) -> EvaluationConfig:
         if self.judge and not self.judge_model:
             raise ValueError("judge: true needs judge_model (a model judging itself is biased; there is no default)")
         return self
