@@ -208,6 +208,33 @@ def test_malformed_requests_get_invalid_argument(deployed):
     assert ok.candidates == 3
 
 
+def test_a_request_cannot_touch_another_run(deployed):
+    """Outputs from clients stay in the request's own run: another run's manifest, committed datasets
+    and checkpoints are refused with INVALID_ARGUMENT and stay byte for byte as they were."""
+    config, clients = deployed
+    store = RunStore(config.store.root)
+    seeds = load_seed_tasks()[:3]
+    kept_uri = store.dataset_uri("victim", 1, "kept")
+    store.write_tasks(kept_uri, seeds)
+    store.commit_stage("victim", 1, "filter", {"kept_uri": kept_uri, "kept_count": 3})
+    before = {path: open(store.resolve(path), "rb").read() for path in (kept_uri, store.manifest_uri("victim"))}
+    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
+        context=CTX, candidates=tasks_to_source(seeds), kept_uri=store.manifest_uri("victim")), "kept_uri")
+    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
+        context=common_pb2.RunContext(run_id="victim", round=1), candidates=tasks_to_source(seeds), kept_uri=kept_uri),
+        "kept_uri")  # even the run's own committed output is never replaced
+    _expect_invalid(clients.classify_instructions, generator_pb2.ClassifyInstructionsRequest(
+        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds),
+        output_uri=store.dataset_uri("victim", 2, "classified")), "output_uri")
+    _expect_invalid(clients.start_training, trainer_pb2.StartTrainingRequest(
+        context=CTX, base_model_uri="builtin:tiny-llama", train_tasks=tasks_to_source(seeds),
+        output_model_uri=store.model_uri("victim", 1)), "output_model_uri")
+    _expect_invalid(clients.evaluate_model, evaluator_pb2.EvaluateModelRequest(
+        context=CTX, model_uri="gpt2", eval_tasks=tasks_to_source(seeds),
+        sampling=common_pb2.Sampling(max_new_tokens=8)), "model_uri")  # no hub, no file probing
+    assert before == {path: open(store.resolve(path), "rb").read() for path in before}
+
+
 def test_one_round_end_to_end_over_grpc(deployed):
     from ray_jobs.self_improve import LoopDriver
 

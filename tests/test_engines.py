@@ -129,3 +129,21 @@ def test_vllm_adapter_against_stand_in(monkeypatch, builtin_cache):
     assert [m.rsplit("/", 1)[-1] for m, _ in built] == ["tiny-llama-v2", "tiny-t5-v2"]
     assert slept == [(built[0][0], 2)]
     assert built[0][1]["gpu_memory_utilization"] == 0.5 and built[0][1]["enable_sleep_mode"] is True
+
+
+def test_presence_penalty_follows_openai_rule(builtin_cache):
+    """A flat penalty on every token already in the completion (not the prompt, not per occurrence)."""
+    import torch
+
+    from services.generator.engines.hf import PresencePenalty
+
+    ids = torch.tensor([[7, 7, 1, 2, 2, 3]])  # prompt [7, 7], completion so far [1, 2, 2, 3]
+    scores = PresencePenalty(1.5, prompt_len=2)(ids, torch.zeros(1, 10))
+    assert scores[0].tolist() == [0, -1.5, -1.5, -1.5, 0, 0, 0, 0, 0, 0]
+    engine = create_engine("hf", cache_dir=builtin_cache)
+    engine.load("builtin:tiny-llama")
+    prompt = ["Come up with a series of tasks:\n1."]
+    plain = engine.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=40))[0]
+    penalised = engine.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=40, presence_penalty=2.0))[0]
+    tokens = lambda c: engine.tokenizer(c.text, add_special_tokens=False).input_ids  # noqa: E731
+    assert len(set(tokens(penalised))) / len(tokens(penalised)) > len(set(tokens(plain))) / len(tokens(plain))

@@ -38,7 +38,12 @@ def test_client_models_elsewhere_are_refused_naming_the_field(setup, uri):
 def test_relative_uris_resolve_inside_the_store(setup):
     """A relative URI means a path in the store, never one relative to a replica's working directory."""
     store, trusted, tmp = setup
+    os.makedirs(os.path.join(store.root, "outside", "model"))
+    with open(os.path.join(store.root, "outside", "model", "config.json"), "w") as handle:
+        handle.write("{}")
     assert check_model_uri("outside/model", store, trusted=trusted) == os.path.join(store.root, "outside", "model")
+    with pytest.raises(RequestError, match="no checkpoint"):  # a bare hub id never reaches the hub
+        check_model_uri("gpt2", store, trusted=trusted)
     os.symlink(tmp / "checkpoints", os.path.join(store.root, "escape"))
     with pytest.raises(RequestError, match="outside the run store"):
         check_model_uri("escape/mine", store, trusted=trusted)

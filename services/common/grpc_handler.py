@@ -10,7 +10,7 @@ import os
 import grpc
 
 from .models import ModelUnavailable
-from .store import StoreError, UriNotAllowed
+from .store import StoreBusy, StoreError, UriNotAllowed
 from .validation import RequestError
 
 logger = logging.getLogger("reinstruct")
@@ -56,6 +56,8 @@ def _status_for(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, (RequestError, UriNotAllowed)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, StoreBusy):  # the other writer wins; this caller is told so, not told it succeeded
+        return grpc.StatusCode.ABORTED, str(exc)
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE, f"run store error: {exc}"
     if isinstance(exc, ModelUnavailable):  # the operator's setup (a package, a file): say what to fix

@@ -212,16 +212,22 @@ def load_model(uri_or_id: str, *, trust_remote_code: bool = False, cache_dir: st
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = resolve_model(uri_or_id, cache_dir)
-    options = dict(use_safetensors=True, trust_remote_code=trust_remote_code, attn_implementation=ATTENTION)
+    # local files only: nothing is downloaded at run time, and a hub id never holds a replica for a timeout
+    options = dict(use_safetensors=True, trust_remote_code=trust_remote_code, attn_implementation=ATTENTION,
+                   local_files_only=True)
     if os.path.exists(os.path.join(path, "adapter_config.json")):  # a LoRA adapter saved beside its base
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM, PeftConfig
 
+        if not os.path.exists(os.path.join(path, "adapter_model.safetensors")):
+            # peft would fall back to torch.load on adapter_model.bin, which can unpickle code
+            raise ModelUnavailable(f"{path}: adapters load from adapter_model.safetensors only")
+
         base = PeftConfig.from_pretrained(path).base_model_name_or_path
-        base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+        base_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, local_files_only=True)
         auto = AutoPeftModelForSeq2SeqLM if base_config.is_encoder_decoder else AutoPeftModelForCausalLM
         model = auto.from_pretrained(path, **options)
     else:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_pretrained(path, **options)
     return model.to(device).eval(), load_tokenizer(path, trust_remote_code=trust_remote_code)
@@ -230,7 +236,7 @@ def load_model(uri_or_id: str, *, trust_remote_code: bool = False, cache_dir: st
 def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -11,10 +11,11 @@ is never redone: that is how a rerun resumes.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import posixpath
-import shutil
 import threading
 import time
 import uuid
@@ -31,6 +32,10 @@ from .records import TaskRecord
 
 class StoreError(RuntimeError):
     """A store operation failed (disk full, permissions, remote error); the message says which path."""
+
+
+class StoreBusy(RuntimeError):
+    """Another request is writing the same output right now."""
 
 
 class UriNotAllowed(ValueError):
@@ -101,6 +106,66 @@ class RunStore:
             raise UriNotAllowed(f"{field}: {uri!r} is outside the run store root")
         return normalized
 
+    def output_path(self, uri: str, run_id: str, field: str = "uri", *, dataset: bool = True) -> str:
+        """Where a client may write: only under its own run (<root>/<run_id>/), never the manifest, never
+        a file a committed stage names, never inside a checkpoint; datasets are .parquet files. Raises
+        UriNotAllowed naming field."""
+        path = self.resolve(uri, field)
+        run_dir = self.resolve(self.uri(run_id), field)
+        if not path.startswith(run_dir + "/"):
+            raise UriNotAllowed(f"{field}: {uri!r} is outside this request's run directory {run_dir} "
+                                "(context.run_id): a request writes only into its own run")
+        if dataset and not path.endswith(".parquet"):
+            raise UriNotAllowed(f"{field}: {uri!r}: dataset outputs are .parquet files")
+        if path == self.resolve(self.manifest_uri(run_id)):
+            raise UriNotAllowed(f"{field}: the run's manifest is written by the run store only")
+        parent = posixpath.dirname(path)
+        while parent.startswith(run_dir + "/"):
+            if self.fs.exists(posixpath.join(parent, "config.json")):
+                raise UriNotAllowed(f"{field}: {uri!r} is inside a checkpoint")
+            parent = posixpath.dirname(parent)
+        if path in self.committed_paths(run_id):
+            raise UriNotAllowed(f"{field}: {uri!r} belongs to a committed stage and is never replaced")
+        return path
+
+    def committed_paths(self, run_id: str) -> set[str]:
+        """Every store path that a committed stage of the run names (its outputs and checkpoints)."""
+        paths = set()
+        for entry in self.load_manifest(run_id).get("rounds", {}).values():
+            for output in entry.get("stages", {}).values():
+                for key, value in output.items():
+                    if key.endswith("uri") and isinstance(value, str) and value:
+                        try:
+                            paths.add(self.resolve(value))
+                        except UriNotAllowed:
+                            pass  # an operator's model outside the store (model.base)
+        return paths
+
+    @contextlib.contextmanager
+    def exclusive(self, path: str):
+        """Held while a request writes path: a second writer of the same output at the same time is
+        refused (StoreBusy) instead of both being told they succeeded. The lock dies with its process."""
+        if not self.is_local:
+            yield
+            return
+        locks = os.path.join(os.path.dirname(path), ".locks")
+        os.makedirs(locks, exist_ok=True)
+        with open(os.path.join(locks, os.path.basename(path) + ".lock"), "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreBusy(f"another request is writing {path} right now") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def write_output(self, uri: str, run_id: str, tasks: list[TaskRecord], field: str = "output_uri") -> int:
+        """A client-requested dataset output: confined to its run (output_path), written exclusively."""
+        path = self.output_path(uri, run_id, field)
+        with self.exclusive(path):
+            return self.write_tasks(path, tasks)
+
     # ---- atomic files ---------------------------------------------------------------------------
     def _write_atomic(self, path: str, write: Any) -> None:
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -159,8 +224,8 @@ class RunStore:
             self.fs.put(str(staging_dir), path, recursive=True)
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):
-            shutil.rmtree(path)  # a stage rerun replaces an uncommitted earlier attempt
+        if os.path.exists(path):  # never replaced: a finished checkpoint is found by its job id first
+            raise StoreError(f"{path} exists already; a checkpoint is never replaced")
         os.replace(staging_dir, path)
 
     def staging_dir(self, uri: str) -> str:

@@ -99,16 +99,21 @@ def check_model_uri(uri: str, store: RunStore, field: str = "model_uri", trusted
     if trusted.allows(uri):
         return uri
     try:
-        return store.resolve(uri, field)
+        path = store.resolve(uri, field)
     except UriNotAllowed as exc:
         raise RequestError(field, str(exc).split(": ", 1)[-1] + " (and not a model the config allows: model.base, "
                            "evaluation.judge_model, model.allowed_dirs)") from None
+    if not any(store.fs.exists(f"{path}/{name}") for name in ("config.json", "adapter_config.json")):
+        raise RequestError(field, f"no checkpoint at {uri!r} in the run store")
+    return path
 
 
-def check_output_uri(uri: str, store: RunStore, field: str) -> str:
+def check_output_uri(uri: str, store: RunStore, field: str, run_id: str, *, dataset: bool = True) -> str:
+    """An output a request may write: under its own run, never a committed stage's file, the manifest
+    or a checkpoint (RunStore.output_path). Empty means "answer inline"."""
     if uri:
         try:
-            store.resolve(uri, field)
+            store.output_path(uri, run_id, field, dataset=dataset)
         except UriNotAllowed as exc:
             raise RequestError(field, str(exc).split(": ", 1)[-1]) from None
     return uri

@@ -56,14 +56,15 @@ class EvaluatorDeployment:
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_range(request.max_instances_per_task, "max_instances_per_task", 0, 10_000)
         check_sampling(request.sampling)
-        check_output_uri(request.predictions_uri, self.store, "predictions_uri")
+        check_output_uri(request.predictions_uri, self.store, "predictions_uri", request.context.run_id)
         tasks = resolve_tasks(request.eval_tasks, self.store, "eval_tasks", require_instances=True)
         return model_uri, tasks
 
     def _finish(self, request, evaluation: Evaluation) -> evaluator_pb2.EvaluateModelResponse:
         response = _response(evaluation)
         if request.predictions_uri:
-            count = self.store.write_tasks(request.predictions_uri, evaluation.predictions)
+            count = self.store.write_output(request.predictions_uri, request.context.run_id, evaluation.predictions,
+                                            "predictions_uri")
             response.predictions.CopyFrom(common_pb2.DatasetRef(uri=request.predictions_uri, count=count))
         return response
 

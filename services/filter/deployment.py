@@ -31,8 +31,9 @@ class FilterDeployment:
         check_range(max_words, "max_instruction_words", 1, 10_000)
         if min_words > max_words:
             raise RequestError("min_instruction_words", "must not exceed max_instruction_words")
-        check_output_uri(request.kept_uri, self.store, "kept_uri")
-        check_output_uri(request.rejected_uri, self.store, "rejected_uri")
+        run_id = request.context.run_id
+        check_output_uri(request.kept_uri, self.store, "kept_uri", run_id)
+        check_output_uri(request.rejected_uri, self.store, "rejected_uri", run_id)
         candidates = resolve_tasks(request.candidates, self.store, "candidates")
         pool = resolve_tasks(request.pool, self.store, "pool", required=False)
         eval_tasks = resolve_tasks(request.decontaminate_against, self.store, "decontaminate_against", required=False)
@@ -56,12 +57,12 @@ class FilterDeployment:
             candidates=len(candidates), kept_count=len(result.kept),
         )
         if request.kept_uri:
-            count = self.store.write_tasks(request.kept_uri, result.kept)
+            count = self.store.write_output(request.kept_uri, run_id, result.kept, "kept_uri")
             response.kept_ref.CopyFrom(common_pb2.DatasetRef(uri=request.kept_uri, count=count))
         else:
             response.kept.extend(task_to_proto(t) for t in result.kept)
         if request.rejected_uri:
-            count = self.store.write_tasks(request.rejected_uri, result.rejected)
+            count = self.store.write_output(request.rejected_uri, run_id, result.rejected, "rejected_uri")
             response.rejected_ref.CopyFrom(common_pb2.DatasetRef(uri=request.rejected_uri, count=count))
         return response
 

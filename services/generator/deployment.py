@@ -86,10 +86,10 @@ class GeneratorDeployment:
             sampling.stop or ("\n\n",), sampling.presence_penalty))
         return completion_response(model, [(c.text.strip(), c.finish_reason) for c in out], "chat")
 
-    def _respond(self, tasks, output_uri, response_type, **extra):
-        if output_uri:
-            count = self.store.write_tasks(output_uri, tasks)
-            return response_type(output=common_pb2.DatasetRef(uri=output_uri, count=count), **extra)
+    def _respond(self, request, tasks, response_type, **extra):
+        if request.output_uri:
+            count = self.store.write_output(request.output_uri, request.context.run_id, tasks)
+            return response_type(output=common_pb2.DatasetRef(uri=request.output_uri, count=count), **extra)
         return response_type(tasks=[task_to_proto(t) for t in tasks], **extra)
 
     @grpc_method(generator_pb2.GenerateInstructionsResponse)
@@ -102,7 +102,7 @@ class GeneratorDeployment:
         if request.num_human_in_context + request.num_machine_in_context == 0:
             raise RequestError("num_human_in_context", "at least one in-context task is needed")
         check_sampling(request.sampling)
-        check_output_uri(request.output_uri, self.store, "output_uri")
+        check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         human = resolve_tasks(request.seed_tasks, self.store, "seed_tasks")
         machine = resolve_tasks(request.machine_tasks, self.store, "machine_tasks", required=False)
         ctx = RunContext(request.context.run_id, request.context.round)
@@ -111,25 +111,24 @@ class GeneratorDeployment:
             request.num_human_in_context, request.num_machine_in_context, request.classification_only,
             int(check_range(request.first_prompt_index, "first_prompt_index", 0, 10_000_000)),
         )
-        return self._respond(batch.tasks, request.output_uri, generator_pb2.GenerateInstructionsResponse,
+        return self._respond(request, batch.tasks, generator_pb2.GenerateInstructionsResponse,
                              prompts=batch.prompts, completions_truncated=batch.truncated)
 
     @grpc_method(generator_pb2.TasksResponse)
     def ClassifyInstructions(self, request: generator_pb2.ClassifyInstructionsRequest):
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
-        check_output_uri(request.output_uri, self.store, "output_uri")
+        check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         tasks = resolve_tasks(request.tasks, self.store, "tasks")
         ctx = RunContext(request.context.run_id, request.context.round)
-        return self._respond(self.service.classify(ctx, model_uri, tasks), request.output_uri,
-                             generator_pb2.TasksResponse)
+        return self._respond(request, self.service.classify(ctx, model_uri, tasks), generator_pb2.TasksResponse)
 
     def _instances_request(self, request: generator_pb2.GenerateInstancesRequest):
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_range(request.num_demonstrations, "num_demonstrations", 0, 8)
         check_sampling(request.sampling)
-        check_output_uri(request.output_uri, self.store, "output_uri")
+        check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         tasks = resolve_tasks(request.tasks, self.store, "tasks")
         demos = resolve_tasks(request.demonstrations, self.store, "demonstrations", required=False,
                               require_instances=True)
@@ -140,7 +139,7 @@ class GeneratorDeployment:
         ctx, model_uri, tasks, demos = self._instances_request(request)
         out = self.service.generate_instances(ctx, model_uri, tasks, demos, request.num_demonstrations,
                                               _sampling(request.sampling))
-        return self._respond(out, request.output_uri, generator_pb2.TasksResponse)
+        return self._respond(request, out, generator_pb2.TasksResponse)
 
     @grpc_stream_method
     def StreamInstances(self, request: generator_pb2.GenerateInstancesRequest):
@@ -153,14 +152,14 @@ class GeneratorDeployment:
             else:
                 yield generator_pb2.GenerationProgress(
                     done=len(tasks), total=len(tasks),
-                    result=self._respond(value, request.output_uri, generator_pb2.TasksResponse))
+                    result=self._respond(request, value, generator_pb2.TasksResponse))
 
     @grpc_method(generator_pb2.TasksResponse)
     def Backtranslate(self, request: generator_pb2.BacktranslateRequest):
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_sampling(request.sampling)
-        check_output_uri(request.output_uri, self.store, "output_uri")
+        check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         if request.segments and request.segment_tasks.WhichOneof("source"):
             raise RequestError("segments", "give segments inline or segment_tasks, not both")
         if request.segments:
@@ -175,18 +174,18 @@ class GeneratorDeployment:
                 raise RequestError("segment_tasks", "no task carries a non-empty segment in instances[0].output")
         ctx = RunContext(request.context.run_id, request.context.round)
         out = self.service.backtranslate(ctx, model_uri, segments, _sampling(request.sampling))
-        return self._respond(out, request.output_uri, generator_pb2.TasksResponse)
+        return self._respond(request, out, generator_pb2.TasksResponse)
 
     @grpc_method(generator_pb2.TasksResponse)
     def CurateExamples(self, request: generator_pb2.CurateExamplesRequest):
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
-        check_output_uri(request.output_uri, self.store, "output_uri")
+        check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         check_sampling(request.sampling)
         tasks = resolve_tasks(request.tasks, self.store, "tasks", require_instances=True)
         ctx = RunContext(request.context.run_id, request.context.round)
-        return self._respond(self.service.curate(ctx, model_uri, tasks, _sampling(request.sampling)),
-                             request.output_uri, generator_pb2.TasksResponse)
+        return self._respond(request, self.service.curate(ctx, model_uri, tasks, _sampling(request.sampling)),
+                             generator_pb2.TasksResponse)
 
 
 def build_app(args: dict | None = None):

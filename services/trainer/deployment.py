@@ -52,7 +52,7 @@ class TrainerDeployment:
         base = check_model_uri(request.base_model_uri, self.store, "base_model_uri", trusted=self.trusted)
         if not request.output_model_uri:
             raise RequestError("output_model_uri", "must not be empty")
-        check_output_uri(request.output_model_uri, self.store, "output_model_uri")
+        check_output_uri(request.output_model_uri, self.store, "output_model_uri", request.context.run_id, dataset=False)
         p, d = request.params, self.config.training
         params = TrainingParams(
             epochs=int(check_range(p.epochs or d.epochs, "params.epochs", 1, 1000)),
