@@ -79,7 +79,6 @@ def values_schema() -> dict:
                 "mode": {"enum": ["service", "own-cluster"]},
                 "runId": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"},
                 "rounds": {"type": "integer", "minimum": 1},
-                "config": {"type": "string"},
                 "shutdownAfterJobFinishes": {"type": "boolean"},
                 "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
             }),

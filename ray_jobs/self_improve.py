@@ -9,6 +9,8 @@ records every stage in the run store; a committed stage is never redone, so a re
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import logging
 import sys
 import time
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from services.api import common_pb2, evaluator_pb2, filter_pb2, generator_pb2, trainer_pb2
 from services.client import ServiceClients
-from services.common.config import ReinstructConfig, load_config
+from services.common.config import ReinstructConfig, load_config, parse_config
 from services.common.convert import task_from_proto, tasks_to_source, uri_source
 from services.common.formats import load_seed_tasks, load_tasks
 from services.common.records import Instance, Lineage, TaskRecord, stable_id
@@ -454,6 +456,8 @@ def summarize(manifest: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: every built-in default)")
+    parser.add_argument("--settings-b64", default=None, help="the settings every Serve app got (base64 JSON, as "
+                        "the Helm chart passes them); instead of --config")
     parser.add_argument("--run-id", default="demo")
     parser.add_argument("--rounds", type=int, default=None, help="override loop.rounds")
     parser.add_argument("--store-root", default=None, help="override store.root")
@@ -461,7 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-target", default=None, help="host:port of Serve's gRPC proxy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = load_config(args.config)
+    if args.settings_b64:
+        config = parse_config(json.loads(base64.b64decode(args.settings_b64)), "--settings-b64")
+    else:
+        config = load_config(args.config)
     if args.rounds is not None:
         config.loop.rounds = args.rounds
     if args.store_root is not None:

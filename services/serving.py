@@ -67,8 +67,9 @@ def deploy_apps(config, *, wait_s: float = 600.0) -> None:
     from .generator.deployment import build_app as build_generator
     from .trainer.deployment import build_app as build_trainer
 
+    _refuse_open_without_token(config.serve.host)
     serve.start(
-        http_options=HTTPOptions(host="0.0.0.0", port=config.serve.http_port),
+        http_options=HTTPOptions(host=config.serve.host, port=config.serve.http_port),
         grpc_options=gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
                                  enable_reflection=True),
     )
@@ -81,6 +82,21 @@ def deploy_apps(config, *, wait_s: float = 600.0) -> None:
     serve.run_many([RunTarget(builders[name](args), name=name, route_prefix=f"/{name}") for name in APP_NAMES],
                    wait_for_applications_running=False)
     wait_until_running(wait_s)
+
+
+def _refuse_open_without_token(host: str) -> None:
+    """Serving beyond this machine needs REINSTRUCT_API_TOKEN (the Helm chart sets one)."""
+    import ipaddress
+
+    from .common.grpc_handler import API_TOKEN_ENV
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not os.environ.get(API_TOKEN_ENV):
+        raise RuntimeError(f"serve.host is {host}, reachable from other machines, and {API_TOKEN_ENV} is not set: "
+                           f"set a token (clients send 'authorization: Bearer <token>') or serve on 127.0.0.1")
 
 
 def wait_until_running(wait_s: float) -> None:

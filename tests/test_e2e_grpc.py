@@ -235,6 +235,35 @@ def test_a_request_cannot_touch_another_run(deployed):
     assert before == {path: open(store.resolve(path), "rb").read() for path in before}
 
 
+def test_requests_that_would_pin_a_replica_are_refused(deployed):
+    """Cost is bounded per request (prompts x tokens, tasks x resamples); a training run the cluster
+    cannot place is refused instead of waiting forever; a method sent to the wrong app is UNIMPLEMENTED
+    without internals."""
+    config, clients = deployed
+    seeds = load_seed_tasks()[:4]
+    _expect_invalid(clients.generate_instructions, generator_pb2.GenerateInstructionsRequest(
+        context=CTX, model_uri="builtin:tiny-llama", seed_tasks=tasks_to_source(seeds), num_prompts=4000,
+        num_human_in_context=4, sampling=common_pb2.Sampling(temperature=0.7, top_p=0.5, max_new_tokens=4096)),
+        "num_prompts")
+    _expect_invalid(clients.compare_models, evaluator_pb2.CompareModelsRequest(
+        context=CTX, model_a_uri="builtin:tiny-llama", model_b_uri="builtin:tiny-llama",
+        eval_tasks=tasks_to_source(load_seed_tasks()), bootstrap_resamples=100_000,
+        sampling=common_pb2.Sampling(max_new_tokens=8)), "bootstrap_resamples")
+    for params, field in ((trainer_pb2.TrainingParams(use_gpu=True), "params.use_gpu"),
+                          (trainer_pb2.TrainingParams(num_workers=1024), "params.num_workers")):
+        _expect_invalid(clients.start_training, trainer_pb2.StartTrainingRequest(
+            context=CTX, base_model_uri="builtin:tiny-llama", train_tasks=tasks_to_source(seeds),
+            output_model_uri=RunStore(config.store.root).model_uri("e2e", 7), params=params), field)
+    channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
+    wrong_app = channel.unary_unary("/reinstruct.v1.Trainer/StartTraining", request_serializer=lambda m: m,
+                                    response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as info:
+        wrong_app(b"", metadata=(("application", "filter"),), timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "application: trainer" in info.value.details() and "Traceback" not in info.value.details()
+    channel.close()
+
+
 def test_one_round_end_to_end_over_grpc(deployed):
     from ray_jobs.self_improve import LoopDriver
 

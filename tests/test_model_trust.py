@@ -49,3 +49,15 @@ def test_relative_uris_resolve_inside_the_store(setup):
         check_model_uri("escape/mine", store, trusted=trusted)
     with pytest.raises(RequestError, match="unknown preset"):
         check_model_uri("builtin:nope", store, trusted=trusted)
+
+
+def test_serving_beyond_loopback_needs_a_token(monkeypatch):
+    from services.serving import _refuse_open_without_token
+
+    monkeypatch.delenv("REINSTRUCT_API_TOKEN", raising=False)
+    _refuse_open_without_token("127.0.0.1")
+    _refuse_open_without_token("localhost")
+    with pytest.raises(RuntimeError, match="REINSTRUCT_API_TOKEN is not set"):
+        _refuse_open_without_token("0.0.0.0")
+    monkeypatch.setenv("REINSTRUCT_API_TOKEN", "s3cret")
+    _refuse_open_without_token("0.0.0.0")

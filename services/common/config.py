@@ -45,6 +45,8 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica works on at once")
     max_queued_requests: int = Field(32, ge=-1, description="Requests waiting per deployment before callers "
                                      "get RESOURCE_EXHAUSTED at once (-1: no limit)")
+    max_training_jobs: int = Field(2, ge=1, description="Training runs in progress at once; a StartTraining "
+                                   "beyond it gets RESOURCE_EXHAUSTED")
 
 
 class SeedConfig(_Section):

@@ -11,7 +11,7 @@ import grpc
 
 from .models import ModelUnavailable
 from .store import StoreBusy, StoreError, UriNotAllowed
-from .validation import RequestError
+from .validation import Overloaded, RequestError
 
 logger = logging.getLogger("reinstruct")
 
@@ -26,6 +26,10 @@ class Unauthenticated(PermissionError):
 
 
 class RequestTooLarge(ValueError):
+    pass
+
+
+class Unimplemented(LookupError):
     pass
 
 
@@ -52,7 +56,9 @@ def _admit(request, grpc_context) -> None:
 def _status_for(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
-    if isinstance(exc, RequestTooLarge):
+    if isinstance(exc, Unimplemented):
+        return grpc.StatusCode.UNIMPLEMENTED, str(exc)
+    if isinstance(exc, (RequestTooLarge, Overloaded)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, (RequestError, UriNotAllowed)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -134,3 +140,41 @@ def run_with_progress(work):
     if "error" in outcome:
         raise outcome["error"]
     yield ("result", outcome["value"])
+
+
+def refuse_other_services(service_name: str):
+    """Class decorator for a deployment: Serve routes gRPC by method name within the app the metadata
+    names, so a method of another service sent here would fail inside Serve with a traceback (pid,
+    node, paths). Each such method answers UNIMPLEMENTED, naming the right app, and nothing else."""
+
+    def decorate(cls):
+        from ..api import evaluator_pb2, filter_pb2, generator_pb2, trainer_pb2
+
+        for module in (generator_pb2, filter_pb2, trainer_pb2, evaluator_pb2):
+            for service in module.DESCRIPTOR.services_by_name.values():
+                if service.name == service_name:
+                    continue
+                for method in service.methods:
+                    if hasattr(cls, method.name):
+                        continue
+                    message = (f"{service.full_name}/{method.name} is not served by the {service_name.lower()} app; "
+                               f"send metadata application: {service.name.lower()}")
+                    setattr(cls, method.name, _unimplemented(message, method.server_streaming))
+        return cls
+
+    return decorate
+
+
+def _unimplemented(message: str, streaming: bool):
+    def refuse(self, request):
+        raise Unimplemented(message)
+
+    if streaming:
+        def refuse_stream(self, request):
+            raise Unimplemented(message)
+            yield  # a generator, as streaming methods are
+
+        return grpc_stream_method(refuse_stream)
+    from ..api import common_pb2
+
+    return grpc_method(common_pb2.RunContext)(refuse)  # any message type: only the status is read

@@ -24,6 +24,21 @@ MAX_PROMPTS = 10_000
 MAX_ID_CHARS = 256
 
 
+MAX_REQUEST_NEW_TOKENS = 2_000_000  # prompts x max_new_tokens: what one request may ask a replica to write
+MAX_BOOTSTRAP_CELLS = 20_000_000  # tasks x bootstrap resamples (a float each) in one comparison
+
+
+class Overloaded(RuntimeError):
+    """The service is at a limit right now (RESOURCE_EXHAUSTED): try again later."""
+
+
+def check_cost(count: int, max_new_tokens: int, field: str) -> None:
+    """Bounds what a request costs, not only each field: count prompts x max_new_tokens each."""
+    if count * max_new_tokens > MAX_REQUEST_NEW_TOKENS:
+        raise RequestError(field, f"{count} prompts x {max_new_tokens} new tokens is over the "
+                           f"{MAX_REQUEST_NEW_TOKENS:,} tokens one request may ask for; send it in parts")
+
+
 class RequestError(ValueError):
     """Bad input from a client; becomes gRPC INVALID_ARGUMENT with 'field: message'."""
 

@@ -6,11 +6,14 @@ from ray import serve
 
 from ..api import common_pb2, evaluator_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, engine_options, replica_options
-from ..common.grpc_handler import grpc_method, grpc_stream_method, run_with_progress
+from ..common.grpc_handler import grpc_method, grpc_stream_method, refuse_other_services, run_with_progress
 from ..common.store import RunStore
 from ..common.validation import (
+    MAX_BOOTSTRAP_CELLS,
+    RequestError,
     TrustedModels,
     check_context,
+    check_cost,
     check_model_uri,
     check_output_uri,
     check_range,
@@ -43,6 +46,7 @@ def _interval(interval) -> evaluator_pb2.Interval:
 
 
 @serve.deployment(name="Evaluator")
+@refuse_other_services("Evaluator")
 class EvaluatorDeployment:
     def __init__(self, settings: dict):
         config = ReinstructConfig.model_validate(settings)
@@ -58,6 +62,8 @@ class EvaluatorDeployment:
         check_sampling(request.sampling)
         check_output_uri(request.predictions_uri, self.store, "predictions_uri", request.context.run_id)
         tasks = resolve_tasks(request.eval_tasks, self.store, "eval_tasks", require_instances=True)
+        per_task = request.max_instances_per_task or max(len(t.instances) for t in tasks)
+        check_cost(len(tasks) * per_task, request.sampling.max_new_tokens, "eval_tasks")
         return model_uri, tasks
 
     def _finish(self, request, evaluation: Evaluation) -> evaluator_pb2.EvaluateModelResponse:
@@ -102,6 +108,10 @@ class EvaluatorDeployment:
         confidence = request.confidence or 0.95
         check_range(confidence, "confidence", 0.5, 0.999)
         tasks = resolve_tasks(request.eval_tasks, self.store, "eval_tasks", require_instances=True)
+        if len(tasks) * resamples > MAX_BOOTSTRAP_CELLS:
+            raise RequestError("bootstrap_resamples", f"{resamples} resamples of {len(tasks)} tasks is over the "
+                               f"{MAX_BOOTSTRAP_CELLS:,} cells one comparison may hold; ask for fewer")
+        check_cost(2 * len(tasks), request.sampling.max_new_tokens, "eval_tasks")
         result = self.service.compare(model_a, model_b, tasks, request.max_instances_per_task,
                                       _sampling(request.sampling), judge, resamples, confidence)
         response = evaluator_pb2.CompareModelsResponse(

@@ -7,13 +7,14 @@ from ray import serve
 from ..api import common_pb2, filter_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, replica_options
 from ..common.convert import task_to_proto
-from ..common.grpc_handler import grpc_method
+from ..common.grpc_handler import grpc_method, refuse_other_services
 from ..common.store import RunStore
 from ..common.validation import RequestError, check_context, check_output_uri, check_range, resolve_tasks
 from .service import FilterSettings, filter_tasks
 
 
 @serve.deployment(name="Filter")
+@refuse_other_services("Filter")
 class FilterDeployment:
     def __init__(self, settings: dict):
         self.config = ReinstructConfig.model_validate(settings)

@@ -7,7 +7,13 @@ from ray import serve
 from ..api import common_pb2, generator_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, engine_options, replica_options
 from ..common.convert import task_to_proto
-from ..common.grpc_handler import grpc_method, grpc_stream_method, run_with_progress, token_matches
+from ..common.grpc_handler import (
+    grpc_method,
+    grpc_stream_method,
+    refuse_other_services,
+    run_with_progress,
+    token_matches,
+)
 from ..common.store import RunStore
 from ..common.validation import (
     MAX_INLINE_TASKS,
@@ -15,6 +21,7 @@ from ..common.validation import (
     RequestError,
     TrustedModels,
     check_context,
+    check_cost,
     check_model_uri,
     check_output_uri,
     check_range,
@@ -43,6 +50,7 @@ openai_app.router.dependencies.append(Depends(_http_auth))
 
 @serve.deployment(name="Generator")
 @serve.ingress(openai_app)
+@refuse_other_services("Generator")
 class GeneratorDeployment:
     def __init__(self, settings: dict):
         config = ReinstructConfig.model_validate(settings)
@@ -97,6 +105,7 @@ class GeneratorDeployment:
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_range(request.num_prompts, "num_prompts", 1, MAX_PROMPTS)
+        check_cost(request.num_prompts, request.sampling.max_new_tokens, "num_prompts")
         check_range(request.num_human_in_context, "num_human_in_context", 0, 8)
         check_range(request.num_machine_in_context, "num_machine_in_context", 0, 8)
         if request.num_human_in_context + request.num_machine_in_context == 0:
@@ -130,6 +139,7 @@ class GeneratorDeployment:
         check_sampling(request.sampling)
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         tasks = resolve_tasks(request.tasks, self.store, "tasks")
+        check_cost(len(tasks), request.sampling.max_new_tokens, "tasks")
         demos = resolve_tasks(request.demonstrations, self.store, "demonstrations", required=False,
                               require_instances=True)
         return RunContext(request.context.run_id, request.context.round), model_uri, tasks, demos

@@ -9,7 +9,7 @@ from ray import serve
 
 from ..api import trainer_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, replica_options
-from ..common.grpc_handler import grpc_method, grpc_stream_method
+from ..common.grpc_handler import grpc_method, grpc_stream_method, refuse_other_services
 from ..common.store import RunStore
 from ..common.validation import (
     RequestError,
@@ -37,14 +37,29 @@ def _status(job: TrainingJob) -> trainer_pb2.TrainingStatus:
     )
 
 
+def _check_placement(params: TrainingParams) -> None:
+    """Refuses a run this cluster cannot place (it would wait forever, holding a driver): each worker
+    takes a GPU with use_gpu, else a CPU. An autoscaling cluster counts what it has now."""
+    import ray
+
+    total = ray.cluster_resources()
+    kind = "GPU" if params.use_gpu else "CPU"
+    if total.get(kind, 0) < params.num_workers:
+        field = "params.use_gpu" if params.use_gpu else "params.num_workers"
+        raise RequestError(field, f"{params.num_workers} training workers need {params.num_workers} {kind}s; "
+                           f"the cluster has {total.get(kind, 0):g}")
+
+
 @serve.deployment(name="Trainer")
+@refuse_other_services("Trainer")
 class TrainerDeployment:
     def __init__(self, settings: dict):
         self.config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(self.config.store.root, self.config.store.allowed_schemes)
         self.trusted = TrustedModels.from_config(self.config)
         self.service = TrainerService(self.store, self.config.model.trust_remote_code,
-                                      self.config.model.builtin_cache_dir, prompt_format=self.config.model.prompt_format)
+                                      self.config.model.builtin_cache_dir, prompt_format=self.config.model.prompt_format,
+                                      max_active_jobs=self.config.serve.max_training_jobs)
 
     @grpc_method(trainer_pb2.TrainingStatus)
     def StartTraining(self, request: trainer_pb2.StartTrainingRequest):
@@ -76,6 +91,7 @@ class TrainerDeployment:
         if params.precision not in ("fp32", "bf16", "fp16"):
             raise RequestError("params.precision", f"must be fp32, bf16 or fp16, got {params.precision!r}")
         check_range(params.lora["r"], "params.lora.r", 1, 1024)
+        _check_placement(params)
         source = request.train_tasks
         if source.WhichOneof("source") == "inline":
             tasks = resolve_tasks(source, self.store, "train_tasks", require_instances=True)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from ..common.models import DEFAULT_CACHE_DIR
 from ..common.records import stable_id
 from ..common.store import RunStore
+from ..common.validation import Overloaded
 
 _JOB_STATES = {"PENDING": "PENDING", "RUNNING": "RUNNING", "SUCCEEDED": "SUCCEEDED", "FAILED": "FAILED",
                "STOPPED": "CANCELLED"}
@@ -66,8 +67,9 @@ class TrainingJob:
 class TrainerService:
     def __init__(self, store: RunStore, trust_remote_code: bool = False,
                  builtin_cache_dir: str = DEFAULT_CACHE_DIR, job_address: str | None = None,
-                 prompt_format: str = "auto") -> None:
+                 prompt_format: str = "auto", max_active_jobs: int = 2) -> None:
         self.store = store
+        self.max_active_jobs = max_active_jobs
         self.prompt_format = prompt_format
         self.trust_remote_code = trust_remote_code
         self.builtin_cache_dir = builtin_cache_dir
@@ -96,6 +98,10 @@ class TrainerService:
             return existing  # a retry, a resumed driver or a redeployed replica attaches to the same job
         if self.store.exists(model_uri + "/config.json"):
             return TrainingJob(job_id, model_uri, state="SUCCEEDED")  # committed earlier
+        running = self.active_jobs()
+        if len(running) >= self.max_active_jobs:
+            raise Overloaded(f"{len(running)} training runs are in progress (limit {self.max_active_jobs}, "
+                             "serve.max_training_jobs); try again when one ends")
         self._remove_stale_staging(model_uri)
         spec_path, progress_path, cancel_path = self._paths(job_id, model_uri)
         for stale in (progress_path, cancel_path):
@@ -112,6 +118,12 @@ class TrainerService:
         if submission_id != job_id:
             self._models[submission_id] = model_uri
         return self.status(submission_id) or TrainingJob(submission_id, model_uri)
+
+    def active_jobs(self) -> list[str]:
+        """Training jobs of this cluster that are pending or running."""
+        return [job.submission_id for job in self.client.list_jobs()
+                if (job.submission_id or "").startswith("train-") and str(getattr(job.status, "value", job.status))
+                in ("PENDING", "RUNNING")]
 
     def _submit(self, submission_id: str, spec_path: str, model_uri: str) -> None:
         for attempt in range(24):  # the head's job agent can take a few seconds to come up
