@@ -134,10 +134,13 @@ def test_evaluate_and_compare_with_judge():
     assert good.score == 1.0 and good.exact_match == 1.0 and good.nll == 1.0
     assert len(good.predictions) == 4
     comparison = service.compare("bad", "good", tasks, 0, SamplingParams(temperature=0), judge_model="judge",
-                                 resamples=500)
+                                 resamples=500, confidence=0.9)
     assert comparison.a.score == pytest.approx((0.5 + 0.0) / 2)
     assert comparison.score_difference.estimate == pytest.approx(1.0 - 0.25)
     assert comparison.judged.pairs == 4 and comparison.judged.win > comparison.judged.loss
+    unjudged = service.compare("bad", "good", tasks, 0, SamplingParams(temperature=0), judge_model="", resamples=500,
+                               confidence=0.9)
+    assert unjudged.judged is None  # no judge model: no judged comparison, not "all ties"
 
 
 def test_report_has_every_section(tmp_path):

@@ -52,6 +52,7 @@ class EvaluatorDeployment:
         config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(config.store.root, config.store.allowed_schemes)
         self.trusted = TrustedModels.from_config(config)
+        self.evaluation = config.evaluation
         self.service = EvaluatorService(create_engine(config.generation.engine, **engine_options(config)),
                                         config.model.prompt_format, config.training.max_seq_len)
 
@@ -103,9 +104,9 @@ class EvaluatorDeployment:
         judge = check_model_uri(request.judge_model_uri, self.store, "judge_model_uri", trusted=self.trusted) if request.judge_model_uri else ""
         check_range(request.max_instances_per_task, "max_instances_per_task", 0, 10_000)
         check_sampling(request.sampling)
-        resamples = request.bootstrap_resamples or 2000
+        resamples = request.bootstrap_resamples or self.evaluation.bootstrap_resamples
         check_range(resamples, "bootstrap_resamples", 100, 100_000)
-        confidence = request.confidence or 0.95
+        confidence = request.confidence or self.evaluation.confidence
         check_range(confidence, "confidence", 0.5, 0.999)
         tasks = resolve_tasks(request.eval_tasks, self.store, "eval_tasks", require_instances=True)
         if len(tasks) * resamples > MAX_BOOTSTRAP_CELLS:

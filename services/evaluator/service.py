@@ -111,8 +111,8 @@ class EvaluatorService:
         return Evaluation(model_uri, ordered, len(items), predictions)
 
     def compare(self, model_a: str, model_b: str, tasks: list[TaskRecord], max_instances_per_task: int,
-                sampling: SamplingParams, judge_model: str = "", resamples: int = 2000,
-                confidence: float = 0.95) -> Comparison:
+                sampling: SamplingParams, judge_model: str, resamples: int, confidence: float) -> Comparison:
+        """judge_model "": no judged comparison (Comparison.judged is None, never reported as ties)."""
         a = self.evaluate(model_a, tasks, max_instances_per_task, sampling)
         b = self.evaluate(model_b, tasks, max_instances_per_task, sampling)
         judged = self._judge(judge_model, a, b) if judge_model else None

@@ -38,9 +38,9 @@ class FilterDeployment:
         candidates = resolve_tasks(request.candidates, self.store, "candidates")
         pool = resolve_tasks(request.pool, self.store, "pool", required=False)
         eval_tasks = resolve_tasks(request.decontaminate_against, self.store, "decontaminate_against", required=False)
-        ngram = request.decontamination_ngram or 13
+        ngram = request.decontamination_ngram or defaults.decontamination_ngram
         check_range(ngram, "decontamination_ngram", 4, 64)
-        near = request.near_duplicate_threshold or 0.9
+        near = request.near_duplicate_threshold or defaults.near_duplicate_threshold  # negative: off
         check_range(near, "near_duplicate_threshold", -1.0, 1.0)
         check_range(request.min_curation_score, "min_curation_score", 0.0, 5.0)
         settings = FilterSettings(threshold, min_words, max_words,
