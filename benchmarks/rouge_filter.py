@@ -65,9 +65,14 @@ def run(pool_size: int, n_candidates: int, n_reference: int, threshold: float = 
     ours = index.filter_in_order(candidates, threshold)
     ours_s = time.perf_counter() - started
 
-    result = {"pool": pool_size, "candidates": n_candidates, "index_build_s": round(build_s, 3),
-              "ours_s": round(ours_s, 3), "ours_s_per_1000": round(ours_s * 1000 / n_candidates, 4),
-              "kept": sum(k for k, _, _ in ours)}
+    result = {
+        "pool": pool_size,
+        "candidates": n_candidates,
+        "index_build_s": round(build_s, 3),
+        "ours_s": round(ours_s, 3),
+        "ours_s_per_1000": round(ours_s * 1000 / n_candidates, 4),
+        "kept": sum(k for k, _, _ in ours),
+    }
     if n_reference:
         started = time.perf_counter()
         reference = reference_filter(pool, candidates[:n_reference], threshold)
@@ -76,8 +81,12 @@ def run(pool_size: int, n_candidates: int, n_reference: int, threshold: float = 
         assert [k for k, _ in reference] == [k for k, _, _ in mine], "decisions differ from rouge-score"
         assert [f for _, f in reference] == [f for _, f, _ in mine], "F values differ from rouge-score"
         extrapolated = reference_s / n_reference * n_candidates
-        result.update(reference_checked=n_reference, reference_s_per_1000=round(extrapolated, 1),
-                      speedup=round(extrapolated / ours_s, 1), identical_decisions=True)
+        result.update(
+            reference_checked=n_reference,
+            reference_s_per_1000=round(extrapolated, 1),
+            speedup=round(extrapolated / ours_s, 1),
+            identical_decisions=True,
+        )
     return result
 
 

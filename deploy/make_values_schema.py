@@ -13,8 +13,11 @@ from services.common.config import ReinstructConfig
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "reinstruct"
 
-_RESOURCES = {"type": "object", "properties": {"requests": {"type": "object"}, "limits": {"type": "object"}},
-              "additionalProperties": False}
+_RESOURCES = {
+    "type": "object",
+    "properties": {"requests": {"type": "object"}, "limits": {"type": "object"}},
+    "additionalProperties": False,
+}
 
 
 def _object(properties: dict, required: list[str] | None = None) -> dict:
@@ -32,8 +35,12 @@ def _workers(gpu: bool) -> dict:
         "resources": _RESOURCES,
     }
     if gpu:
-        properties.update(enabled={"type": "boolean"}, gpusPerWorker={"type": "integer", "minimum": 1},
-                          nodeSelector={"type": "object"}, tolerations={"type": "array"})
+        properties.update(
+            enabled={"type": "boolean"},
+            gpusPerWorker={"type": "integer", "minimum": 1},
+            nodeSelector={"type": "object"},
+            tolerations={"type": "array"},
+        )
     return _object(properties, ["replicas", "minReplicas", "maxReplicas", "resources"])
 
 
@@ -45,44 +52,66 @@ def values_schema() -> dict:
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "reinstruct chart values",
         "$defs": defs,
-        **_object({
-            "image": _object({"repository": {"type": "string", "minLength": 1},
-                              "tag": {"type": "string", "minLength": 1},
-                              "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}},
-                             ["repository", "tag"]),
-            "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
-            "rayAuth": _object({"enabled": {"type": "boolean"}, "existingSecret": {"type": "string"},
-                                "token": {"type": "string"}}),
-            "apiAuth": _object({"enabled": {"type": "boolean"}, "existingSecret": {"type": "string"},
-                                "token": {"type": "string"}}),
-            "store": _object({
-                "mountPath": {"type": "string", "pattern": "^/"},
-                "root": {"type": "string", "minLength": 1},
-                "pvc": _object({"enabled": {"type": "boolean"}, "existingClaim": {"type": "string"},
+        **_object(
+            {
+                "image": _object(
+                    {
+                        "repository": {"type": "string", "minLength": 1},
+                        "tag": {"type": "string", "minLength": 1},
+                        "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+                    },
+                    ["repository", "tag"],
+                ),
+                "rayVersion": {"type": "string", "pattern": r"^\d+\.\d+\.\d+$"},
+                "rayAuth": _object(
+                    {"enabled": {"type": "boolean"}, "existingSecret": {"type": "string"}, "token": {"type": "string"}}
+                ),
+                "apiAuth": _object(
+                    {"enabled": {"type": "boolean"}, "existingSecret": {"type": "string"}, "token": {"type": "string"}}
+                ),
+                "store": _object(
+                    {
+                        "mountPath": {"type": "string", "pattern": "^/"},
+                        "root": {"type": "string", "minLength": 1},
+                        "pvc": _object(
+                            {
+                                "enabled": {"type": "boolean"},
+                                "existingClaim": {"type": "string"},
                                 "size": {"type": "string", "pattern": r"^\d+(Mi|Gi|Ti)$"},
                                 "storageClass": {"type": "string"},
-                                "accessMode": {"enum": ["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"]}}),
-            }, ["root"]),
-            "serve": _object({
-                "grpcPort": {"type": "integer", "minimum": 1, "maximum": 65535},
-                "httpPort": {"type": "integer", "minimum": 1, "maximum": 65535},
-                "generator": _object({"replicas": {"type": "integer", "minimum": 1},
-                                      "numGpus": {"type": "number", "minimum": 0}}),
-                "evaluator": _object({"numGpus": {"type": "number", "minimum": 0}}),
-            }),
-            "reinstruct": config_schema,
-            "head": _object({"resources": _RESOURCES}),
-            "cpuWorkers": _workers(gpu=False),
-            "gpuWorkers": _workers(gpu=True),
-            "loop": _object({
-                "enabled": {"type": "boolean"},
-                "mode": {"enum": ["service", "own-cluster"]},
-                "runId": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"},
-                "rounds": {"type": "integer", "minimum": 1},
-                "shutdownAfterJobFinishes": {"type": "boolean"},
-                "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-            }),
-        }, ["image", "store", "serve"]),
+                                "accessMode": {"enum": ["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"]},
+                            }
+                        ),
+                    },
+                    ["root"],
+                ),
+                "serve": _object(
+                    {
+                        "grpcPort": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "httpPort": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "generator": _object(
+                            {"replicas": {"type": "integer", "minimum": 1}, "numGpus": {"type": "number", "minimum": 0}}
+                        ),
+                        "evaluator": _object({"numGpus": {"type": "number", "minimum": 0}}),
+                    }
+                ),
+                "reinstruct": config_schema,
+                "head": _object({"resources": _RESOURCES}),
+                "cpuWorkers": _workers(gpu=False),
+                "gpuWorkers": _workers(gpu=True),
+                "loop": _object(
+                    {
+                        "enabled": {"type": "boolean"},
+                        "mode": {"enum": ["service", "own-cluster"]},
+                        "runId": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"},
+                        "rounds": {"type": "integer", "minimum": 1},
+                        "shutdownAfterJobFinishes": {"type": "boolean"},
+                        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+                    }
+                ),
+            },
+            ["image", "store", "serve"],
+        ),
     }
 
 

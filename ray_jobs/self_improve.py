@@ -49,7 +49,9 @@ def stage_count(config: ReinstructConfig) -> int:
     per_round = len(SELF_INSTRUCT_STAGES) + len(TRAIN_STAGES) + (len(BACKTRANSLATION_STAGES) if bt else 0)
     per_round += 1 if config.evaluation.judge else 0
     final = 1 if config.evaluation.test_fraction else 0  # the test stage
-    first = (len(BOOTSTRAP_STAGES) if config.loop.bootstrap else len(BASE_MODEL_STAGES)) + (len(BACKWARD_STAGES) if bt else 0)
+    first = (len(BOOTSTRAP_STAGES) if config.loop.bootstrap else len(BASE_MODEL_STAGES)) + (
+        len(BACKWARD_STAGES) if bt else 0
+    )
     return first + config.loop.rounds * per_round + final
 
 
@@ -60,8 +62,12 @@ class Reporter:
         log.info("round %d: %s%s", round_index, stage, " (committed earlier, skipped)" if resumed else "")
 
     def stage_done(self, round_index: int, stage: str, output: dict) -> None:
-        log.info("round %d: %s done: %s", round_index, stage,
-                 {k: v for k, v in output.items() if not isinstance(v, (list, dict))})
+        log.info(
+            "round %d: %s done: %s",
+            round_index,
+            stage,
+            {k: v for k, v in output.items() if not isinstance(v, (list, dict))},
+        )
 
     def training(self, round_index: int, step: int, total: int, loss: float) -> None:
         pass
@@ -102,82 +108,154 @@ class LoopDriver:
     def _uri(self, k: int, name: str) -> str:
         return self.store.dataset_uri(self.run_id, k, name)
 
-    def _sampling(self, max_new_tokens: int, seed: int, temperature: float | None = None,
-                  presence_penalty: float = 0.0) -> common_pb2.Sampling:
+    def _sampling(
+        self, max_new_tokens: int, seed: int, temperature: float | None = None, presence_penalty: float = 0.0
+    ) -> common_pb2.Sampling:
         g = self.config.generation
-        return common_pb2.Sampling(temperature=g.temperature if temperature is None else temperature,
-                                   top_p=g.top_p, max_new_tokens=max_new_tokens, seed=seed,
-                                   presence_penalty=presence_penalty)
+        return common_pb2.Sampling(
+            temperature=g.temperature if temperature is None else temperature,
+            top_p=g.top_p,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            presence_penalty=presence_penalty,
+        )
 
     def _train(self, k: int, base_model: str, dataset_uri: str, epochs: int, output_uri: str | None = None) -> dict:
         t = self.config.training
         request = trainer_pb2.StartTrainingRequest(
-            context=self._ctx(k), base_model_uri=base_model, train_tasks=uri_source(dataset_uri),
+            context=self._ctx(k),
+            base_model_uri=base_model,
+            train_tasks=uri_source(dataset_uri),
             output_model_uri=output_uri or self.store.model_uri(self.run_id, k),
-            params=trainer_pb2.TrainingParams(epochs=epochs, max_steps=t.max_steps, learning_rate=t.learning_rate,
-                                              batch_size=t.batch_size, max_seq_len=t.max_seq_len,
-                                              num_workers=t.num_workers, use_gpu=t.use_gpu, seed=self.config.seed + k,
-                                              augmented_tag=self.config.backtranslation.tag),
+            params=trainer_pb2.TrainingParams(
+                epochs=epochs,
+                max_steps=t.max_steps,
+                learning_rate=t.learning_rate,
+                batch_size=t.batch_size,
+                max_seq_len=t.max_seq_len,
+                num_workers=t.num_workers,
+                use_gpu=t.use_gpu,
+                seed=self.config.seed + k,
+                augmented_tag=self.config.backtranslation.tag,
+            ),
         )
         status = self.clients.wait_for_training(
-            request, poll_s=t.poll_interval_s,
+            request,
+            poll_s=t.poll_interval_s,
             on_progress=lambda s: self.reporter.training(k, s.step, s.total_steps, s.loss),
         )
-        return {"model_uri": status.model_uri, "job_id": status.job_id, "steps": status.step,
-                "final_loss": status.loss, "losses": list(status.losses), "examples": status.train_examples,
-                "real_token_share": status.real_token_share, "resumed_from_step": status.resumed_from_step}
+        return {
+            "model_uri": status.model_uri,
+            "job_id": status.job_id,
+            "steps": status.step,
+            "final_loss": status.loss,
+            "losses": list(status.losses),
+            "examples": status.train_examples,
+            "real_token_share": status.real_token_share,
+            "resumed_from_step": status.resumed_from_step,
+        }
 
     def _evaluate(self, k: int, model_uri: str, heldout_uri: str) -> dict:
         e = self.config.evaluation
-        response = self.clients.stream_evaluation(evaluator_pb2.EvaluateModelRequest(
-            context=self._ctx(k), model_uri=model_uri, eval_tasks=uri_source(heldout_uri),
-            max_instances_per_task=e.max_instances_per_task, with_nll=e.with_nll,
-            sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
-            predictions_uri=self._uri(k, "eval_predictions"),
-        ), on_progress=lambda done, total: self.reporter.evaluation(k, done, total))
+        response = self.clients.stream_evaluation(
+            evaluator_pb2.EvaluateModelRequest(
+                context=self._ctx(k),
+                model_uri=model_uri,
+                eval_tasks=uri_source(heldout_uri),
+                max_instances_per_task=e.max_instances_per_task,
+                with_nll=e.with_nll,
+                sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
+                predictions_uri=self._uri(k, "eval_predictions"),
+            ),
+            on_progress=lambda done, total: self.reporter.evaluation(k, done, total),
+        )
         per_task = {t.task_id: (t.score if e.promotion_metric == "score" else t.rouge_l) for t in response.tasks}
         interval = mean_interval(per_task, e.bootstrap_resamples, e.confidence)
-        return {"model_uri": model_uri, "metric": e.promotion_metric, "score": response.score,
-                "rouge_l": response.rouge_l, "exact_match": response.exact_match, "nll": response.nll,
-                "interval": [interval.low, interval.high], "confidence": e.confidence,
-                "num_tasks": response.num_tasks, "num_instances": response.num_instances,
-                "categories": {c.category: c.score for c in response.categories},
-                "per_task": per_task, "predictions_uri": response.predictions.uri}
+        return {
+            "model_uri": model_uri,
+            "metric": e.promotion_metric,
+            "score": response.score,
+            "rouge_l": response.rouge_l,
+            "exact_match": response.exact_match,
+            "nll": response.nll,
+            "interval": [interval.low, interval.high],
+            "confidence": e.confidence,
+            "num_tasks": response.num_tasks,
+            "num_instances": response.num_instances,
+            "categories": {c.category: c.score for c in response.categories},
+            "per_task": per_task,
+            "predictions_uri": response.predictions.uri,
+        }
 
     def _promote(self, k: int, candidate: dict, incumbent: dict | None) -> dict:
         e = self.config.evaluation
-        decision = decide(candidate["per_task"], incumbent["per_task"] if incumbent and incumbent.get("per_task") else None,
-                          metric=e.promotion_metric, margin=e.promote_margin, confidence=e.confidence,
-                          resamples=e.bootstrap_resamples, seed=self.config.seed + k)
+        decision = decide(
+            candidate["per_task"],
+            incumbent["per_task"] if incumbent and incumbent.get("per_task") else None,
+            metric=e.promotion_metric,
+            margin=e.promote_margin,
+            confidence=e.confidence,
+            resamples=e.bootstrap_resamples,
+            seed=self.config.seed + k,
+        )
         chosen = candidate if decision.promoted or incumbent is None else incumbent
-        return {**decision.to_dict(), "model_uri": chosen["model_uri"], "per_task": chosen["per_task"],
-                "candidate_model_uri": candidate["model_uri"]}
+        return {
+            **decision.to_dict(),
+            "model_uri": chosen["model_uri"],
+            "per_task": chosen["per_task"],
+            "candidate_model_uri": candidate["model_uri"],
+        }
 
     def _judge(self, k: int, incumbent: dict, candidate: dict, heldout_uri: str) -> dict:
         e = self.config.evaluation
-        response = self.clients.compare_models(evaluator_pb2.CompareModelsRequest(
-            context=self._ctx(k), model_a_uri=incumbent["model_uri"], model_b_uri=candidate["model_uri"],
-            eval_tasks=uri_source(heldout_uri), max_instances_per_task=e.max_instances_per_task,
-            sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
-            judge_model_uri=e.judge_model, bootstrap_resamples=e.bootstrap_resamples,
-            confidence=e.confidence))
+        response = self.clients.compare_models(
+            evaluator_pb2.CompareModelsRequest(
+                context=self._ctx(k),
+                model_a_uri=incumbent["model_uri"],
+                model_b_uri=candidate["model_uri"],
+                eval_tasks=uri_source(heldout_uri),
+                max_instances_per_task=e.max_instances_per_task,
+                sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
+                judge_model_uri=e.judge_model,
+                bootstrap_resamples=e.bootstrap_resamples,
+                confidence=e.confidence,
+            )
+        )
         d = response.score_difference
-        return {"win_rate": response.win_rate, "tie_rate": response.tie_rate, "loss_rate": response.loss_rate,
-                "judged_pairs": response.judged_pairs, "score_difference": [d.estimate, d.low, d.high]}
+        return {
+            "win_rate": response.win_rate,
+            "tie_rate": response.tie_rate,
+            "loss_rate": response.loss_rate,
+            "judged_pairs": response.judged_pairs,
+            "score_difference": [d.estimate, d.low, d.high],
+        }
 
     def _test(self, split: dict, final_model: str) -> dict:
         """Model 0 and the final model on the test tasks, which chose nothing: the honest score."""
         e = self.config.evaluation
         first = self.store.stage_output(self.run_id, 0, "evaluate")["model_uri"]
-        response = self.clients.compare_models(evaluator_pb2.CompareModelsRequest(
-            context=self._ctx(self.config.loop.rounds), model_a_uri=first, model_b_uri=final_model,
-            eval_tasks=uri_source(split["seed_test_uri"]), max_instances_per_task=e.max_instances_per_task,
-            sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
-            bootstrap_resamples=e.bootstrap_resamples, confidence=e.confidence))
+        response = self.clients.compare_models(
+            evaluator_pb2.CompareModelsRequest(
+                context=self._ctx(self.config.loop.rounds),
+                model_a_uri=first,
+                model_b_uri=final_model,
+                eval_tasks=uri_source(split["seed_test_uri"]),
+                max_instances_per_task=e.max_instances_per_task,
+                sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
+                bootstrap_resamples=e.bootstrap_resamples,
+                confidence=e.confidence,
+            )
+        )
         d = response.score_difference
-        return {"model_0": first, "final_model": final_model, "model_0_score": response.a.score,
-                "final_score": response.b.score, "difference": [d.estimate, d.low, d.high],
-                "confidence": e.confidence, "num_tasks": response.b.num_tasks}
+        return {
+            "model_0": first,
+            "final_model": final_model,
+            "model_0_score": response.a.score,
+            "final_score": response.b.score,
+            "difference": [d.estimate, d.low, d.high],
+            "confidence": e.confidence,
+            "num_tasks": response.b.num_tasks,
+        }
 
     def _machine_pool(self, up_to_round: int) -> list[TaskRecord]:
         """Everything a filter stage kept in rounds 1 .. up_to_round-1."""
@@ -186,11 +264,22 @@ class LoopDriver:
     # ---- instruction backtranslation -----------------------------------------------------------
     def _backward_model(self, split: dict) -> str:
         b = self.config.backtranslation
-        data = self._stage(0, "backward_data", lambda: self._write(
-            0, "backward_train", backward_tasks(self.store.read_tasks(split["seed_train_uri"]))))
-        trained = self._stage(0, "backward_train", lambda: self._train(
-            0, self.config.model.base, data["uri"], b.backward_epochs,
-            output_uri=self.store.uri(self.run_id, "round-000", "backward_model")))
+        data = self._stage(
+            0,
+            "backward_data",
+            lambda: self._write(0, "backward_train", backward_tasks(self.store.read_tasks(split["seed_train_uri"]))),
+        )
+        trained = self._stage(
+            0,
+            "backward_train",
+            lambda: self._train(
+                0,
+                self.config.model.base,
+                data["uri"],
+                b.backward_epochs,
+                output_uri=self.store.uri(self.run_id, "round-000", "backward_model"),
+            ),
+        )
         return trained["model_uri"]
 
     def _write(self, k: int, name: str, tasks: list[TaskRecord]) -> dict:
@@ -202,44 +291,102 @@ class LoopDriver:
         b = self.config.backtranslation
 
         def segments() -> dict:
-            pieces = sample_segments(load_segments(b.corpus, b.min_chars, b.max_chars), b.segments_per_round,
-                                     self.config.seed + k)
-            tasks = [TaskRecord(id=stable_id(self.run_id, k, "segment", i), instruction="",
-                                instances=[Instance("", text)], lineage=Lineage(run_id=self.run_id, round=k,
-                                                                                stage="unlabelled", model="corpus"))
-                     for i, text in enumerate(pieces)]
-            return {**self._write(k, "segments", tasks), "corpus": b.corpus if isinstance(b.corpus, str) else list(b.corpus)}
+            pieces = sample_segments(
+                load_segments(b.corpus, b.min_chars, b.max_chars), b.segments_per_round, self.config.seed + k
+            )
+            tasks = [
+                TaskRecord(
+                    id=stable_id(self.run_id, k, "segment", i),
+                    instruction="",
+                    instances=[Instance("", text)],
+                    lineage=Lineage(run_id=self.run_id, round=k, stage="unlabelled", model="corpus"),
+                )
+                for i, text in enumerate(pieces)
+            ]
+            return {
+                **self._write(k, "segments", tasks),
+                "corpus": b.corpus if isinstance(b.corpus, str) else list(b.corpus),
+            }
 
         segs = self._stage(k, "segments", segments)
-        augmented = self._stage(k, "backtranslate", lambda: self._unless_empty(k, "augmented", segs, lambda: (
-            self.clients.backtranslate(generator_pb2.BacktranslateRequest(
-                context=self._ctx(k), model_uri=backward_model, segment_tasks=uri_source(segs["uri"]),
-                sampling=self._sampling(b.max_new_tokens, self.config.seed + k), output_uri=self._uri(k, "augmented"))))))
+        augmented = self._stage(
+            k,
+            "backtranslate",
+            lambda: self._unless_empty(
+                k,
+                "augmented",
+                segs,
+                lambda: self.clients.backtranslate(
+                    generator_pb2.BacktranslateRequest(
+                        context=self._ctx(k),
+                        model_uri=backward_model,
+                        segment_tasks=uri_source(segs["uri"]),
+                        sampling=self._sampling(b.max_new_tokens, self.config.seed + k),
+                        output_uri=self._uri(k, "augmented"),
+                    )
+                ),
+            ),
+        )
         to_rate = self._stage(k, "rating_pool", lambda: self._rating_pool(k, augmented))
-        curated = self._stage(k, "curate", lambda: self._unless_empty(k, "curated", to_rate, lambda: (
-            self.clients.curate_examples(generator_pb2.CurateExamplesRequest(
-                context=self._ctx(k), model_uri=model, tasks=uri_source(to_rate["uri"]),
-                sampling=self._sampling(b.curation_max_new_tokens, self.config.seed + k, temperature=0.0),
-                output_uri=self._uri(k, "curated"))))))
+        curated = self._stage(
+            k,
+            "curate",
+            lambda: self._unless_empty(
+                k,
+                "curated",
+                to_rate,
+                lambda: self.clients.curate_examples(
+                    generator_pb2.CurateExamplesRequest(
+                        context=self._ctx(k),
+                        model_uri=model,
+                        tasks=uri_source(to_rate["uri"]),
+                        sampling=self._sampling(b.curation_max_new_tokens, self.config.seed + k, temperature=0.0),
+                        output_uri=self._uri(k, "curated"),
+                    )
+                ),
+            ),
+        )
         threshold = b.curation_threshold_first_round if k == 1 else b.curation_threshold_later
 
         def filter_augmented() -> dict:
             if curated["count"] == 0:
-                return {"kept_uri": "", "kept_count": 0, "rejected_uri": "", "candidates": 0, "funnel": {},
-                        "curation_threshold": threshold, "scores": {}}
+                return {
+                    "kept_uri": "",
+                    "kept_count": 0,
+                    "rejected_uri": "",
+                    "candidates": 0,
+                    "funnel": {},
+                    "curation_threshold": threshold,
+                    "scores": {},
+                }
             f = self.config.filter
-            response = self.clients.filter_tasks(filter_pb2.FilterTasksRequest(
-                context=self._ctx(k), candidates=uri_source(curated["uri"]), rouge_l_threshold=1.0,
-                min_instruction_words=f.min_instruction_words, max_instruction_words=f.max_instruction_words,
-                decontaminate_against=uri_source(self.store.stage_output(self.run_id, 0, "split")["seed_heldout_uri"]),
-                decontamination_ngram=f.decontamination_ngram, near_duplicate_threshold=f.near_duplicate_threshold or -1,
-                min_curation_score=threshold, kept_uri=self._uri(k, "augmented_kept"),
-                rejected_uri=self._uri(k, "augmented_rejected")))
+            response = self.clients.filter_tasks(
+                filter_pb2.FilterTasksRequest(
+                    context=self._ctx(k),
+                    candidates=uri_source(curated["uri"]),
+                    rouge_l_threshold=1.0,
+                    min_instruction_words=f.min_instruction_words,
+                    max_instruction_words=f.max_instruction_words,
+                    decontaminate_against=uri_source(
+                        self.store.stage_output(self.run_id, 0, "split")["seed_heldout_uri"]
+                    ),
+                    decontamination_ngram=f.decontamination_ngram,
+                    near_duplicate_threshold=f.near_duplicate_threshold or -1,
+                    min_curation_score=threshold,
+                    kept_uri=self._uri(k, "augmented_kept"),
+                    rejected_uri=self._uri(k, "augmented_rejected"),
+                )
+            )
             scores = [t.lineage.scores.get("curation", 0.0) for t in self.store.read_tasks(curated["uri"])]
-            return {"kept_uri": response.kept_ref.uri, "kept_count": response.kept_count,
-                    "rejected_uri": response.rejected_ref.uri, "candidates": response.candidates,
-                    "funnel": {step.rule: step.removed for step in response.funnel}, "curation_threshold": threshold,
-                    "scores": {str(n): scores.count(float(n)) for n in range(6)}}
+            return {
+                "kept_uri": response.kept_ref.uri,
+                "kept_count": response.kept_count,
+                "rejected_uri": response.rejected_ref.uri,
+                "candidates": response.candidates,
+                "funnel": {step.rule: step.removed for step in response.funnel},
+                "curation_threshold": threshold,
+                "scores": {str(n): scores.count(float(n)) for n in range(6)},
+            }
 
         return self._stage(k, "filter_augmented", filter_augmented)
 
@@ -252,7 +399,9 @@ class LoopDriver:
 
     def _stage_tasks(self, k: int, stage: str, key: str) -> list[TaskRecord]:
         out = self.store.stage_output(self.run_id, k, stage)
-        return self.store.read_tasks(out[key]) if out and out.get(key) and out.get("count", out.get("kept_count")) else []
+        return (
+            self.store.read_tasks(out[key]) if out and out.get(key) and out.get("count", out.get("kept_count")) else []
+        )
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -284,35 +433,64 @@ class LoopDriver:
         train, heldout = split_by_task(seeds, s.heldout_fraction, s.split_seed)
         for path in self.config.evaluation.extra_sets:  # user evaluation sets: held out as whole tasks too
             heldout += [replace(t, id=f"{Path(path).stem}:{t.id}") for t in load_tasks(path)]
-        dev, test = split_by_task(heldout, self.config.evaluation.test_fraction, s.split_seed + 1) \
-            if self.config.evaluation.test_fraction else (heldout, [])
-        for name, tasks in (("seed_train", train), ("seed_heldout", heldout), ("seed_dev", dev), ("seed_test", test),
-                            ("seed_all", seeds)):
+        dev, test = (
+            split_by_task(heldout, self.config.evaluation.test_fraction, s.split_seed + 1)
+            if self.config.evaluation.test_fraction
+            else (heldout, [])
+        )
+        for name, tasks in (
+            ("seed_train", train),
+            ("seed_heldout", heldout),
+            ("seed_dev", dev),
+            ("seed_test", test),
+            ("seed_all", seeds),
+        ):
             self.store.write_tasks(self._uri(0, name), tasks)
-        return {"seed_train_uri": self._uri(0, "seed_train"), "seed_heldout_uri": self._uri(0, "seed_heldout"),
-                "seed_dev_uri": self._uri(0, "seed_dev"), "seed_test_uri": self._uri(0, "seed_test"),
-                "seed_all_uri": self._uri(0, "seed_all"), "train_tasks": len(train), "heldout_tasks": len(heldout),
-                "dev_tasks": len(dev), "test_tasks": len(test),
-                "dev_task_ids": sorted(t.id for t in dev), "test_task_ids": sorted(t.id for t in test)}
+        return {
+            "seed_train_uri": self._uri(0, "seed_train"),
+            "seed_heldout_uri": self._uri(0, "seed_heldout"),
+            "seed_dev_uri": self._uri(0, "seed_dev"),
+            "seed_test_uri": self._uri(0, "seed_test"),
+            "seed_all_uri": self._uri(0, "seed_all"),
+            "train_tasks": len(train),
+            "heldout_tasks": len(heldout),
+            "dev_tasks": len(dev),
+            "test_tasks": len(test),
+            "dev_task_ids": sorted(t.id for t in dev),
+            "test_task_ids": sorted(t.id for t in test),
+        }
 
     def _train_mix(self, k: int, split: dict, machine: list[TaskRecord], augmented: list[TaskRecord]) -> dict:
         human = self.store.read_tasks(split["seed_train_uri"])
         meta = []
         if self.config.training.meta_tasks:  # teach the Self-Instruct and rating formats themselves
-            meta = build_meta_tasks(human, machine, seed=self.config.seed + k,
-                                    examples_per_task=self.config.training.bootstrap_examples_per_task)
+            meta = build_meta_tasks(
+                human,
+                machine,
+                seed=self.config.seed + k,
+                examples_per_task=self.config.training.bootstrap_examples_per_task,
+            )
             if self.config.backtranslation.enabled:  # the forward model also rates pairs (self-curation)
                 meta += curation_meta_tasks(human, seed=self.config.seed + k)
         mix = human + machine + augmented + meta
         uri = self._uri(k, "train_mix")
         self.store.write_tasks(uri, mix)
-        return {"uri": uri, "count": len(mix), "seed": len(human), "machine": len(machine),
-                "augmented": len(augmented), "meta": len(meta)}
+        return {
+            "uri": uri,
+            "count": len(mix),
+            "seed": len(human),
+            "machine": len(machine),
+            "augmented": len(augmented),
+            "meta": len(meta),
+        }
 
     def _bootstrap(self, split: dict) -> dict:
         data = self._stage(0, "train_data", lambda: self._train_mix(0, split, [], []))
-        trained = self._stage(0, "train", lambda: self._train(0, self.config.model.base, data["uri"],
-                                                               self.config.training.bootstrap_epochs))
+        trained = self._stage(
+            0,
+            "train",
+            lambda: self._train(0, self.config.model.base, data["uri"], self.config.training.bootstrap_epochs),
+        )
         score = self._stage(0, "evaluate", lambda: self._evaluate(0, trained["model_uri"], split["seed_dev_uri"]))
         decision = self._stage(0, "promote", lambda: self._promote(0, score, None))
         self._write_report()
@@ -338,35 +516,81 @@ class LoopDriver:
             in_context, written, truncated = list(machine), [], 0
             for start in range(0, g.num_prompts, g.pool_refresh_prompts):
                 self.store.write_tasks(pool_uri, in_context)
-                response = self.clients.generate_instructions(generator_pb2.GenerateInstructionsRequest(
-                    context=self._ctx(k), model_uri=model, seed_tasks=uri_source(split["seed_train_uri"]),
-                    machine_tasks=uri_source(pool_uri), num_prompts=min(g.pool_refresh_prompts, g.num_prompts - start),
-                    num_human_in_context=g.num_human_in_context, num_machine_in_context=g.num_machine_in_context,
-                    sampling=self._sampling(g.max_new_tokens, self.config.seed + k, presence_penalty=g.presence_penalty),
-                    first_prompt_index=start))
+                response = self.clients.generate_instructions(
+                    generator_pb2.GenerateInstructionsRequest(
+                        context=self._ctx(k),
+                        model_uri=model,
+                        seed_tasks=uri_source(split["seed_train_uri"]),
+                        machine_tasks=uri_source(pool_uri),
+                        num_prompts=min(g.pool_refresh_prompts, g.num_prompts - start),
+                        num_human_in_context=g.num_human_in_context,
+                        num_machine_in_context=g.num_machine_in_context,
+                        sampling=self._sampling(
+                            g.max_new_tokens, self.config.seed + k, presence_penalty=g.presence_penalty
+                        ),
+                        first_prompt_index=start,
+                    )
+                )
                 new = [task_from_proto(t) for t in response.tasks]
                 written += new
                 truncated += response.completions_truncated
                 if new and start + g.pool_refresh_prompts < g.num_prompts:
                     in_context += self._novel_instructions(k, split, in_context, new)
             self.store.write_tasks(self._uri(k, "instructions"), written)
-            return {"uri": self._uri(k, "instructions"), "count": len(written), "prompts": g.num_prompts,
-                    "truncated": truncated, "model_uri": model, "in_context_pool": len(in_context)}
+            return {
+                "uri": self._uri(k, "instructions"),
+                "count": len(written),
+                "prompts": g.num_prompts,
+                "truncated": truncated,
+                "model_uri": model,
+                "in_context_pool": len(in_context),
+            }
 
         instructions = self._stage(k, "generate_instructions", generate)
         if instructions["count"] == 0:
             log.warning("round %d: the model wrote no parseable instructions; this round adds no data", k)
-        classified = self._stage(k, "classify", lambda: self._unless_empty(k, "classified", instructions, lambda: (
-            self.clients.classify_instructions(generator_pb2.ClassifyInstructionsRequest(
-                context=self._ctx(k), model_uri=model, tasks=uri_source(instructions["uri"]),
-                output_uri=self._uri(k, "classified"))))))
-        candidates = self._stage(k, "generate_instances", lambda: self._unless_empty(k, "candidates", classified, lambda: (
-            self.clients.generate_instances(generator_pb2.GenerateInstancesRequest(
-                context=self._ctx(k), model_uri=model, tasks=uri_source(classified["uri"]),
-                demonstrations=uri_source(split["seed_train_uri"]), num_demonstrations=g.num_demonstrations,
-                sampling=self._sampling(g.instance_max_new_tokens, self.config.seed + k, g.instance_temperature,
-                                        g.instance_presence_penalty),
-                output_uri=self._uri(k, "candidates"))))))
+        classified = self._stage(
+            k,
+            "classify",
+            lambda: self._unless_empty(
+                k,
+                "classified",
+                instructions,
+                lambda: self.clients.classify_instructions(
+                    generator_pb2.ClassifyInstructionsRequest(
+                        context=self._ctx(k),
+                        model_uri=model,
+                        tasks=uri_source(instructions["uri"]),
+                        output_uri=self._uri(k, "classified"),
+                    )
+                ),
+            ),
+        )
+        candidates = self._stage(
+            k,
+            "generate_instances",
+            lambda: self._unless_empty(
+                k,
+                "candidates",
+                classified,
+                lambda: self.clients.generate_instances(
+                    generator_pb2.GenerateInstancesRequest(
+                        context=self._ctx(k),
+                        model_uri=model,
+                        tasks=uri_source(classified["uri"]),
+                        demonstrations=uri_source(split["seed_train_uri"]),
+                        num_demonstrations=g.num_demonstrations,
+                        sampling=self._sampling(
+                            g.instance_max_new_tokens,
+                            self.config.seed + k,
+                            g.instance_temperature,
+                            g.instance_presence_penalty,
+                        ),
+                        output_uri=self._uri(k, "candidates"),
+                    )
+                ),
+            ),
+        )
         filtered = self._stage(k, "filter", lambda: self._filter(k, split, machine, candidates))
         augmented: list[TaskRecord] = []
         if backward_model is not None:
@@ -374,9 +598,16 @@ class LoopDriver:
             # rescoring: this round's ratings alone choose the augmented set; else every round's choice adds up
             rounds = [k] if self.config.backtranslation.rescore_all else range(1, k + 1)
             augmented = [t for j in rounds for t in self._stage_tasks(j, "filter_augmented", "kept_uri")]
-        data = self._stage(k, "train_data", lambda: self._train_mix(
-            k, split, machine + (self.store.read_tasks(filtered["kept_uri"]) if filtered["kept_count"] else []),
-            augmented))
+        data = self._stage(
+            k,
+            "train_data",
+            lambda: self._train_mix(
+                k,
+                split,
+                machine + (self.store.read_tasks(filtered["kept_uri"]) if filtered["kept_count"] else []),
+                augmented,
+            ),
+        )
         start_from = self.config.model.base if self.config.training.from_base else model
         trained = self._stage(k, "train", lambda: self._train(k, start_from, data["uri"], self.config.training.epochs))
         score = self._stage(k, "evaluate", lambda: self._evaluate(k, trained["model_uri"], split["seed_dev_uri"]))
@@ -386,15 +617,23 @@ class LoopDriver:
         self._write_report()
         return decision
 
-    def _novel_instructions(self, k: int, split: dict, pool: list[TaskRecord], new: list[TaskRecord]) -> list[TaskRecord]:
+    def _novel_instructions(
+        self, k: int, split: dict, pool: list[TaskRecord], new: list[TaskRecord]
+    ) -> list[TaskRecord]:
         """The new instructions that pass the instruction rules and ROUGE-L < threshold against seeds + pool."""
         f = self.config.filter
-        response = self.clients.filter_tasks(filter_pb2.FilterTasksRequest(
-            context=self._ctx(k), candidates=tasks_to_source(new),
-            pool=self._written(k, "refresh_pool", self.store.read_tasks(split["seed_all_uri"]) + pool),
-            instructions_only=True,
-            rouge_l_threshold=f.rouge_l_threshold, min_instruction_words=f.min_instruction_words,
-            max_instruction_words=f.max_instruction_words, reject_only_above_threshold=f.reject_only_above_threshold))
+        response = self.clients.filter_tasks(
+            filter_pb2.FilterTasksRequest(
+                context=self._ctx(k),
+                candidates=tasks_to_source(new),
+                pool=self._written(k, "refresh_pool", self.store.read_tasks(split["seed_all_uri"]) + pool),
+                instructions_only=True,
+                rouge_l_threshold=f.rouge_l_threshold,
+                min_instruction_words=f.min_instruction_words,
+                max_instruction_words=f.max_instruction_words,
+                reject_only_above_threshold=f.reject_only_above_threshold,
+            )
+        )
         return [task_from_proto(t) for t in response.kept]
 
     def _written(self, k: int, name: str, tasks: list[TaskRecord]) -> common_pb2.TaskSource:
@@ -412,23 +651,42 @@ class LoopDriver:
 
     def _filter(self, k: int, split: dict, machine: list[TaskRecord], candidates: dict) -> dict:
         if candidates["count"] == 0:
-            return {"kept_uri": "", "kept_count": 0, "rejected_uri": "", "candidates": 0, "funnel": {},
-                    "max_rouge_l": []}
+            return {
+                "kept_uri": "",
+                "kept_count": 0,
+                "rejected_uri": "",
+                "candidates": 0,
+                "funnel": {},
+                "max_rouge_l": [],
+            }
         pool_uri = self._uri(k, "filter_pool")
         self.store.write_tasks(pool_uri, self.store.read_tasks(split["seed_all_uri"]) + machine)
         f = self.config.filter
-        response = self.clients.filter_tasks(filter_pb2.FilterTasksRequest(
-            context=self._ctx(k), candidates=uri_source(candidates["uri"]), pool=uri_source(pool_uri),
-            rouge_l_threshold=f.rouge_l_threshold, min_instruction_words=f.min_instruction_words,
-            max_instruction_words=f.max_instruction_words, kept_uri=self._uri(k, "kept"),
-            decontaminate_against=uri_source(split["seed_heldout_uri"]),
-            decontamination_ngram=f.decontamination_ngram, near_duplicate_threshold=f.near_duplicate_threshold or -1,
-            min_curation_score=f.min_curation_score, reject_only_above_threshold=f.reject_only_above_threshold,
-            rejected_uri=self._uri(k, "rejected")))
-        return {"kept_uri": response.kept_ref.uri, "kept_count": response.kept_count,
-                "rejected_uri": response.rejected_ref.uri, "candidates": response.candidates,
-                "funnel": {step.rule: step.removed for step in response.funnel},
-                "max_rouge_l": [v.max_rouge_l for v in response.verdicts]}
+        response = self.clients.filter_tasks(
+            filter_pb2.FilterTasksRequest(
+                context=self._ctx(k),
+                candidates=uri_source(candidates["uri"]),
+                pool=uri_source(pool_uri),
+                rouge_l_threshold=f.rouge_l_threshold,
+                min_instruction_words=f.min_instruction_words,
+                max_instruction_words=f.max_instruction_words,
+                kept_uri=self._uri(k, "kept"),
+                decontaminate_against=uri_source(split["seed_heldout_uri"]),
+                decontamination_ngram=f.decontamination_ngram,
+                near_duplicate_threshold=f.near_duplicate_threshold or -1,
+                min_curation_score=f.min_curation_score,
+                reject_only_above_threshold=f.reject_only_above_threshold,
+                rejected_uri=self._uri(k, "rejected"),
+            )
+        )
+        return {
+            "kept_uri": response.kept_ref.uri,
+            "kept_count": response.kept_count,
+            "rejected_uri": response.rejected_ref.uri,
+            "candidates": response.candidates,
+            "funnel": {step.rule: step.removed for step in response.funnel},
+            "max_rouge_l": [v.max_rouge_l for v in response.verdicts],
+        }
 
 
 def summarize(manifest: dict) -> list[dict]:
@@ -437,27 +695,32 @@ def summarize(manifest: dict) -> list[dict]:
     for key in sorted(manifest.get("rounds", {}), key=int):
         stages = manifest["rounds"][key]["stages"]
         gen, filt = stages.get("generate_instructions", {}), stages.get("filter", {})
-        rows.append({
-            "round": int(key),
-            "instructions": gen.get("count"),
-            "with_instances": stages.get("generate_instances", {}).get("count"),
-            "kept": filt.get("kept_count"),
-            "funnel": filt.get("funnel"),
-            "augmented_kept": stages.get("filter_augmented", {}).get("kept_count"),
-            "train_examples": stages.get("train_data", {}).get("count"),
-            "final_loss": stages.get("train", {}).get("final_loss"),
-            "rouge_l": stages.get("evaluate", {}).get("rouge_l"),
-            "score": stages.get("evaluate", {}).get("score"),
-            "promoted": stages.get("promote", {}).get("promoted"),
-        })
+        rows.append(
+            {
+                "round": int(key),
+                "instructions": gen.get("count"),
+                "with_instances": stages.get("generate_instances", {}).get("count"),
+                "kept": filt.get("kept_count"),
+                "funnel": filt.get("funnel"),
+                "augmented_kept": stages.get("filter_augmented", {}).get("kept_count"),
+                "train_examples": stages.get("train_data", {}).get("count"),
+                "final_loss": stages.get("train", {}).get("final_loss"),
+                "rouge_l": stages.get("evaluate", {}).get("rouge_l"),
+                "score": stages.get("evaluate", {}).get("score"),
+                "promoted": stages.get("promote", {}).get("promoted"),
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: every built-in default)")
-    parser.add_argument("--settings-b64", default=None, help="the settings every Serve app got (base64 JSON, as "
-                        "the Helm chart passes them); instead of --config")
+    parser.add_argument(
+        "--settings-b64",
+        default=None,
+        help="the settings every Serve app got (base64 JSON, as the Helm chart passes them); instead of --config",
+    )
     parser.add_argument("--run-id", default="demo")
     parser.add_argument("--rounds", type=int, default=None, help="override loop.rounds")
     parser.add_argument("--store-root", default=None, help="override store.root")

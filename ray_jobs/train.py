@@ -35,15 +35,23 @@ def run(spec: dict) -> int:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "store_root": spec["store_root"], "dataset_uri": spec["dataset_uri"], "base_model": spec["base_model"],
-                "output_dir": staging, "progress_path": spec["progress_path"], "cancel_path": spec["cancel_path"],
-                "trust_remote_code": spec["trust_remote_code"], "builtin_cache_dir": spec["builtin_cache_dir"],
-                "prompt_format": spec["prompt_format"], **params,
+                "store_root": spec["store_root"],
+                "dataset_uri": spec["dataset_uri"],
+                "base_model": spec["base_model"],
+                "output_dir": staging,
+                "progress_path": spec["progress_path"],
+                "cancel_path": spec["cancel_path"],
+                "trust_remote_code": spec["trust_remote_code"],
+                "builtin_cache_dir": spec["builtin_cache_dir"],
+                "prompt_format": spec["prompt_format"],
+                **params,
             },
             scaling_config=ScalingConfig(num_workers=params["num_workers"], use_gpu=params["use_gpu"]),
-            run_config=RunConfig(name=f"{spec['job_id']}-{uuid.uuid4().hex[:6]}",
-                                 storage_path=store.uri(spec["run_id"], "ray_train"),
-                                 failure_config=FailureConfig(max_failures=params["max_failures"])),
+            run_config=RunConfig(
+                name=f"{spec['job_id']}-{uuid.uuid4().hex[:6]}",
+                storage_path=store.uri(spec["run_id"], "ray_train"),
+                failure_config=FailureConfig(max_failures=params["max_failures"]),
+            ),
         )
         trainer.fit()
         store.commit_directory(staging, spec["model_uri"])

@@ -26,7 +26,7 @@ def _load(config: Path | None, store_root: str | None = None, rounds: int | None
         cfg = load_config(config)
     except ConfigError as exc:
         console.print(f"[red]config error[/red]\n{exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if store_root:
         cfg.store.root = store_root
     if rounds is not None:
@@ -68,8 +68,12 @@ class RichReporter(Reporter):
     def training(self, round_index: int, step: int, total: int, loss: float) -> None:
         if self.training_task is None:
             self.training_task = self.progress.add_task(f"  training model {round_index}", total=total or None)
-        self.progress.update(self.training_task, completed=step, total=total or None,
-                             description=f"  training model {round_index} (loss {loss:.3f})")
+        self.progress.update(
+            self.training_task,
+            completed=step,
+            total=total or None,
+            description=f"  training model {round_index} (loss {loss:.3f})",
+        )
 
 
 class PlainReporter(Reporter):
@@ -89,9 +93,14 @@ class PlainReporter(Reporter):
 
     def stage_done(self, round_index: int, stage: str, output: dict) -> None:
         self.done += 1
-        counts = ", ".join(f"{k}={v}" for k, v in output.items()
-                           if k == "promoted" or (isinstance(v, (int, float)) and not isinstance(v, bool)))
-        self._line(f"round {round_index}: {stage} done ({self.done}/{self.total} stages){': ' + counts if counts else ''}")
+        counts = ", ".join(
+            f"{k}={v}"
+            for k, v in output.items()
+            if k == "promoted" or (isinstance(v, (int, float)) and not isinstance(v, bool))
+        )
+        self._line(
+            f"round {round_index}: {stage} done ({self.done}/{self.total} stages){': ' + counts if counts else ''}"
+        )
 
     def training(self, round_index: int, step: int, total: int, loss: float) -> None:
         # a line every 10% of the steps (or every step of a short run), not every poll
@@ -109,15 +118,40 @@ class PlainReporter(Reporter):
 
 
 def _summary_rows(manifest: dict) -> tuple[list[str], list[list[str]]]:
-    columns = ["round", "instr.", "w/ inst.", "kept", "removed (rule=n)", "backtr. kept", "train ex.", "loss",
-               "score", "ROUGE-L", "promoted"]
+    columns = [
+        "round",
+        "instr.",
+        "w/ inst.",
+        "kept",
+        "removed (rule=n)",
+        "backtr. kept",
+        "train ex.",
+        "loss",
+        "score",
+        "ROUGE-L",
+        "promoted",
+    ]
     rows = []
     for row in summarize(manifest):
-        funnel = ", ".join(f"{k}={v}" for k, v in (row["funnel"] or {}).items()) or ("-" if row["round"] == 0 else "none")
+        funnel = ", ".join(f"{k}={v}" for k, v in (row["funnel"] or {}).items()) or (
+            "-" if row["round"] == 0 else "none"
+        )
         fmt = lambda v, f="{}": "-" if v is None else f.format(v)  # noqa: E731
-        rows.append([str(row["round"]), fmt(row["instructions"]), fmt(row["with_instances"]), fmt(row["kept"]),
-                     funnel, fmt(row["augmented_kept"]), fmt(row["train_examples"]), fmt(row["final_loss"], "{:.3f}"),
-                     fmt(row["score"], "{:.4f}"), fmt(row["rouge_l"], "{:.4f}"), fmt(row["promoted"])])
+        rows.append(
+            [
+                str(row["round"]),
+                fmt(row["instructions"]),
+                fmt(row["with_instances"]),
+                fmt(row["kept"]),
+                funnel,
+                fmt(row["augmented_kept"]),
+                fmt(row["train_examples"]),
+                fmt(row["final_loss"], "{:.3f}"),
+                fmt(row["score"], "{:.4f}"),
+                fmt(row["rouge_l"], "{:.4f}"),
+                fmt(row["promoted"]),
+            ]
+        )
     return columns, rows
 
 
@@ -143,8 +177,10 @@ def _user_error(exc: BaseException) -> str | None:
 
     from .common.models import ModelUnavailable
 
-    if isinstance(exc, grpc.RpcError) and exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                                                        grpc.StatusCode.FAILED_PRECONDITION):
+    if isinstance(exc, grpc.RpcError) and exc.code() in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ):
         return exc.details()
     if isinstance(exc, (ModelUnavailable, ConfigError)):
         return str(exc)
@@ -174,14 +210,24 @@ def run(
     with console.status("starting Ray and deploying generator, filter, trainer, evaluator ..."):
         started_ray = connect_ray()
         deploy_apps(cfg)
-    console.print(f"[green]apps up[/green]: gRPC {cfg.serve.host}:{cfg.serve.grpc_port} "
-                  f"(reflection on; metadata application=generator|filter|trainer|evaluator)")
+    console.print(
+        f"[green]apps up[/green]: gRPC {cfg.serve.host}:{cfg.serve.grpc_port} "
+        f"(reflection on; metadata application=generator|filter|trainer|evaluator)"
+    )
     if cfg.backtranslation.enabled and cfg.backtranslation.corpus == "stdlib-docstrings":
-        console.print("backtranslation corpus: the Python standard library's docstrings (the offline default; "
-                      "set backtranslation.corpus to your own text)")
+        console.print(
+            "backtranslation corpus: the Python standard library's docstrings (the offline default; "
+            "set backtranslation.corpus to your own text)"
+        )
     clients = ServiceClients(f"{cfg.serve.host}:{cfg.serve.grpc_port}", cfg.serve.request_timeout_s)
     total = stage_count(cfg)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     try:
         if console.is_terminal:
             with Progress(*columns, console=console) as progress:
@@ -195,14 +241,16 @@ def run(
         if message is None:
             raise
         console.print(f"[red]error:[/red] {message}", soft_wrap=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     finally:
         clients.close()
         if started_ray:
             serve.shutdown()
     _print_summary(manifest)
-    console.print(f"run store: [bold]{RunStore(cfg.store.root).uri(run_id)}[/bold] "
-                  f"(manifest.json lists every dataset and checkpoint); {time.time() - started:.0f}s")
+    console.print(
+        f"run store: [bold]{RunStore(cfg.store.root).uri(run_id)}[/bold] "
+        f"(manifest.json lists every dataset and checkpoint); {time.time() - started:.0f}s"
+    )
     if reporter.report_uri:
         console.print(f"report: [bold]{reporter.report_uri}[/bold]")
 
@@ -219,8 +267,10 @@ def serve_command(config: Path | None = typer.Option(Path("configs/local.yaml"),
     started_ray = connect_ray()
     try:
         deploy_apps(cfg)
-        console.print(f"[green]serving[/green] gRPC on {cfg.serve.host}:{cfg.serve.grpc_port} "
-                      f"(apps: {', '.join(APP_NAMES)}); Ctrl-C to stop")
+        console.print(
+            f"[green]serving[/green] gRPC on {cfg.serve.host}:{cfg.serve.grpc_port} "
+            f"(apps: {', '.join(APP_NAMES)}); Ctrl-C to stop"
+        )
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
         stop.wait()
@@ -255,11 +305,12 @@ def filter_command(
     try:
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("filter", total=None)
-            result = filter_file(input_path, output, pool, settings, rejected,
-                                 on_progress=lambda: progress.advance(task))
+            result = filter_file(
+                input_path, output, pool, settings, rejected, on_progress=lambda: progress.advance(task)
+            )
     except DataFormatError as exc:
         console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     console.print(f"kept {len(result.kept)} of {len(result.verdicts)} -> {output}")
     for rule, count in sorted(result.funnel.items(), key=lambda kv: -kv[1]):
         console.print(f"  removed by {rule}: {count}")
@@ -280,7 +331,7 @@ def report(
     store = RunStore(cfg.store.root)
     if not store.load_manifest(run_id)["rounds"]:
         console.print(f"[red]no run {run_id!r} in {store.uri()}[/red]")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     if output:
         output.write_text(build_report(store, run_id))
         console.print(f"wrote {output}")

@@ -39,8 +39,10 @@ class ServiceClients:
         self.retries = retries
         token = token if token is not None else os.environ.get(API_TOKEN_ENV, "")
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
         self.channel = grpc.insecure_channel(target, options=options)
         self._generator = generator_pb2_grpc.GeneratorStub(self.channel)
         self._filter = filter_pb2_grpc.FilterStub(self.channel)
@@ -90,14 +92,17 @@ class ServiceClients:
         return self._call("trainer", self._trainer.StartTraining, request, 60)
 
     def training_status(self, job_id: str):
-        return self._call("trainer", self._trainer.GetTrainingStatus,
-                          trainer_pb2.GetTrainingStatusRequest(job_id=job_id), 30)
+        return self._call(
+            "trainer", self._trainer.GetTrainingStatus, trainer_pb2.GetTrainingStatusRequest(job_id=job_id), 30
+        )
 
     def stream_training(self, job_id: str):
         return self._call("trainer", self._trainer.StreamTraining, trainer_pb2.GetTrainingStatusRequest(job_id=job_id))
 
     def cancel_training(self, job_id: str):
-        return self._call("trainer", self._trainer.CancelTraining, trainer_pb2.GetTrainingStatusRequest(job_id=job_id), 30)
+        return self._call(
+            "trainer", self._trainer.CancelTraining, trainer_pb2.GetTrainingStatusRequest(job_id=job_id), 30
+        )
 
     def wait_for_training(self, request, poll_s: float = 2.0, on_progress=None):
         """Starts (or re-attaches to) a training job and polls until it ends."""

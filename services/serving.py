@@ -70,17 +70,24 @@ def deploy_apps(config, *, wait_s: float = 600.0) -> None:
     _refuse_open_without_token(config.serve.host)
     serve.start(
         http_options=HTTPOptions(host=config.serve.host, port=config.serve.http_port),
-        grpc_options=gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS,
-                                 enable_reflection=True),
+        grpc_options=gRPCOptions(
+            port=config.serve.grpc_port, grpc_servicer_functions=SERVICER_FUNCTIONS, enable_reflection=True
+        ),
     )
     args = {"settings": config.model_dump()}
     config_from_app_args(args)  # fail here, not inside a replica, if the config is wrong
-    builders = {"generator": build_generator, "filter": build_filter, "trainer": build_trainer,
-                "evaluator": build_evaluator}
+    builders = {
+        "generator": build_generator,
+        "filter": build_filter,
+        "trainer": build_trainer,
+        "evaluator": build_evaluator,
+    }
     from ray.serve.api import RunTarget
 
-    serve.run_many([RunTarget(builders[name](args), name=name, route_prefix=f"/{name}") for name in APP_NAMES],
-                   wait_for_applications_running=False)
+    serve.run_many(
+        [RunTarget(builders[name](args), name=name, route_prefix=f"/{name}") for name in APP_NAMES],
+        wait_for_applications_running=False,
+    )
     wait_until_running(wait_s)
 
 
@@ -95,8 +102,10 @@ def _refuse_open_without_token(host: str) -> None:
     except ValueError:
         loopback = False
     if not loopback and not os.environ.get(API_TOKEN_ENV):
-        raise RuntimeError(f"serve.host is {host}, reachable from other machines, and {API_TOKEN_ENV} is not set: "
-                           f"set a token (clients send 'authorization: Bearer <token>') or serve on 127.0.0.1")
+        raise RuntimeError(
+            f"serve.host is {host}, reachable from other machines, and {API_TOKEN_ENV} is not set: "
+            f"set a token (clients send 'authorization: Bearer <token>') or serve on 127.0.0.1"
+        )
 
 
 def wait_until_running(wait_s: float) -> None:

@@ -42,8 +42,10 @@ def secured(tmp_path_factory, builtin_cache):
 
         wait_for_previous_cluster()  # a killed cluster's agent may still hold its port
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        serve.start(http_options=HTTPOptions(port=8400), grpc_options=gRPCOptions(
-            port=9400, grpc_servicer_functions=SERVICER_FUNCTIONS))
+        serve.start(
+            http_options=HTTPOptions(port=8400),
+            grpc_options=gRPCOptions(port=9400, grpc_servicer_functions=SERVICER_FUNCTIONS),
+        )
         args = {"settings": config.model_dump()}
         serve.run(build_filter(args), name="filter", route_prefix="/filter")
         serve.run(build_generator(args), name="generator", route_prefix="/generator")
@@ -57,8 +59,9 @@ def secured(tmp_path_factory, builtin_cache):
 def _request(n: int = 3):
     from services.api import common_pb2
 
-    return filter_pb2.FilterTasksRequest(context=common_pb2.RunContext(run_id="auth", round=1),
-                                         candidates=tasks_to_source(load_seed_tasks()[:n]))
+    return filter_pb2.FilterTasksRequest(
+        context=common_pb2.RunContext(run_id="auth", round=1), candidates=tasks_to_source(load_seed_tasks()[:n])
+    )
 
 
 def test_grpc_calls_need_the_token(secured):
@@ -103,9 +106,13 @@ def test_overload_is_refused_quickly(secured):
 
     clients = ServiceClients("127.0.0.1:9400", 120, token=TOKEN, retries=0)
     request = generator_pb2.GenerateInstructionsRequest(
-        context=common_pb2.RunContext(run_id="overload", round=1), model_uri="builtin:tiny-llama",
-        seed_tasks=tasks_to_source(load_seed_tasks()[:20]), num_prompts=16, num_human_in_context=6,
-        sampling=common_pb2.Sampling(temperature=1.0, top_p=1.0, max_new_tokens=256, seed=1))
+        context=common_pb2.RunContext(run_id="overload", round=1),
+        model_uri="builtin:tiny-llama",
+        seed_tasks=tasks_to_source(load_seed_tasks()[:20]),
+        num_prompts=16,
+        num_human_in_context=6,
+        sampling=common_pb2.Sampling(temperature=1.0, top_p=1.0, max_new_tokens=256, seed=1),
+    )
     outcomes, lock = [], threading.Lock()
 
     def call():

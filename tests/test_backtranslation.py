@@ -11,15 +11,18 @@ from services.generator.engines.base import Completion, SamplingParams
 from services.generator.service import GeneratorService, RunContext
 
 
-@pytest.mark.parametrize("text, score", [
-    ("It answers fully.\nScore: 5", 5),
-    ("score: 3", 3),
-    ("**Score:** 4", 4),
-    ("Score: 2 ... wait, Score: 4", 4),
-    ("Score: 7", 0),
-    ("I would give it four.", 0),
-    ("", 0),
-])
+@pytest.mark.parametrize(
+    "text, score",
+    [
+        ("It answers fully.\nScore: 5", 5),
+        ("score: 3", 3),
+        ("**Score:** 4", 4),
+        ("Score: 2 ... wait, Score: 4", 4),
+        ("Score: 7", 0),
+        ("I would give it four.", 0),
+        ("", 0),
+    ],
+)
 def test_rating_parser(text, score):
     assert bt.parse_rating(text) == score
 
@@ -40,10 +43,13 @@ def test_backward_pairs_and_prompts():
     assert tasks[0].instances[0].output == f" {seeds[0].instruction}\n\n{seeds[0].instances[0].input}"
     assert seeds[0].instances[0].input
     assert bt.parse_backward(" Summarize the text.\nmore") == "Summarize the text. more"
-    assert bt.parse_backward("Classify the review.\n\nReview: It broke.\n\nextra") == \
-        "Classify the review.\n\nReview: It broke."
-    assert "5-point scale" in bt.build_rating_prompt("Say hi.", "", "Hi!") and "Score: <rating>" in \
-        bt.build_rating_prompt("Say hi.", "", "Hi!")
+    assert (
+        bt.parse_backward("Classify the review.\n\nReview: It broke.\n\nextra")
+        == "Classify the review.\n\nReview: It broke."
+    )
+    assert "5-point scale" in bt.build_rating_prompt(
+        "Say hi.", "", "Hi!"
+    ) and "Score: <rating>" in bt.build_rating_prompt("Say hi.", "", "Hi!")
     meta = bt.curation_meta_tasks(load_seed_tasks()[:5], seed=0)
     assert [bt.parse_rating(t.instances[0].output) for t in meta[:2]][0] == 5
     assert bt.parse_rating(meta[1].instances[0].output) in (1, 2)
@@ -71,23 +77,33 @@ class EchoEngine:
 
 
 def test_backtranslate_and_curate_service():
-    service = GeneratorService(EchoEngine(lambda p: " Explain the function.\n" if "Below is a response" in p else "ok\nScore: 4"))
+    service = GeneratorService(
+        EchoEngine(lambda p: " Explain the function.\n" if "Below is a response" in p else "ok\nScore: 4")
+    )
     ctx = RunContext("run", 2)
-    augmented = service.backtranslate(ctx, "backward", ["Return the sum of a and b.", "Open a file."],
-                                      SamplingParams())
+    augmented = service.backtranslate(ctx, "backward", ["Return the sum of a and b.", "Open a file."], SamplingParams())
     assert [t.instruction for t in augmented] == ["Explain the function.", "Explain the function."]
     assert augmented[0].instances[0].output == "Return the sum of a and b."
     assert (augmented[0].lineage.stage, augmented[0].lineage.round, augmented[0].lineage.model) == (
-        "backtranslate", 2, "backward")
+        "backtranslate",
+        2,
+        "backward",
+    )
     curated = service.curate(ctx, "forward", augmented, SamplingParams(temperature=0.0, max_new_tokens=48))
     assert [t.lineage.scores["curation"] for t in curated] == [4.0, 4.0]
-    unreadable = GeneratorService(EchoEngine(lambda p: "no idea")).curate(ctx, "forward", augmented, SamplingParams(temperature=0.0, max_new_tokens=48))
+    unreadable = GeneratorService(EchoEngine(lambda p: "no idea")).curate(
+        ctx, "forward", augmented, SamplingParams(temperature=0.0, max_new_tokens=48)
+    )
     assert unreadable[0].lineage.scores["curation"] == 0.0
 
 
 def test_augmented_data_is_tagged_in_training_prompts():
-    task = TaskRecord(id="a", instruction="Explain the function.", instances=[Instance("", "It adds.")],
-                      lineage=Lineage(stage="backtranslate"))
+    task = TaskRecord(
+        id="a",
+        instruction="Explain the function.",
+        instances=[Instance("", "It adds.")],
+        lineage=Lineage(stage="backtranslate"),
+    )
     seed = TaskRecord(id="s", instruction="Explain the function.", instances=[Instance("", "It adds.")])
     tagged = Renderer(augmented_tag="[augmented]").render(task, task.instances[0])
     assert tagged.prompt.startswith("[augmented]\n") and tagged.response == " It adds."

@@ -60,11 +60,19 @@ def test_plain_output_when_stdout_is_no_terminal(capsys):
         reporter.training(1, step, 20, 1.5)
     assert lines[0].endswith("round 1: filter ...")
     assert "filter done (1/3 stages): kept_count=7" in lines[1] and "kept_uri" not in lines[1]
-    assert [line.split("training step ")[1].split(",")[0] for line in lines[2:]] == [
-        f"{s}/20" for s in range(0, 21, 2)]
-    manifest = {"run_id": "r", "rounds": {"1": {"stages": {
-        "generate_instructions": {"count": 64}, "filter": {"kept_count": 15, "funnel": {
-            "rouge_l_too_similar": 26, "no_valid_instances": 8}}, "promote": {"promoted": False}}}}}
+    assert [line.split("training step ")[1].split(",")[0] for line in lines[2:]] == [f"{s}/20" for s in range(0, 21, 2)]
+    manifest = {
+        "run_id": "r",
+        "rounds": {
+            "1": {
+                "stages": {
+                    "generate_instructions": {"count": 64},
+                    "filter": {"kept_count": 15, "funnel": {"rouge_l_too_similar": 26, "no_valid_instances": 8}},
+                    "promote": {"promoted": False},
+                }
+            }
+        },
+    }
     _print_summary(manifest)
     out = capsys.readouterr().out
     assert "rouge_l_too_similar=26, no_valid_instances=8" in out and "…" not in out

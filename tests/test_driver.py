@@ -98,16 +98,27 @@ class InProcessClients:
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, "config.json"), "w") as handle:
             json.dump({"stub": True}, handle)
-        return trainer_pb2.TrainingStatus(job_id=f"fake-{len(self.trainings)}", state=trainer_pb2.TrainingStatus.SUCCEEDED,
-                                          model_uri=request.output_model_uri, step=1, total_steps=1, loss=1.0,
-                                          losses=[1.0], train_examples=1)
+        return trainer_pb2.TrainingStatus(
+            job_id=f"fake-{len(self.trainings)}",
+            state=trainer_pb2.TrainingStatus.SUCCEEDED,
+            model_uri=request.output_model_uri,
+            step=1,
+            total_steps=1,
+            loss=1.0,
+            losses=[1.0],
+            train_examples=1,
+        )
 
 
 def _settings(root: str, **training) -> dict:
-    return {"model": {"base": "scripted-base"}, "store": {"root": root},
-            "generation": {"num_prompts": 4, "pool_refresh_prompts": 2},
-            "training": training, "backtranslation": {"segments_per_round": 3},
-            "loop": {"rounds": 2}}
+    return {
+        "model": {"base": "scripted-base"},
+        "store": {"root": root},
+        "generation": {"num_prompts": 4, "pool_refresh_prompts": 2},
+        "training": training,
+        "backtranslation": {"segments_per_round": 3},
+        "loop": {"rounds": 2},
+    }
 
 
 @pytest.fixture

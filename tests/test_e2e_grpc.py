@@ -50,10 +50,19 @@ def test_reflection_lists_all_services(deployed):
     config, _ = deployed
     channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
     services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
-    assert {"reinstruct.v1.Generator", "reinstruct.v1.Filter", "reinstruct.v1.Trainer",
-            "reinstruct.v1.Evaluator"} <= services
-    methods = {m.name for m in ProtoReflectionDescriptorDatabase(channel).FindFileContainingSymbol(
-        "reinstruct.v1.Filter").service[0].method}
+    assert {
+        "reinstruct.v1.Generator",
+        "reinstruct.v1.Filter",
+        "reinstruct.v1.Trainer",
+        "reinstruct.v1.Evaluator",
+    } <= services
+    methods = {
+        m.name
+        for m in ProtoReflectionDescriptorDatabase(channel)
+        .FindFileContainingSymbol("reinstruct.v1.Filter")
+        .service[0]
+        .method
+    }
     assert methods == {"FilterTasks"}
     channel.close()
 
@@ -61,70 +70,146 @@ def test_reflection_lists_all_services(deployed):
 def test_every_method_answers(deployed):
     config, clients = deployed
     seeds = load_seed_tasks()[:12]
-    generated = clients.generate_instructions(generator_pb2.GenerateInstructionsRequest(
-        context=CTX, model_uri="builtin:tiny-llama", seed_tasks=tasks_to_source(seeds), num_prompts=2,
-        num_human_in_context=6, num_machine_in_context=2, sampling=SAMPLING))
+    generated = clients.generate_instructions(
+        generator_pb2.GenerateInstructionsRequest(
+            context=CTX,
+            model_uri="builtin:tiny-llama",
+            seed_tasks=tasks_to_source(seeds),
+            num_prompts=2,
+            num_human_in_context=6,
+            num_machine_in_context=2,
+            sampling=SAMPLING,
+        )
+    )
     assert generated.prompts == 2
-    classified = clients.classify_instructions(generator_pb2.ClassifyInstructionsRequest(
-        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:3])))
+    classified = clients.classify_instructions(
+        generator_pb2.ClassifyInstructionsRequest(
+            context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:3])
+        )
+    )
     assert [t.id for t in classified.tasks] == [t.id for t in seeds[:3]]
     assert all("is_classification" in t.lineage.scores for t in classified.tasks)
-    instances = clients.generate_instances(generator_pb2.GenerateInstancesRequest(
-        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:2]),
-        demonstrations=tasks_to_source(seeds), num_demonstrations=2, sampling=SAMPLING))
+    instances = clients.generate_instances(
+        generator_pb2.GenerateInstancesRequest(
+            context=CTX,
+            model_uri="builtin:tiny-llama",
+            tasks=tasks_to_source(seeds[:2]),
+            demonstrations=tasks_to_source(seeds),
+            num_demonstrations=2,
+            sampling=SAMPLING,
+        )
+    )
     assert len(instances.tasks) <= 2
     progress = []
-    streamed = clients.stream_instances(generator_pb2.GenerateInstancesRequest(
-        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:3]),
-        demonstrations=tasks_to_source(seeds), num_demonstrations=1, sampling=SAMPLING),
-        on_progress=lambda done, total: progress.append((done, total)))
+    streamed = clients.stream_instances(
+        generator_pb2.GenerateInstancesRequest(
+            context=CTX,
+            model_uri="builtin:tiny-llama",
+            tasks=tasks_to_source(seeds[:3]),
+            demonstrations=tasks_to_source(seeds),
+            num_demonstrations=1,
+            sampling=SAMPLING,
+        ),
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
     assert progress[-1] == (3, 3) and len(streamed.tasks) <= 3
-    clf_only = clients.generate_instructions(generator_pb2.GenerateInstructionsRequest(
-        context=CTX, model_uri="builtin:tiny-llama", seed_tasks=tasks_to_source(load_seed_tasks()), num_prompts=1,
-        num_human_in_context=6, num_machine_in_context=2, sampling=SAMPLING, classification_only=True))
+    clf_only = clients.generate_instructions(
+        generator_pb2.GenerateInstructionsRequest(
+            context=CTX,
+            model_uri="builtin:tiny-llama",
+            seed_tasks=tasks_to_source(load_seed_tasks()),
+            num_prompts=1,
+            num_human_in_context=6,
+            num_machine_in_context=2,
+            sampling=SAMPLING,
+            classification_only=True,
+        )
+    )
     assert clf_only.prompts == 1
-    augmented = clients.backtranslate(generator_pb2.BacktranslateRequest(
-        context=CTX, model_uri="builtin:tiny-llama", segments=["Return the sum of two numbers.", "Sort a list."],
-        sampling=SAMPLING))
+    augmented = clients.backtranslate(
+        generator_pb2.BacktranslateRequest(
+            context=CTX,
+            model_uri="builtin:tiny-llama",
+            segments=["Return the sum of two numbers.", "Sort a list."],
+            sampling=SAMPLING,
+        )
+    )
     assert all(t.lineage.stage == "backtranslate" and t.instances[0].output for t in augmented.tasks)
-    curated = clients.curate_examples(generator_pb2.CurateExamplesRequest(
-        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:2]), sampling=SAMPLING))
+    curated = clients.curate_examples(
+        generator_pb2.CurateExamplesRequest(
+            context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds[:2]), sampling=SAMPLING
+        )
+    )
     assert [t.id for t in curated.tasks] == [t.id for t in seeds[:2]]
     assert all(0 <= t.lineage.scores["curation"] <= 5 for t in curated.tasks)
-    filtered = clients.filter_tasks(filter_pb2.FilterTasksRequest(
-        context=CTX, candidates=tasks_to_source(seeds[:4]), pool=tasks_to_source(seeds[2:6])))
+    filtered = clients.filter_tasks(
+        filter_pb2.FilterTasksRequest(
+            context=CTX, candidates=tasks_to_source(seeds[:4]), pool=tasks_to_source(seeds[2:6])
+        )
+    )
     assert [v.kept for v in filtered.verdicts] == [True, True, False, False]
     assert {s.rule: s.removed for s in filtered.funnel} == {"rouge_l_too_similar": 2}
 
     store = RunStore(config.store.root)
-    status = clients.wait_for_training(trainer_pb2.StartTrainingRequest(
-        context=CTX, base_model_uri="builtin:tiny-llama", train_tasks=tasks_to_source(seeds),
-        output_model_uri=store.model_uri("e2e", 1), params=trainer_pb2.TrainingParams(epochs=1, batch_size=4)),
-        poll_s=0.5)
+    status = clients.wait_for_training(
+        trainer_pb2.StartTrainingRequest(
+            context=CTX,
+            base_model_uri="builtin:tiny-llama",
+            train_tasks=tasks_to_source(seeds),
+            output_model_uri=store.model_uri("e2e", 1),
+            params=trainer_pb2.TrainingParams(epochs=1, batch_size=4),
+        ),
+        poll_s=0.5,
+    )
     assert status.state == trainer_pb2.TrainingStatus.SUCCEEDED and status.losses
-    again = clients.start_training(trainer_pb2.StartTrainingRequest(  # idempotent: same job, nothing retrained
-        context=CTX, base_model_uri="builtin:tiny-llama", train_tasks=tasks_to_source(seeds),
-        output_model_uri=store.model_uri("e2e", 1)))
+    again = clients.start_training(
+        trainer_pb2.StartTrainingRequest(  # idempotent: same job, nothing retrained
+            context=CTX,
+            base_model_uri="builtin:tiny-llama",
+            train_tasks=tasks_to_source(seeds),
+            output_model_uri=store.model_uri("e2e", 1),
+        )
+    )
     assert again.job_id == status.job_id and again.state == trainer_pb2.TrainingStatus.SUCCEEDED
 
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(status.model_uri, use_safetensors=True)
     assert reloaded.config.model_type == "llama"
-    scored = clients.evaluate_model(evaluator_pb2.EvaluateModelRequest(
-        context=CTX, model_uri=status.model_uri, eval_tasks=tasks_to_source(seeds[:3]),
-        max_instances_per_task=1, sampling=common_pb2.Sampling(max_new_tokens=8)))
+    scored = clients.evaluate_model(
+        evaluator_pb2.EvaluateModelRequest(
+            context=CTX,
+            model_uri=status.model_uri,
+            eval_tasks=tasks_to_source(seeds[:3]),
+            max_instances_per_task=1,
+            sampling=common_pb2.Sampling(max_new_tokens=8),
+        )
+    )
     assert scored.num_tasks == 3 and 0.0 <= scored.rouge_l <= 1.0
     progress = []
-    streamed = clients.stream_evaluation(evaluator_pb2.EvaluateModelRequest(
-        context=CTX, model_uri=status.model_uri, eval_tasks=tasks_to_source(seeds[:3]), with_nll=True,
-        max_instances_per_task=1, sampling=common_pb2.Sampling(max_new_tokens=8)),
-        on_progress=lambda done, total: progress.append((done, total)))
+    streamed = clients.stream_evaluation(
+        evaluator_pb2.EvaluateModelRequest(
+            context=CTX,
+            model_uri=status.model_uri,
+            eval_tasks=tasks_to_source(seeds[:3]),
+            with_nll=True,
+            max_instances_per_task=1,
+            sampling=common_pb2.Sampling(max_new_tokens=8),
+        ),
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
     assert progress[-1] == (3, 3) and streamed.num_tasks == 3 and streamed.nll > 0
-    compared = clients.compare_models(evaluator_pb2.CompareModelsRequest(
-        context=CTX, model_a_uri="builtin:tiny-llama", model_b_uri=status.model_uri,
-        eval_tasks=tasks_to_source(seeds[:3]), max_instances_per_task=1,
-        sampling=common_pb2.Sampling(max_new_tokens=8), judge_model_uri=status.model_uri))
+    compared = clients.compare_models(
+        evaluator_pb2.CompareModelsRequest(
+            context=CTX,
+            model_a_uri="builtin:tiny-llama",
+            model_b_uri=status.model_uri,
+            eval_tasks=tasks_to_source(seeds[:3]),
+            max_instances_per_task=1,
+            sampling=common_pb2.Sampling(max_new_tokens=8),
+            judge_model_uri=status.model_uri,
+        )
+    )
     assert compared.judged_pairs == 3
     assert compared.win_rate + compared.tie_rate + compared.loss_rate == pytest.approx(1.0)
     assert compared.score_difference.low <= compared.score_difference.estimate <= compared.score_difference.high
@@ -138,10 +223,16 @@ def test_real_model_generates_through_the_generator_service(deployed, smollm2):
     import urllib.request
 
     config, clients = deployed
-    generated = clients.generate_instructions(generator_pb2.GenerateInstructionsRequest(
-        context=CTX, model_uri="builtin:smollm2-135m", seed_tasks=tasks_to_source(load_seed_tasks()), num_prompts=2,
-        num_human_in_context=8, sampling=common_pb2.Sampling(temperature=0.7, top_p=0.5, max_new_tokens=96, seed=0,
-                                                             presence_penalty=2.0)))
+    generated = clients.generate_instructions(
+        generator_pb2.GenerateInstructionsRequest(
+            context=CTX,
+            model_uri="builtin:smollm2-135m",
+            seed_tasks=tasks_to_source(load_seed_tasks()),
+            num_prompts=2,
+            num_human_in_context=8,
+            sampling=common_pb2.Sampling(temperature=0.7, top_p=0.5, max_new_tokens=96, seed=0, presence_penalty=2.0),
+        )
+    )
     instructions = [t.instruction for t in generated.tasks]
     assert len(instructions) >= 3, instructions
     seeds = {t.instruction for t in load_seed_tasks()}
@@ -153,9 +244,16 @@ def test_real_model_generates_through_the_generator_service(deployed, smollm2):
     assert all(t.lineage.model == "builtin:smollm2-135m" for t in generated.tasks)
     request = urllib.request.Request(
         f"http://127.0.0.1:{config.serve.http_port}/generator/v1/chat/completions",
-        data=json.dumps({"model": "builtin:smollm2-135m", "max_tokens": 24, "temperature": 0,
-                         "messages": [{"role": "user", "content": "What is the capital of France?"}]}).encode(),
-        headers={"Content-Type": "application/json"})
+        data=json.dumps(
+            {
+                "model": "builtin:smollm2-135m",
+                "max_tokens": 24,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            }
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())["choices"][0]["message"]["content"]
     assert "Paris" in answer, answer
@@ -171,37 +269,93 @@ def _expect_invalid(call, request, field):
 def test_malformed_requests_get_invalid_argument(deployed):
     config, clients = deployed
     seeds = load_seed_tasks()[:3]
-    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
-        context=CTX, candidates=common_pb2.TaskSource(inline=common_pb2.TaskBatch())), "candidates.inline.tasks")
+    _expect_invalid(
+        clients.filter_tasks,
+        filter_pb2.FilterTasksRequest(context=CTX, candidates=common_pb2.TaskSource(inline=common_pb2.TaskBatch())),
+        "candidates.inline.tasks",
+    )
     too_long = tasks_to_source(seeds)
     too_long.inline.tasks[1].instruction = "x" * 50_000
-    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(context=CTX, candidates=too_long),
-                    "candidates.inline.tasks[1].instruction")
-    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
-        context=CTX, candidates=common_pb2.TaskSource(uri="../../etc/passwd")), "candidates.uri")
-    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
-        context=CTX, candidates=tasks_to_source(seeds), kept_uri="s3://elsewhere/x.parquet"), "kept_uri")
-    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
-        context=CTX, candidates=tasks_to_source(seeds), rouge_l_threshold=1.5), "rouge_l_threshold")
-    _expect_invalid(clients.generate_instructions, generator_pb2.GenerateInstructionsRequest(
-        context=CTX, model_uri="builtin:tiny-llama", seed_tasks=tasks_to_source(seeds), num_prompts=1,
-        num_human_in_context=6, sampling=common_pb2.Sampling(temperature=5, top_p=0.5, max_new_tokens=8)),
-        "sampling.temperature")
-    _expect_invalid(clients.generate_instructions, generator_pb2.GenerateInstructionsRequest(
-        context=CTX, model_uri="builtin:tiny-llama", seed_tasks=tasks_to_source(seeds), num_prompts=0,
-        num_human_in_context=6, sampling=SAMPLING), "num_prompts")
-    _expect_invalid(clients.generate_instructions, generator_pb2.GenerateInstructionsRequest(
-        context=common_pb2.RunContext(run_id="", round=1), model_uri="builtin:tiny-llama"), "context.run_id")
-    _expect_invalid(clients.evaluate_model, evaluator_pb2.EvaluateModelRequest(
-        context=CTX, model_uri="/etc/passwd", eval_tasks=tasks_to_source(seeds),
-        sampling=common_pb2.Sampling(max_new_tokens=8)), "model_uri")
+    _expect_invalid(
+        clients.filter_tasks,
+        filter_pb2.FilterTasksRequest(context=CTX, candidates=too_long),
+        "candidates.inline.tasks[1].instruction",
+    )
+    _expect_invalid(
+        clients.filter_tasks,
+        filter_pb2.FilterTasksRequest(context=CTX, candidates=common_pb2.TaskSource(uri="../../etc/passwd")),
+        "candidates.uri",
+    )
+    _expect_invalid(
+        clients.filter_tasks,
+        filter_pb2.FilterTasksRequest(
+            context=CTX, candidates=tasks_to_source(seeds), kept_uri="s3://elsewhere/x.parquet"
+        ),
+        "kept_uri",
+    )
+    _expect_invalid(
+        clients.filter_tasks,
+        filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(seeds), rouge_l_threshold=1.5),
+        "rouge_l_threshold",
+    )
+    _expect_invalid(
+        clients.generate_instructions,
+        generator_pb2.GenerateInstructionsRequest(
+            context=CTX,
+            model_uri="builtin:tiny-llama",
+            seed_tasks=tasks_to_source(seeds),
+            num_prompts=1,
+            num_human_in_context=6,
+            sampling=common_pb2.Sampling(temperature=5, top_p=0.5, max_new_tokens=8),
+        ),
+        "sampling.temperature",
+    )
+    _expect_invalid(
+        clients.generate_instructions,
+        generator_pb2.GenerateInstructionsRequest(
+            context=CTX,
+            model_uri="builtin:tiny-llama",
+            seed_tasks=tasks_to_source(seeds),
+            num_prompts=0,
+            num_human_in_context=6,
+            sampling=SAMPLING,
+        ),
+        "num_prompts",
+    )
+    _expect_invalid(
+        clients.generate_instructions,
+        generator_pb2.GenerateInstructionsRequest(
+            context=common_pb2.RunContext(run_id="", round=1), model_uri="builtin:tiny-llama"
+        ),
+        "context.run_id",
+    )
+    _expect_invalid(
+        clients.evaluate_model,
+        evaluator_pb2.EvaluateModelRequest(
+            context=CTX,
+            model_uri="/etc/passwd",
+            eval_tasks=tasks_to_source(seeds),
+            sampling=common_pb2.Sampling(max_new_tokens=8),
+        ),
+        "model_uri",
+    )
     _expect_invalid(clients.training_status, "no-such-job", "job_id")
-    _expect_invalid(clients.backtranslate, generator_pb2.BacktranslateRequest(
-        context=CTX, model_uri="builtin:tiny-llama", segments=["ok", ""], sampling=SAMPLING), "segments[1]")
+    _expect_invalid(
+        clients.backtranslate,
+        generator_pb2.BacktranslateRequest(
+            context=CTX, model_uri="builtin:tiny-llama", segments=["ok", ""], sampling=SAMPLING
+        ),
+        "segments[1]",
+    )
     with pytest.raises(grpc.RpcError) as info:  # a streaming method validates too
-        clients.stream_evaluation(evaluator_pb2.EvaluateModelRequest(
-            context=CTX, model_uri="builtin:tiny-llama", eval_tasks=tasks_to_source(seeds),
-            sampling=common_pb2.Sampling(max_new_tokens=0)))
+        clients.stream_evaluation(
+            evaluator_pb2.EvaluateModelRequest(
+                context=CTX,
+                model_uri="builtin:tiny-llama",
+                eval_tasks=tasks_to_source(seeds),
+                sampling=common_pb2.Sampling(max_new_tokens=0),
+            )
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.max_new_tokens" in info.value.details()
     # ... and the services keep serving
     ok = clients.filter_tasks(filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(seeds)))
@@ -218,20 +372,52 @@ def test_a_request_cannot_touch_another_run(deployed):
     store.write_tasks(kept_uri, seeds)
     store.commit_stage("victim", 1, "filter", {"kept_uri": kept_uri, "kept_count": 3})
     before = {path: open(store.resolve(path), "rb").read() for path in (kept_uri, store.manifest_uri("victim"))}
-    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
-        context=CTX, candidates=tasks_to_source(seeds), kept_uri=store.manifest_uri("victim")), "kept_uri")
-    _expect_invalid(clients.filter_tasks, filter_pb2.FilterTasksRequest(
-        context=common_pb2.RunContext(run_id="victim", round=1), candidates=tasks_to_source(seeds), kept_uri=kept_uri),
-        "kept_uri")  # even the run's own committed output is never replaced
-    _expect_invalid(clients.classify_instructions, generator_pb2.ClassifyInstructionsRequest(
-        context=CTX, model_uri="builtin:tiny-llama", tasks=tasks_to_source(seeds),
-        output_uri=store.dataset_uri("victim", 2, "classified")), "output_uri")
-    _expect_invalid(clients.start_training, trainer_pb2.StartTrainingRequest(
-        context=CTX, base_model_uri="builtin:tiny-llama", train_tasks=tasks_to_source(seeds),
-        output_model_uri=store.model_uri("victim", 1)), "output_model_uri")
-    _expect_invalid(clients.evaluate_model, evaluator_pb2.EvaluateModelRequest(
-        context=CTX, model_uri="gpt2", eval_tasks=tasks_to_source(seeds),
-        sampling=common_pb2.Sampling(max_new_tokens=8)), "model_uri")  # no hub, no file probing
+    _expect_invalid(
+        clients.filter_tasks,
+        filter_pb2.FilterTasksRequest(
+            context=CTX, candidates=tasks_to_source(seeds), kept_uri=store.manifest_uri("victim")
+        ),
+        "kept_uri",
+    )
+    _expect_invalid(
+        clients.filter_tasks,
+        filter_pb2.FilterTasksRequest(
+            context=common_pb2.RunContext(run_id="victim", round=1),
+            candidates=tasks_to_source(seeds),
+            kept_uri=kept_uri,
+        ),
+        "kept_uri",
+    )  # even the run's own committed output is never replaced
+    _expect_invalid(
+        clients.classify_instructions,
+        generator_pb2.ClassifyInstructionsRequest(
+            context=CTX,
+            model_uri="builtin:tiny-llama",
+            tasks=tasks_to_source(seeds),
+            output_uri=store.dataset_uri("victim", 2, "classified"),
+        ),
+        "output_uri",
+    )
+    _expect_invalid(
+        clients.start_training,
+        trainer_pb2.StartTrainingRequest(
+            context=CTX,
+            base_model_uri="builtin:tiny-llama",
+            train_tasks=tasks_to_source(seeds),
+            output_model_uri=store.model_uri("victim", 1),
+        ),
+        "output_model_uri",
+    )
+    _expect_invalid(
+        clients.evaluate_model,
+        evaluator_pb2.EvaluateModelRequest(
+            context=CTX,
+            model_uri="gpt2",
+            eval_tasks=tasks_to_source(seeds),
+            sampling=common_pb2.Sampling(max_new_tokens=8),
+        ),
+        "model_uri",
+    )  # no hub, no file probing
     assert before == {path: open(store.resolve(path), "rb").read() for path in before}
 
 
@@ -241,22 +427,49 @@ def test_requests_that_would_pin_a_replica_are_refused(deployed):
     without internals."""
     config, clients = deployed
     seeds = load_seed_tasks()[:4]
-    _expect_invalid(clients.generate_instructions, generator_pb2.GenerateInstructionsRequest(
-        context=CTX, model_uri="builtin:tiny-llama", seed_tasks=tasks_to_source(seeds), num_prompts=4000,
-        num_human_in_context=4, sampling=common_pb2.Sampling(temperature=0.7, top_p=0.5, max_new_tokens=4096)),
-        "num_prompts")
-    _expect_invalid(clients.compare_models, evaluator_pb2.CompareModelsRequest(
-        context=CTX, model_a_uri="builtin:tiny-llama", model_b_uri="builtin:tiny-llama",
-        eval_tasks=tasks_to_source(load_seed_tasks()), bootstrap_resamples=100_000,
-        sampling=common_pb2.Sampling(max_new_tokens=8)), "bootstrap_resamples")
-    for params, field in ((trainer_pb2.TrainingParams(use_gpu=True), "params.use_gpu"),
-                          (trainer_pb2.TrainingParams(num_workers=1024), "params.num_workers")):
-        _expect_invalid(clients.start_training, trainer_pb2.StartTrainingRequest(
-            context=CTX, base_model_uri="builtin:tiny-llama", train_tasks=tasks_to_source(seeds),
-            output_model_uri=RunStore(config.store.root).model_uri("e2e", 7), params=params), field)
+    _expect_invalid(
+        clients.generate_instructions,
+        generator_pb2.GenerateInstructionsRequest(
+            context=CTX,
+            model_uri="builtin:tiny-llama",
+            seed_tasks=tasks_to_source(seeds),
+            num_prompts=4000,
+            num_human_in_context=4,
+            sampling=common_pb2.Sampling(temperature=0.7, top_p=0.5, max_new_tokens=4096),
+        ),
+        "num_prompts",
+    )
+    _expect_invalid(
+        clients.compare_models,
+        evaluator_pb2.CompareModelsRequest(
+            context=CTX,
+            model_a_uri="builtin:tiny-llama",
+            model_b_uri="builtin:tiny-llama",
+            eval_tasks=tasks_to_source(load_seed_tasks()),
+            bootstrap_resamples=100_000,
+            sampling=common_pb2.Sampling(max_new_tokens=8),
+        ),
+        "bootstrap_resamples",
+    )
+    for params, field in (
+        (trainer_pb2.TrainingParams(use_gpu=True), "params.use_gpu"),
+        (trainer_pb2.TrainingParams(num_workers=1024), "params.num_workers"),
+    ):
+        _expect_invalid(
+            clients.start_training,
+            trainer_pb2.StartTrainingRequest(
+                context=CTX,
+                base_model_uri="builtin:tiny-llama",
+                train_tasks=tasks_to_source(seeds),
+                output_model_uri=RunStore(config.store.root).model_uri("e2e", 7),
+                params=params,
+            ),
+            field,
+        )
     channel = grpc.insecure_channel(f"127.0.0.1:{config.serve.grpc_port}")
-    wrong_app = channel.unary_unary("/reinstruct.v1.Trainer/StartTraining", request_serializer=lambda m: m,
-                                    response_deserializer=lambda b: b)
+    wrong_app = channel.unary_unary(
+        "/reinstruct.v1.Trainer/StartTraining", request_serializer=lambda m: m, response_deserializer=lambda b: b
+    )
     with pytest.raises(grpc.RpcError) as info:
         wrong_app(b"", metadata=(("application", "filter"),), timeout=30)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
@@ -274,9 +487,22 @@ def test_one_round_end_to_end_over_grpc(deployed):
     assert manifest["status"] == "succeeded"
     assert set(manifest["rounds"]) == {"0", "1"}
     stages = manifest["rounds"]["1"]["stages"]
-    assert set(stages) == {"generate_instructions", "classify", "generate_instances", "filter", "segments",
-                           "backtranslate", "rating_pool", "curate", "filter_augmented", "train_data", "train",
-                           "evaluate", "promote", "test"}
+    assert set(stages) == {
+        "generate_instructions",
+        "classify",
+        "generate_instances",
+        "filter",
+        "segments",
+        "backtranslate",
+        "rating_pool",
+        "curate",
+        "filter_augmented",
+        "train_data",
+        "train",
+        "evaluate",
+        "promote",
+        "test",
+    }
     split = manifest["rounds"]["0"]["stages"]["split"]
     assert not set(split["dev_task_ids"]) & set(split["test_task_ids"]) and split["test_tasks"] > 0
     assert stages["evaluate"]["num_tasks"] == split["dev_tasks"]  # the gate decides on dev only
@@ -303,8 +529,12 @@ def test_one_round_end_to_end_over_grpc(deployed):
 
         from services.evaluator.report import SECTIONS
 
-        dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tempfile.mkdtemp()}", "--dump-dom",
-                              f"file://{report}"], capture_output=True, text=True, timeout=120)
+        dom = subprocess.run(
+            [CHROMIUM, *FLAGS, f"--user-data-dir={tempfile.mkdtemp()}", "--dump-dom", f"file://{report}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert all(f'id="{section}"' in dom.stdout for section in SECTIONS)
     generated = store.read_tasks(stages["generate_instructions"]["uri"])
     assert generated, "the bootstrapped model must write parseable instructions"
@@ -329,18 +559,28 @@ def test_openai_compatible_api_and_engine(deployed):
     base = f"http://127.0.0.1:{config.serve.http_port}/generator/v1"
     engine = create_engine("openai", base_url=base)
     engine.load("builtin:tiny-llama")
-    out = engine.generate(["Come up with a series of tasks:\n1.", "Task: Name a colour.\nAnswer:"],
-                          SamplingParams(temperature=0.0, max_new_tokens=8))
+    out = engine.generate(
+        ["Come up with a series of tasks:\n1.", "Task: Name a colour.\nAnswer:"],
+        SamplingParams(temperature=0.0, max_new_tokens=8),
+    )
     assert len(out) == 2 and all(c.finish_reason in ("stop", "length") for c in out)
 
     def post(path, body):
-        request = urllib.request.Request(f"{base}{path}", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{base}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())
 
-    chat = post("/chat/completions", {"model": "current", "max_tokens": 8, "temperature": 0,
-                                      "messages": [{"role": "user", "content": "Name a colour."}]})
+    chat = post(
+        "/chat/completions",
+        {
+            "model": "current",
+            "max_tokens": 8,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+        },
+    )
     assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
     with urllib.request.urlopen(f"{base}/models", timeout=30) as response:
         assert json.loads(response.read())["data"][0]["id"] == "builtin:tiny-llama"
@@ -370,7 +610,9 @@ FUZZ_OUTCOMES: dict = {}
 
 
 def _valid_filter_bytes() -> bytes:
-    return filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(load_seed_tasks()[:2])).SerializeToString()
+    return filter_pb2.FilterTasksRequest(
+        context=CTX, candidates=tasks_to_source(load_seed_tasks()[:2])
+    ).SerializeToString()
 
 
 def _mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
@@ -386,7 +628,8 @@ from hypothesis import strategies as st  # noqa: E402
 _payloads = st.one_of(
     st.binary(max_size=3000),
     st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=8).map(
-        lambda edits: ("filter-mutant", _mutate(_valid_filter_bytes(), edits))),
+        lambda edits: ("filter-mutant", _mutate(_valid_filter_bytes(), edits))
+    ),
 )
 
 
@@ -416,7 +659,9 @@ def test_still_serving_after_fuzz(deployed):
     counts = {k: v for k, v in FUZZ_OUTCOMES.items() if k != "channel"}
     assert sum(counts.values()) >= 1000, counts
     print(f"fuzz outcomes: {counts}")
-    ok = clients.filter_tasks(filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(load_seed_tasks()[:3])))
+    ok = clients.filter_tasks(
+        filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(load_seed_tasks()[:3]))
+    )
     assert ok.candidates == 3
 
 
@@ -434,17 +679,26 @@ def test_replica_killed_under_load_requests_are_retried(deployed):
     config, clients = deployed
     store = RunStore(config.store.root)
     texts = synthetic_instructions(1500, seed=11)
-    candidates = [TaskRecord(id=f"c{i}", instruction=t, instances=[Instance("", f"answer {i}")])
-                  for i, t in enumerate(texts)]
-    pool = tasks_to_source([TaskRecord(id=f"p{i}", instruction=t) for i, t in enumerate(synthetic_instructions(1500, 12))])
+    candidates = [
+        TaskRecord(id=f"c{i}", instruction=t, instances=[Instance("", f"answer {i}")]) for i, t in enumerate(texts)
+    ]
+    pool = tasks_to_source(
+        [TaskRecord(id=f"p{i}", instruction=t) for i, t in enumerate(synthetic_instructions(1500, 12))]
+    )
     results, errors = {}, []
 
     def call(n: int) -> None:
         kept_uri = store.dataset_uri("replica-kill", 1, f"kept-{n}")
         try:
-            response = clients.filter_tasks(filter_pb2.FilterTasksRequest(
-                context=CTX, candidates=tasks_to_source(candidates), pool=pool, kept_uri=kept_uri,
-                near_duplicate_threshold=-1))
+            response = clients.filter_tasks(
+                filter_pb2.FilterTasksRequest(
+                    context=CTX,
+                    candidates=tasks_to_source(candidates),
+                    pool=pool,
+                    kept_uri=kept_uri,
+                    near_duplicate_threshold=-1,
+                )
+            )
             results[n] = (kept_uri, response.kept_count)
         except grpc.RpcError as exc:
             errors.append(exc)
@@ -453,7 +707,9 @@ def test_replica_killed_under_load_requests_are_retried(deployed):
     for thread in threads:
         thread.start()
     time.sleep(1.0)
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ServeReplica:filter:Filter"]
+    replicas = [
+        a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ServeReplica:filter:Filter"
+    ]
     assert replicas, "no filter replica found"
     ray.kill(ray.get_actor(replicas[0].name, namespace="serve"), no_restart=True)
     for thread in threads:

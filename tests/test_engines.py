@@ -17,7 +17,12 @@ from services.generator.engines.openai import OpenAIError
 def test_hf_engine_batched_equals_unbatched_greedy(builtin_cache):
     engine = create_engine("hf", batch_size=4, cache_dir=builtin_cache)
     engine.load("builtin:tiny-llama")
-    prompts = ["Come up with a series of tasks:\n1.", "Task: Name a colour.\nAnswer:", "Hi", "Write a poem about a very long river."]
+    prompts = [
+        "Come up with a series of tasks:\n1.",
+        "Task: Name a colour.\nAnswer:",
+        "Hi",
+        "Write a poem about a very long river.",
+    ]
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
     batched = engine.generate(prompts, params)
     single = [engine.generate([p], params)[0] for p in prompts]
@@ -80,8 +85,7 @@ def test_openai_engine_retries_on_429_then_succeeds():
 
 def test_openai_engine_gives_up_with_a_clear_error():
     with _ScriptedServer(failures=100, status=503) as server:
-        engine = create_engine("openai", base_url=f"http://127.0.0.1:{server.port}/v1", backoff_s=0.001,
-                               max_retries=2)
+        engine = create_engine("openai", base_url=f"http://127.0.0.1:{server.port}/v1", backoff_s=0.001, max_retries=2)
         engine.load("m")
         with pytest.raises(OpenAIError, match="503"):
             engine.generate(["a"], SamplingParams())
@@ -119,11 +123,19 @@ def test_vllm_adapter_against_stand_in(monkeypatch, builtin_cache):
     engine = create_engine("vllm", cache_dir=builtin_cache, gpu_memory_utilization=0.5)
     engine.load("builtin:tiny-llama")
     engine.load("builtin:tiny-llama")  # same weights: nothing rebuilt
-    out = engine.generate(["p"], SamplingParams(temperature=0.7, top_p=0.5, max_new_tokens=9, stop=("\n\n",),
-                                                seed=4, presence_penalty=2.0))
+    out = engine.generate(
+        ["p"],
+        SamplingParams(temperature=0.7, top_p=0.5, max_new_tokens=9, stop=("\n\n",), seed=4, presence_penalty=2.0),
+    )
     assert (out[0].text, out[0].finish_reason, out[0].num_tokens) == ("done", "length", 2)
-    assert engine.llm.last_params == {"temperature": 0.7, "top_p": 0.5, "max_tokens": 9, "stop": ["\n\n"],
-                                      "seed": 4, "presence_penalty": 2.0}
+    assert engine.llm.last_params == {
+        "temperature": 0.7,
+        "top_p": 0.5,
+        "max_tokens": 9,
+        "stop": ["\n\n"],
+        "seed": 4,
+        "presence_penalty": 2.0,
+    }
     assert engine.llm.last_prompts == [{"prompt_token_ids": engine.tokenizer("p", add_special_tokens=False).input_ids}]
     engine.load("builtin:tiny-t5")  # next round: the old engine sleeps, a new one loads
     assert [m.rsplit("/", 1)[-1] for m, _ in built] == ["tiny-llama-v2", "tiny-t5-v2"]

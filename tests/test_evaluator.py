@@ -73,24 +73,27 @@ def test_gate_promotes_better_and_refuses_worse():
     assert first.promoted and first.reason == "no incumbent"
 
 
-@pytest.mark.parametrize("text, verdict", [
-    ("Response B is more complete.\nVerdict: B", "B"),
-    ("verdict: a", "A"),
-    ("**Verdict:** Tie", "tie"),
-    ("Verdict: A ... on reflection, Verdict: B", "B"),
-    ("Verdict - response A", "A"),
-    ("I prefer the second one.", None),
-    ("", None),
-    ("Verdict: Banana", None),
-])
+@pytest.mark.parametrize(
+    "text, verdict",
+    [
+        ("Response B is more complete.\nVerdict: B", "B"),
+        ("verdict: a", "A"),
+        ("**Verdict:** Tie", "tie"),
+        ("Verdict: A ... on reflection, Verdict: B", "B"),
+        ("Verdict - response A", "A"),
+        ("I prefer the second one.", None),
+        ("", None),
+        ("Verdict: Banana", None),
+    ],
+)
 def test_judge_parser(text, verdict):
     assert judge.parse_verdict(text) == verdict
 
 
 def test_judge_combines_both_orders():
-    assert judge.combine("B", "A") == "b_wins"       # B first, and B (shown as A) when swapped
+    assert judge.combine("B", "A") == "b_wins"  # B first, and B (shown as A) when swapped
     assert judge.combine("A", "B") == "a_wins"
-    assert judge.combine("A", "A") == "tie"          # position bias: always the first -> tie
+    assert judge.combine("A", "A") == "tie"  # position bias: always the first -> tie
     assert judge.combine(None, "A") == "tie"
     rates = judge.rates(["b_wins", "tie", "a_wins", "b_wins"])
     assert (rates.win, rates.tie, rates.loss, rates.pairs) == (0.5, 0.25, 0.25, 4)
@@ -115,10 +118,16 @@ class ScriptedEngine:
 
 
 def test_evaluate_and_compare_with_judge():
-    tasks = [TaskRecord(id="c", instruction="Is it spam?", is_classification=True,
-                        instances=[Instance("Win money now", "spam"), Instance("Lunch at 1?", "ham")]),
-             TaskRecord(id="g", instruction="Name a colour.", instances=[Instance("", "blue sky")]),
-             TaskRecord(id="p", instruction="Say something kind.", instances=[Instance("", "")])]  # judged only
+    tasks = [
+        TaskRecord(
+            id="c",
+            instruction="Is it spam?",
+            is_classification=True,
+            instances=[Instance("Win money now", "spam"), Instance("Lunch at 1?", "ham")],
+        ),
+        TaskRecord(id="g", instruction="Name a colour.", instances=[Instance("", "blue sky")]),
+        TaskRecord(id="p", instruction="Say something kind.", instances=[Instance("", "")]),
+    ]  # judged only
 
     def answers(model, prompt):
         if prompt.startswith("Which response"):
@@ -133,13 +142,15 @@ def test_evaluate_and_compare_with_judge():
     assert [t.task_id for t in good.tasks] == ["c", "g"]  # the prompt without reference is not scored
     assert good.score == 1.0 and good.exact_match == 1.0 and good.nll == 1.0
     assert len(good.predictions) == 4
-    comparison = service.compare("bad", "good", tasks, 0, SamplingParams(temperature=0), judge_model="judge",
-                                 resamples=500, confidence=0.9)
+    comparison = service.compare(
+        "bad", "good", tasks, 0, SamplingParams(temperature=0), judge_model="judge", resamples=500, confidence=0.9
+    )
     assert comparison.a.score == pytest.approx((0.5 + 0.0) / 2)
     assert comparison.score_difference.estimate == pytest.approx(1.0 - 0.25)
     assert comparison.judged.pairs == 4 and comparison.judged.win > comparison.judged.loss
-    unjudged = service.compare("bad", "good", tasks, 0, SamplingParams(temperature=0), judge_model="", resamples=500,
-                               confidence=0.9)
+    unjudged = service.compare(
+        "bad", "good", tasks, 0, SamplingParams(temperature=0), judge_model="", resamples=500, confidence=0.9
+    )
     assert unjudged.judged is None  # no judge model: no judged comparison, not "all ties"
 
 

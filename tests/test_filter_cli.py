@@ -18,8 +18,24 @@ def test_filter_cli_keeps_order_and_reports(tmp_path):
     pool = tmp_path / "pool.jsonl"
     pool.write_text(json.dumps({"instruction": "List three uses of baking soda at home."}) + "\n")
     out, rejected = tmp_path / "out.jsonl", tmp_path / "rej.jsonl"
-    done = subprocess.run([sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(out), "--pool", str(pool),
-                           "--rejected", str(rejected)], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "filter",
+            str(src),
+            "-o",
+            str(out),
+            "--pool",
+            str(pool),
+            "--rejected",
+            str(rejected),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert kept == [rows[0]]
@@ -30,26 +46,50 @@ def test_filter_cli_keeps_order_and_reports(tmp_path):
 
 def test_filter_cli_instruction_only_and_bad_file(tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text(json.dumps({"instruction": "Name four planets of the solar system."}) + "\n"
-                   + json.dumps({"text": "no instruction"}) + "\n")
-    done = subprocess.run([sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(tmp_path / "o.jsonl")],
-                          cwd=REPO, capture_output=True, text=True)
+    src.write_text(
+        json.dumps({"instruction": "Name four planets of the solar system."})
+        + "\n"
+        + json.dumps({"text": "no instruction"})
+        + "\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(tmp_path / "o.jsonl")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert "in.jsonl:2: field 'instruction'" in done.stdout.replace("\n", "")
     src.write_text(json.dumps({"instruction": "Name four planets of the solar system."}) + "\n")
-    done = subprocess.run([sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(tmp_path / "o.jsonl")],
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(tmp_path / "o.jsonl")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0 and "kept 1 of 1" in done.stdout
 
 
 def test_filter_cli_kept_seed_record_shows_only_surviving_instances(tmp_path):
-    row = {"id": "t1", "instruction": "Give the capital of the country.", "is_classification": False,
-           "instances": [{"input": "France", "output": "Paris"}, {"input": "Spain", "output": "Madrid"},
-                         {"input": "Peru", "output": ""}, {"input": "Chile", "output": "Chile"}]}
+    row = {
+        "id": "t1",
+        "instruction": "Give the capital of the country.",
+        "is_classification": False,
+        "instances": [
+            {"input": "France", "output": "Paris"},
+            {"input": "Spain", "output": "Madrid"},
+            {"input": "Peru", "output": ""},
+            {"input": "Chile", "output": "Chile"},
+        ],
+    }
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(json.dumps(row) + "\n")
-    done = subprocess.run([sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(out)],
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     kept = json.loads(out.read_text())
     assert kept["instances"] == row["instances"][:2] and kept["id"] == "t1"

@@ -5,27 +5,33 @@ from services.filter.rules import clean_instances, instruction_rejection
 from services.filter.service import FilterSettings, filter_tasks
 
 
-@pytest.mark.parametrize("text, reason", [
-    ("Too short here", "too_short"),
-    (" ".join(["word"] * 151), "too_long"),
-    ("Describe the image of a cat in detail.", "blacklisted:image"),
-    ("Plot the sales numbers for each month.", "blacklisted:plot"),
-    ("Please go to the website and summarize it.", "blacklisted:go to"),
-    ("Write a program that sorts a list.", "write_a_program"),
-    ("- List three fruits that are red.", "starts_with_punctuation"),
-    ("Élaborez une liste de trois fruits rouges.", "starts_with_non_ascii"),
-])
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("Too short here", "too_short"),
+        (" ".join(["word"] * 151), "too_long"),
+        ("Describe the image of a cat in detail.", "blacklisted:image"),
+        ("Plot the sales numbers for each month.", "blacklisted:plot"),
+        ("Please go to the website and summarize it.", "blacklisted:go to"),
+        ("Write a program that sorts a list.", "write_a_program"),
+        ("- List three fruits that are red.", "starts_with_punctuation"),
+        ("Élaborez une liste de trois fruits rouges.", "starts_with_non_ascii"),
+    ],
+)
 def test_instruction_rules(text, reason):
     assert instruction_rejection(text) == reason
 
 
-@pytest.mark.parametrize("text", [
-    "Describe the imagery in the poem below.",  # 'image' only as a whole word
-    "List four mapping techniques used in biology.",
-    "Write a short programme for the school concert.",
-    " ".join(["word"] * 150),
-    "Name four red fruits.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Describe the imagery in the poem below.",  # 'image' only as a whole word
+        "List four mapping techniques used in biology.",
+        "Write a short programme for the school concert.",
+        " ".join(["word"] * 150),
+        "Name four red fruits.",
+    ],
+)
 def test_instruction_rules_keep(text):
     assert instruction_rejection(text) is None
 
@@ -47,13 +53,16 @@ def _reference(instances: list[tuple[str, str]]) -> set[tuple[str, str]]:
     return kept
 
 
-@pytest.mark.parametrize("pairs", [
-    [("a", "1"), ("a", "1"), ("c", ""), ("echo", "echo"), ("d", "4")],
-    [("a", "1"), ("b", "2"), ("b", "3"), ("d", "4")],                  # a conflict drops the whole task
-    [("", "Paris"), ("", "The capital is Paris."), ("", "Lyon")],       # no input: several answers are fine
-    [("Translate:", "Bonjour"), ("hello", "Output:"), ("x", "y")],      # a cut generation ends with ':'
-    [("", ""), ("q", "a")],
-])
+@pytest.mark.parametrize(
+    "pairs",
+    [
+        [("a", "1"), ("a", "1"), ("c", ""), ("echo", "echo"), ("d", "4")],
+        [("a", "1"), ("b", "2"), ("b", "3"), ("d", "4")],  # a conflict drops the whole task
+        [("", "Paris"), ("", "The capital is Paris."), ("", "Lyon")],  # no input: several answers are fine
+        [("Translate:", "Bonjour"), ("hello", "Output:"), ("x", "y")],  # a cut generation ends with ':'
+        [("", ""), ("q", "a")],
+    ],
+)
 def test_clean_instances_decides_as_the_reference(pairs):
     kept, reasons = clean_instances([Instance(i, o) for i, o in pairs])
     assert {(k.input, k.output) for k in kept} == _reference(pairs)
@@ -61,8 +70,9 @@ def test_clean_instances_decides_as_the_reference(pairs):
 
 
 def test_clean_instances_reasons():
-    _, reasons = clean_instances([Instance("a", "1"), Instance("a", "1"), Instance("c", ""), Instance("e", "e"),
-                                  Instance("f", "g:")])
+    _, reasons = clean_instances(
+        [Instance("a", "1"), Instance("a", "1"), Instance("c", ""), Instance("e", "e"), Instance("f", "g:")]
+    )
     assert sorted(reasons) == ["duplicate_instance", "empty_output", "ends_with_colon", "output_repeats_input"]
     kept, reasons = clean_instances([Instance("b", "2"), Instance("b", "3")])
     assert kept == [] and reasons == ["same_input_different_output"] * 2
@@ -86,10 +96,10 @@ def _task(i, text, instances=None):
 def test_filter_in_order_with_funnel():
     pool = [_task(0, "Write a short poem about the sea.")]
     candidates = [
-        _task(1, "Write a short poem about the ocean."),          # too similar to pool
-        _task(2, "Summarize the article in two sentences."),      # kept
+        _task(1, "Write a short poem about the ocean."),  # too similar to pool
+        _task(2, "Summarize the article in two sentences."),  # kept
         _task(3, "Summarize the article in two short sentences."),  # similar to candidate 2, kept earlier
-        _task(4, "Draw a picture of a horse."),                   # blacklist
+        _task(4, "Draw a picture of a horse."),  # blacklist
         _task(5, "Translate the sentence into Spanish.", [Instance("x", "")]),  # no valid instances
     ]
     result = filter_tasks(candidates, pool, FilterSettings())
@@ -102,15 +112,18 @@ def test_filter_in_order_with_funnel():
 
 
 def test_boundary_rule_both_ways():
-    pool = [_task(0, "alpha beta gamma delta epsilon zeta eta theta")]       # 8 tokens
+    pool = [_task(0, "alpha beta gamma delta epsilon zeta eta theta")]  # 8 tokens
     tie = _task(1, "alpha beta gamma delta epsilon zeta eta iota kappa lambda mu nu")  # 12 tokens, LCS 7
     paper = filter_tasks([tie], pool, FilterSettings(near_duplicate_threshold=None))
     assert paper.verdicts[0].max_rouge_l == 0.7000000000000001 and not paper.verdicts[0].kept
     exactly = _task(2, "a b c d e f g h i j")
     at_07 = _task(3, "a b c d e f g x y z")  # LCS 7 of 10 and 10: F = 0.7 exactly
     strict = filter_tasks([at_07], [exactly], FilterSettings(near_duplicate_threshold=None, min_instruction_words=1))
-    lenient = filter_tasks([at_07], [exactly], FilterSettings(near_duplicate_threshold=None, min_instruction_words=1,
-                                                              reject_only_above_threshold=True))
+    lenient = filter_tasks(
+        [at_07],
+        [exactly],
+        FilterSettings(near_duplicate_threshold=None, min_instruction_words=1, reject_only_above_threshold=True),
+    )
     assert strict.verdicts[0].max_rouge_l == 0.7
     assert (strict.verdicts[0].kept, lenient.verdicts[0].kept) == (False, True)
 
@@ -145,6 +158,8 @@ def test_curation_score_threshold():
     high = _task(2, "List five animals that live in the desert.")
     high.lineage.scores["curation"] = 5.0
     unscored = _task(3, "Give a synonym for the word happy please.")
-    result = filter_tasks([low, high, unscored], [], FilterSettings(min_curation_score=4.0, near_duplicate_threshold=None))
+    result = filter_tasks(
+        [low, high, unscored], [], FilterSettings(min_curation_score=4.0, near_duplicate_threshold=None)
+    )
     assert [v.kept for v in result.verdicts] == [False, True, True]
     assert result.funnel == {"low_curation_score": 1}

@@ -38,30 +38,56 @@ def _write_jsonl(path, rows):
 def test_alpaca_dolly_chat(tmp_path):
     alpaca = load_tasks(_write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Add", "input": "1 2", "output": "3"}]))
     assert (alpaca[0].instruction, alpaca[0].instances[0].input, alpaca[0].instances[0].output) == ("Add", "1 2", "3")
-    dolly = load_tasks(_write_jsonl(tmp_path / "d.jsonl", [
-        {"instruction": "Is it red?", "context": "apple", "response": "yes", "category": "classification"}]))
+    dolly = load_tasks(
+        _write_jsonl(
+            tmp_path / "d.jsonl",
+            [{"instruction": "Is it red?", "context": "apple", "response": "yes", "category": "classification"}],
+        )
+    )
     assert dolly[0].is_classification and dolly[0].instances[0].input == "apple"
-    sharegpt = load_tasks(_write_jsonl(tmp_path / "s.jsonl", [
-        {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}]))
+    sharegpt = load_tasks(
+        _write_jsonl(
+            tmp_path / "s.jsonl",
+            [{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}],
+        )
+    )
     assert (sharegpt[0].instruction, sharegpt[0].instances[0].output) == ("Hi?", "Hello.")
     openai = tmp_path / "o.json"
-    openai.write_text(json.dumps([{"messages": [{"role": "system", "content": "Be kind."},
-                                                {"role": "user", "content": "Q"},
-                                                {"role": "assistant", "content": "A"}]}]))
+    openai.write_text(
+        json.dumps(
+            [
+                {
+                    "messages": [
+                        {"role": "system", "content": "Be kind."},
+                        {"role": "user", "content": "Q"},
+                        {"role": "assistant", "content": "A"},
+                    ]
+                }
+            ]
+        )
+    )
     assert load_tasks(openai)[0].instances[0].output == "A"
     parquet = tmp_path / "p.parquet"
     pq.write_table(pa.Table.from_pylist([{"instruction": "X y z", "input": "", "output": "w"}]), parquet)
     assert load_tasks(parquet)[0].instruction == "X y z"
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([{"instruction": "ok", "output": "x"}, {"instruction": 5, "output": "y"}], r"bad.jsonl:2: field 'instruction'"),
-    ([{"instruction": "A", "instances": [{"input": "", "output": 3}], "is_classification": False}],
-     r"bad.jsonl:1: field 'output'"),
-    ([{"instruction": "A", "instances": [], "is_classification": False}], r"bad.jsonl:1: field 'instances'"),
-    ([{"messages": [{"role": "robot", "content": "x"}]}], r"bad.jsonl:1: field 'messages\[0\].role'"),
-    ([{"foo": 1}], r"bad.jsonl:1: unknown layout"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        (
+            [{"instruction": "ok", "output": "x"}, {"instruction": 5, "output": "y"}],
+            r"bad.jsonl:2: field 'instruction'",
+        ),
+        (
+            [{"instruction": "A", "instances": [{"input": "", "output": 3}], "is_classification": False}],
+            r"bad.jsonl:1: field 'output'",
+        ),
+        ([{"instruction": "A", "instances": [], "is_classification": False}], r"bad.jsonl:1: field 'instances'"),
+        ([{"messages": [{"role": "robot", "content": "x"}]}], r"bad.jsonl:1: field 'messages\[0\].role'"),
+        ([{"foo": 1}], r"bad.jsonl:1: unknown layout"),
+    ],
+)
 def test_malformed_names_file_line_field(tmp_path, rows, match):
     with pytest.raises(DataFormatError, match=match):
         load_tasks(_write_jsonl(tmp_path / "bad.jsonl", rows))

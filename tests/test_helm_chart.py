@@ -41,8 +41,11 @@ def _strict(schema: dict) -> dict:
 
     def visit(node):
         if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+            ):
                 node["additionalProperties"] = False
             for value in node.values():
                 visit(value)
@@ -112,12 +115,15 @@ def test_rendered_objects_validate(helm, values, monkeypatch):
         assert "Job" in kinds and "RayJob" not in kinds
 
 
-@pytest.mark.parametrize("broken, message", [
-    ("reinstruct:\n  generation:\n    temprature: 1.0\n", "temprature"),
-    ("loop:\n  mode: sideways\n", "loop.mode"),
-    ("serve:\n  grpcPort: 70000\n", "grpcPort"),
-    ("image:\n  tag: 5\n", "tag"),
-])
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("reinstruct:\n  generation:\n    temprature: 1.0\n", "temprature"),
+        ("loop:\n  mode: sideways\n", "loop.mode"),
+        ("serve:\n  grpcPort: 70000\n", "grpcPort"),
+        ("image:\n  tag: 5\n", "tag"),
+    ],
+)
 def test_broken_values_fail_at_install_time(helm, tmp_path, broken, message):
     bad = tmp_path / "bad.yaml"
     bad.write_text(broken)
@@ -145,9 +151,18 @@ def test_the_loop_driver_gets_the_settings_every_app_gets(helm, mode):
 
     from services.common.config import parse_config
 
-    done = _template(helm, CHART / "values-gpu.yaml", [
-        "--set", f"loop.mode={mode}", "--set", "reinstruct.model.base=/data/models/mine",
-        "--set", "reinstruct.generation.num_prompts=48"])
+    done = _template(
+        helm,
+        CHART / "values-gpu.yaml",
+        [
+            "--set",
+            f"loop.mode={mode}",
+            "--set",
+            "reinstruct.model.base=/data/models/mine",
+            "--set",
+            "reinstruct.generation.num_prompts=48",
+        ],
+    )
     assert done.returncode == 0, done.stderr
     objects = [o for o in yaml.safe_load_all(done.stdout) if o]
     service = next(o for o in objects if o["kind"] == "RayService")

@@ -14,14 +14,21 @@ def setup(tmp_path):
     store = RunStore(str(tmp_path / "store"))
     outside = tmp_path / "checkpoints" / "mine"
     outside.mkdir(parents=True)
-    config = parse_config({"model": {"base": str(outside), "allowed_dirs": [str(tmp_path / "shared-models")]},
-                           "evaluation": {"judge_model": str(tmp_path / "judge")}, "store": {"root": store.root}})
+    config = parse_config(
+        {
+            "model": {"base": str(outside), "allowed_dirs": [str(tmp_path / "shared-models")]},
+            "evaluation": {"judge_model": str(tmp_path / "judge")},
+            "store": {"root": store.root},
+        }
+    )
     return store, TrustedModels.from_config(config), tmp_path
 
 
 def test_operator_models_outside_the_store_are_allowed(setup):
     store, trusted, tmp = setup
-    assert check_model_uri(str(tmp / "checkpoints" / "mine"), store, "base_model_uri", trusted) == str(tmp / "checkpoints" / "mine")
+    assert check_model_uri(str(tmp / "checkpoints" / "mine"), store, "base_model_uri", trusted) == str(
+        tmp / "checkpoints" / "mine"
+    )
     assert check_model_uri(str(tmp / "judge"), store, "judge_model_uri", trusted) == str(tmp / "judge")
     assert check_model_uri(str(tmp / "shared-models" / "round-3"), store, trusted=trusted)
     assert check_model_uri("builtin:smollm2-135m", store, trusted=trusted) == "builtin:smollm2-135m"

@@ -21,8 +21,10 @@ def test_smollm2_converts_to_an_ordinary_checkpoint(smollm2, tmp_path):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
     assert model.config._attn_implementation == models.ATTENTION
     # a LoRA round saves a merged checkpoint, as the trainer does
-    lora = {"lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "keep_adapter": False},
-            "output_dir": str(tmp_path / "merged")}
+    lora = {
+        "lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "keep_adapter": False},
+        "output_dir": str(tmp_path / "merged"),
+    }
     _save_final(_apply_lora(model, lora), tokenizer, lora)
     reloaded, _ = load_model(str(tmp_path / "merged"))
     assert reloaded.config.model_type == "llama"
@@ -31,8 +33,15 @@ def test_smollm2_converts_to_an_ordinary_checkpoint(smollm2, tmp_path):
 def test_gguf_file_as_model_base(smollm2, builtin_cache, monkeypatch):
     """model.base may name any local .gguf file; it is converted once into the cache."""
     converted = []
-    monkeypatch.setattr(models, "convert_gguf", lambda source, staging: (
-        converted.append(source), Path(staging).mkdir(parents=True), (Path(staging) / "config.json").write_text("{}")))
+    monkeypatch.setattr(
+        models,
+        "convert_gguf",
+        lambda source, staging: (
+            converted.append(source),
+            Path(staging).mkdir(parents=True),
+            (Path(staging) / "config.json").write_text("{}"),
+        ),
+    )
     gguf = models.smollm2_gguf()
     first = models.resolve_model(str(gguf), builtin_cache)
     assert models.resolve_model(str(gguf), builtin_cache) == first and converted == [gguf]

@@ -22,12 +22,21 @@ from services.evaluator.service import EvaluatorService
 from services.generator.engines import SamplingParams, create_engine
 
 TASKS = [
-    TaskRecord(id="with-input", instruction="Classify the sentiment of the review.", is_classification=True,
-               instances=[Instance("I loved every minute of it.", "positive")]),
-    TaskRecord(id="no-input", instruction="Name three primary colours.", instances=[Instance("", "Red, blue and yellow.")]),
-    TaskRecord(id="augmented", instruction="Explain what a list comprehension is.",
-               instances=[Instance("", "A compact way to build a list from an iterable.")],
-               lineage=Lineage(stage="backtranslate")),
+    TaskRecord(
+        id="with-input",
+        instruction="Classify the sentiment of the review.",
+        is_classification=True,
+        instances=[Instance("I loved every minute of it.", "positive")],
+    ),
+    TaskRecord(
+        id="no-input", instruction="Name three primary colours.", instances=[Instance("", "Red, blue and yellow.")]
+    ),
+    TaskRecord(
+        id="augmented",
+        instruction="Explain what a list comprehension is.",
+        instances=[Instance("", "A compact way to build a list from an iterable.")],
+        lineage=Lineage(stage="backtranslate"),
+    ),
 ]
 
 
@@ -40,10 +49,15 @@ def _token_logprobs(model, ids: list[int]) -> list[float | None]:
 
 def _greedy(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-    new = out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    new = out[0, len(ids) :].tolist()
     return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
 
 
@@ -58,8 +72,17 @@ class _LoopbackOpenAI:
         ids = body["prompt"]
         self.prompts.append(ids)
         if body.get("echo"):
-            return web.json_response({"choices": [{"text": "", "finish_reason": "length",
-                                                   "logprobs": {"token_logprobs": _token_logprobs(self.model, ids)}}]})
+            return web.json_response(
+                {
+                    "choices": [
+                        {
+                            "text": "",
+                            "finish_reason": "length",
+                            "logprobs": {"token_logprobs": _token_logprobs(self.model, ids)},
+                        }
+                    ]
+                }
+            )
         new = _greedy(self.model, self.tokenizer, ids, body["max_tokens"])
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         for stop in body.get("stop") or []:
@@ -98,8 +121,10 @@ def _vllm_stand_in(model, tokenizer, seen: list):
             for prompt in prompts:
                 ids = prompt["prompt_token_ids"]
                 seen.append(ids)
-                logprobs = [None if lp is None else {tok: types.SimpleNamespace(logprob=lp)}
-                            for lp, tok in zip(_token_logprobs(model, ids), ids)]
+                logprobs = [
+                    None if lp is None else {tok: types.SimpleNamespace(logprob=lp)}
+                    for lp, tok in zip(_token_logprobs(model, ids), ids)
+                ]
                 out = types.SimpleNamespace(text="", finish_reason="stop", token_ids=[])
                 outputs.append(types.SimpleNamespace(outputs=[out], prompt_logprobs=logprobs))
             return outputs
@@ -152,8 +177,10 @@ def test_every_stage_and_engine_sees_the_same_tokens(index, builtin_cache, smoll
     assert sent == expected
     hf_nll = hf.score_nll(prompts, [e.response for e in examples], max_len)
     with torch.no_grad():
-        losses = [float(model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss)
-                  for f in trained]
+        losses = [
+            float(model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss)
+            for f in trained
+        ]
     assert hf_nll == pytest.approx(losses, rel=1e-5)
     if encoder_decoder:
         return  # vLLM and OpenAI-style servers here are decoder-only

@@ -14,17 +14,23 @@ def llama(builtin_cache):
     return load_model("builtin:tiny-llama", cache_dir=builtin_cache)
 
 
-EXAMPLES = [Example("Task: Name a colour.\nAnswer:", " Blue", "a", "x"),
-            Example("Write a poem about the sea please.\nOutput:", " Waves roll in and out", "b", "x"),
-            Example("Say hi:", " hi", "c", "x"),
-            Example("Translate to French: cat\nOutput:", " chat", "d", "x")]
+EXAMPLES = [
+    Example("Task: Name a colour.\nAnswer:", " Blue", "a", "x"),
+    Example("Write a poem about the sea please.\nOutput:", " Waves roll in and out", "b", "x"),
+    Example("Say hi:", " hi", "c", "x"),
+    Example("Translate to French: cat\nOutput:", " chat", "d", "x"),
+]
 
 
 def _per_token_losses(model, batch):
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                                               ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    losses = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
     return losses, shift_labels != IGNORE_INDEX
 
 
@@ -77,8 +83,10 @@ def test_packing_fills_sequences():
 @pytest.mark.parametrize("keep_adapter", [False, True])
 def test_lora_trains_saves_and_reloads(builtin_cache, tmp_path, keep_adapter):
     model, tok = load_model("builtin:tiny-llama", cache_dir=builtin_cache)
-    config = {"lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "keep_adapter": keep_adapter},
-              "output_dir": str(tmp_path / "out")}
+    config = {
+        "lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "keep_adapter": keep_adapter},
+        "output_dir": str(tmp_path / "out"),
+    }
     model = _apply_lora(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 0 < trainable < sum(p.numel() for p in model.parameters()) / 10

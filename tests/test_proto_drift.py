@@ -18,8 +18,11 @@ def test_drift_is_detected(tmp_path):
     protos.mkdir(parents=True)
     for source in (codegen.REPO_PROTOS_DIR / "reinstruct" / "v1").glob("*.proto"):
         (protos / source.name).write_text(source.read_text())
-    (protos / "filter.proto").write_text((protos / "filter.proto").read_text().replace(
-        "int64 kept_count = 7;", "int64 kept_count = 7;\n  int64 extra = 8;"))
+    (protos / "filter.proto").write_text(
+        (protos / "filter.proto")
+        .read_text()
+        .replace("int64 kept_count = 7;", "int64 kept_count = 7;\n  int64 extra = 8;")
+    )
     assert codegen.generate(tmp_path)["filter_pb2.py"] != codegen.generate()["filter_pb2.py"]
 
 

@@ -31,9 +31,23 @@ def head_node(tmp_path):
 
     wait_for_previous_cluster()  # a killed cluster's agent may still hold its port
     started = subprocess.run(
-        [RAY, "start", "--head", "--port=6390", "--dashboard-port=8266", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180)
+        [
+            RAY,
+            "start",
+            "--head",
+            "--port=6390",
+            "--dashboard-port=8266",
+            "--num-cpus=4",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     try:
         yield env, "http://127.0.0.1:8266"
@@ -48,12 +62,34 @@ def test_job_submit_runs_the_loop(tmp_path, head_node, builtin_cache):
     # One machine here, so an absolute path reaches the job; on a cluster it would be a shared path.
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(tiny_settings(str(store_root), builtin_cache, 9300, 8300)))
-    for attempt in range(12):  # the head's job agent needs a few seconds after `ray start` returns
+    for _ in range(12):  # the head's job agent needs a few seconds after `ray start` returns
         submitted = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--submission-id", "loop-test",
-             # this test's interpreter: `python` on PATH need not be the one with reinstruct installed
-             "--", sys.executable, "-m", "ray_jobs.self_improve", "--config", str(config_path), "--run-id", "job"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                ".",
+                "--submission-id",
+                "loop-test",
+                # this test's interpreter: `python` on PATH need not be the one with reinstruct installed
+                "--",
+                sys.executable,
+                "-m",
+                "ray_jobs.self_improve",
+                "--config",
+                str(config_path),
+                "--run-id",
+                "job",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if "No available agent to submit job" not in submitted.stdout + submitted.stderr:
             break
         time.sleep(5)

@@ -30,7 +30,11 @@ def _run_cli(config_path: Path, run_id: str) -> subprocess.Popen:
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
         [sys.executable, "-m", "services.cli", "run", "--config", str(config_path), "--run-id", run_id],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 

@@ -40,8 +40,9 @@ def test_builtin_seed_pairs():
 
 
 _alphabet = st.sampled_from(list("abc xyz ABC 123 .,!?-'") + ["é", "中", "文", "😀", "İ", "ß", "\n", "\t"])
-_texts = st.lists(st.one_of(_alphabet, st.sampled_from(["the", "cat", "sat", "on", "mat", "a"])),
-                  max_size=30).map(lambda parts: " ".join(parts))
+_texts = st.lists(st.one_of(_alphabet, st.sampled_from(["the", "cat", "sat", "on", "mat", "a"])), max_size=30).map(
+    lambda parts: " ".join(parts)
+)
 
 
 @settings(max_examples=400, deadline=None)
@@ -87,4 +88,6 @@ def test_index_saves_and_loads(tmp_path):
     index.save(store, store.uri("run", "novelty_index.json"))
     loaded = NoveltyIndex.load(store, store.uri("run", "novelty_index.json"))
     assert loaded.texts == index.texts
-    assert loaded.nearest("Translate this sentence into French.") == index.nearest("Translate this sentence into French.")
+    assert loaded.nearest("Translate this sentence into French.") == index.nearest(
+        "Translate this sentence into French."
+    )

@@ -25,15 +25,18 @@ def store(tmp_path):
     return store
 
 
-@pytest.mark.parametrize("target, message", [
-    ("victim/round-001/new.parquet", "outside this request's run"),           # another run
-    ("victim/manifest.json", "outside this request's run"),
-    ("x.parquet", "outside this request's run"),                             # the store root
-    ("mine/manifest.json", "parquet"),
-    ("mine/round-001/kept.parquet", "committed stage"),                      # a committed stage's output
-    ("mine/round-001/model/extra.parquet", "inside a checkpoint"),
-    ("mine/round-001/model/model.safetensors", "parquet"),
-])
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("victim/round-001/new.parquet", "outside this request's run"),  # another run
+        ("victim/manifest.json", "outside this request's run"),
+        ("x.parquet", "outside this request's run"),  # the store root
+        ("mine/manifest.json", "parquet"),
+        ("mine/round-001/kept.parquet", "committed stage"),  # a committed stage's output
+        ("mine/round-001/model/extra.parquet", "inside a checkpoint"),
+        ("mine/round-001/model/model.safetensors", "parquet"),
+    ],
+)
 def test_outputs_are_confined_to_the_request_run(store, target, message):
     with pytest.raises(UriNotAllowed, match=message):
         store.write_output(store.uri(target), "mine", TASKS, "kept_uri")

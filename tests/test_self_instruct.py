@@ -9,8 +9,15 @@ from services.generator.bootstrap import build_meta_tasks
 
 
 def _tasks(prefix, n, clf=False):
-    return [TaskRecord(id=f"{prefix}{i}", instruction=f"{prefix} instruction number {i}:",
-                       is_classification=clf, instances=[Instance(f"in {i}", f"out {i}")]) for i in range(n)]
+    return [
+        TaskRecord(
+            id=f"{prefix}{i}",
+            instruction=f"{prefix} instruction number {i}:",
+            is_classification=clf,
+            instances=[Instance(f"in {i}", f"out {i}")],
+        )
+        for i in range(n)
+    ]
 
 
 def test_instruction_prompt_layout_exact():
@@ -34,9 +41,14 @@ def test_human_fills_in_while_pool_is_small():
 def test_parse_instructions_and_truncation():
     completion = " Write a poem about rain.\n10. Translate the sentence to German.\n11. List three"
     assert si.parse_instructions(completion, "stop") == [
-        "Write a poem about rain.", "Translate the sentence to German.", "List three"]
-    assert si.parse_instructions(completion, "length") == ["Write a poem about rain.",
-                                                           "Translate the sentence to German."]
+        "Write a poem about rain.",
+        "Translate the sentence to German.",
+        "List three",
+    ]
+    assert si.parse_instructions(completion, "length") == [
+        "Write a poem about rain.",
+        "Translate the sentence to German.",
+    ]
     assert si.parse_instructions("", "stop") == []
     assert si.parse_instructions(" One task.\n\n10. after a blank line", "stop") == ["One task."]
 
@@ -50,21 +62,30 @@ def test_classification_answer():
 
 
 def test_instance_prompts_and_parsers():
-    demo = TaskRecord(id="d", instruction="Is it spam?", is_classification=True, instances=[Instance("Buy now", "spam")])
+    demo = TaskRecord(
+        id="d", instruction="Is it spam?", is_classification=True, instances=[Instance("Buy now", "spam")]
+    )
     text, template_id = si.build_instance_prompt("Is the review positive?", True, [demo])
     assert template_id == "self_instruct.instances_output_first@1"
     assert "Task: Is it spam?\nClass label: spam\nInput: Buy now\n\nTask: Is the review positive?\n" in text
-    assert si.parse_output_first("Class label: positive\nInput: Great!\nClass label: negative\nInput: Bad.", "stop") == [
-        ("Great!", "positive"), ("Bad.", "negative")]
+    assert si.parse_output_first(
+        "Class label: positive\nInput: Great!\nClass label: negative\nInput: Bad.", "stop"
+    ) == [("Great!", "positive"), ("Bad.", "negative")]
     assert si.parse_input_first("Example 1\nInput: 2 2\nOutput: 4\nExample 2\nInput: 1 1\nOutput: 2", "stop") == [
-        ("2 2", "4"), ("1 1", "2")]
+        ("2 2", "4"),
+        ("1 1", "2"),
+    ]
     assert si.parse_input_first("Output: just this", "stop") == [("", "just this")]
     assert si.parse_input_first("Example 1\nInput: a\nOutput: b\nExample 2\nInput: c\nOut", "length") == [("a", "b")]
 
 
-_messy = st.lists(st.sampled_from(list("abc 12.:\n") + ["Example", "Input:", "Output:", "Class label:", "Task:",
-                                                         "10.", "\n\n", "Yes", "No", "é", "中"]),
-                  max_size=60).map("".join)
+_messy = st.lists(
+    st.sampled_from(
+        list("abc 12.:\n")
+        + ["Example", "Input:", "Output:", "Class label:", "Task:", "10.", "\n\n", "Yes", "No", "é", "中"]
+    ),
+    max_size=60,
+).map("".join)
 
 
 @settings(max_examples=300, deadline=None)
@@ -92,9 +113,11 @@ def test_meta_tasks_teach_the_prompt_layouts():
 
 def test_classification_only_variant():
     human = _tasks("human", 10) + _tasks("clf", 8, clf=True)
-    prompt = si.build_instruction_prompt([t for t in human if t.is_classification], [], random.Random(0),
-                                         classification_only=True)
-    assert prompt.text.startswith("Come up with a series of classification tasks. Try to specify the possible "
-                                  "output labels when possible.\n1. ")
+    prompt = si.build_instruction_prompt(
+        [t for t in human if t.is_classification], [], random.Random(0), classification_only=True
+    )
+    assert prompt.text.startswith(
+        "Come up with a series of classification tasks. Try to specify the possible output labels when possible.\n1. "
+    )
     assert all(i.startswith("clf") for i in prompt.context_task_ids)
     assert prompt.template_id == "self_instruct.classification_instructions@1"

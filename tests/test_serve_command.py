@@ -31,8 +31,14 @@ def test_serve_until_interrupted(tmp_path, builtin_cache):
     config.write_text(yaml.safe_dump(tiny_settings(str(tmp_path / "store"), builtin_cache, 9700, 8700)))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--config", str(config)], cwd=REPO,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "--config", str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
     reader.start()
@@ -50,8 +56,12 @@ def test_serve_until_interrupted(tmp_path, builtin_cache):
                 services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
             except grpc.RpcError:
                 time.sleep(0.5)
-        assert {"reinstruct.v1.Generator", "reinstruct.v1.Filter", "reinstruct.v1.Trainer",
-                "reinstruct.v1.Evaluator"} <= services
+        assert {
+            "reinstruct.v1.Generator",
+            "reinstruct.v1.Filter",
+            "reinstruct.v1.Trainer",
+            "reinstruct.v1.Evaluator",
+        } <= services
         channel.close()
         server.send_signal(signal.SIGINT)
         server.wait(timeout=120)

@@ -7,9 +7,21 @@ from services.common.store import RunStore, StoreError, UriNotAllowed
 
 
 def _task(i: int) -> TaskRecord:
-    return TaskRecord(id=f"t{i}", instruction=f"Do thing {i}", instances=[Instance("in", "out")],
-                      lineage=Lineage(run_id="r", round=1, stage="s", model="m", prompt_template="p@1",
-                                      context_task_ids=["a", "b"], scores={"x": 0.5}, verdicts=["kept"]))
+    return TaskRecord(
+        id=f"t{i}",
+        instruction=f"Do thing {i}",
+        instances=[Instance("in", "out")],
+        lineage=Lineage(
+            run_id="r",
+            round=1,
+            stage="s",
+            model="m",
+            prompt_template="p@1",
+            context_task_ids=["a", "b"],
+            scores={"x": 0.5},
+            verdicts=["kept"],
+        ),
+    )
 
 
 def test_roundtrip_keeps_lineage(tmp_path):
@@ -49,10 +61,18 @@ def test_commit_stage_and_resume(tmp_path):
     assert fresh.stage_output("run", 2, "filter") is None
 
 
-@pytest.mark.parametrize("bad", [
-    "../etc/passwd", "/etc/passwd", "s3://bucket/x.parquet", "http://example.com/x", "run/../../x.parquet", "",
-    "file:///etc/passwd",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../etc/passwd",
+        "/etc/passwd",
+        "s3://bucket/x.parquet",
+        "http://example.com/x",
+        "run/../../x.parquet",
+        "",
+        "file:///etc/passwd",
+    ],
+)
 def test_confinement_rejects(tmp_path, bad):
     store = RunStore(str(tmp_path / "root"))
     with pytest.raises(UriNotAllowed):
@@ -91,4 +111,7 @@ def test_stale_temporaries_removed_but_not_directories(tmp_path):
     assert store.remove_stale_temporaries("run") == 1
     assert not (run_dir / "manifest.json.tmp-deadbeef").exists()
     assert (run_dir / "round-001" / "model.tmp-cafe0000").is_dir()
-    assert store.stage_output("run", 0, "split") == {"n": 1, "committed_at": store.stage_output("run", 0, "split")["committed_at"]}
+    assert store.stage_output("run", 0, "split") == {
+        "n": 1,
+        "committed_at": store.stage_output("run", 0, "split")["committed_at"],
+    }

@@ -67,7 +67,8 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tmp_path, builtin_cach
     assert model.config.model_type == "llama"
     # a redeployed trainer replica (new service object, nothing in memory) attaches to the same job
     again = TrainerService(store, builtin_cache_dir=builtin_cache).start(
-        "kill", 1, "builtin:tiny-llama", data, store.model_uri("kill", 1), params)
+        "kill", 1, "builtin:tiny-llama", data, store.model_uri("kill", 1), params
+    )
     assert (again.job_id, again.state) == (job.job_id, "SUCCEEDED")
 
 
@@ -76,8 +77,14 @@ def test_cancel_stops_a_run(local_ray, tmp_path, builtin_cache):
     data = store.dataset_uri("cancel", 1, "train")
     store.write_tasks(data, load_seed_tasks()[:32])
     service = TrainerService(store, builtin_cache_dir=builtin_cache)
-    job = service.start("cancel", 1, "builtin:tiny-llama", data, store.model_uri("cancel", 1),
-                        TrainingParams(epochs=500, batch_size=4, max_seq_len=128, checkpoint_every=1000))
+    job = service.start(
+        "cancel",
+        1,
+        "builtin:tiny-llama",
+        data,
+        store.model_uri("cancel", 1),
+        TrainingParams(epochs=500, batch_size=4, max_seq_len=128, checkpoint_every=1000),
+    )
     _wait(lambda: _progress(job).get("step", 0) >= 5, 240, "training to start")
     service.cancel(job.job_id)
     _wait(lambda: service.status(job.job_id).state in ("CANCELLED", "FAILED", "SUCCEEDED"), 300, "the cancel")

@@ -6,10 +6,22 @@ def tiny_settings(store_root: str, builtin_cache: str, grpc_port: int = 9000, ht
         "model": {"base": "builtin:tiny-llama", "builtin_cache_dir": builtin_cache},
         "store": {"root": store_root},
         "serve": {"grpc_port": grpc_port, "http_port": http_port, "request_timeout_s": 300},
-        "generation": {"num_prompts": 4, "pool_refresh_prompts": 2, "max_new_tokens": 48, "instance_max_new_tokens": 48,
-                       "batch_size": 8},
-        "training": {"epochs": 1, "meta_tasks": True, "bootstrap_epochs": 2, "bootstrap_examples_per_task": 1, "max_seq_len": 256,
-                     "batch_size": 16, "poll_interval_s": 0.5},
+        "generation": {
+            "num_prompts": 4,
+            "pool_refresh_prompts": 2,
+            "max_new_tokens": 48,
+            "instance_max_new_tokens": 48,
+            "batch_size": 8,
+        },
+        "training": {
+            "epochs": 1,
+            "meta_tasks": True,
+            "bootstrap_epochs": 2,
+            "bootstrap_examples_per_task": 1,
+            "max_seq_len": 256,
+            "batch_size": 16,
+            "poll_interval_s": 0.5,
+        },
         "evaluation": {"max_instances_per_task": 1, "max_new_tokens": 16},
         "backtranslation": {"segments_per_round": 6, "backward_epochs": 2, "max_new_tokens": 16},
         "loop": {"rounds": 1, "bootstrap": True},
@@ -20,30 +32,58 @@ def fill_example_run(store, run_id: str = "r") -> None:
     """A small run in the store with every kind of stage output the report draws on."""
     from services.common.records import TaskRecord
 
-    tasks = [TaskRecord(id=f"i{i}", instruction=f"Write {w} about the sea.") for i, w in enumerate(["a poem", "a song"])]
+    tasks = [
+        TaskRecord(id=f"i{i}", instruction=f"Write {w} about the sea.") for i, w in enumerate(["a poem", "a song"])
+    ]
     store.write_tasks(store.dataset_uri(run_id, 1, "instructions"), tasks)
     store.commit_stage(run_id, 0, "train", {"losses": [3.0, 2.0, 1.5]})
     store.commit_stage(run_id, 0, "evaluate", {"per_task": {"a": 0.2, "b": 0.3}})
     store.commit_stage(run_id, 0, "promote", {"promoted": True, "reason": "no incumbent", "model_uri": "m0"})
-    store.commit_stage(run_id, 1, "generate_instructions", {"uri": store.dataset_uri(run_id, 1, "instructions"),
-                                                            "count": 2})
+    store.commit_stage(
+        run_id, 1, "generate_instructions", {"uri": store.dataset_uri(run_id, 1, "instructions"), "count": 2}
+    )
     from services.common.records import Instance, Lineage
 
-    kept = [TaskRecord(id="k", instruction="Write a haiku about <autumn>.", instances=[Instance("", "Leaves fall")],
-                       lineage=Lineage(scores={"max_rouge_l": 0.31}, verdicts=["nearest:Write a poem.", "kept"]))]
+    kept = [
+        TaskRecord(
+            id="k",
+            instruction="Write a haiku about <autumn>.",
+            instances=[Instance("", "Leaves fall")],
+            lineage=Lineage(scores={"max_rouge_l": 0.31}, verdicts=["nearest:Write a poem.", "kept"]),
+        )
+    ]
     rejected = [TaskRecord(id="x", instruction="Draw a map.", lineage=Lineage(verdicts=["rejected:too_short"]))]
-    curated = [TaskRecord(id=f"b{i}", instruction=f"Explain item {i}.", instances=[Instance("", f"text {i}")],
-                          lineage=Lineage(stage="backtranslate", scores={"curation": float(i % 6)})) for i in range(8)]
+    curated = [
+        TaskRecord(
+            id=f"b{i}",
+            instruction=f"Explain item {i}.",
+            instances=[Instance("", f"text {i}")],
+            lineage=Lineage(stage="backtranslate", scores={"curation": float(i % 6)}),
+        )
+        for i in range(8)
+    ]
     for name, records in (("kept", kept), ("rejected", rejected), ("curated", curated)):
         store.write_tasks(store.dataset_uri(run_id, 1, name), records)
-    store.commit_stage(run_id, 1, "filter", {"candidates": 5, "kept_count": 2, "funnel": {"too_short": 3},
-                                             "max_rouge_l": [0.1, 0.5, 0.8], "elapsed_s": 1.5,
-                                             "kept_uri": store.dataset_uri(run_id, 1, "kept"),
-                                             "rejected_uri": store.dataset_uri(run_id, 1, "rejected")})
-    store.commit_stage(run_id, 1, "curate", {"uri": store.dataset_uri(run_id, 1, "curated"), "count": 8,
-                                            "elapsed_s": 12.25})
+    store.commit_stage(
+        run_id,
+        1,
+        "filter",
+        {
+            "candidates": 5,
+            "kept_count": 2,
+            "funnel": {"too_short": 3},
+            "max_rouge_l": [0.1, 0.5, 0.8],
+            "elapsed_s": 1.5,
+            "kept_uri": store.dataset_uri(run_id, 1, "kept"),
+            "rejected_uri": store.dataset_uri(run_id, 1, "rejected"),
+        },
+    )
+    store.commit_stage(
+        run_id, 1, "curate", {"uri": store.dataset_uri(run_id, 1, "curated"), "count": 8, "elapsed_s": 12.25}
+    )
     store.commit_stage(run_id, 1, "filter_augmented", {"candidates": 8, "kept_count": 1, "curation_threshold": 5})
     store.commit_stage(run_id, 1, "train", {"losses": [2.0, 1.0]})
     store.commit_stage(run_id, 1, "evaluate", {"per_task": {"a": 0.1, "b": 0.2}})
-    store.commit_stage(run_id, 1, "promote", {"promoted": False, "reason": "lower bound -0.1 <= margin 0",
-                                              "model_uri": "m0"})
+    store.commit_stage(
+        run_id, 1, "promote", {"promoted": False, "reason": "lower bound -0.1 <= margin 0", "model_uri": "m0"}
+    )

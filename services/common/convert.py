@@ -9,12 +9,21 @@ from .records import Instance, Lineage, TaskRecord
 def task_to_proto(task: TaskRecord) -> common_pb2.Task:
     lineage = task.lineage
     return common_pb2.Task(
-        id=task.id, name=task.name, instruction=task.instruction, is_classification=task.is_classification,
+        id=task.id,
+        name=task.name,
+        instruction=task.instruction,
+        is_classification=task.is_classification,
         instances=[common_pb2.Instance(input=i.input, output=i.output) for i in task.instances],
         lineage=common_pb2.Lineage(
-            run_id=lineage.run_id, round=lineage.round, stage=lineage.stage, model=lineage.model,
-            prompt_template=lineage.prompt_template, context_task_ids=lineage.context_task_ids,
-            scores=lineage.scores, verdicts=lineage.verdicts, parent_id=lineage.parent_id,
+            run_id=lineage.run_id,
+            round=lineage.round,
+            stage=lineage.stage,
+            model=lineage.model,
+            prompt_template=lineage.prompt_template,
+            context_task_ids=lineage.context_task_ids,
+            scores=lineage.scores,
+            verdicts=lineage.verdicts,
+            parent_id=lineage.parent_id,
         ),
     )
 
@@ -22,13 +31,21 @@ def task_to_proto(task: TaskRecord) -> common_pb2.Task:
 def task_from_proto(message: common_pb2.Task) -> TaskRecord:
     lineage = message.lineage
     return TaskRecord(
-        id=message.id, name=message.name, instruction=message.instruction,
+        id=message.id,
+        name=message.name,
+        instruction=message.instruction,
         is_classification=message.is_classification,
         instances=[Instance(i.input, i.output) for i in message.instances],
         lineage=Lineage(
-            run_id=lineage.run_id, round=lineage.round, stage=lineage.stage, model=lineage.model,
-            prompt_template=lineage.prompt_template, context_task_ids=list(lineage.context_task_ids),
-            scores=dict(lineage.scores), verdicts=list(lineage.verdicts), parent_id=lineage.parent_id,
+            run_id=lineage.run_id,
+            round=lineage.round,
+            stage=lineage.stage,
+            model=lineage.model,
+            prompt_template=lineage.prompt_template,
+            context_task_ids=list(lineage.context_task_ids),
+            scores=dict(lineage.scores),
+            verdicts=list(lineage.verdicts),
+            parent_id=lineage.parent_id,
         ),
     )
 

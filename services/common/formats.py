@@ -85,8 +85,12 @@ def _seed_task(path: Path, line: int, row: dict) -> TaskRecord:
         raise DataFormatError(path, line, "is_classification", "expected true or false")
     task_id = row.get("id") or stable_id(path.name, line)
     return TaskRecord(
-        id=str(task_id), name=str(row.get("name") or ""), instruction=instruction, is_classification=flag,
-        instances=parsed, lineage=Lineage(stage="seed", model="human"),
+        id=str(task_id),
+        name=str(row.get("name") or ""),
+        instruction=instruction,
+        is_classification=flag,
+        instances=parsed,
+        lineage=Lineage(stage="seed", model="human"),
     )
 
 
@@ -95,21 +99,38 @@ def _alpaca(path: Path, line: int, row: dict) -> TaskRecord:
     if not instruction.strip():
         raise DataFormatError(path, line, "instruction", "empty")
     inst = Instance(_text(path, line, row, "input", False), _text(path, line, row, "output"))
-    return TaskRecord(id=str(row.get("id") or stable_id(path.name, line)), instruction=instruction,
-                      instances=[inst], lineage=Lineage(stage="import", model="human"))
+    return TaskRecord(
+        id=str(row.get("id") or stable_id(path.name, line)),
+        instruction=instruction,
+        instances=[inst],
+        lineage=Lineage(stage="import", model="human"),
+    )
 
 
 def _dolly(path: Path, line: int, row: dict) -> TaskRecord:
     instruction = _text(path, line, row, "instruction")
     inst = Instance(_text(path, line, row, "context", False), _text(path, line, row, "response"))
     category = row.get("category") or ""
-    return TaskRecord(id=str(row.get("id") or stable_id(path.name, line)), instruction=instruction,
-                      name=str(category), is_classification=category == "classification",
-                      instances=[inst], lineage=Lineage(stage="import", model="human"))
+    return TaskRecord(
+        id=str(row.get("id") or stable_id(path.name, line)),
+        instruction=instruction,
+        name=str(category),
+        is_classification=category == "classification",
+        instances=[inst],
+        lineage=Lineage(stage="import", model="human"),
+    )
 
 
-_ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-               "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+_ROLE_NAMES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 
 
 def _chat(path: Path, line: int, row: dict) -> TaskRecord:
@@ -134,8 +155,12 @@ def _chat(path: Path, line: int, row: dict) -> TaskRecord:
     if not users or users[0] + 1 >= len(normalized) or normalized[users[0] + 1][0] != "assistant":
         raise DataFormatError(path, line, field, "needs a user turn followed by an assistant turn")
     j = users[0]
-    return TaskRecord(id=str(row.get("id") or stable_id(path.name, line)), instruction=normalized[j][1],
-                      instances=[Instance("", normalized[j + 1][1])], lineage=Lineage(stage="import", model="human"))
+    return TaskRecord(
+        id=str(row.get("id") or stable_id(path.name, line)),
+        instruction=normalized[j][1],
+        instances=[Instance("", normalized[j + 1][1])],
+        lineage=Lineage(stage="import", model="human"),
+    )
 
 
 def _prompt_only(path: Path, line: int, row: dict) -> TaskRecord:
@@ -144,9 +169,12 @@ def _prompt_only(path: Path, line: int, row: dict) -> TaskRecord:
     instruction = _text(path, line, row, field)
     if not instruction.strip():
         raise DataFormatError(path, line, field, "empty")
-    return TaskRecord(id=str(row.get("id") or stable_id(path.name, line)), instruction=instruction,
-                      instances=[Instance(_text(path, line, row, "input", False), "")],
-                      lineage=Lineage(stage="import", model="human"))
+    return TaskRecord(
+        id=str(row.get("id") or stable_id(path.name, line)),
+        instruction=instruction,
+        instances=[Instance(_text(path, line, row, "input", False), "")],
+        lineage=Lineage(stage="import", model="human"),
+    )
 
 
 def detect_layout(row: dict) -> str:
@@ -177,8 +205,13 @@ def load_tasks(path: str | Path, layout: str = "auto") -> list[TaskRecord]:
         if chosen is None:
             chosen = detect_layout(row)
             if chosen == "unknown":
-                raise DataFormatError(path, line, None, "unknown layout: expected instances (Self-Instruct), "
-                                      "instruction/output (Alpaca), instruction/response (Dolly) or messages")
+                raise DataFormatError(
+                    path,
+                    line,
+                    None,
+                    "unknown layout: expected instances (Self-Instruct), "
+                    "instruction/output (Alpaca), instruction/response (Dolly) or messages",
+                )
         if chosen not in _PARSERS:
             raise DataFormatError(path, line, None, f"unknown layout {chosen!r}")
         tasks.append(_PARSERS[chosen](path, line, row))
@@ -202,7 +235,8 @@ def export_alpaca_jsonl(tasks: list[TaskRecord], path: str | Path) -> int:
     """One line per instance: {instruction, input, output}. Written atomically."""
     rows = [
         {"instruction": t.instruction, "input": inst.input, "output": inst.output}
-        for t in tasks for inst in t.instances
+        for t in tasks
+        for inst in t.instances
     ]
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as handle:
@@ -218,8 +252,12 @@ def export_chat_parquet(tasks: list[TaskRecord], path: str | Path) -> int:
     for t in tasks:
         for inst in t.instances:
             prompt = t.instruction if not inst.input.strip() else f"{t.instruction}\n\n{inst.input}"
-            rows.append({"id": t.id, "messages": [{"role": "user", "content": prompt},
-                                                  {"role": "assistant", "content": inst.output}]})
+            rows.append(
+                {
+                    "id": t.id,
+                    "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": inst.output}],
+                }
+            )
     tmp = f"{path}.tmp"
     pq.write_table(pa.Table.from_pylist(rows), tmp)
     os.replace(tmp, path)

@@ -49,8 +49,9 @@ def _admit(request, grpc_context) -> None:
         raise RequestError("request", "not a valid protobuf message for this method")
     size = request.ByteSize()
     if size > MAX_REQUEST_BYTES:
-        raise RequestTooLarge(f"request is {size} bytes; the limit is {MAX_REQUEST_BYTES} "
-                              "(send large batches by dataset uri)")
+        raise RequestTooLarge(
+            f"request is {size} bytes; the limit is {MAX_REQUEST_BYTES} (send large batches by dataset uri)"
+        )
 
 
 def _status_for(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
@@ -157,8 +158,10 @@ def refuse_other_services(service_name: str):
                 for method in service.methods:
                     if hasattr(cls, method.name):
                         continue
-                    message = (f"{service.full_name}/{method.name} is not served by the {service_name.lower()} app; "
-                               f"send metadata application: {service.name.lower()}")
+                    message = (
+                        f"{service.full_name}/{method.name} is not served by the {service_name.lower()} app; "
+                        f"send metadata application: {service.name.lower()}"
+                    )
                     setattr(cls, method.name, _unimplemented(message, method.server_streaming))
         return cls
 
@@ -170,6 +173,7 @@ def _unimplemented(message: str, streaming: bool):
         raise Unimplemented(message)
 
     if streaming:
+
         def refuse_stream(self, request):
             raise Unimplemented(message)
             yield  # a generator, as streaming methods are

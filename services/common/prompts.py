@@ -171,7 +171,7 @@ CURATE = _register(
     "Assistant, where the response looks like intentionally written to address the user's question or "
     "instruction without any irrelevant sentences. The answer provides high quality content, demonstrating expert "
     "knowledge in the area, is very well written, logical, easy-to-follow, engaging and insightful.\n\n"
-    "Please first provide a brief reasoning you used to derive the rating score, and then write \"Score: "
-    "<rating>\" in the last line.\n\n"
+    'Please first provide a brief reasoning you used to derive the rating score, and then write "Score: '
+    '<rating>" in the last line.\n\n'
     "<instruction>\n{instruction}\n</instruction>\n\n<answer>\n{output}\n</answer>\n\nReasoning:",
 )

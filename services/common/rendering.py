@@ -57,8 +57,9 @@ class Renderer:
     def style(self) -> str:
         return "chat" if self.chat_tokenizer is not None else "plain"
 
-    def render(self, task: TaskRecord, instance: Instance, rng: random.Random | None = None,
-               shots: list[Instance] = ()) -> Example:
+    def render(
+        self, task: TaskRecord, instance: Instance, rng: random.Random | None = None, shots: list[Instance] = ()
+    ) -> Example:
         """One of several templates (rng=None: the fixed evaluation template); `shots` are exemplars
         of the same task shown first (few-shot)."""
         if task.format == "raw":  # a meta-task prompt (Self-Instruct, rating): completion text as is
@@ -70,7 +71,9 @@ class Renderer:
 
     def _plain(self, task, instance, rng, tag, shots) -> Example:
         template = _pick(prompts.TRAIN_WITH_INPUT if instance.input.strip() else prompts.TRAIN_NO_INPUT, rng)
-        prompt = "".join(f"{_fill(template, task, s)} {s.output.strip()}\n\n" for s in shots) + _fill(template, task, instance)
+        prompt = "".join(f"{_fill(template, task, s)} {s.output.strip()}\n\n" for s in shots) + _fill(
+            template, task, instance
+        )
         prompt = f"{tag}\n{prompt}" if tag else prompt
         return Example(prompt, " " + instance.output.strip(), task.id, template.id + ("+fewshot" if shots else ""))
 
@@ -78,11 +81,17 @@ class Renderer:
         template = _pick(prompts.CHAT_WITH_INPUT if instance.input.strip() else prompts.CHAT_NO_INPUT, rng)
         messages = [{"role": "system", "content": tag}] if tag else []
         for shot in shots:
-            messages += [{"role": "user", "content": _fill(template, task, shot)},
-                         {"role": "assistant", "content": shot.output.strip()}]
+            messages += [
+                {"role": "user", "content": _fill(template, task, shot)},
+                {"role": "assistant", "content": shot.output.strip()},
+            ]
         messages.append({"role": "user", "content": _fill(template, task, instance)})
-        return Example(self.chat(messages), instance.output.strip(), task.id,
-                       template.id + ("+fewshot" if shots else "") + "+chat_template")
+        return Example(
+            self.chat(messages),
+            instance.output.strip(),
+            task.id,
+            template.id + ("+fewshot" if shots else "") + "+chat_template",
+        )
 
     def chat(self, messages: list[dict]) -> str:
         """A conversation as the prompt for the assistant's next turn."""
@@ -93,8 +102,9 @@ class Renderer:
             raise ValueError("messages: at least one user message is needed")
         return self.render(TaskRecord(id="chat", instruction=users[-1]), Instance("", "")).prompt
 
-    def render_all(self, tasks: list[TaskRecord], seed: int, fewshot_fraction: float = 0.0,
-                   fewshot_k: int = 2) -> list[Example]:
+    def render_all(
+        self, tasks: list[TaskRecord], seed: int, fewshot_fraction: float = 0.0, fewshot_k: int = 2
+    ) -> list[Example]:
         """Every instance of every task, each with a template drawn from seed. A fewshot_fraction of
         the instances of tasks with more than fewshot_k instances are shown after k exemplars of the
         same task (zero-/few-shot mix, as FLAN)."""

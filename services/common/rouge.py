@@ -175,8 +175,9 @@ class NoveltyIndex:
         return best, best_index
 
     def _exact_best(self, encoded: str, picked: np.ndarray, best: float, best_index: int) -> tuple[float, int]:
-        lcs = process.cdist([encoded], [self._encoded[i] for i in picked.tolist()], scorer=LCSseq.similarity,
-                            dtype=np.int32, workers=1)[0]
+        lcs = process.cdist(
+            [encoded], [self._encoded[i] for i in picked.tolist()], scorer=LCSseq.similarity, dtype=np.int32, workers=1
+        )[0]
         for pool_index, common in zip(picked.tolist(), lcs.tolist()):
             score = f_measure(common, len(encoded), len(self._encoded[pool_index]))
             # ties go to the earliest pool entry, whatever order the bounds visited them in
@@ -184,7 +185,9 @@ class NoveltyIndex:
                 best, best_index = score, pool_index
         return best, best_index
 
-    def filter_in_order(self, candidates: list[str], threshold: float, inclusive: bool = True) -> list[tuple[bool, float, int]]:
+    def filter_in_order(
+        self, candidates: list[str], threshold: float, inclusive: bool = True
+    ) -> list[tuple[bool, float, int]]:
         """Self-Instruct's novelty rule, candidates in order: keep one only if its F with every pooled
         text (kept candidates included) is below threshold (inclusive=True: drop F >= threshold, the
         paper's '< 0.7'; False: drop only F > threshold, as the reference code does). Kept texts join

@@ -113,8 +113,10 @@ class RunStore:
         path = self.resolve(uri, field)
         run_dir = self.resolve(self.uri(run_id), field)
         if not path.startswith(run_dir + "/"):
-            raise UriNotAllowed(f"{field}: {uri!r} is outside this request's run directory {run_dir} "
-                                "(context.run_id): a request writes only into its own run")
+            raise UriNotAllowed(
+                f"{field}: {uri!r} is outside this request's run directory {run_dir} "
+                "(context.run_id): a request writes only into its own run"
+            )
         if dataset and not path.endswith(".parquet"):
             raise UriNotAllowed(f"{field}: {uri!r}: dataset outputs are .parquet files")
         if path == self.resolve(self.manifest_uri(run_id)):

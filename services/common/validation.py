@@ -35,8 +35,11 @@ class Overloaded(RuntimeError):
 def check_cost(count: int, max_new_tokens: int, field: str) -> None:
     """Bounds what a request costs, not only each field: count prompts x max_new_tokens each."""
     if count * max_new_tokens > MAX_REQUEST_NEW_TOKENS:
-        raise RequestError(field, f"{count} prompts x {max_new_tokens} new tokens is over the "
-                           f"{MAX_REQUEST_NEW_TOKENS:,} tokens one request may ask for; send it in parts")
+        raise RequestError(
+            field,
+            f"{count} prompts x {max_new_tokens} new tokens is over the "
+            f"{MAX_REQUEST_NEW_TOKENS:,} tokens one request may ask for; send it in parts",
+        )
 
 
 class RequestError(ValueError):
@@ -99,25 +102,33 @@ class TrustedModels:
         if uri in self.names:
             return True
         real = os.path.realpath(os.path.expanduser(uri))
-        return os.path.isabs(os.path.expanduser(uri)) and any(real == d or real.startswith(d + os.sep) for d in self.dirs)
+        return os.path.isabs(os.path.expanduser(uri)) and any(
+            real == d or real.startswith(d + os.sep) for d in self.dirs
+        )
 
 
-def check_model_uri(uri: str, store: RunStore, field: str = "model_uri", trusted: TrustedModels = TrustedModels()) -> str:
+def check_model_uri(
+    uri: str, store: RunStore, field: str = "model_uri", trusted: TrustedModels = TrustedModels()
+) -> str:
     """A preset, a model the operator trusts, or a checkpoint in the run store (returned as its
     resolved store path, so a relative URI can never mean a directory outside the store)."""
     check_text(uri, field, required=True, limit=1024)
     if uri.startswith(BUILTIN_PREFIX):
-        if uri[len(BUILTIN_PREFIX):] not in BUILTIN_PRESETS:
-            raise RequestError(field, f"unknown preset {uri!r}; presets: "
-                               + ", ".join(BUILTIN_PREFIX + p for p in BUILTIN_PRESETS))
+        if uri[len(BUILTIN_PREFIX) :] not in BUILTIN_PRESETS:
+            raise RequestError(
+                field, f"unknown preset {uri!r}; presets: " + ", ".join(BUILTIN_PREFIX + p for p in BUILTIN_PRESETS)
+            )
         return uri
     if trusted.allows(uri):
         return uri
     try:
         path = store.resolve(uri, field)
     except UriNotAllowed as exc:
-        raise RequestError(field, str(exc).split(": ", 1)[-1] + " (and not a model the config allows: model.base, "
-                           "evaluation.judge_model, model.allowed_dirs)") from None
+        raise RequestError(
+            field,
+            str(exc).split(": ", 1)[-1] + " (and not a model the config allows: model.base, "
+            "evaluation.judge_model, model.allowed_dirs)",
+        ) from None
     if not any(store.fs.exists(f"{path}/{name}") for name in ("config.json", "adapter_config.json")):
         raise RequestError(field, f"no checkpoint at {uri!r} in the run store")
     return path
@@ -134,8 +145,15 @@ def check_output_uri(uri: str, store: RunStore, field: str, run_id: str, *, data
     return uri
 
 
-def resolve_tasks(source: common_pb2.TaskSource, store: RunStore, field: str, *, required: bool = True,
-                  require_instances: bool = False, require_instruction: bool = True) -> list[TaskRecord]:
+def resolve_tasks(
+    source: common_pb2.TaskSource,
+    store: RunStore,
+    field: str,
+    *,
+    required: bool = True,
+    require_instances: bool = False,
+    require_instruction: bool = True,
+) -> list[TaskRecord]:
     """Inline tasks (checked) or a dataset from the store (confined to its root)."""
     kind = source.WhichOneof("source")
     if kind is None:
@@ -153,14 +171,18 @@ def resolve_tasks(source: common_pb2.TaskSource, store: RunStore, field: str, *,
     if required and not tasks:
         raise RequestError(f"{field}.inline.tasks", "must not be empty")
     if len(tasks) > MAX_INLINE_TASKS:
-        raise RequestError(f"{field}.inline.tasks", f"has {len(tasks)} tasks; the inline limit is "
-                           f"{MAX_INLINE_TASKS} (send a dataset uri instead)")
+        raise RequestError(
+            f"{field}.inline.tasks",
+            f"has {len(tasks)} tasks; the inline limit is {MAX_INLINE_TASKS} (send a dataset uri instead)",
+        )
     for i, task in enumerate(tasks):
         where = f"{field}.inline.tasks[{i}]"
         check_text(task.id, f"{where}.id", limit=MAX_ID_CHARS)
         check_text(task.instruction, f"{where}.instruction", required=require_instruction)
         if len(task.instances) > MAX_INSTANCES_PER_TASK:
-            raise RequestError(f"{where}.instances", f"has {len(task.instances)}; the limit is {MAX_INSTANCES_PER_TASK}")
+            raise RequestError(
+                f"{where}.instances", f"has {len(task.instances)}; the limit is {MAX_INSTANCES_PER_TASK}"
+            )
         if require_instances and not task.instances:
             raise RequestError(f"{where}.instances", "must not be empty")
         for j, inst in enumerate(task.instances):

@@ -30,19 +30,35 @@ def _sampling(s: common_pb2.Sampling) -> SamplingParams:
 
 def _response(evaluation: Evaluation) -> evaluator_pb2.EvaluateModelResponse:
     return evaluator_pb2.EvaluateModelResponse(
-        rouge_l=evaluation.rouge_l, score=evaluation.score, exact_match=evaluation.exact_match, nll=evaluation.nll,
-        num_tasks=len(evaluation.tasks), num_instances=evaluation.num_instances,
-        tasks=[evaluator_pb2.TaskScore(task_id=t.task_id, rouge_l=t.mean("rouge_l"), instances=len(t.rouge_l),
-                                       exact_match=t.mean("exact_match"), score=t.score, nll=t.mean("nll"),
-                                       category=t.category) for t in evaluation.tasks],
-        categories=[evaluator_pb2.CategoryScore(category=name, score=score, tasks=n)
-                    for name, (score, n) in evaluation.categories().items()],
+        rouge_l=evaluation.rouge_l,
+        score=evaluation.score,
+        exact_match=evaluation.exact_match,
+        nll=evaluation.nll,
+        num_tasks=len(evaluation.tasks),
+        num_instances=evaluation.num_instances,
+        tasks=[
+            evaluator_pb2.TaskScore(
+                task_id=t.task_id,
+                rouge_l=t.mean("rouge_l"),
+                instances=len(t.rouge_l),
+                exact_match=t.mean("exact_match"),
+                score=t.score,
+                nll=t.mean("nll"),
+                category=t.category,
+            )
+            for t in evaluation.tasks
+        ],
+        categories=[
+            evaluator_pb2.CategoryScore(category=name, score=score, tasks=n)
+            for name, (score, n) in evaluation.categories().items()
+        ],
     )
 
 
 def _interval(interval) -> evaluator_pb2.Interval:
-    return evaluator_pb2.Interval(estimate=interval.estimate, low=interval.low, high=interval.high,
-                                  confidence=interval.confidence)
+    return evaluator_pb2.Interval(
+        estimate=interval.estimate, low=interval.low, high=interval.high, confidence=interval.confidence
+    )
 
 
 @serve.deployment(name="Evaluator")
@@ -53,8 +69,11 @@ class EvaluatorDeployment:
         self.store = RunStore(config.store.root, config.store.allowed_schemes)
         self.trusted = TrustedModels.from_config(config)
         self.evaluation = config.evaluation
-        self.service = EvaluatorService(create_engine(config.generation.engine, **engine_options(config)),
-                                        config.model.prompt_format, config.training.max_seq_len)
+        self.service = EvaluatorService(
+            create_engine(config.generation.engine, **engine_options(config)),
+            config.model.prompt_format,
+            config.training.max_seq_len,
+        )
 
     def _checked(self, request: evaluator_pb2.EvaluateModelRequest):
         check_context(request.context)
@@ -70,38 +89,58 @@ class EvaluatorDeployment:
     def _finish(self, request, evaluation: Evaluation) -> evaluator_pb2.EvaluateModelResponse:
         response = _response(evaluation)
         if request.predictions_uri:
-            count = self.store.write_output(request.predictions_uri, request.context.run_id, evaluation.predictions,
-                                            "predictions_uri")
+            count = self.store.write_output(
+                request.predictions_uri, request.context.run_id, evaluation.predictions, "predictions_uri"
+            )
             response.predictions.CopyFrom(common_pb2.DatasetRef(uri=request.predictions_uri, count=count))
         return response
 
     @grpc_method(evaluator_pb2.EvaluateModelResponse)
     def EvaluateModel(self, request: evaluator_pb2.EvaluateModelRequest):
         model_uri, tasks = self._checked(request)
-        evaluation = self.service.evaluate(model_uri, tasks, request.max_instances_per_task, _sampling(request.sampling),
-                                           with_nll=request.with_nll, run_id=request.context.run_id,
-                                           round_index=request.context.round)
+        evaluation = self.service.evaluate(
+            model_uri,
+            tasks,
+            request.max_instances_per_task,
+            _sampling(request.sampling),
+            with_nll=request.with_nll,
+            run_id=request.context.run_id,
+            round_index=request.context.round,
+        )
         return self._finish(request, evaluation)
 
     @grpc_stream_method
     def StreamEvaluation(self, request: evaluator_pb2.EvaluateModelRequest):
         model_uri, tasks = self._checked(request)
-        for done, value in run_with_progress(lambda on_progress: self.service.evaluate(
-                model_uri, tasks, request.max_instances_per_task, _sampling(request.sampling),
-                with_nll=request.with_nll, on_progress=on_progress, run_id=request.context.run_id,
-                round_index=request.context.round)):
+        for done, value in run_with_progress(
+            lambda on_progress: self.service.evaluate(
+                model_uri,
+                tasks,
+                request.max_instances_per_task,
+                _sampling(request.sampling),
+                with_nll=request.with_nll,
+                on_progress=on_progress,
+                run_id=request.context.run_id,
+                round_index=request.context.round,
+            )
+        ):
             if done != "result":
                 yield evaluator_pb2.EvaluationProgress(done=done, total=value)
             else:
-                yield evaluator_pb2.EvaluationProgress(done=value.num_instances, total=value.num_instances,
-                                                       result=self._finish(request, value))
+                yield evaluator_pb2.EvaluationProgress(
+                    done=value.num_instances, total=value.num_instances, result=self._finish(request, value)
+                )
 
     @grpc_method(evaluator_pb2.CompareModelsResponse)
     def CompareModels(self, request: evaluator_pb2.CompareModelsRequest):
         check_context(request.context)
         model_a = check_model_uri(request.model_a_uri, self.store, "model_a_uri", trusted=self.trusted)
         model_b = check_model_uri(request.model_b_uri, self.store, "model_b_uri", trusted=self.trusted)
-        judge = check_model_uri(request.judge_model_uri, self.store, "judge_model_uri", trusted=self.trusted) if request.judge_model_uri else ""
+        judge = (
+            check_model_uri(request.judge_model_uri, self.store, "judge_model_uri", trusted=self.trusted)
+            if request.judge_model_uri
+            else ""
+        )
         check_range(request.max_instances_per_task, "max_instances_per_task", 0, 10_000)
         check_sampling(request.sampling)
         resamples = request.bootstrap_resamples or self.evaluation.bootstrap_resamples
@@ -110,17 +149,34 @@ class EvaluatorDeployment:
         check_range(confidence, "confidence", 0.5, 0.999)
         tasks = resolve_tasks(request.eval_tasks, self.store, "eval_tasks", require_instances=True)
         if len(tasks) * resamples > MAX_BOOTSTRAP_CELLS:
-            raise RequestError("bootstrap_resamples", f"{resamples} resamples of {len(tasks)} tasks is over the "
-                               f"{MAX_BOOTSTRAP_CELLS:,} cells one comparison may hold; ask for fewer")
+            raise RequestError(
+                "bootstrap_resamples",
+                f"{resamples} resamples of {len(tasks)} tasks is over the "
+                f"{MAX_BOOTSTRAP_CELLS:,} cells one comparison may hold; ask for fewer",
+            )
         check_cost(2 * len(tasks), request.sampling.max_new_tokens, "eval_tasks")
-        result = self.service.compare(model_a, model_b, tasks, request.max_instances_per_task,
-                                      _sampling(request.sampling), judge, resamples, confidence)
+        result = self.service.compare(
+            model_a,
+            model_b,
+            tasks,
+            request.max_instances_per_task,
+            _sampling(request.sampling),
+            judge,
+            resamples,
+            confidence,
+        )
         response = evaluator_pb2.CompareModelsResponse(
-            score_difference=_interval(result.score_difference), rouge_l_difference=_interval(result.rouge_l_difference),
-            a=_response(result.a), b=_response(result.b))
+            score_difference=_interval(result.score_difference),
+            rouge_l_difference=_interval(result.rouge_l_difference),
+            a=_response(result.a),
+            b=_response(result.b),
+        )
         if result.judged is not None:
-            response.win_rate, response.tie_rate, response.loss_rate = (result.judged.win, result.judged.tie,
-                                                                        result.judged.loss)
+            response.win_rate, response.tie_rate, response.loss_rate = (
+                result.judged.win,
+                result.judged.tie,
+                result.judged.loss,
+            )
             response.judged_pairs = result.judged.pairs
         return response
 

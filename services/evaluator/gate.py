@@ -24,8 +24,16 @@ class PromotionDecision:
         return asdict(self)
 
 
-def decide(candidate: dict[str, float], incumbent: dict[str, float] | None, *, metric: str, margin: float,
-           confidence: float, resamples: int = 2000, seed: int = 0) -> PromotionDecision:
+def decide(
+    candidate: dict[str, float],
+    incumbent: dict[str, float] | None,
+    *,
+    metric: str,
+    margin: float,
+    confidence: float,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> PromotionDecision:
     """Per-task scores in, decision out: promote when the lower bound of the bootstrap interval of
     (candidate - incumbent) is above margin. With no incumbent, the candidate is promoted."""
     mean = sum(candidate.values()) / len(candidate) if candidate else 0.0
@@ -34,7 +42,20 @@ def decide(candidate: dict[str, float], incumbent: dict[str, float] | None, *, m
     interval = paired_difference(incumbent, candidate, resamples, confidence, seed)
     incumbent_mean = sum(incumbent.values()) / len(incumbent) if incumbent else 0.0
     promoted = interval.low > margin
-    reason = (f"lower bound {interval.low:+.4f} > margin {margin:+.4f}" if promoted
-              else f"lower bound {interval.low:+.4f} <= margin {margin:+.4f}")
-    return PromotionDecision(promoted, metric, mean, incumbent_mean, interval.estimate, interval.low, interval.high,
-                             confidence, margin, reason)
+    reason = (
+        f"lower bound {interval.low:+.4f} > margin {margin:+.4f}"
+        if promoted
+        else f"lower bound {interval.low:+.4f} <= margin {margin:+.4f}"
+    )
+    return PromotionDecision(
+        promoted,
+        metric,
+        mean,
+        incumbent_mean,
+        interval.estimate,
+        interval.low,
+        interval.high,
+        confidence,
+        margin,
+        reason,
+    )

@@ -12,8 +12,12 @@ _VERDICT = re.compile(r"verdict\s*[:\-]?\s*\**\s*(response\s+)?(a|b|tie)\b", re.
 
 def build_judge_prompt(instruction: str, input_text: str, response_a: str, response_b: str) -> str:
     input_block = f"Input: {input_text.strip()}\n" if input_text.strip() else ""
-    return prompts.PAIRWISE_JUDGE.render(instruction=instruction.strip(), input_block=input_block,
-                                         response_a=response_a.strip(), response_b=response_b.strip())
+    return prompts.PAIRWISE_JUDGE.render(
+        instruction=instruction.strip(),
+        input_block=input_block,
+        response_a=response_a.strip(),
+        response_b=response_b.strip(),
+    )
 
 
 def parse_verdict(text: str) -> str | None:

@@ -23,8 +23,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..common.store import RunStore  # noqa: E402
 from .bootstrap import mean_interval  # noqa: E402
 
-SECTIONS = ("funnel", "rouge", "lengths", "verbs", "samples", "backtranslation", "loss", "scores", "promotion",
-            "timing")
+SECTIONS = (
+    "funnel",
+    "rouge",
+    "lengths",
+    "verbs",
+    "samples",
+    "backtranslation",
+    "loss",
+    "scores",
+    "promotion",
+    "timing",
+)
 SAMPLE_SIZE = 25  # tasks shown per round and verdict
 
 
@@ -59,9 +69,13 @@ def _funnel(rounds) -> str:
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     table = "".join(
         f"<tr><td>{k}</td><td>{f['candidates']}</td><td>{f['kept_count']}</td><td>"
-        + html.escape(", ".join(f"{r}: {n}" for r, n in sorted(f["funnel"].items()))) + "</td></tr>"
-        for k, f in rows)
-    return _png(figure) + f"<table><tr><th>round</th><th>candidates</th><th>kept</th><th>removed</th></tr>{table}</table>"
+        + html.escape(", ".join(f"{r}: {n}" for r, n in sorted(f["funnel"].items())))
+        + "</td></tr>"
+        for k, f in rows
+    )
+    return (
+        _png(figure) + f"<table><tr><th>round</th><th>candidates</th><th>kept</th><th>removed</th></tr>{table}</table>"
+    )
 
 
 def _rouge(rounds) -> str:
@@ -117,7 +131,7 @@ def _verbs(instructions: dict[int, list[str]]) -> str:
 def _task_html(task) -> str:
     lineage = task.lineage
     verdicts = [v for v in lineage.verdicts if v.startswith(("kept", "rejected:"))]
-    nearest = next((v[len("nearest:"):] for v in lineage.verdicts if v.startswith("nearest:")), "")
+    nearest = next((v[len("nearest:") :] for v in lineage.verdicts if v.startswith("nearest:")), "")
     facts = [f"verdict: {', '.join(verdicts) or '-'}"]
     if "max_rouge_l" in lineage.scores:
         facts.append(f"max ROUGE-L {lineage.scores['max_rouge_l']:.3f}")
@@ -125,11 +139,16 @@ def _task_html(task) -> str:
         facts.append(f"curation score {lineage.scores['curation']:.0f}")
     facts.append("classification" if task.is_classification else "open-ended")
     instances = "".join(
-        "<li>" + (f"<b>input</b> {html.escape(i.input)}<br>" if i.input.strip() else "")
-        + f"<b>output</b> {html.escape(i.output)}</li>" for i in task.instances)
-    return (f"<details><summary>{html.escape(task.instruction)}</summary><p class='facts'>{html.escape('; '.join(facts))}"
-            + (f"<br>nearest pool entry: <i>{html.escape(nearest)}</i>" if nearest else "")
-            + f"</p><ol>{instances}</ol></details>")
+        "<li>"
+        + (f"<b>input</b> {html.escape(i.input)}<br>" if i.input.strip() else "")
+        + f"<b>output</b> {html.escape(i.output)}</li>"
+        for i in task.instances
+    )
+    return (
+        f"<details><summary>{html.escape(task.instruction)}</summary><p class='facts'>{html.escape('; '.join(facts))}"
+        + (f"<br>nearest pool entry: <i>{html.escape(nearest)}</i>" if nearest else "")
+        + f"</p><ol>{instances}</ol></details>"
+    )
 
 
 def _samples(store: RunStore, rounds) -> str:
@@ -153,18 +172,29 @@ def _backtranslation(store: RunStore, rounds) -> str:
     width = 0.8 / len(curated)
     for n, (k, tasks) in enumerate(curated):
         counts = Counter(int(t.lineage.scores.get("curation", 0)) for t in tasks)
-        axis.bar([score + n * width for score in range(6)], [counts.get(score, 0) for score in range(6)], width=width,
-                 label=f"round {k}")
+        axis.bar(
+            [score + n * width for score in range(6)],
+            [counts.get(score, 0) for score in range(6)],
+            width=width,
+            label=f"round {k}",
+        )
     axis.set_xticks([score + 0.4 - width / 2 for score in range(6)], ["unreadable", "1", "2", "3", "4", "5"])
     axis.set_xlabel("self-curation score")
     axis.set_ylabel("pairs")
     axis.legend(fontsize=8)
-    pairs = "".join(f"<h3>round {k} ({min(len(tasks), SAMPLE_SIZE)} of {len(tasks)} pairs, best rated first)</h3>"
-                    + "".join(_task_html(t) for t in sorted(tasks, key=lambda t: -t.lineage.scores.get("curation", 0))
-                              [:SAMPLE_SIZE]) for k, tasks in curated)
-    thresholds = "".join(f"<li>round {k}: kept score &ge; {s['filter_augmented']['curation_threshold']:g}: "
-                         f"{s['filter_augmented']['kept_count']} of {s['filter_augmented']['candidates']}</li>"
-                         for k, s in rounds if s.get("filter_augmented", {}).get("candidates"))
+    pairs = "".join(
+        f"<h3>round {k} ({min(len(tasks), SAMPLE_SIZE)} of {len(tasks)} pairs, best rated first)</h3>"
+        + "".join(
+            _task_html(t) for t in sorted(tasks, key=lambda t: -t.lineage.scores.get("curation", 0))[:SAMPLE_SIZE]
+        )
+        for k, tasks in curated
+    )
+    thresholds = "".join(
+        f"<li>round {k}: kept score &ge; {s['filter_augmented']['curation_threshold']:g}: "
+        f"{s['filter_augmented']['kept_count']} of {s['filter_augmented']['candidates']}</li>"
+        for k, s in rounds
+        if s.get("filter_augmented", {}).get("candidates")
+    )
     return _png(figure) + (f"<ul>{thresholds}</ul>" if thresholds else "") + pairs
 
 
@@ -175,8 +205,12 @@ def _timing(rounds) -> str:
     by_round: dict[int, float] = {}
     for k, _, seconds in rows:
         by_round[k] = by_round.get(k, 0.0) + seconds
-    body = "".join(f"<tr><td>{k}</td><td>{html.escape(stage)}</td><td>{seconds:.1f}</td></tr>" for k, stage, seconds in rows)
-    totals = "".join(f"<tr><td>{k}</td><td><b>round total</b></td><td><b>{t:.1f}</b></td></tr>" for k, t in by_round.items())
+    body = "".join(
+        f"<tr><td>{k}</td><td>{html.escape(stage)}</td><td>{seconds:.1f}</td></tr>" for k, stage, seconds in rows
+    )
+    totals = "".join(
+        f"<tr><td>{k}</td><td><b>round total</b></td><td><b>{t:.1f}</b></td></tr>" for k, t in by_round.items()
+    )
     return f"<table><tr><th>round</th><th>stage</th><th>seconds</th></tr>{body}{totals}</table>"
 
 
@@ -217,8 +251,10 @@ def _scores(rounds) -> str:
     axis.set_xticks(xs)
     axis.set_xlabel("model (round)")
     axis.set_ylabel("held-out score (bootstrap CI)")
-    rows = "".join(f"<tr><td>{k}</td><td>{i.estimate:.4f}</td><td>{c:.0%}: [{i.low:.4f}, {i.high:.4f}]</td></tr>"
-                   for k, i, c in points)
+    rows = "".join(
+        f"<tr><td>{k}</td><td>{i.estimate:.4f}</td><td>{c:.0%}: [{i.low:.4f}, {i.high:.4f}]</td></tr>"
+        for k, i, c in points
+    )
     return _png(figure) + f"<table><tr><th>model</th><th>score</th><th>interval</th></tr>{rows}</table>"
 
 
@@ -228,12 +264,17 @@ def _promotion(rounds) -> str:
         decision = stages.get("promote")
         if decision:
             verdict = "promoted" if decision.get("promoted") else "kept previous"
-            rows.append(f"<tr><td>{k}</td><td>{verdict}</td><td>{html.escape(str(decision.get('reason', '')))}</td>"
-                        f"<td>{html.escape(str(decision.get('model_uri', '')))}</td></tr>")
+            rows.append(
+                f"<tr><td>{k}</td><td>{verdict}</td><td>{html.escape(str(decision.get('reason', '')))}</td>"
+                f"<td>{html.escape(str(decision.get('model_uri', '')))}</td></tr>"
+            )
     if not rows:
         return "<p>No decisions yet.</p>"
-    return ("<table><tr><th>round</th><th>decision</th><th>why</th><th>model used next</th></tr>"
-            + "".join(rows) + "</table>")
+    return (
+        "<table><tr><th>round</th><th>decision</th><th>why</th><th>model used next</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
@@ -259,10 +300,14 @@ def build_report(store: RunStore, run_id: str) -> str:
         "promotion": ("Promotion decisions", _promotion(rounds)),
         "timing": ("Time per stage", _timing(rounds)),
     }
-    body = "".join(f'<section id="{key}"><h2>{title}</h2>{content}</section>' for key, (title, content) in sections.items())
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>reinstruct run {html.escape(run_id)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>reinstruct run {html.escape(run_id)}</h1>"
-            f"<p>status: {html.escape(str(manifest.get('status', '?')))}; rounds: {len(rounds)}</p>{body}</body></html>")
+    body = "".join(
+        f'<section id="{key}"><h2>{title}</h2>{content}</section>' for key, (title, content) in sections.items()
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>reinstruct run {html.escape(run_id)}</title>"
+        f"<style>{_STYLE}</style></head><body><h1>reinstruct run {html.escape(run_id)}</h1>"
+        f"<p>status: {html.escape(str(manifest.get('status', '?')))}; rounds: {len(rounds)}</p>{body}</body></html>"
+    )
 
 
 def write_report(store: RunStore, run_id: str) -> str:

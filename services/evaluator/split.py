@@ -7,7 +7,9 @@ import random
 from ..common.records import TaskRecord
 
 
-def split_by_task(tasks: list[TaskRecord], heldout_fraction: float, seed: int) -> tuple[list[TaskRecord], list[TaskRecord]]:
+def split_by_task(
+    tasks: list[TaskRecord], heldout_fraction: float, seed: int
+) -> tuple[list[TaskRecord], list[TaskRecord]]:
     """(train, held-out). Deterministic for a given seed and set of task ids, whatever their order."""
     rng = random.Random(seed)
     train, heldout = [], []

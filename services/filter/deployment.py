@@ -43,19 +43,32 @@ class FilterDeployment:
         near = request.near_duplicate_threshold or defaults.near_duplicate_threshold  # negative: off
         check_range(near, "near_duplicate_threshold", -1.0, 1.0)
         check_range(request.min_curation_score, "min_curation_score", 0.0, 5.0)
-        settings = FilterSettings(threshold, min_words, max_words,
-                                  reject_only_above_threshold=request.reject_only_above_threshold,
-                                  near_duplicate_threshold=near if near > 0 else None,
-                                  decontamination_ngram=ngram, min_curation_score=request.min_curation_score,
-                                  max_instances_per_task=defaults.max_instances_per_task,
-                                  check_instances=not request.instructions_only)
+        settings = FilterSettings(
+            threshold,
+            min_words,
+            max_words,
+            reject_only_above_threshold=request.reject_only_above_threshold,
+            near_duplicate_threshold=near if near > 0 else None,
+            decontamination_ngram=ngram,
+            min_curation_score=request.min_curation_score,
+            max_instances_per_task=defaults.max_instances_per_task,
+            check_instances=not request.instructions_only,
+        )
         result = filter_tasks(candidates, pool, settings, eval_tasks)
         response = filter_pb2.FilterTasksResponse(
-            verdicts=[filter_pb2.Verdict(task_id=v.task_id, kept=v.kept, reasons=v.reasons,
-                                         max_rouge_l=v.max_rouge_l, nearest_instruction=v.nearest_instruction)
-                      for v in result.verdicts],
+            verdicts=[
+                filter_pb2.Verdict(
+                    task_id=v.task_id,
+                    kept=v.kept,
+                    reasons=v.reasons,
+                    max_rouge_l=v.max_rouge_l,
+                    nearest_instruction=v.nearest_instruction,
+                )
+                for v in result.verdicts
+            ],
             funnel=[filter_pb2.FunnelStep(rule=rule, removed=n) for rule, n in sorted(result.funnel.items())],
-            candidates=len(candidates), kept_count=len(result.kept),
+            candidates=len(candidates),
+            kept_count=len(result.kept),
         )
         if request.kept_uri:
             count = self.store.write_output(request.kept_uri, run_id, result.kept, "kept_uri")

@@ -24,12 +24,18 @@ def _to_task(path: Path, line: int, row: dict) -> tuple[TaskRecord, bool]:
     if not isinstance(instruction, str) or not instruction.strip():
         raise DataFormatError(path, line, "instruction", "missing or not a non-empty string")
     if isinstance(row.get("instances"), list):
-        instances = [Instance(str(i.get("input") or ""), str(i.get("output") or ""))
-                     for i in row["instances"] if isinstance(i, dict)]
+        instances = [
+            Instance(str(i.get("input") or ""), str(i.get("output") or ""))
+            for i in row["instances"]
+            if isinstance(i, dict)
+        ]
         return TaskRecord(id=f"{line}", instruction=instruction, instances=instances), True
     if "output" in row:
-        return TaskRecord(id=f"{line}", instruction=instruction,
-                          instances=[Instance(str(row.get("input") or ""), str(row.get("output") or ""))]), True
+        return TaskRecord(
+            id=f"{line}",
+            instruction=instruction,
+            instances=[Instance(str(row.get("input") or ""), str(row.get("output") or ""))],
+        ), True
     return TaskRecord(id=f"{line}", instruction=instruction), False
 
 
@@ -53,8 +59,14 @@ def _with_instances(row: dict, kept: TaskRecord) -> dict:
     return {**row, "instances": [{"input": i.input, "output": i.output} for i in kept.instances]}
 
 
-def filter_file(input_path: Path, output_path: Path, pool_path: Path | None, settings: FilterSettings,
-                rejected_path: Path | None = None, on_progress=None) -> FilterResult:
+def filter_file(
+    input_path: Path,
+    output_path: Path,
+    pool_path: Path | None,
+    settings: FilterSettings,
+    rejected_path: Path | None = None,
+    on_progress=None,
+) -> FilterResult:
     rows = load_rows(input_path)
     pool = [task for _, task, _ in load_rows(pool_path)] if pool_path else []
     settings.check_instances = all(has_outputs for _, _, has_outputs in rows)
@@ -65,8 +77,16 @@ def filter_file(input_path: Path, output_path: Path, pool_path: Path | None, set
         if verdict.kept:
             kept_rows.append(_with_instances(row, kept_by_id[verdict.task_id]))
         else:
-            rejected_rows.append({**row, "_reinstruct": {"reasons": verdict.reasons, "max_rouge_l": verdict.max_rouge_l,
-                                                         "nearest": verdict.nearest_instruction}})
+            rejected_rows.append(
+                {
+                    **row,
+                    "_reinstruct": {
+                        "reasons": verdict.reasons,
+                        "max_rouge_l": verdict.max_rouge_l,
+                        "nearest": verdict.nearest_instruction,
+                    },
+                }
+            )
     _write_jsonl(output_path, kept_rows)
     if rejected_path:
         _write_jsonl(rejected_path, rejected_rows)

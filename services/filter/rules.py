@@ -9,12 +9,26 @@ import string
 from ..common.records import Instance
 
 # Words a text-only model cannot act on (Self-Instruct, Section 2.3).
-DEFAULT_BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
-                     "map", "maps", "draw", "plot", "go to")
+DEFAULT_BLACKLIST = (
+    "image",
+    "images",
+    "graph",
+    "graphs",
+    "picture",
+    "pictures",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+)
 
 
-def instruction_rejection(instruction: str, min_words: int = 4, max_words: int = 150,
-                          blacklist: tuple[str, ...] = DEFAULT_BLACKLIST) -> str | None:
+def instruction_rejection(
+    instruction: str, min_words: int = 4, max_words: int = 150, blacklist: tuple[str, ...] = DEFAULT_BLACKLIST
+) -> str | None:
     words = instruction.split()
     if len(words) < min_words:
         return "too_short"

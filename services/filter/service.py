@@ -48,21 +48,32 @@ class FilterSettings:
     max_instances_per_task: int = 5  # kept at random after cleaning (the reference's 5); 0: all
 
 
-def filter_tasks(candidates: list[TaskRecord], pool: list[TaskRecord], settings: FilterSettings,
-                 eval_tasks: list[TaskRecord] | None = None, index: NoveltyIndex | None = None,
-                 on_progress=None) -> FilterResult:
+def filter_tasks(
+    candidates: list[TaskRecord],
+    pool: list[TaskRecord],
+    settings: FilterSettings,
+    eval_tasks: list[TaskRecord] | None = None,
+    index: NoveltyIndex | None = None,
+    on_progress=None,
+) -> FilterResult:
     """index: a NoveltyIndex already holding the pool (it grows with the kept candidates);
     on_progress: called after each candidate (progress bars)."""
     index = index if index is not None else NoveltyIndex([t.instruction for t in pool])
     contamination = ContaminationIndex(eval_tasks or [], settings.decontamination_ngram)
-    deduper = (ResponseDeduper(settings.near_duplicate_threshold)
-               if settings.near_duplicate_threshold and settings.check_instances else None)
+    deduper = (
+        ResponseDeduper(settings.near_duplicate_threshold)
+        if settings.near_duplicate_threshold and settings.check_instances
+        else None
+    )
     funnel: Counter[str] = Counter()
     kept, rejected, verdicts = [], [], []
     for task in candidates:
-        reason = instruction_rejection(task.instruction, settings.min_instruction_words,
-                                       settings.max_instruction_words, settings.blacklist)
-        instances, instance_reasons = clean_instances(task.instances) if settings.check_instances else (task.instances, [])
+        reason = instruction_rejection(
+            task.instruction, settings.min_instruction_words, settings.max_instruction_words, settings.blacklist
+        )
+        instances, instance_reasons = (
+            clean_instances(task.instances) if settings.check_instances else (task.instances, [])
+        )
         if settings.check_instances:
             instances = sample_instances(instances, settings.max_instances_per_task, task.id)
         score, nearest = 0.0, -1
@@ -75,8 +86,11 @@ def filter_tasks(candidates: list[TaskRecord], pool: list[TaskRecord], settings:
             reason = "contaminated"
         if reason is None:
             score, nearest = index.nearest(task.instruction)
-            too_similar = (score > settings.rouge_l_threshold if settings.reject_only_above_threshold
-                           else score >= settings.rouge_l_threshold)
+            too_similar = (
+                score > settings.rouge_l_threshold
+                if settings.reject_only_above_threshold
+                else score >= settings.rouge_l_threshold
+            )
             if too_similar:
                 reason = "rouge_l_too_similar"
         if reason is None and deduper is not None and deduper.find(response) is not None:
@@ -85,12 +99,22 @@ def filter_tasks(candidates: list[TaskRecord], pool: list[TaskRecord], settings:
             index.add(task.instruction)
             if deduper is not None:
                 deduper.add(task.id, response)
-        verdict = Verdict(task.id, reason is None, ([reason] if reason else []) + instance_reasons, score,
-                          index.texts[nearest] if nearest >= 0 else "")
-        lineage = replace(task.lineage, scores={**task.lineage.scores, "max_rouge_l": score},
-                          verdicts=[*task.lineage.verdicts,
-                                    *([f"nearest:{verdict.nearest_instruction}"] if verdict.nearest_instruction else []),
-                                    "kept" if reason is None else f"rejected:{reason}"])
+        verdict = Verdict(
+            task.id,
+            reason is None,
+            ([reason] if reason else []) + instance_reasons,
+            score,
+            index.texts[nearest] if nearest >= 0 else "",
+        )
+        lineage = replace(
+            task.lineage,
+            scores={**task.lineage.scores, "max_rouge_l": score},
+            verdicts=[
+                *task.lineage.verdicts,
+                *([f"nearest:{verdict.nearest_instruction}"] if verdict.nearest_instruction else []),
+                "kept" if reason is None else f"rejected:{reason}",
+            ],
+        )
         record = replace(task, instances=instances if reason is None else task.instances, lineage=lineage)
         if reason is None:
             kept.append(record)

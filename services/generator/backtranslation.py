@@ -49,12 +49,17 @@ def backward_tasks(seed_tasks: list[TaskRecord]) -> list[TaskRecord]:
         for j, inst in enumerate(task.instances):
             if not inst.output.strip():
                 continue
-            out.append(TaskRecord(
-                id=f"backward-{task.id}-{j}", instruction=build_backward_prompt(inst.output),
-                instances=[Instance("", " " + seed_prompt(task, inst))], format="raw",
-                lineage=Lineage(stage="backward_data", model="human", prompt_template=prompts.BACKWARD.id,
-                                parent_id=task.id),
-            ))
+            out.append(
+                TaskRecord(
+                    id=f"backward-{task.id}-{j}",
+                    instruction=build_backward_prompt(inst.output),
+                    instances=[Instance("", " " + seed_prompt(task, inst))],
+                    format="raw",
+                    lineage=Lineage(
+                        stage="backward_data", model="human", prompt_template=prompts.BACKWARD.id, parent_id=task.id
+                    ),
+                )
+            )
     return out
 
 
@@ -65,22 +70,36 @@ def curation_meta_tasks(seed_tasks: list[TaskRecord], seed: int) -> list[TaskRec
     for task in seed_tasks:
         inst = task.instances[0]
         good = build_rating_prompt(task.instruction, inst.input, inst.output)
-        out.append(TaskRecord(id=f"meta-curate-good-{task.id}", instruction=good, format="raw",
-                              instances=[Instance("", " The response answers the instruction.\nScore: 5")],
-                              lineage=Lineage(stage="meta_task", model="human", prompt_template=prompts.CURATE.id)))
+        out.append(
+            TaskRecord(
+                id=f"meta-curate-good-{task.id}",
+                instruction=good,
+                format="raw",
+                instances=[Instance("", " The response answers the instruction.\nScore: 5")],
+                lineage=Lineage(stage="meta_task", model="human", prompt_template=prompts.CURATE.id),
+            )
+        )
         other = rng.choice([t for t in seed_tasks if t.id != task.id])
         bad = build_rating_prompt(task.instruction, inst.input, other.instances[0].output)
         score = rng.choice([1, 2])
-        out.append(TaskRecord(id=f"meta-curate-bad-{task.id}", instruction=bad, format="raw",
-                              instances=[Instance("", f" The response is about something else.\nScore: {score}")],
-                              lineage=Lineage(stage="meta_task", model="human", prompt_template=prompts.CURATE.id)))
+        out.append(
+            TaskRecord(
+                id=f"meta-curate-bad-{task.id}",
+                instruction=bad,
+                format="raw",
+                instances=[Instance("", f" The response is about something else.\nScore: {score}")],
+                lineage=Lineage(stage="meta_task", model="human", prompt_template=prompts.CURATE.id),
+            )
+        )
     return out
 
 
 def augmented_task(run_id: str, round_index: int, model: str, index: int, segment: str, instruction: str) -> TaskRecord:
     return TaskRecord(
-        id=stable_id(run_id, round_index, "backtranslate", index), instruction=instruction,
+        id=stable_id(run_id, round_index, "backtranslate", index),
+        instruction=instruction,
         instances=[Instance("", segment)],
-        lineage=Lineage(run_id=run_id, round=round_index, stage="backtranslate", model=model,
-                        prompt_template=prompts.BACKWARD.id),
+        lineage=Lineage(
+            run_id=run_id, round=round_index, stage="backtranslate", model=model, prompt_template=prompts.BACKWARD.id
+        ),
     )

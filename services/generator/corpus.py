@@ -50,8 +50,11 @@ def _file_texts(path: Path) -> list[str]:
 
 def load_segments(source: str | list[str], min_chars: int, max_chars: int) -> list[str]:
     """source: 'stdlib-docstrings', or text / JSONL ('text' field) / Parquet ('text' column) files."""
-    texts = stdlib_docstrings() if source == STDLIB else [t for p in ([source] if isinstance(source, str) else source)
-                                                          for t in _file_texts(Path(p))]
+    texts = (
+        stdlib_docstrings()
+        if source == STDLIB
+        else [t for p in ([source] if isinstance(source, str) else source) for t in _file_texts(Path(p))]
+    )
     seen, out = set(), []
     for text in texts:
         for piece in segment(text, min_chars, max_chars):

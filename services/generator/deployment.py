@@ -35,9 +35,13 @@ from .service import GeneratorService, RunContext
 
 
 def _sampling(message: common_pb2.Sampling) -> SamplingParams:
-    return SamplingParams(temperature=message.temperature, top_p=message.top_p or 1.0,
-                          max_new_tokens=message.max_new_tokens, seed=message.seed,
-                          presence_penalty=message.presence_penalty)
+    return SamplingParams(
+        temperature=message.temperature,
+        top_p=message.top_p or 1.0,
+        max_new_tokens=message.max_new_tokens,
+        seed=message.seed,
+        presence_penalty=message.presence_penalty,
+    )
 
 
 def _http_auth(authorization: str | None = Header(default=None)) -> None:
@@ -89,9 +93,17 @@ class GeneratorDeployment:
         self.service.engine.load(model)
         prompt = chat_prompt(self.service.engine.tokenizer, body.messages, self.prompt_format)
         sampling = body.sampling()
-        out = self.service.engine.generate([prompt], SamplingParams(
-            sampling.temperature, sampling.top_p, sampling.max_new_tokens, sampling.seed,
-            sampling.stop or ("\n\n",), sampling.presence_penalty))
+        out = self.service.engine.generate(
+            [prompt],
+            SamplingParams(
+                sampling.temperature,
+                sampling.top_p,
+                sampling.max_new_tokens,
+                sampling.seed,
+                sampling.stop or ("\n\n",),
+                sampling.presence_penalty,
+            ),
+        )
         return completion_response(model, [(c.text.strip(), c.finish_reason) for c in out], "chat")
 
     def _respond(self, request, tasks, response_type, **extra):
@@ -116,12 +128,24 @@ class GeneratorDeployment:
         machine = resolve_tasks(request.machine_tasks, self.store, "machine_tasks", required=False)
         ctx = RunContext(request.context.run_id, request.context.round)
         batch = self.service.generate_instructions(
-            ctx, model_uri, human, machine, request.num_prompts, _sampling(request.sampling),
-            request.num_human_in_context, request.num_machine_in_context, request.classification_only,
+            ctx,
+            model_uri,
+            human,
+            machine,
+            request.num_prompts,
+            _sampling(request.sampling),
+            request.num_human_in_context,
+            request.num_machine_in_context,
+            request.classification_only,
             int(check_range(request.first_prompt_index, "first_prompt_index", 0, 10_000_000)),
         )
-        return self._respond(request, batch.tasks, generator_pb2.GenerateInstructionsResponse,
-                             prompts=batch.prompts, completions_truncated=batch.truncated)
+        return self._respond(
+            request,
+            batch.tasks,
+            generator_pb2.GenerateInstructionsResponse,
+            prompts=batch.prompts,
+            completions_truncated=batch.truncated,
+        )
 
     @grpc_method(generator_pb2.TasksResponse)
     def ClassifyInstructions(self, request: generator_pb2.ClassifyInstructionsRequest):
@@ -140,29 +164,39 @@ class GeneratorDeployment:
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         tasks = resolve_tasks(request.tasks, self.store, "tasks")
         check_cost(len(tasks), request.sampling.max_new_tokens, "tasks")
-        demos = resolve_tasks(request.demonstrations, self.store, "demonstrations", required=False,
-                              require_instances=True)
+        demos = resolve_tasks(
+            request.demonstrations, self.store, "demonstrations", required=False, require_instances=True
+        )
         return RunContext(request.context.run_id, request.context.round), model_uri, tasks, demos
 
     @grpc_method(generator_pb2.TasksResponse)
     def GenerateInstances(self, request: generator_pb2.GenerateInstancesRequest):
         ctx, model_uri, tasks, demos = self._instances_request(request)
-        out = self.service.generate_instances(ctx, model_uri, tasks, demos, request.num_demonstrations,
-                                              _sampling(request.sampling))
+        out = self.service.generate_instances(
+            ctx, model_uri, tasks, demos, request.num_demonstrations, _sampling(request.sampling)
+        )
         return self._respond(request, out, generator_pb2.TasksResponse)
 
     @grpc_stream_method
     def StreamInstances(self, request: generator_pb2.GenerateInstancesRequest):
         ctx, model_uri, tasks, demos = self._instances_request(request)
-        for done, value in run_with_progress(lambda on_progress: self.service.generate_instances(
-                ctx, model_uri, tasks, demos, request.num_demonstrations, _sampling(request.sampling),
-                on_progress=on_progress)):
+        for done, value in run_with_progress(
+            lambda on_progress: self.service.generate_instances(
+                ctx,
+                model_uri,
+                tasks,
+                demos,
+                request.num_demonstrations,
+                _sampling(request.sampling),
+                on_progress=on_progress,
+            )
+        ):
             if done != "result":
                 yield generator_pb2.GenerationProgress(done=done, total=value)
             else:
                 yield generator_pb2.GenerationProgress(
-                    done=len(tasks), total=len(tasks),
-                    result=self._respond(request, value, generator_pb2.TasksResponse))
+                    done=len(tasks), total=len(tasks), result=self._respond(request, value, generator_pb2.TasksResponse)
+                )
 
     @grpc_method(generator_pb2.TasksResponse)
     def Backtranslate(self, request: generator_pb2.BacktranslateRequest):
@@ -177,8 +211,9 @@ class GeneratorDeployment:
                 raise RequestError("segments", f"has {len(request.segments)}; the inline limit is {MAX_INLINE_TASKS}")
             segments = [check_text(text, f"segments[{i}]", required=True) for i, text in enumerate(request.segments)]
         else:
-            tasks = resolve_tasks(request.segment_tasks, self.store, "segment_tasks", require_instances=True,
-                                  require_instruction=False)
+            tasks = resolve_tasks(
+                request.segment_tasks, self.store, "segment_tasks", require_instances=True, require_instruction=False
+            )
             segments = [t.instances[0].output for t in tasks if t.instances and t.instances[0].output.strip()]
             if not segments:
                 raise RequestError("segment_tasks", "no task carries a non-empty segment in instances[0].output")
@@ -194,8 +229,11 @@ class GeneratorDeployment:
         check_sampling(request.sampling)
         tasks = resolve_tasks(request.tasks, self.store, "tasks", require_instances=True)
         ctx = RunContext(request.context.run_id, request.context.round)
-        return self._respond(request, self.service.curate(ctx, model_uri, tasks, _sampling(request.sampling)),
-                             generator_pb2.TasksResponse)
+        return self._respond(
+            request,
+            self.service.curate(ctx, model_uri, tasks, _sampling(request.sampling)),
+            generator_pb2.TasksResponse,
+        )
 
 
 def build_app(args: dict | None = None):

@@ -36,8 +36,14 @@ class _Request(BaseModel):
 
     def sampling(self) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_tokens,
-                              seed=self.seed, stop=tuple(stop[:4]), presence_penalty=self.presence_penalty)
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_tokens,
+            seed=self.seed,
+            stop=tuple(stop[:4]),
+            presence_penalty=self.presence_penalty,
+        )
 
 
 class CompletionRequest(_Request):
@@ -80,11 +86,24 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], prompt_format: PromptFor
 def completion_response(model: str, texts: list[tuple[str, str]], kind: str) -> dict:
     created = int(time.time())
     if kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                   for i, (text, reason) in enumerate(texts)]
-        return {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": created,
-                "model": model, "choices": choices}
-    choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-               for i, (text, reason) in enumerate(texts)]
-    return {"id": f"cmpl-{uuid.uuid4().hex[:12]}", "object": "text_completion", "created": created,
-            "model": model, "choices": choices}
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            for i, (text, reason) in enumerate(texts)
+        ]
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        }
+    choices = [
+        {"index": i, "text": text, "finish_reason": reason, "logprobs": None} for i, (text, reason) in enumerate(texts)
+    ]
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex[:12]}",
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }

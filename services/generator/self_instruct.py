@@ -25,8 +25,12 @@ class InstructionPrompt:
 
 
 def build_instruction_prompt(
-    human: list[TaskRecord], machine: list[TaskRecord], rng: random.Random,
-    num_human: int = 6, num_machine: int = 2, classification_only: bool = False,
+    human: list[TaskRecord],
+    machine: list[TaskRecord],
+    rng: random.Random,
+    num_human: int = 6,
+    num_machine: int = 2,
+    classification_only: bool = False,
 ) -> InstructionPrompt:
     """8 in-context instructions: num_human seed tasks + num_machine pool tasks (fewer while the pool
     is small; the human share fills the gap), shuffled, numbered, ending with the next number."""
@@ -59,7 +63,9 @@ def parse_is_classification(completion: str) -> bool:
     return bool(match) and match.group(1).lower() == "yes"
 
 
-def build_instance_prompt(task_instruction: str, is_classification: bool, demonstrations: list[TaskRecord]) -> tuple[str, str]:
+def build_instance_prompt(
+    task_instruction: str, is_classification: bool, demonstrations: list[TaskRecord]
+) -> tuple[str, str]:
     """Output-first for classification tasks, input-first otherwise, with seed demonstrations."""
     blocks = []
     for demo in demonstrations:

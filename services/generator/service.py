@@ -30,9 +30,17 @@ class GeneratorService:
         self.engine = engine
 
     def generate_instructions(
-        self, ctx: RunContext, model_uri: str, human: list[TaskRecord], machine: list[TaskRecord],
-        num_prompts: int, sampling: SamplingParams, num_human: int = 6, num_machine: int = 2,
-        classification_only: bool = False, first_prompt_index: int = 0,
+        self,
+        ctx: RunContext,
+        model_uri: str,
+        human: list[TaskRecord],
+        machine: list[TaskRecord],
+        num_prompts: int,
+        sampling: SamplingParams,
+        num_human: int = 6,
+        num_machine: int = 2,
+        classification_only: bool = False,
+        first_prompt_index: int = 0,
     ) -> InstructionBatch:
         """Prompts first_prompt_index .. +num_prompts of the round: each prompt's in-context draw and
         record ids depend on its index alone, so a stage sent in parts gives the same tasks."""
@@ -41,22 +49,37 @@ class GeneratorService:
             human = [t for t in human if t.is_classification] or human
             machine = [t for t in machine if t.is_classification]
         indices = range(first_prompt_index, first_prompt_index + num_prompts)
-        built = [si.build_instruction_prompt(
-            human, machine, random.Random(f"{ctx.run_id}/{ctx.round}/{sampling.seed}/{classification_only}/{i}"),
-            num_human, num_machine, classification_only) for i in indices]
+        built = [
+            si.build_instruction_prompt(
+                human,
+                machine,
+                random.Random(f"{ctx.run_id}/{ctx.round}/{sampling.seed}/{classification_only}/{i}"),
+                num_human,
+                num_machine,
+                classification_only,
+            )
+            for i in indices
+        ]
         params = replace(sampling, stop=si.INSTRUCTION_STOPS, seed=sampling.seed + first_prompt_index)
         completions = self.engine.generate([p.text for p in built], params)
         tasks, truncated = [], 0
         for p_index, prompt, completion in zip(indices, built, completions):
             truncated += completion.finish_reason == "length"
             for i_index, instruction in enumerate(si.parse_instructions(completion.text, completion.finish_reason)):
-                tasks.append(TaskRecord(
-                    id=stable_id(ctx.run_id, ctx.round, "instruction", classification_only, p_index, i_index),
-                    instruction=instruction,
-                    lineage=Lineage(run_id=ctx.run_id, round=ctx.round, stage="generate_instructions",
-                                    model=model_uri, prompt_template=prompt.template_id,
-                                    context_task_ids=prompt.context_task_ids),
-                ))
+                tasks.append(
+                    TaskRecord(
+                        id=stable_id(ctx.run_id, ctx.round, "instruction", classification_only, p_index, i_index),
+                        instruction=instruction,
+                        lineage=Lineage(
+                            run_id=ctx.run_id,
+                            round=ctx.round,
+                            stage="generate_instructions",
+                            model=model_uri,
+                            prompt_template=prompt.template_id,
+                            context_task_ids=prompt.context_task_ids,
+                        ),
+                    )
+                )
         return InstructionBatch(tasks, len(built), truncated)
 
     def classify(self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord]) -> list[TaskRecord]:
@@ -73,8 +96,15 @@ class GeneratorService:
         return out
 
     def generate_instances(
-        self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], demonstrations: list[TaskRecord],
-        num_demonstrations: int, sampling: SamplingParams, on_progress=None, chunk_size: int = 16,
+        self,
+        ctx: RunContext,
+        model_uri: str,
+        tasks: list[TaskRecord],
+        demonstrations: list[TaskRecord],
+        num_demonstrations: int,
+        sampling: SamplingParams,
+        on_progress=None,
+        chunk_size: int = 16,
     ) -> list[TaskRecord]:
         """Tasks that got at least one instance, each with its instances; the others are dropped."""
         self.engine.load(model_uri)
@@ -89,7 +119,9 @@ class GeneratorService:
         for start in range(0, len(built), chunk_size):
             # the seed varies per chunk so that chunking does not repeat the same random stream
             chunk_params = replace(params, seed=params.seed + start)
-            completions.extend(self.engine.generate([text for text, _ in built[start : start + chunk_size]], chunk_params))
+            completions.extend(
+                self.engine.generate([text for text, _ in built[start : start + chunk_size]], chunk_params)
+            )
             if on_progress is not None:
                 on_progress(len(completions), len(built))
         out = []
@@ -103,12 +135,14 @@ class GeneratorService:
             out.append(replace(task, instances=[Instance(i, o) for i, o in pairs], lineage=lineage))
         return out
 
-    def backtranslate(self, ctx: RunContext, backward_model: str, segments: list[str],
-                      sampling: SamplingParams) -> list[TaskRecord]:
+    def backtranslate(
+        self, ctx: RunContext, backward_model: str, segments: list[str], sampling: SamplingParams
+    ) -> list[TaskRecord]:
         """One instruction per segment from the backward model; segments it wrote nothing for are dropped."""
         self.engine.load(backward_model)
-        completions = self.engine.generate([bt.build_backward_prompt(s) for s in segments],
-                                           replace(sampling, stop=bt.BACKWARD_STOPS))
+        completions = self.engine.generate(
+            [bt.build_backward_prompt(s) for s in segments], replace(sampling, stop=bt.BACKWARD_STOPS)
+        )
         out = []
         for index, (segment, completion) in enumerate(zip(segments, completions)):
             instruction = bt.parse_backward(completion.text)
@@ -116,15 +150,24 @@ class GeneratorService:
                 out.append(bt.augmented_task(ctx.run_id, ctx.round, backward_model, index, segment, instruction))
         return out
 
-    def curate(self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], sampling: SamplingParams) -> list[TaskRecord]:
+    def curate(
+        self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], sampling: SamplingParams
+    ) -> list[TaskRecord]:
         """Adds lineage score 'curation' (1-5; 0 when the rating cannot be read) to every task."""
         self.engine.load(model_uri)
-        prompts = [bt.build_rating_prompt(t.instruction, t.instances[0].input if t.instances else "",
-                                          t.instances[0].output if t.instances else "") for t in tasks]
+        prompts = [
+            bt.build_rating_prompt(
+                t.instruction, t.instances[0].input if t.instances else "", t.instances[0].output if t.instances else ""
+            )
+            for t in tasks
+        ]
         completions = self.engine.generate(prompts, sampling)
         out = []
         for task, completion in zip(tasks, completions):
-            lineage = replace(task.lineage, scores={**task.lineage.scores, "curation": float(bt.parse_rating(completion.text))},
-                              verdicts=[*task.lineage.verdicts, f"curated_by:{model_uri}"])
+            lineage = replace(
+                task.lineage,
+                scores={**task.lineage.scores, "curation": float(bt.parse_rating(completion.text))},
+                verdicts=[*task.lineage.verdicts, f"curated_by:{model_uri}"],
+            )
             out.append(replace(task, lineage=lineage))
         return out

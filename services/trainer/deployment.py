@@ -23,17 +23,26 @@ from ..common.validation import (
 )
 from .service import TrainerService, TrainingJob, TrainingParams
 
-_STATES = {name: getattr(trainer_pb2.TrainingStatus, name)
-           for name in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")}
+_STATES = {
+    name: getattr(trainer_pb2.TrainingStatus, name)
+    for name in ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+}
 _FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 def _status(job: TrainingJob) -> trainer_pb2.TrainingStatus:
     return trainer_pb2.TrainingStatus(
-        job_id=job.job_id, state=_STATES[job.state], step=job.step, total_steps=job.total_steps,
-        loss=job.losses[-1] if job.losses else 0.0, losses=job.losses,
-        model_uri=job.model_uri if job.state == "SUCCEEDED" else "", error=job.error, train_examples=job.examples,
-        real_token_share=job.real_token_share, resumed_from_step=job.resumed_from_step,
+        job_id=job.job_id,
+        state=_STATES[job.state],
+        step=job.step,
+        total_steps=job.total_steps,
+        loss=job.losses[-1] if job.losses else 0.0,
+        losses=job.losses,
+        model_uri=job.model_uri if job.state == "SUCCEEDED" else "",
+        error=job.error,
+        train_examples=job.examples,
+        real_token_share=job.real_token_share,
+        resumed_from_step=job.resumed_from_step,
     )
 
 
@@ -46,8 +55,11 @@ def _check_placement(params: TrainingParams) -> None:
     kind = "GPU" if params.use_gpu else "CPU"
     if total.get(kind, 0) < params.num_workers:
         field = "params.use_gpu" if params.use_gpu else "params.num_workers"
-        raise RequestError(field, f"{params.num_workers} training workers need {params.num_workers} {kind}s; "
-                           f"the cluster has {total.get(kind, 0):g}")
+        raise RequestError(
+            field,
+            f"{params.num_workers} training workers need {params.num_workers} {kind}s; "
+            f"the cluster has {total.get(kind, 0):g}",
+        )
 
 
 @serve.deployment(name="Trainer")
@@ -57,9 +69,13 @@ class TrainerDeployment:
         self.config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(self.config.store.root, self.config.store.allowed_schemes)
         self.trusted = TrustedModels.from_config(self.config)
-        self.service = TrainerService(self.store, self.config.model.trust_remote_code,
-                                      self.config.model.builtin_cache_dir, prompt_format=self.config.model.prompt_format,
-                                      max_active_jobs=self.config.serve.max_training_jobs)
+        self.service = TrainerService(
+            self.store,
+            self.config.model.trust_remote_code,
+            self.config.model.builtin_cache_dir,
+            prompt_format=self.config.model.prompt_format,
+            max_active_jobs=self.config.serve.max_training_jobs,
+        )
 
     @grpc_method(trainer_pb2.TrainingStatus)
     def StartTraining(self, request: trainer_pb2.StartTrainingRequest):
@@ -67,7 +83,9 @@ class TrainerDeployment:
         base = check_model_uri(request.base_model_uri, self.store, "base_model_uri", trusted=self.trusted)
         if not request.output_model_uri:
             raise RequestError("output_model_uri", "must not be empty")
-        check_output_uri(request.output_model_uri, self.store, "output_model_uri", request.context.run_id, dataset=False)
+        check_output_uri(
+            request.output_model_uri, self.store, "output_model_uri", request.context.run_id, dataset=False
+        )
         p, d = request.params, self.config.training
         params = TrainingParams(
             epochs=int(check_range(p.epochs or d.epochs, "params.epochs", 1, 1000)),
@@ -76,15 +94,23 @@ class TrainerDeployment:
             batch_size=int(check_range(p.batch_size or d.batch_size, "params.batch_size", 1, 4096)),
             max_seq_len=int(check_range(p.max_seq_len or d.max_seq_len, "params.max_seq_len", 16, 65_536)),
             num_workers=int(check_range(p.num_workers or d.num_workers, "params.num_workers", 1, 1024)),
-            use_gpu=p.use_gpu or d.use_gpu, seed=p.seed,
+            use_gpu=p.use_gpu or d.use_gpu,
+            seed=p.seed,
             augmented_tag=check_text(p.augmented_tag, "params.augmented_tag", limit=200),
             packing=not p.no_packing and d.packing,
-            checkpoint_every=int(check_range(p.checkpoint_every or d.checkpoint_every, "params.checkpoint_every", 1, 10**7)),
+            checkpoint_every=int(
+                check_range(p.checkpoint_every or d.checkpoint_every, "params.checkpoint_every", 1, 10**7)
+            ),
             max_failures=int(check_range(p.max_failures or d.max_failures, "params.max_failures", 0, 100)),
-            precision=p.precision or d.precision, gradient_checkpointing=p.gradient_checkpointing or d.gradient_checkpointing,
-            lora={"enabled": p.lora.enabled or d.lora.enabled, "r": int(p.lora.r or d.lora.r),
-                  "alpha": float(p.lora.alpha or d.lora.alpha), "dropout": float(p.lora.dropout or d.lora.dropout),
-                  "keep_adapter": p.lora.keep_adapter or d.lora.keep_adapter},
+            precision=p.precision or d.precision,
+            gradient_checkpointing=p.gradient_checkpointing or d.gradient_checkpointing,
+            lora={
+                "enabled": p.lora.enabled or d.lora.enabled,
+                "r": int(p.lora.r or d.lora.r),
+                "alpha": float(p.lora.alpha or d.lora.alpha),
+                "dropout": float(p.lora.dropout or d.lora.dropout),
+                "keep_adapter": p.lora.keep_adapter or d.lora.keep_adapter,
+            },
             fewshot_fraction=check_range(p.fewshot_fraction or d.fewshot_fraction, "params.fewshot_fraction", 0.0, 1.0),
             fewshot_k=int(check_range(p.fewshot_k or d.fewshot_k, "params.fewshot_k", 1, 16)),
         )
@@ -102,8 +128,9 @@ class TrainerDeployment:
             dataset_uri = source.uri
         else:
             raise RequestError("train_tasks", "give tasks inline or a dataset uri")
-        job = self.service.start(request.context.run_id, request.context.round, base, dataset_uri,
-                                 request.output_model_uri, params)
+        job = self.service.start(
+            request.context.run_id, request.context.round, base, dataset_uri, request.output_model_uri, params
+        )
         return _status(job)
 
     def _job(self, request: trainer_pb2.GetTrainingStatusRequest):

@@ -53,8 +53,15 @@ def pack(features: list[dict], max_len: int) -> list[dict]:
             labels += [IGNORE_INDEX] + f["labels"][1:]
             positions += list(range(len(f["input_ids"])))
             segments += [segment] * len(f["input_ids"])
-        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions, "segment_ids": segments,
-                       "examples": len(members)})
+        packed.append(
+            {
+                "input_ids": ids,
+                "labels": labels,
+                "position_ids": positions,
+                "segment_ids": segments,
+                "examples": len(members),
+            }
+        )
     return packed
 
 

@@ -21,8 +21,13 @@ from ..common.records import stable_id
 from ..common.store import RunStore
 from ..common.validation import Overloaded
 
-_JOB_STATES = {"PENDING": "PENDING", "RUNNING": "RUNNING", "SUCCEEDED": "SUCCEEDED", "FAILED": "FAILED",
-               "STOPPED": "CANCELLED"}
+_JOB_STATES = {
+    "PENDING": "PENDING",
+    "RUNNING": "RUNNING",
+    "SUCCEEDED": "SUCCEEDED",
+    "FAILED": "FAILED",
+    "STOPPED": "CANCELLED",
+}
 EXIT_CANCELLED = 3
 
 
@@ -42,8 +47,9 @@ class TrainingParams:
     max_failures: int = 2
     precision: str = "fp32"
     gradient_checkpointing: bool = False
-    lora: dict = field(default_factory=lambda: {"enabled": False, "r": 8, "alpha": 16.0, "dropout": 0.05,
-                                                "keep_adapter": False})
+    lora: dict = field(
+        default_factory=lambda: {"enabled": False, "r": 8, "alpha": 16.0, "dropout": 0.05, "keep_adapter": False}
+    )
     fewshot_fraction: float = 0.0
     fewshot_k: int = 2
 
@@ -65,9 +71,15 @@ class TrainingJob:
 
 
 class TrainerService:
-    def __init__(self, store: RunStore, trust_remote_code: bool = False,
-                 builtin_cache_dir: str = DEFAULT_CACHE_DIR, job_address: str | None = None,
-                 prompt_format: str = "auto", max_active_jobs: int = 2) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        trust_remote_code: bool = False,
+        builtin_cache_dir: str = DEFAULT_CACHE_DIR,
+        job_address: str | None = None,
+        prompt_format: str = "auto",
+        max_active_jobs: int = 2,
+    ) -> None:
         self.store = store
         self.max_active_jobs = max_active_jobs
         self.prompt_format = prompt_format
@@ -89,8 +101,9 @@ class TrainerService:
         base = os.path.join(os.path.dirname(self.store.resolve(model_uri)), f".{job_id}")
         return f"{base}.spec.json", f"{base}.progress.json", f"{base}.cancel"
 
-    def start(self, run_id: str, round_index: int, base_model: str, dataset_uri: str, model_uri: str,
-              params: TrainingParams) -> TrainingJob:
+    def start(
+        self, run_id: str, round_index: int, base_model: str, dataset_uri: str, model_uri: str, params: TrainingParams
+    ) -> TrainingJob:
         job_id = f"train-{stable_id(run_id, round_index, model_uri)}"
         self._models[job_id] = model_uri
         existing = self.status(job_id)
@@ -100,18 +113,29 @@ class TrainerService:
             return TrainingJob(job_id, model_uri, state="SUCCEEDED")  # committed earlier
         running = self.active_jobs()
         if len(running) >= self.max_active_jobs:
-            raise Overloaded(f"{len(running)} training runs are in progress (limit {self.max_active_jobs}, "
-                             "serve.max_training_jobs); try again when one ends")
+            raise Overloaded(
+                f"{len(running)} training runs are in progress (limit {self.max_active_jobs}, "
+                "serve.max_training_jobs); try again when one ends"
+            )
         self._remove_stale_staging(model_uri)
         spec_path, progress_path, cancel_path = self._paths(job_id, model_uri)
         for stale in (progress_path, cancel_path):
             if os.path.exists(stale):
                 os.remove(stale)
-        spec = {"job_id": job_id, "run_id": run_id, "store_root": self.store.uri(), "dataset_uri": dataset_uri,
-                "base_model": base_model, "model_uri": model_uri, "progress_path": progress_path,
-                "cancel_path": cancel_path, "trust_remote_code": self.trust_remote_code,
-                "builtin_cache_dir": self.builtin_cache_dir, "prompt_format": self.prompt_format,
-                "params": asdict(params)}
+        spec = {
+            "job_id": job_id,
+            "run_id": run_id,
+            "store_root": self.store.uri(),
+            "dataset_uri": dataset_uri,
+            "base_model": base_model,
+            "model_uri": model_uri,
+            "progress_path": progress_path,
+            "cancel_path": cancel_path,
+            "trust_remote_code": self.trust_remote_code,
+            "builtin_cache_dir": self.builtin_cache_dir,
+            "prompt_format": self.prompt_format,
+            "params": asdict(params),
+        }
         self.store.write_json(spec_path, spec)
         submission_id = job_id if existing is None else f"{job_id}-retry-{int(time.time())}"
         self._submit(submission_id, spec_path, model_uri)
@@ -121,18 +145,23 @@ class TrainerService:
 
     def active_jobs(self) -> list[str]:
         """Training jobs of this cluster that are pending or running."""
-        return [job.submission_id for job in self.client.list_jobs()
-                if (job.submission_id or "").startswith("train-") and str(getattr(job.status, "value", job.status))
-                in ("PENDING", "RUNNING")]
+        return [
+            job.submission_id
+            for job in self.client.list_jobs()
+            if (job.submission_id or "").startswith("train-")
+            and str(getattr(job.status, "value", job.status)) in ("PENDING", "RUNNING")
+        ]
 
     def _submit(self, submission_id: str, spec_path: str, model_uri: str) -> None:
         for attempt in range(24):  # the head's job agent can take a few seconds to come up
             try:
                 # this interpreter (the one Ray runs) rather than whatever `python` is on the job's PATH
-                self.client.submit_job(entrypoint=f"{shlex.quote(sys.executable)} -m ray_jobs.train --spec "
-                                                  f"{shlex.quote(spec_path)}",
-                                       submission_id=submission_id, entrypoint_num_cpus=0,
-                                       metadata={"model_uri": model_uri})
+                self.client.submit_job(
+                    entrypoint=f"{shlex.quote(sys.executable)} -m ray_jobs.train --spec {shlex.quote(spec_path)}",
+                    submission_id=submission_id,
+                    entrypoint_num_cpus=0,
+                    metadata={"model_uri": model_uri},
+                )
                 return
             except RuntimeError as exc:
                 if "already exists" in str(exc):

@@ -56,8 +56,13 @@ def _apply_lora(model, config: dict):
 
     lora = config["lora"]
     target = "all-linear"
-    peft_config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=target,
-                             task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=target,
+        task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM",
+    )
     return get_peft_model(model, peft_config)
 
 
@@ -85,11 +90,14 @@ def train_loop_per_worker(config: dict) -> None:
     rank = context.get_world_rank()
     store = RunStore(config["store_root"])
     tasks = store.read_tasks(config["dataset_uri"])
-    model, tokenizer = load_model(config["base_model"], trust_remote_code=config["trust_remote_code"],
-                                  cache_dir=config["builtin_cache_dir"])
+    model, tokenizer = load_model(
+        config["base_model"], trust_remote_code=config["trust_remote_code"], cache_dir=config["builtin_cache_dir"]
+    )
     encoder_decoder = bool(model.config.is_encoder_decoder)
     renderer = Renderer.for_tokenizer(tokenizer, config["prompt_format"], config.get("augmented_tag", ""))
-    examples = renderer.render_all(tasks, config["seed"], config.get("fewshot_fraction", 0.0), config.get("fewshot_k", 2))
+    examples = renderer.render_all(
+        tasks, config["seed"], config.get("fewshot_fraction", 0.0), config.get("fewshot_k", 2)
+    )
     features = [tokenize(e, tokenizer, config["max_seq_len"], encoder_decoder) for e in examples]
     dataset, collate_fn, batch_size, share = _batches(features, config, encoder_decoder, tokenizer.pad_token_id)
     if config.get("gradient_checkpointing"):
@@ -98,8 +106,9 @@ def train_loop_per_worker(config: dict) -> None:
         model = _apply_lora(model, config)
     model.train()
     model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"],
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"], weight_decay=0.0
+    )
     steps_per_epoch = max(math.ceil(len(dataset) / batch_size / context.get_world_size()), 1)
     total = steps_per_epoch * config["epochs"]
     if config["max_steps"]:
@@ -128,18 +137,29 @@ def train_loop_per_worker(config: dict) -> None:
 
     def progress(done: bool = False) -> None:
         if rank == 0:
-            _write_progress(progress_path, {
-                "step": step, "total_steps": total, "losses": losses, "examples": len(features),
-                "real_token_share": share, "resumed_from_step": resumed_from, "pid": os.getpid(),
-                "elapsed_s": time.time() - started, "done": done})
+            _write_progress(
+                progress_path,
+                {
+                    "step": step,
+                    "total_steps": total,
+                    "losses": losses,
+                    "examples": len(features),
+                    "real_token_share": share,
+                    "resumed_from_step": resumed_from,
+                    "pid": os.getpid(),
+                    "elapsed_s": time.time() - started,
+                    "done": done,
+                },
+            )
 
     progress()
     generator = torch.Generator()
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
         generator.manual_seed(config["seed"] * 1000 + epoch)  # the same order on a resume
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn,
-                                             generator=generator)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn, generator=generator
+        )
         loader = ray.train.torch.prepare_data_loader(loader, move_to_device=True)
         for index, batch in enumerate(loader):
             if index < skip:

@@ -36,8 +36,14 @@ class PresencePenalty(LogitsProcessor):
 
 
 class HFEngine:
-    def __init__(self, *, batch_size: int = 16, device: str | None = None, trust_remote_code: bool = False,
-                 cache_dir: str = DEFAULT_CACHE_DIR) -> None:
+    def __init__(
+        self,
+        *,
+        batch_size: int = 16,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+    ) -> None:
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.trust_remote_code = trust_remote_code
@@ -72,13 +78,19 @@ class HFEngine:
 
     def _generate_batch(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
         tok = self.tokenizer
-        ids = [encode_prompt(tok, p, encoder_decoder=self.is_encoder_decoder, max_len=params.max_prompt_tokens)
-               for p in prompts]
+        ids = [
+            encode_prompt(tok, p, encoder_decoder=self.is_encoder_decoder, max_len=params.max_prompt_tokens)
+            for p in prompts
+        ]
         tok.padding_side = "right" if self.is_encoder_decoder else "left"
         batch = tok.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
         sampling = params.temperature > 0
-        kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=sampling, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id)
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sampling,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         if params.stop:  # a sequence that wrote a stop string is finished: the batch ends when all are
@@ -106,9 +118,12 @@ class HFEngine:
         with self._lock, torch.no_grad():
             losses = []
             for prompt, response in zip(prompts, responses):
-                features = tokenize(Example(prompt, response, "", ""), self.tokenizer, max_len or NO_LIMIT,
-                                    self.is_encoder_decoder)
-                out = self.model(input_ids=torch.tensor([features["input_ids"]], device=self.device),
-                                 labels=torch.tensor([features["labels"]], device=self.device))
+                features = tokenize(
+                    Example(prompt, response, "", ""), self.tokenizer, max_len or NO_LIMIT, self.is_encoder_decoder
+                )
+                out = self.model(
+                    input_ids=torch.tensor([features["input_ids"]], device=self.device),
+                    labels=torch.tensor([features["labels"]], device=self.device),
+                )
                 losses.append(float(out.loss))
             return losses

@@ -26,9 +26,19 @@ class OpenAIError(RuntimeError):
 
 
 class OpenAIEngine:
-    def __init__(self, *, base_url: str, api_key_env: str = "OPENAI_API_KEY", model: str | None = None,
-                 concurrency: int = 8, timeout_s: float = 120.0, max_retries: int = 5, backoff_s: float = 0.5,
-                 cache_dir: str = DEFAULT_CACHE_DIR, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        model: str | None = None,
+        concurrency: int = 8,
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        trust_remote_code: bool = False,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = os.environ.get(api_key_env, "")
         self.model = model
@@ -56,26 +66,44 @@ class OpenAIEngine:
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
         bodies = []
         for index, prompt in enumerate(prompts):
-            body = {"prompt": self._prompt(prompt, params.max_prompt_tokens), "max_tokens": params.max_new_tokens,
-                    "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed + index,
-                    "presence_penalty": params.presence_penalty}
+            body = {
+                "prompt": self._prompt(prompt, params.max_prompt_tokens),
+                "max_tokens": params.max_new_tokens,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "seed": params.seed + index,
+                "presence_penalty": params.presence_penalty,
+            }
             if params.stop:
                 body["stop"] = list(params.stop)[:4]  # the OpenAI API takes at most 4 stop sequences
             bodies.append(body)
         choices = asyncio.run(self._post_all(bodies))
-        return [Completion(c.get("text", ""), "length" if c.get("finish_reason") == "length" else "stop")
-                for c in choices]
+        return [
+            Completion(c.get("text", ""), "length" if c.get("finish_reason") == "length" else "stop") for c in choices
+        ]
 
     def score_nll(self, prompts: list[str], responses: list[str], max_len: int = 0) -> list[float]:
         if self.tokenizer is None:
-            raise OpenAIError(f"scoring needs the model's tokenizer, and {self.model_uri!r} is no local checkpoint; "
-                              "set evaluation.with_nll: false for remote models")
-        features = [tokenize(Example(p, r, "", ""), self.tokenizer, max_len or NO_LIMIT, False)
-                    for p, r in zip(prompts, responses)]
-        choices = asyncio.run(self._post_all([{"prompt": f["input_ids"], "max_tokens": 1, "temperature": 0.0,
-                                               "echo": True, "logprobs": 0} for f in features]))
-        return [mean_response_nll(f["input_ids"], f["labels"], c["logprobs"]["token_logprobs"][: len(f["input_ids"])])
-                for f, c in zip(features, choices)]
+            raise OpenAIError(
+                f"scoring needs the model's tokenizer, and {self.model_uri!r} is no local checkpoint; "
+                "set evaluation.with_nll: false for remote models"
+            )
+        features = [
+            tokenize(Example(p, r, "", ""), self.tokenizer, max_len or NO_LIMIT, False)
+            for p, r in zip(prompts, responses)
+        ]
+        choices = asyncio.run(
+            self._post_all(
+                [
+                    {"prompt": f["input_ids"], "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 0}
+                    for f in features
+                ]
+            )
+        )
+        return [
+            mean_response_nll(f["input_ids"], f["labels"], c["logprobs"]["token_logprobs"][: len(f["input_ids"])])
+            for f, c in zip(features, choices)
+        ]
 
     async def _post_all(self, bodies: list[dict]) -> list[dict]:
         semaphore = asyncio.Semaphore(self.concurrency)

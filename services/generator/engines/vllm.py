@@ -17,14 +17,27 @@ from .base import Completion, SamplingParams
 
 
 class VLLMEngine:
-    def __init__(self, *, gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, dtype: str = "auto",
-                 trust_remote_code: bool = False, cache_dir: str = DEFAULT_CACHE_DIR,
-                 max_model_len: int | None = None, batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        gpu_memory_utilization: float = 0.85,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        cache_dir: str = DEFAULT_CACHE_DIR,
+        max_model_len: int | None = None,
+        batch_size: int | None = None,
+    ) -> None:
         import vllm  # the optional extra: pip install 'reinstruct[vllm]'
 
         self._vllm = vllm
-        self.options = dict(gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
-                            dtype=dtype, trust_remote_code=trust_remote_code, enable_sleep_mode=True)
+        self.options = dict(
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            enable_sleep_mode=True,
+        )
         if max_model_len:
             self.options["max_model_len"] = max_model_len
         self.cache_dir = cache_dir
@@ -48,32 +61,50 @@ class VLLMEngine:
 
     def _params(self, params: SamplingParams, **extra):
         return self._vllm.SamplingParams(
-            temperature=params.temperature, top_p=params.top_p if params.temperature > 0 else 1.0,
-            max_tokens=params.max_new_tokens, stop=list(params.stop) or None, seed=params.seed,
-            presence_penalty=params.presence_penalty, **extra)
+            temperature=params.temperature,
+            top_p=params.top_p if params.temperature > 0 else 1.0,
+            max_tokens=params.max_new_tokens,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+            presence_penalty=params.presence_penalty,
+            **extra,
+        )
 
     def generate(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
-        token_prompts = [{"prompt_token_ids": encode_prompt(self.tokenizer, p, max_len=params.max_prompt_tokens)}
-                         for p in prompts]
+        token_prompts = [
+            {"prompt_token_ids": encode_prompt(self.tokenizer, p, max_len=params.max_prompt_tokens)} for p in prompts
+        ]
         with self._lock:
             outputs = self.llm.generate(token_prompts, self._params(params), use_tqdm=False)
         completions = []
         for output in outputs:
             best = output.outputs[0]
-            completions.append(Completion(best.text, "length" if best.finish_reason == "length" else "stop",
-                                          len(best.token_ids)))
+            completions.append(
+                Completion(best.text, "length" if best.finish_reason == "length" else "stop", len(best.token_ids))
+            )
         return completions
 
     def score_nll(self, prompts: list[str], responses: list[str], max_len: int = 0) -> list[float]:
         """Mean NLL of the response tokens (training's labels) from vLLM's prompt log-probs."""
-        features = [tokenize(Example(p, r, "", ""), self.tokenizer, max_len or NO_LIMIT, False)
-                    for p, r in zip(prompts, responses)]
+        features = [
+            tokenize(Example(p, r, "", ""), self.tokenizer, max_len or NO_LIMIT, False)
+            for p, r in zip(prompts, responses)
+        ]
         scoring = SamplingParams(temperature=0.0, max_new_tokens=1)
         with self._lock:
-            outputs = self.llm.generate([{"prompt_token_ids": f["input_ids"]} for f in features],
-                                        self._params(scoring, prompt_logprobs=0), use_tqdm=False)
-        return [mean_response_nll(f["input_ids"], f["labels"],
-                             [None if lp is None else lp[token].logprob
-                              for lp, token in zip(output.prompt_logprobs, f["input_ids"])])
-                for f, output in zip(features, outputs)]
-
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": f["input_ids"]} for f in features],
+                self._params(scoring, prompt_logprobs=0),
+                use_tqdm=False,
+            )
+        return [
+            mean_response_nll(
+                f["input_ids"],
+                f["labels"],
+                [
+                    None if lp is None else lp[token].logprob
+                    for lp, token in zip(output.prompt_logprobs, f["input_ids"])
+                ],
+            )
+            for f, output in zip(features, outputs)
+        ]
