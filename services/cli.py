@@ -155,6 +155,23 @@ def _summary_rows(manifest: dict) -> tuple[list[str], list[list[str]]]:
     return columns, rows
 
 
+def _test_line(manifest: dict) -> str | None:
+    """The run's honest number: model 0 and the final model on test tasks that chose nothing."""
+    rounds = manifest.get("rounds", {})
+    test = next(
+        (r["stages"]["test"] for _, r in sorted(rounds.items(), key=lambda kv: -int(kv[0])) if "test" in r["stages"]),
+        None,
+    )
+    if test is None:
+        return None
+    estimate, low, high = test["difference"]
+    return (
+        f"test ({test['num_tasks']} held-out tasks that chose nothing): model 0 {test['model_0_score']:.4f}, "
+        f"final model {test['final_score']:.4f}, difference {estimate:+.4f} "
+        f"({test['confidence']:.0%} interval {low:+.4f} to {high:+.4f})"
+    )
+
+
 def _print_summary(manifest: dict) -> None:
     columns, rows = _summary_rows(manifest)
     if console.is_terminal:
@@ -164,10 +181,13 @@ def _print_summary(manifest: dict) -> None:
         for row in rows:
             table.add_row(*row)
         console.print(table)
-        return
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]  # never cut a cell
-    for line in [columns, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+    else:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]  # never cut a cell
+        for line in [columns, *rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+    test = _test_line(manifest)
+    if test:
+        print(test)
 
 
 def _user_error(exc: BaseException) -> str | None:

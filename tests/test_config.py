@@ -69,6 +69,13 @@ def test_plain_output_when_stdout_is_no_terminal(capsys):
                     "generate_instructions": {"count": 64},
                     "filter": {"kept_count": 15, "funnel": {"rouge_l_too_similar": 26, "no_valid_instances": 8}},
                     "promote": {"promoted": False},
+                    "test": {
+                        "num_tasks": 17,
+                        "model_0_score": 0.28,
+                        "final_score": 0.318,
+                        "difference": [0.038, -0.052, 0.149],
+                        "confidence": 0.9,
+                    },
                 }
             }
         },
@@ -76,6 +83,7 @@ def test_plain_output_when_stdout_is_no_terminal(capsys):
     _print_summary(manifest)
     out = capsys.readouterr().out
     assert "rouge_l_too_similar=26, no_valid_instances=8" in out and "…" not in out
+    assert "model 0 0.2800, final model 0.3180, difference +0.0380 (90% interval -0.0520 to +0.1490)" in out
 
 
 def test_user_errors_are_one_line():
