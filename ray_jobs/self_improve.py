@@ -12,6 +12,7 @@ import argparse
 import base64
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -713,6 +714,18 @@ def summarize(manifest: dict) -> list[dict]:
     return rows
 
 
+def refuse_store_inside_job_package(root: str) -> None:
+    """Under `ray job submit --working-dir`, the working directory is Ray's unpacked package
+    (.../runtime_resources/working_dir_files/_ray_pkg_<hash>/): a relative store root would put the
+    whole run there, invisible to the user and lost to the next cluster session."""
+    if "://" in root or os.path.isabs(os.path.expanduser(root)):
+        return
+    if "_ray_pkg_" in os.getcwd():
+        raise SystemExit(f"store.root {root!r} is relative, and this driver runs inside Ray's job package "
+                         f"({os.getcwd()}): give an absolute path every process of the run can reach (a shared "
+                         "volume on a multi-node cluster) or an object-store URI, e.g. --store-root /data/runs")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: every built-in default)")
@@ -736,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         config.loop.rounds = args.rounds
     if args.store_root is not None:
         config.store.root = args.store_root
+    refuse_store_inside_job_package(config.store.root)
     from services.serving import connect_ray, deploy_apps
 
     connect_ray()

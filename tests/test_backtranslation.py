@@ -7,7 +7,7 @@ from services.common.records import Instance, Lineage, TaskRecord
 from services.common.rendering import Renderer
 from services.generator import backtranslation as bt
 from services.generator.corpus import STDLIB, load_segments, sample_segments, segment
-from services.generator.engines.base import Completion, SamplingParams
+from services.generator.engines.base import Completion, ModelSessions, SamplingParams
 from services.generator.service import GeneratorService, RunContext
 
 
@@ -65,7 +65,7 @@ def test_corpus_segments_from_stdlib_and_files(tmp_path):
     assert segment("a\n\n  b  b\n", 1, 10) == ["a", "b b"]
 
 
-class EchoEngine:
+class EchoEngine(ModelSessions):
     def __init__(self, answer):
         self.answer = answer
 

@@ -16,12 +16,12 @@ from services.common.store import RunStore
 from services.evaluator import deployment as evaluator_deployment
 from services.filter.deployment import FilterDeployment
 from services.generator import deployment as generator_deployment
-from services.generator.engines import Completion
+from services.generator.engines import Completion, ModelSessions
 
 REFERENCES = {t.instruction.strip(): t.instances[0].output.strip() for t in load_seed_tasks()}
 
 
-class ScriptedEngine:
+class ScriptedEngine(ModelSessions):
     """Answers every prompt kind the loop sends; trained models (round >= 1) answer held-out tasks right."""
 
     def __init__(self):
@@ -178,3 +178,17 @@ def test_continue_from_the_promoted_model(run):
     _, clients, _ = run(from_base=False)
     bases = [t.base_model_uri for t in clients.trainings]
     assert bases[:2] == ["scripted-base", "scripted-base"] and bases[2].endswith("round-001/model")
+
+
+def test_a_relative_store_inside_a_ray_job_package_is_refused(tmp_path, monkeypatch):
+    from ray_jobs.self_improve import refuse_store_inside_job_package
+
+    package = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
+    with pytest.raises(SystemExit, match="inside Ray's job package"):
+        refuse_store_inside_job_package("./runs")
+    refuse_store_inside_job_package(str(tmp_path / "runs"))  # absolute: one place for every process
+    refuse_store_inside_job_package("s3://bucket/runs")
+    monkeypatch.chdir(tmp_path)
+    refuse_store_inside_job_package("./runs")  # a local run: ./runs is where the user is

@@ -159,3 +159,27 @@ def test_presence_penalty_follows_openai_rule(builtin_cache):
     penalised = engine.generate(prompt, SamplingParams(temperature=0.0, max_new_tokens=40, presence_penalty=2.0))[0]
     tokens = lambda c: engine.tokenizer(c.text, add_special_tokens=False).input_ids  # noqa: E731
     assert len(set(tokens(penalised))) / len(tokens(penalised)) > len(set(tokens(plain))) / len(tokens(plain))
+
+
+def test_one_replica_serving_two_models_never_mixes_them(builtin_cache):
+    """Concurrent requests for two models on one engine: each answer comes from the model it asked
+    for (load and generate are one step: engine.using)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = create_engine("hf", cache_dir=builtin_cache, batch_size=2)
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    prompt = ["Task: Name a colour.\nAnswer:"]
+    expected = {}
+    for uri in ("builtin:tiny-llama", "builtin:tiny-t5"):
+        with engine.using(uri):
+            expected[uri] = (engine.generate(prompt, params)[0].text, engine.score_nll(prompt, [" blue"])[0])
+    assert expected["builtin:tiny-llama"] != expected["builtin:tiny-t5"]
+
+    def ask(i: int):
+        uri = ("builtin:tiny-llama", "builtin:tiny-t5")[i % 2]
+        with engine.using(uri):
+            return uri, (engine.generate(prompt, params)[0].text, engine.score_nll(prompt, [" blue"])[0])
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(24)))
+    assert all(answer == expected[uri] for uri, answer in answers)

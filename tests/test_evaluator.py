@@ -15,7 +15,7 @@ from services.evaluator.metrics import TaskResult, exact_match, mean_over_tasks,
 from services.evaluator.report import SECTIONS, build_report
 from services.evaluator.service import EvaluatorService
 from services.evaluator.split import split_by_task
-from services.generator.engines.base import Completion, SamplingParams
+from services.generator.engines.base import Completion, ModelSessions, SamplingParams
 from tests.tiny import fill_example_run
 
 
@@ -99,7 +99,7 @@ def test_judge_combines_both_orders():
     assert (rates.win, rates.tie, rates.loss, rates.pairs) == (0.5, 0.25, 0.25, 4)
 
 
-class ScriptedEngine:
+class ScriptedEngine(ModelSessions):
     """A stand-in engine whose answers are scripted per prompt (the real engines are tested elsewhere)."""
 
     def __init__(self, answers):

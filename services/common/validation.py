@@ -25,7 +25,7 @@ MAX_ID_CHARS = 256
 
 
 MAX_REQUEST_NEW_TOKENS = 2_000_000  # prompts x max_new_tokens: what one request may ask a replica to write
-MAX_BOOTSTRAP_CELLS = 20_000_000  # tasks x bootstrap resamples (a float each) in one comparison
+MAX_BOOTSTRAP_CELLS = 5_000_000  # tasks x bootstrap resamples (a float each) in one comparison
 
 
 class Overloaded(RuntimeError):

@@ -90,55 +90,57 @@ class EvaluatorService:
         run_id: str = "",
         round_index: int = 0,
     ) -> Evaluation:
-        self.engine.load(model_uri)
-        items = _items(tasks, max_instances_per_task)
-        params = replace(sampling, stop=STOPS, max_prompt_tokens=self.max_seq_len)
-        renderer = Renderer.for_tokenizer(self.engine.tokenizer, self.prompt_format)
-        results: dict[str, TaskResult] = {}
-        predictions: list[TaskRecord] = []
-        for start in range(0, len(items), self.chunk_size):
-            chunk = items[start : start + self.chunk_size]
-            examples = [renderer.render(task, inst) for task, inst in chunk]
-            completions = self.engine.generate([e.prompt for e in examples], params)
-            nlls = (
-                self.engine.score_nll([e.prompt for e in examples], [e.response for e in examples], self.max_seq_len)
-                if with_nll
-                else []
-            )
-            for j, ((task, inst), example, completion) in enumerate(zip(chunk, examples, completions)):
-                result = results.setdefault(task.id, TaskResult(task.id, category(task)))
-                has_reference = bool(inst.output.strip())  # prompts without references: judged only
-                if has_reference:
-                    score_instance(result, completion.text, inst.output)
-                    if with_nll:
-                        result.nll.append(nlls[j])
-                predictions.append(
-                    TaskRecord(
-                        id=f"{task.id}/{len(predictions)}",
-                        instruction=task.instruction,
-                        name=task.name,
-                        is_classification=task.is_classification,
-                        instances=[Instance(inst.input, completion.text.strip())],
-                        lineage=Lineage(
-                            run_id=run_id,
-                            round=round_index,
-                            stage="evaluate",
-                            model=model_uri,
-                            prompt_template=example.template_id,
-                            parent_id=task.id,
-                            scores={
-                                "rouge_l": result.rouge_l[-1],
-                                **({"exact_match": result.exact_match[-1]} if result.exact_match else {}),
-                            }
-                            if has_reference
-                            else {},
-                        ),
+        with self.engine.using(model_uri):
+            items = _items(tasks, max_instances_per_task)
+            params = replace(sampling, stop=STOPS, max_prompt_tokens=self.max_seq_len)
+            renderer = Renderer.for_tokenizer(self.engine.tokenizer, self.prompt_format)
+            results: dict[str, TaskResult] = {}
+            predictions: list[TaskRecord] = []
+            for start in range(0, len(items), self.chunk_size):
+                chunk = items[start : start + self.chunk_size]
+                examples = [renderer.render(task, inst) for task, inst in chunk]
+                completions = self.engine.generate([e.prompt for e in examples], params)
+                nlls = (
+                    self.engine.score_nll(
+                        [e.prompt for e in examples], [e.response for e in examples], self.max_seq_len
                     )
+                    if with_nll
+                    else []
                 )
-            if on_progress is not None:
-                on_progress(min(start + self.chunk_size, len(items)), len(items))
-        ordered = [results[t.id] for t in tasks if t.id in results and results[t.id].rouge_l]
-        return Evaluation(model_uri, ordered, len(items), predictions)
+                for j, ((task, inst), example, completion) in enumerate(zip(chunk, examples, completions)):
+                    result = results.setdefault(task.id, TaskResult(task.id, category(task)))
+                    has_reference = bool(inst.output.strip())  # prompts without references: judged only
+                    if has_reference:
+                        score_instance(result, completion.text, inst.output)
+                        if with_nll:
+                            result.nll.append(nlls[j])
+                    predictions.append(
+                        TaskRecord(
+                            id=f"{task.id}/{len(predictions)}",
+                            instruction=task.instruction,
+                            name=task.name,
+                            is_classification=task.is_classification,
+                            instances=[Instance(inst.input, completion.text.strip())],
+                            lineage=Lineage(
+                                run_id=run_id,
+                                round=round_index,
+                                stage="evaluate",
+                                model=model_uri,
+                                prompt_template=example.template_id,
+                                parent_id=task.id,
+                                scores={
+                                    "rouge_l": result.rouge_l[-1],
+                                    **({"exact_match": result.exact_match[-1]} if result.exact_match else {}),
+                                }
+                                if has_reference
+                                else {},
+                            ),
+                        )
+                    )
+                if on_progress is not None:
+                    on_progress(min(start + self.chunk_size, len(items)), len(items))
+            ordered = [results[t.id] for t in tasks if t.id in results and results[t.id].rouge_l]
+            return Evaluation(model_uri, ordered, len(items), predictions)
 
     def compare(
         self,
@@ -164,18 +166,18 @@ class EvaluatorService:
         )
 
     def _judge(self, judge_model: str, a: Evaluation, b: Evaluation) -> judging.JudgedRates:
-        self.engine.load(judge_model)
-        pairs = list(zip(a.predictions, b.predictions))
-        prompts = []
-        for pa, pb in pairs:
-            inst_a, inst_b = pa.instances[0], pb.instances[0]
-            prompts.append(judging.build_judge_prompt(pa.instruction, inst_a.input, inst_a.output, inst_b.output))
-            prompts.append(judging.build_judge_prompt(pa.instruction, inst_a.input, inst_b.output, inst_a.output))
-        completions = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=64))
-        outcomes = [
-            judging.combine(
-                judging.parse_verdict(completions[2 * i].text), judging.parse_verdict(completions[2 * i + 1].text)
-            )
-            for i in range(len(pairs))
-        ]
-        return judging.rates(outcomes)
+        with self.engine.using(judge_model):
+            pairs = list(zip(a.predictions, b.predictions))
+            prompts = []
+            for pa, pb in pairs:
+                inst_a, inst_b = pa.instances[0], pb.instances[0]
+                prompts.append(judging.build_judge_prompt(pa.instruction, inst_a.input, inst_a.output, inst_b.output))
+                prompts.append(judging.build_judge_prompt(pa.instruction, inst_a.input, inst_b.output, inst_a.output))
+            completions = self.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=64))
+            outcomes = [
+                judging.combine(
+                    judging.parse_verdict(completions[2 * i].text), judging.parse_verdict(completions[2 * i + 1].text)
+                )
+                for i in range(len(pairs))
+            ]
+            return judging.rates(outcomes)

@@ -82,29 +82,29 @@ class GeneratorDeployment:
     @openai_app.post("/v1/completions")
     def completions(self, body: CompletionRequest):
         model = self._openai_model(body.model)
-        self.service.engine.load(model)
-        prompts = body.texts(self.service.engine.tokenizer)
-        out = self.service.engine.generate(prompts, body.sampling())
-        return completion_response(model, [(c.text, c.finish_reason) for c in out], "text")
+        with self.service.engine.using(model):
+            prompts = body.texts(self.service.engine.tokenizer)
+            out = self.service.engine.generate(prompts, body.sampling())
+            return completion_response(model, [(c.text, c.finish_reason) for c in out], "text")
 
     @openai_app.post("/v1/chat/completions")
     def chat_completions(self, body: ChatRequest):
         model = self._openai_model(body.model)
-        self.service.engine.load(model)
-        prompt = chat_prompt(self.service.engine.tokenizer, body.messages, self.prompt_format)
-        sampling = body.sampling()
-        out = self.service.engine.generate(
-            [prompt],
-            SamplingParams(
-                sampling.temperature,
-                sampling.top_p,
-                sampling.max_new_tokens,
-                sampling.seed,
-                sampling.stop or ("\n\n",),
-                sampling.presence_penalty,
-            ),
-        )
-        return completion_response(model, [(c.text.strip(), c.finish_reason) for c in out], "chat")
+        with self.service.engine.using(model):
+            prompt = chat_prompt(self.service.engine.tokenizer, body.messages, self.prompt_format)
+            sampling = body.sampling()
+            out = self.service.engine.generate(
+                [prompt],
+                SamplingParams(
+                    sampling.temperature,
+                    sampling.top_p,
+                    sampling.max_new_tokens,
+                    sampling.seed,
+                    sampling.stop or ("\n\n",),
+                    sampling.presence_penalty,
+                ),
+            )
+            return completion_response(model, [(c.text.strip(), c.finish_reason) for c in out], "chat")
 
     def _respond(self, request, tasks, response_type, **extra):
         if request.output_uri:

@@ -44,56 +44,56 @@ class GeneratorService:
     ) -> InstructionBatch:
         """Prompts first_prompt_index .. +num_prompts of the round: each prompt's in-context draw and
         record ids depend on its index alone, so a stage sent in parts gives the same tasks."""
-        self.engine.load(model_uri)
-        if classification_only:  # Self-Instruct's classification variant shows classification tasks only
-            human = [t for t in human if t.is_classification] or human
-            machine = [t for t in machine if t.is_classification]
-        indices = range(first_prompt_index, first_prompt_index + num_prompts)
-        built = [
-            si.build_instruction_prompt(
-                human,
-                machine,
-                random.Random(f"{ctx.run_id}/{ctx.round}/{sampling.seed}/{classification_only}/{i}"),
-                num_human,
-                num_machine,
-                classification_only,
-            )
-            for i in indices
-        ]
-        params = replace(sampling, stop=si.INSTRUCTION_STOPS, seed=sampling.seed + first_prompt_index)
-        completions = self.engine.generate([p.text for p in built], params)
-        tasks, truncated = [], 0
-        for p_index, prompt, completion in zip(indices, built, completions):
-            truncated += completion.finish_reason == "length"
-            for i_index, instruction in enumerate(si.parse_instructions(completion.text, completion.finish_reason)):
-                tasks.append(
-                    TaskRecord(
-                        id=stable_id(ctx.run_id, ctx.round, "instruction", classification_only, p_index, i_index),
-                        instruction=instruction,
-                        lineage=Lineage(
-                            run_id=ctx.run_id,
-                            round=ctx.round,
-                            stage="generate_instructions",
-                            model=model_uri,
-                            prompt_template=prompt.template_id,
-                            context_task_ids=prompt.context_task_ids,
-                        ),
-                    )
+        with self.engine.using(model_uri):
+            if classification_only:  # Self-Instruct's classification variant shows classification tasks only
+                human = [t for t in human if t.is_classification] or human
+                machine = [t for t in machine if t.is_classification]
+            indices = range(first_prompt_index, first_prompt_index + num_prompts)
+            built = [
+                si.build_instruction_prompt(
+                    human,
+                    machine,
+                    random.Random(f"{ctx.run_id}/{ctx.round}/{sampling.seed}/{classification_only}/{i}"),
+                    num_human,
+                    num_machine,
+                    classification_only,
                 )
-        return InstructionBatch(tasks, len(built), truncated)
+                for i in indices
+            ]
+            params = replace(sampling, stop=si.INSTRUCTION_STOPS, seed=sampling.seed + first_prompt_index)
+            completions = self.engine.generate([p.text for p in built], params)
+            tasks, truncated = [], 0
+            for p_index, prompt, completion in zip(indices, built, completions):
+                truncated += completion.finish_reason == "length"
+                for i_index, instruction in enumerate(si.parse_instructions(completion.text, completion.finish_reason)):
+                    tasks.append(
+                        TaskRecord(
+                            id=stable_id(ctx.run_id, ctx.round, "instruction", classification_only, p_index, i_index),
+                            instruction=instruction,
+                            lineage=Lineage(
+                                run_id=ctx.run_id,
+                                round=ctx.round,
+                                stage="generate_instructions",
+                                model=model_uri,
+                                prompt_template=prompt.template_id,
+                                context_task_ids=prompt.context_task_ids,
+                            ),
+                        )
+                    )
+            return InstructionBatch(tasks, len(built), truncated)
 
     def classify(self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord]) -> list[TaskRecord]:
-        self.engine.load(model_uri)
-        built = [si.build_classification_prompt(t.instruction) for t in tasks]
-        params = SamplingParams(temperature=0.0, max_new_tokens=3, stop=("\n",))
-        completions = self.engine.generate([text for text, _ in built], params)
-        out = []
-        for task, (_, template_id), completion in zip(tasks, built, completions):
-            lineage = replace(task.lineage, scores={**task.lineage.scores})
-            lineage.scores["is_classification"] = 1.0 if si.parse_is_classification(completion.text) else 0.0
-            lineage.verdicts = [*task.lineage.verdicts, f"classified_by:{template_id}"]
-            out.append(replace(task, is_classification=bool(lineage.scores["is_classification"]), lineage=lineage))
-        return out
+        with self.engine.using(model_uri):
+            built = [si.build_classification_prompt(t.instruction) for t in tasks]
+            params = SamplingParams(temperature=0.0, max_new_tokens=3, stop=("\n",))
+            completions = self.engine.generate([text for text, _ in built], params)
+            out = []
+            for task, (_, template_id), completion in zip(tasks, built, completions):
+                lineage = replace(task.lineage, scores={**task.lineage.scores})
+                lineage.scores["is_classification"] = 1.0 if si.parse_is_classification(completion.text) else 0.0
+                lineage.verdicts = [*task.lineage.verdicts, f"classified_by:{template_id}"]
+                out.append(replace(task, is_classification=bool(lineage.scores["is_classification"]), lineage=lineage))
+            return out
 
     def generate_instances(
         self,
@@ -107,67 +107,69 @@ class GeneratorService:
         chunk_size: int = 16,
     ) -> list[TaskRecord]:
         """Tasks that got at least one instance, each with its instances; the others are dropped."""
-        self.engine.load(model_uri)
-        rng = random.Random(f"{ctx.run_id}/{ctx.round}/instances/{sampling.seed}")
-        built = []
-        for task in tasks:
-            pool = [d for d in demonstrations if d.is_classification == task.is_classification] or demonstrations
-            demos = rng.sample(pool, min(num_demonstrations, len(pool)))
-            built.append(si.build_instance_prompt(task.instruction, task.is_classification, demos))
-        params = replace(sampling, stop=si.INSTANCE_STOPS)
-        completions = []
-        for start in range(0, len(built), chunk_size):
-            # the seed varies per chunk so that chunking does not repeat the same random stream
-            chunk_params = replace(params, seed=params.seed + start)
-            completions.extend(
-                self.engine.generate([text for text, _ in built[start : start + chunk_size]], chunk_params)
-            )
-            if on_progress is not None:
-                on_progress(len(completions), len(built))
-        out = []
-        for task, (_, template_id), completion in zip(tasks, built, completions):
-            parse = si.parse_output_first if task.is_classification else si.parse_input_first
-            # every parsed instance goes on: the filter cleans them, then keeps a random few (the reference)
-            pairs = parse(completion.text, completion.finish_reason)[:MAX_INSTANCES_PER_TASK]
-            if not pairs:
-                continue
-            lineage = replace(task.lineage, verdicts=[*task.lineage.verdicts, f"instances_by:{template_id}"])
-            out.append(replace(task, instances=[Instance(i, o) for i, o in pairs], lineage=lineage))
-        return out
+        with self.engine.using(model_uri):
+            rng = random.Random(f"{ctx.run_id}/{ctx.round}/instances/{sampling.seed}")
+            built = []
+            for task in tasks:
+                pool = [d for d in demonstrations if d.is_classification == task.is_classification] or demonstrations
+                demos = rng.sample(pool, min(num_demonstrations, len(pool)))
+                built.append(si.build_instance_prompt(task.instruction, task.is_classification, demos))
+            params = replace(sampling, stop=si.INSTANCE_STOPS)
+            completions = []
+            for start in range(0, len(built), chunk_size):
+                # the seed varies per chunk so that chunking does not repeat the same random stream
+                chunk_params = replace(params, seed=params.seed + start)
+                completions.extend(
+                    self.engine.generate([text for text, _ in built[start : start + chunk_size]], chunk_params)
+                )
+                if on_progress is not None:
+                    on_progress(len(completions), len(built))
+            out = []
+            for task, (_, template_id), completion in zip(tasks, built, completions):
+                parse = si.parse_output_first if task.is_classification else si.parse_input_first
+                # every parsed instance goes on: the filter cleans them, then keeps a random few (the reference)
+                pairs = parse(completion.text, completion.finish_reason)[:MAX_INSTANCES_PER_TASK]
+                if not pairs:
+                    continue
+                lineage = replace(task.lineage, verdicts=[*task.lineage.verdicts, f"instances_by:{template_id}"])
+                out.append(replace(task, instances=[Instance(i, o) for i, o in pairs], lineage=lineage))
+            return out
 
     def backtranslate(
         self, ctx: RunContext, backward_model: str, segments: list[str], sampling: SamplingParams
     ) -> list[TaskRecord]:
         """One instruction per segment from the backward model; segments it wrote nothing for are dropped."""
-        self.engine.load(backward_model)
-        completions = self.engine.generate(
-            [bt.build_backward_prompt(s) for s in segments], replace(sampling, stop=bt.BACKWARD_STOPS)
-        )
-        out = []
-        for index, (segment, completion) in enumerate(zip(segments, completions)):
-            instruction = bt.parse_backward(completion.text)
-            if instruction:
-                out.append(bt.augmented_task(ctx.run_id, ctx.round, backward_model, index, segment, instruction))
-        return out
+        with self.engine.using(backward_model):
+            completions = self.engine.generate(
+                [bt.build_backward_prompt(s) for s in segments], replace(sampling, stop=bt.BACKWARD_STOPS)
+            )
+            out = []
+            for index, (segment, completion) in enumerate(zip(segments, completions)):
+                instruction = bt.parse_backward(completion.text)
+                if instruction:
+                    out.append(bt.augmented_task(ctx.run_id, ctx.round, backward_model, index, segment, instruction))
+            return out
 
     def curate(
         self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], sampling: SamplingParams
     ) -> list[TaskRecord]:
         """Adds lineage score 'curation' (1-5; 0 when the rating cannot be read) to every task."""
-        self.engine.load(model_uri)
-        prompts = [
-            bt.build_rating_prompt(
-                t.instruction, t.instances[0].input if t.instances else "", t.instances[0].output if t.instances else ""
-            )
-            for t in tasks
-        ]
-        completions = self.engine.generate(prompts, sampling)
-        out = []
-        for task, completion in zip(tasks, completions):
-            lineage = replace(
-                task.lineage,
-                scores={**task.lineage.scores, "curation": float(bt.parse_rating(completion.text))},
-                verdicts=[*task.lineage.verdicts, f"curated_by:{model_uri}"],
-            )
-            out.append(replace(task, lineage=lineage))
-        return out
+        with self.engine.using(model_uri):
+            prompts = [
+                bt.build_rating_prompt(
+                    t.instruction,
+                    t.instances[0].input if t.instances else "",
+                    t.instances[0].output if t.instances else "",
+                )
+                for t in tasks
+            ]
+            completions = self.engine.generate(prompts, sampling)
+            out = []
+            for task, completion in zip(tasks, completions):
+                lineage = replace(
+                    task.lineage,
+                    scores={**task.lineage.scores, "curation": float(bt.parse_rating(completion.text))},
+                    verdicts=[*task.lineage.verdicts, f"curated_by:{model_uri}"],
+                )
+                out.append(replace(task, lineage=lineage))
+            return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Completion, GenerationEngine, SamplingParams
+from .base import Completion, GenerationEngine, ModelSessions, SamplingParams
 
 ENGINES = ("hf", "vllm", "openai")
 
@@ -25,4 +25,4 @@ def create_engine(name: str, **options) -> GenerationEngine:
     raise ValueError(f"unknown generation engine {name!r}; available: {', '.join(ENGINES)}")
 
 
-__all__ = ["Completion", "GenerationEngine", "SamplingParams", "create_engine"]
+__all__ = ["Completion", "GenerationEngine", "ModelSessions", "SamplingParams", "create_engine"]

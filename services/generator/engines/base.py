@@ -3,6 +3,9 @@ services/common/rendering.py (the rule training uses), so one model sees its tex
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,3 +40,18 @@ class GenerationEngine(Protocol):
     def score_nll(self, prompts: list[str], responses: list[str], max_len: int = 0) -> list[float]:
         """Mean negative log-likelihood per response token (EOS included), given its prompt, tokenized
         exactly as training tokenizes (max_len: training's max_seq_len; 0: no limit)."""
+
+
+class ModelSessions:
+    """`with engine.using(model_uri): ...` loads the model and keeps it current until the block ends:
+    one replica serving two models at once never answers a request with the other model (load and
+    generate are one step). Engines make `_lock` an RLock of their own, taken by load, generate and
+    score_nll too."""
+
+    _lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def using(self, model_uri: str) -> Iterator[ModelSessions]:
+        with self._lock:
+            self.load(model_uri)
+            yield self

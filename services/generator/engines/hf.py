@@ -9,7 +9,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from ...common.models import DEFAULT_CACHE_DIR, load_model
 from ...common.rendering import NO_LIMIT, Example, encode_prompt, tokenize
-from .base import Completion, SamplingParams
+from .base import Completion, ModelSessions, SamplingParams
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -35,7 +35,7 @@ class PresencePenalty(LogitsProcessor):
         return scores - self.penalty * present.to(scores.dtype)
 
 
-class HFEngine:
+class HFEngine(ModelSessions):
     def __init__(
         self,
         *,
@@ -51,7 +51,7 @@ class HFEngine:
         self.model_uri: str | None = None
         self.model = None
         self.tokenizer = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def load(self, model_uri: str) -> None:
         with self._lock:

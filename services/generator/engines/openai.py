@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 
 import aiohttp
 
 from ...common.models import DEFAULT_CACHE_DIR, load_tokenizer, resolve_model
 from ...common.rendering import NO_LIMIT, Example, encode_prompt, mean_response_nll, tokenize
-from .base import Completion, SamplingParams
+from .base import Completion, ModelSessions, SamplingParams
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 
@@ -25,7 +26,7 @@ class OpenAIError(RuntimeError):
     pass
 
 
-class OpenAIEngine:
+class OpenAIEngine(ModelSessions):
     def __init__(
         self,
         *,
@@ -50,15 +51,17 @@ class OpenAIEngine:
         self.trust_remote_code = trust_remote_code
         self.model_uri: str | None = None
         self.tokenizer = None
+        self._lock = threading.RLock()
 
     def load(self, model_uri: str) -> None:
         """The model name sent with each request (a fixed `model` from the config wins), and its
         tokenizer where the model is a local checkpoint."""
-        if model_uri == self.model_uri:
-            return
-        path = resolve_model(model_uri, self.cache_dir) if model_uri.startswith(("builtin:", "/")) else ""
-        self.tokenizer = load_tokenizer(path, trust_remote_code=self.trust_remote_code) if path else None
-        self.model_uri = model_uri
+        with self._lock:
+            if model_uri == self.model_uri:
+                return
+            path = resolve_model(model_uri, self.cache_dir) if model_uri.startswith(("builtin:", "/")) else ""
+            self.tokenizer = load_tokenizer(path, trust_remote_code=self.trust_remote_code) if path else None
+            self.model_uri = model_uri
 
     def _prompt(self, text: str, max_len: int) -> str | list[int]:
         return text if self.tokenizer is None else encode_prompt(self.tokenizer, text, max_len=max_len)
@@ -77,12 +80,17 @@ class OpenAIEngine:
             if params.stop:
                 body["stop"] = list(params.stop)[:4]  # the OpenAI API takes at most 4 stop sequences
             bodies.append(body)
-        choices = asyncio.run(self._post_all(bodies))
+        with self._lock:  # the model named in each body is the current one until the answers are in
+            choices = asyncio.run(self._post_all(bodies))
         return [
             Completion(c.get("text", ""), "length" if c.get("finish_reason") == "length" else "stop") for c in choices
         ]
 
     def score_nll(self, prompts: list[str], responses: list[str], max_len: int = 0) -> list[float]:
+        with self._lock:
+            return self._score_nll(prompts, responses, max_len)
+
+    def _score_nll(self, prompts: list[str], responses: list[str], max_len: int) -> list[float]:
         if self.tokenizer is None:
             raise OpenAIError(
                 f"scoring needs the model's tokenizer, and {self.model_uri!r} is no local checkpoint; "

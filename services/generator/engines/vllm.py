@@ -13,10 +13,10 @@ import threading
 
 from ...common.models import DEFAULT_CACHE_DIR, load_tokenizer, resolve_model
 from ...common.rendering import NO_LIMIT, Example, encode_prompt, mean_response_nll, tokenize
-from .base import Completion, SamplingParams
+from .base import Completion, ModelSessions, SamplingParams
 
 
-class VLLMEngine:
+class VLLMEngine(ModelSessions):
     def __init__(
         self,
         *,
@@ -44,7 +44,7 @@ class VLLMEngine:
         self.model_uri: str | None = None
         self.tokenizer = None
         self.llm = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def load(self, model_uri: str) -> None:
         with self._lock:
