@@ -721,9 +721,11 @@ def refuse_store_inside_job_package(root: str) -> None:
     if "://" in root or os.path.isabs(os.path.expanduser(root)):
         return
     if "_ray_pkg_" in os.getcwd():
-        raise SystemExit(f"store.root {root!r} is relative, and this driver runs inside Ray's job package "
-                         f"({os.getcwd()}): give an absolute path every process of the run can reach (a shared "
-                         "volume on a multi-node cluster) or an object-store URI, e.g. --store-root /data/runs")
+        raise SystemExit(
+            f"store.root {root!r} is relative, and this driver runs inside Ray's job package "
+            f"({os.getcwd()}): give an absolute path every process of the run can reach (a shared "
+            "volume on a multi-node cluster) or an object-store URI, e.g. --store-root /data/runs"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,10 @@ from ray_jobs.self_improve import LoopDriver, Reporter, stage_count, summarize
 from .common.config import ConfigError, ReinstructConfig, load_config
 
 app = typer.Typer(help="reinstruct: a model that improves by training on data it made itself.", no_args_is_help=True)
-console = Console(soft_wrap=True)  # a log file gets whole lines, not 80-column cuts
+console = Console(soft_wrap=True)
+_FILTER = (
+    ReinstructConfig().filter
+)  # the filter command's defaults are the config's  # a log file gets whole lines, not 80-column cuts
 
 
 def _load(config: Path | None, store_root: str | None = None, rounds: int | None = None) -> ReinstructConfig:
@@ -310,23 +313,46 @@ def filter_command(
     input_path: Path = typer.Argument(..., help="JSONL/JSON/Parquet records with an 'instruction' field"),
     output: Path = typer.Option(..., "-o", "--output", help="Kept records (JSONL, input order)"),
     pool: Path | None = typer.Option(None, help="Instructions already pooled (e.g. seed tasks)"),
-    threshold: float = typer.Option(0.7, min=0.0, max=1.0, help="Keep only if max ROUGE-L F < threshold"),
+    threshold: float = typer.Option(
+        _FILTER.rouge_l_threshold, min=0.0, max=1.0, help="Keep only if max ROUGE-L F < threshold"
+    ),
     rejected: Path | None = typer.Option(None, help="Write rejected records with reasons here"),
     reference_rule: bool = typer.Option(False, help="Drop only F > threshold, as Self-Instruct's code does"),
+    instruction_rules: bool = typer.Option(True, help="Self-Instruct's length, keyword and punctuation rules"),
+    near_duplicates: bool = typer.Option(True, help="Drop near-duplicate responses (MinHash)"),
+    decontaminate_against: Path | None = typer.Option(
+        None, help="Evaluation tasks: drop records sharing a long n-gram with them"
+    ),
 ):
-    """Self-Instruct's filter on your own data: ROUGE-L novelty, keyword and length rules, dedup."""
+    """Self-Instruct's filter on your own data: ROUGE-L novelty, keyword and length rules, dedup.
+    Switch rules off (--no-instruction-rules --no-near-duplicates) to keep the ROUGE-L filter alone."""
 
     from .common.formats import DataFormatError
     from .filter.files import filter_file
     from .filter.service import FilterSettings
 
-    settings = FilterSettings(rouge_l_threshold=threshold, reject_only_above_threshold=reference_rule)
+    settings = FilterSettings(
+        rouge_l_threshold=threshold,
+        reject_only_above_threshold=reference_rule,
+        min_instruction_words=_FILTER.min_instruction_words,
+        max_instruction_words=_FILTER.max_instruction_words,
+        near_duplicate_threshold=_FILTER.near_duplicate_threshold if near_duplicates else None,
+        decontamination_ngram=_FILTER.decontamination_ngram,
+        max_instances_per_task=_FILTER.max_instances_per_task,
+        instruction_rules=instruction_rules,
+    )
     columns = (TextColumn("filtering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console, transient=True) as progress:
             task = progress.add_task("filter", total=None)
             result = filter_file(
-                input_path, output, pool, settings, rejected, on_progress=lambda: progress.advance(task)
+                input_path,
+                output,
+                pool,
+                settings,
+                rejected,
+                on_progress=lambda: progress.advance(task),
+                eval_path=decontaminate_against,
             )
     except DataFormatError as exc:
         console.print(f"[red]{exc}[/red]")

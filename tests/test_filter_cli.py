@@ -93,3 +93,45 @@ def test_filter_cli_kept_seed_record_shows_only_surviving_instances(tmp_path):
     assert done.returncode == 0, done.stderr
     kept = json.loads(out.read_text())
     assert kept["instances"] == row["instances"][:2] and kept["id"] == "t1"
+
+
+LONG_ANSWER = "The three longest rivers of Africa are the Nile, the Congo and the Niger, in that order of length."
+
+
+def test_filter_cli_rejects_an_empty_instruction_and_switches_rules_off(tmp_path):
+    rows = [
+        {"instruction": "", "input": "", "output": "orphan output"},
+        {"instruction": "Draw a map of your neighbourhood.", "input": "", "output": "A map."},
+        {"instruction": "Name three rivers in Africa.", "input": "", "output": LONG_ANSWER},
+    ]
+    src, out, rejected = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "rej.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text(json.dumps({"instruction": "Name rivers.", "input": "", "output": LONG_ANSWER}) + "\n")
+
+    def run(*flags):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "filter",
+                str(src),
+                "-o",
+                str(out),
+                "--rejected",
+                str(rejected),
+                *flags,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        reasons = [json.loads(line)["_reinstruct"]["reasons"][0] for line in rejected.read_text().splitlines()]
+        return [json.loads(line)["instruction"] for line in out.read_text().splitlines()], reasons
+
+    assert run() == ([rows[2]["instruction"]], ["empty_instruction", "blacklisted:map"])
+    assert run("--no-instruction-rules") == ([r["instruction"] for r in rows[1:]], ["empty_instruction"])
+    kept, reasons = run("--decontaminate-against", str(evals))  # shares a 13-token run with the evaluation set
+    assert kept == [] and reasons == ["empty_instruction", "blacklisted:map", "contaminated"]

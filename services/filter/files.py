@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from ..common.formats import DataFormatError, _iter_rows
+from ..common.formats import DataFormatError, _iter_rows, load_tasks
 from ..common.records import Instance, TaskRecord
 from .service import FilterResult, FilterSettings, filter_tasks
 
@@ -21,8 +21,8 @@ def _to_task(path: Path, line: int, row: dict) -> tuple[TaskRecord, bool]:
     if not isinstance(row, dict):
         raise DataFormatError(path, line, None, "expected a JSON object")
     instruction = row.get("instruction")
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise DataFormatError(path, line, "instruction", "missing or not a non-empty string")
+    if not isinstance(instruction, str):  # an empty one is a record to reject, not a broken file
+        raise DataFormatError(path, line, "instruction", "missing or not a string")
     if isinstance(row.get("instances"), list):
         instances = [
             Instance(str(i.get("input") or ""), str(i.get("output") or ""))
@@ -66,11 +66,13 @@ def filter_file(
     settings: FilterSettings,
     rejected_path: Path | None = None,
     on_progress=None,
+    eval_path: Path | None = None,
 ) -> FilterResult:
     rows = load_rows(input_path)
     pool = [task for _, task, _ in load_rows(pool_path)] if pool_path else []
+    eval_tasks = load_tasks(eval_path) if eval_path else None
     settings.check_instances = all(has_outputs for _, _, has_outputs in rows)
-    result = filter_tasks([task for _, task, _ in rows], pool, settings, on_progress=on_progress)
+    result = filter_tasks([task for _, task, _ in rows], pool, settings, eval_tasks, on_progress=on_progress)
     kept_rows, rejected_rows = [], []
     kept_by_id = {t.id: t for t in result.kept}
     for (row, _, _), verdict in zip(rows, result.verdicts):

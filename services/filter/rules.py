@@ -30,6 +30,8 @@ def instruction_rejection(
     instruction: str, min_words: int = 4, max_words: int = 150, blacklist: tuple[str, ...] = DEFAULT_BLACKLIST
 ) -> str | None:
     words = instruction.split()
+    if not words:
+        return "empty_instruction"
     if len(words) < min_words:
         return "too_short"
     if len(words) > max_words:

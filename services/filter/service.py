@@ -46,6 +46,7 @@ class FilterSettings:
     min_curation_score: float = 0.0
     check_instances: bool = True  # False for instruction-only data: no instance rules, no response dedup
     max_instances_per_task: int = 5  # kept at random after cleaning (the reference's 5); 0: all
+    instruction_rules: bool = True  # Self-Instruct's length / keyword / punctuation rules (off: ROUGE-L only)
 
 
 def filter_tasks(
@@ -68,8 +69,12 @@ def filter_tasks(
     funnel: Counter[str] = Counter()
     kept, rejected, verdicts = [], [], []
     for task in candidates:
-        reason = instruction_rejection(
-            task.instruction, settings.min_instruction_words, settings.max_instruction_words, settings.blacklist
+        reason = (
+            instruction_rejection(
+                task.instruction, settings.min_instruction_words, settings.max_instruction_words, settings.blacklist
+            )
+            if settings.instruction_rules
+            else ("empty_instruction" if not task.instruction.strip() else None)
         )
         instances, instance_reasons = (
             clean_instances(task.instances) if settings.check_instances else (task.instances, [])
