@@ -6,12 +6,6 @@ import os
 import time
 
 APP_NAMES = ("generator", "filter", "trainer", "evaluator")
-APP_BUILDERS = {
-    "generator": "services.generator.deployment:build_app",
-    "filter": "services.filter.deployment:build_app",
-    "trainer": "services.trainer.deployment:build_app",
-    "evaluator": "services.evaluator.deployment:build_app",
-}
 
 
 AGENT_PORT = 52365  # Ray's dashboard agent; a killed local cluster's agent holds it for about a minute

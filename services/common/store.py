@@ -70,9 +70,6 @@ class RunStore:
         path = posixpath.join(self.root, *parts)
         return path if self.is_local else f"{self.scheme}://{path}"
 
-    def round_dir(self, run_id: str, round_index: int) -> str:
-        return self.uri(run_id, f"round-{round_index:03d}")
-
     def dataset_uri(self, run_id: str, round_index: int, name: str) -> str:
         return self.uri(run_id, f"round-{round_index:03d}", f"{name}.parquet")
 

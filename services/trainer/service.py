@@ -28,7 +28,6 @@ _JOB_STATES = {
     "FAILED": "FAILED",
     "STOPPED": "CANCELLED",
 }
-EXIT_CANCELLED = 3
 
 
 @dataclass
