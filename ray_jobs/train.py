@@ -44,6 +44,7 @@ def run(spec: dict) -> int:
                 "trust_remote_code": spec["trust_remote_code"],
                 "builtin_cache_dir": spec["builtin_cache_dir"],
                 "prompt_format": spec["prompt_format"],
+                "seed_tag": spec.get("seed_tag", ""),
                 **params,
             },
             scaling_config=ScalingConfig(num_workers=params["num_workers"], use_gpu=params["use_gpu"]),

@@ -213,3 +213,25 @@ def test_openai_engine_evaluates_like_the_hf_engine(builtin_cache, smollm2):
     assert [p.instances[0].output for p in by_openai.predictions] == [p.instances[0].output for p in by_hf.predictions]
     assert by_openai.nll == pytest.approx(by_hf.nll, rel=1e-4) and by_hf.nll > 0
     assert by_openai.score == pytest.approx(by_hf.score)
+
+
+def test_seed_and_augmented_data_carry_their_own_tags(builtin_cache, smollm2):
+    """Humpback's two system prompts: one for seed data (also shown at evaluation), one for augmented."""
+    _, tokenizer = load_model(smollm2, cache_dir=builtin_cache)
+    seed_tag, augmented_tag = "Answer in the style of an AI Assistant.", "Answer with knowledge from web search."
+    for prompt_format in ("chat", "plain"):
+        renderer = Renderer.for_tokenizer(tokenizer, prompt_format, augmented_tag, seed_tag)
+        seed, augmented = (
+            renderer.render(TASKS[1], TASKS[1].instances[0]),
+            renderer.render(TASKS[2], TASKS[2].instances[0]),
+        )
+        assert seed_tag in seed.prompt and augmented_tag not in seed.prompt
+        assert augmented_tag in augmented.prompt and seed_tag not in augmented.prompt
+        if prompt_format == "chat":
+            assert seed.prompt.startswith(f"<|im_start|>system\n{seed_tag}<|im_end|>")
+    engine, seen = create_engine("hf", cache_dir=builtin_cache), []
+    generate = engine.generate
+    engine.generate = lambda prompts, params: seen.extend(prompts) or generate(prompts, params)
+    evaluator = EvaluatorService(engine, "chat", 256, seed_tag=seed_tag)
+    evaluator.evaluate(smollm2, TASKS[:1], 1, SamplingParams(temperature=0.0, max_new_tokens=2))
+    assert seen and all(seed_tag in p for p in seen)  # evaluation shows the model the seed tag it trained with

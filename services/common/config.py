@@ -227,6 +227,13 @@ class BacktranslationConfig(_Section):
         "only the new pairs and keep every earlier choice",
     )
     tag: str = Field("[augmented]", max_length=200, description="Prefixed to prompts of backtranslated data")
+    seed_tag: str = Field(
+        "",
+        max_length=200,
+        description="The same for seed and Self-Instruct data, in training "
+        "and evaluation (Humpback: 'Answer in the style of an AI Assistant.'); empty: none, so a "
+        "chat model keeps its own system prompt",
+    )
 
 
 class LoopConfig(_Section):

@@ -4,8 +4,9 @@ Training, evaluation, the OpenAI chat endpoint and every engine (hf, vllm, opena
 here and turn text into token ids here, so the gate measures the model that was trained:
 - Format: the tokenizer's chat template for chat models, or reinstruct's plain instruction
   templates, chosen once by `model.prompt_format` (auto: chat when the tokenizer has a template).
-  Backtranslated data keeps its tag either way (plain: a first line; chat: the system message,
-  as Humpback told its two data sources apart with system prompts).
+  Backtranslated data keeps its tag either way (plain: a first line; chat: the system message),
+  and so does every other task when a seed tag is set (training and evaluation alike), as Humpback
+  told its two data sources apart with two system prompts.
 - Special tokens: text is always encoded with add_special_tokens=False; the tokens the tokenizer
   would put before any text (BOS, for Llama-style tokenizers) are added explicitly unless the
   rendered text already starts with them (chat templates often write BOS). Encoder-decoder models
@@ -44,14 +45,17 @@ class Renderer:
 
     chat_tokenizer: Any = None
     augmented_tag: str = ""
+    seed_tag: str = ""  # every other instruction task, in training and evaluation alike
 
     @classmethod
-    def for_tokenizer(cls, tokenizer, prompt_format: PromptFormat = "auto", augmented_tag: str = "") -> Renderer:
+    def for_tokenizer(
+        cls, tokenizer, prompt_format: PromptFormat = "auto", augmented_tag: str = "", seed_tag: str = ""
+    ) -> Renderer:
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if prompt_format == "chat" and not has_template:
             raise ValueError("model.prompt_format is 'chat' but the model's tokenizer has no chat template")
         use_chat = prompt_format == "chat" or (prompt_format == "auto" and has_template)
-        return cls(tokenizer if use_chat else None, augmented_tag)
+        return cls(tokenizer if use_chat else None, augmented_tag, seed_tag)
 
     @property
     def style(self) -> str:
@@ -64,7 +68,7 @@ class Renderer:
         of the same task shown first (few-shot)."""
         if task.format == "raw":  # a meta-task prompt (Self-Instruct, rating): completion text as is
             return Example(task.instruction, instance.output, task.id, "raw")
-        tag = self.augmented_tag if task.lineage.stage == "backtranslate" else ""
+        tag = self.augmented_tag if task.lineage.stage == "backtranslate" else self.seed_tag
         if self.chat_tokenizer is None:
             return self._plain(task, instance, rng, tag, shots)
         return self._chat(task, instance, rng, tag, shots)

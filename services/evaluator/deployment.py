@@ -73,6 +73,7 @@ class EvaluatorDeployment:
             create_engine(config.generation.engine, **engine_options(config)),
             config.model.prompt_format,
             config.training.max_seq_len,
+            seed_tag=config.backtranslation.seed_tag,
         )
 
     def _checked(self, request: evaluator_pb2.EvaluateModelRequest):

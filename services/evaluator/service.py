@@ -73,9 +73,11 @@ class EvaluatorService:
         prompt_format: PromptFormat = "auto",
         max_seq_len: int = NO_LIMIT,
         chunk_size: int = 16,
+        seed_tag: str = "",
     ) -> None:
         self.engine = engine
         self.prompt_format = prompt_format
+        self.seed_tag = seed_tag
         self.max_seq_len = max_seq_len
         self.chunk_size = chunk_size
 
@@ -93,7 +95,7 @@ class EvaluatorService:
         with self.engine.using(model_uri):
             items = _items(tasks, max_instances_per_task)
             params = replace(sampling, stop=STOPS, max_prompt_tokens=self.max_seq_len)
-            renderer = Renderer.for_tokenizer(self.engine.tokenizer, self.prompt_format)
+            renderer = Renderer.for_tokenizer(self.engine.tokenizer, self.prompt_format, seed_tag=self.seed_tag)
             results: dict[str, TaskResult] = {}
             predictions: list[TaskRecord] = []
             for start in range(0, len(items), self.chunk_size):

@@ -74,6 +74,7 @@ class TrainerDeployment:
             self.config.model.trust_remote_code,
             self.config.model.builtin_cache_dir,
             prompt_format=self.config.model.prompt_format,
+            seed_tag=self.config.backtranslation.seed_tag,
             max_active_jobs=self.config.serve.max_training_jobs,
         )
 

@@ -77,11 +77,13 @@ class TrainerService:
         builtin_cache_dir: str = DEFAULT_CACHE_DIR,
         job_address: str | None = None,
         prompt_format: str = "auto",
+        seed_tag: str = "",
         max_active_jobs: int = 2,
     ) -> None:
         self.store = store
         self.max_active_jobs = max_active_jobs
         self.prompt_format = prompt_format
+        self.seed_tag = seed_tag
         self.trust_remote_code = trust_remote_code
         self.builtin_cache_dir = builtin_cache_dir
         self.job_address = job_address
@@ -133,6 +135,7 @@ class TrainerService:
             "trust_remote_code": self.trust_remote_code,
             "builtin_cache_dir": self.builtin_cache_dir,
             "prompt_format": self.prompt_format,
+            "seed_tag": self.seed_tag,
             "params": asdict(params),
         }
         self.store.write_json(spec_path, spec)

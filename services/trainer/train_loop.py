@@ -94,7 +94,9 @@ def train_loop_per_worker(config: dict) -> None:
         config["base_model"], trust_remote_code=config["trust_remote_code"], cache_dir=config["builtin_cache_dir"]
     )
     encoder_decoder = bool(model.config.is_encoder_decoder)
-    renderer = Renderer.for_tokenizer(tokenizer, config["prompt_format"], config.get("augmented_tag", ""))
+    renderer = Renderer.for_tokenizer(
+        tokenizer, config["prompt_format"], config.get("augmented_tag", ""), config.get("seed_tag", "")
+    )
     examples = renderer.render_all(
         tasks, config["seed"], config.get("fewshot_fraction", 0.0), config.get("fewshot_k", 2)
     )
