@@ -147,6 +147,7 @@ class LoopDriver:
         )
         return {
             "model_uri": status.model_uri,
+            "base_model": base_model,  # the model this round fine-tuned (training.from_base)
             "job_id": status.job_id,
             "steps": status.step,
             "final_loss": status.loss,

