@@ -688,7 +688,7 @@ def test_replica_killed_under_load_requests_are_retried(deployed):
     results, errors = {}, []
 
     def call(n: int) -> None:
-        kept_uri = store.dataset_uri("replica-kill", 1, f"kept-{n}")
+        kept_uri = store.dataset_uri(CTX.run_id, 9, f"replica-kill-kept-{n}")  # outputs stay in the request's run
         try:
             response = clients.filter_tasks(
                 filter_pb2.FilterTasksRequest(
