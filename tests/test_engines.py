@@ -2,9 +2,7 @@
 logic against a scripted one; the project's own OpenAI-compatible server in test_e2e_grpc), and the
 vllm adapter against a stand-in `vllm` module (vLLM's GPU engine cannot run on these machines)."""
 
-import asyncio
 import sys
-import threading
 import types
 
 import pytest
@@ -12,6 +10,7 @@ from aiohttp import web
 
 from services.generator.engines import SamplingParams, create_engine
 from services.generator.engines.openai import OpenAIError
+from tests.loopback import LoopbackServer
 
 
 def test_hf_engine_batched_equals_unbatched_greedy(builtin_cache):
@@ -41,7 +40,7 @@ def test_hf_engine_encoder_decoder(builtin_cache):
     assert len(out) == 1 and out[0].num_tokens <= 6
 
 
-class _ScriptedServer:
+class _ScriptedServer(LoopbackServer):
     """An OpenAI-like server on loopback that fails the first `failures` calls with 429/503."""
 
     def __init__(self, failures: int, status: int = 429):
@@ -54,23 +53,6 @@ class _ScriptedServer:
             return web.Response(status=self.status, text="slow down", headers={"Retry-After": "0.01"})
         body = self.bodies[-1]
         return web.json_response({"choices": [{"text": f" echo:{body['prompt']}", "finish_reason": "stop"}]})
-
-    def __enter__(self):
-        app = web.Application()
-        app.router.add_post("/v1/completions", self.completions)
-        self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def test_openai_engine_retries_on_429_then_succeeds():

@@ -6,9 +6,7 @@ The vllm engine runs against a stand-in module (vLLM's GPU engine cannot run her
 engine against a loopback server; both compute with the same transformers model, so any difference
 comes from what each engine sends."""
 
-import asyncio
 import sys
-import threading
 import types
 
 import pytest
@@ -20,6 +18,7 @@ from services.common.records import Instance, Lineage, TaskRecord
 from services.common.rendering import IGNORE_INDEX, Renderer, encode_prompt, tokenize
 from services.evaluator.service import EvaluatorService
 from services.generator.engines import SamplingParams, create_engine
+from tests.loopback import LoopbackServer
 
 TASKS = [
     TaskRecord(
@@ -61,7 +60,7 @@ def _greedy(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[int]:
     return new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
 
 
-class _LoopbackOpenAI:
+class _LoopbackOpenAI(LoopbackServer):
     """What a vLLM OpenAI server answers (token-id prompts, echo + logprobs), from a transformers model."""
 
     def __init__(self, model, tokenizer):
@@ -88,23 +87,6 @@ class _LoopbackOpenAI:
         for stop in body.get("stop") or []:
             text = text.split(stop)[0]
         return web.json_response({"choices": [{"text": text, "finish_reason": "stop"}]})
-
-    def __enter__(self):
-        app = web.Application()
-        app.router.add_post("/v1/completions", self.completions)
-        self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        self.loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def _vllm_stand_in(model, tokenizer, seen: list):
