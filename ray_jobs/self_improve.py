@@ -27,12 +27,15 @@ from services.common.formats import load_seed_tasks, load_tasks
 from services.common.records import Instance, Lineage, TaskRecord, stable_id
 from services.common.store import RunStore
 from services.evaluator.bootstrap import mean_interval
+from services.evaluator.combine import combine
 from services.evaluator.gate import decide
 from services.evaluator.report import write_report
 from services.evaluator.split import split_by_task
 from services.generator.backtranslation import backward_tasks, curation_meta_tasks
 from services.generator.bootstrap import build_meta_tasks
 from services.generator.corpus import load_segments, sample_segments
+
+from .fanout import ShardedStage
 
 log = logging.getLogger("reinstruct.loop")
 
@@ -75,6 +78,9 @@ class Reporter:
 
     def evaluation(self, round_index: int, done: int, total: int) -> None:
         pass
+
+    def shards(self, round_index: int, stage: str, done: int, total: int) -> None:
+        log.debug("round %d: %s: %d of %d shards in", round_index, stage, done, total)
 
     def report(self, uri: str) -> None:
         log.info("report: %s", uri)
@@ -158,19 +164,37 @@ class LoopDriver:
         }
 
     def _evaluate(self, k: int, model_uri: str, heldout_uri: str) -> dict:
-        e = self.config.evaluation
-        response = self.clients.stream_evaluation(
-            evaluator_pb2.EvaluateModelRequest(
-                context=self._ctx(k),
-                model_uri=model_uri,
-                eval_tasks=uri_source(heldout_uri),
-                max_instances_per_task=e.max_instances_per_task,
-                with_nll=e.with_nll,
-                sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
-                predictions_uri=self._uri(k, "eval_predictions"),
-            ),
-            on_progress=lambda done, total: self.reporter.evaluation(k, done, total),
-        )
+        """The held-out tasks in shards over the evaluator replicas; the shards' scores combine into the
+        same means one request would give."""
+        e, f = self.config.evaluation, self.config.fanout
+        tasks = self.store.read_tasks(heldout_uri)
+        total = sum(min(len(t.instances), e.max_instances_per_task or len(t.instances)) for t in tasks)
+        progress: dict[int, int] = {}
+
+        def send(shard) -> evaluator_pb2.EvaluateModelResponse:
+            def on_progress(done: int, _total: int) -> None:
+                progress[shard.index] = done
+                self.reporter.evaluation(k, sum(progress.values()), total)
+
+            return self.clients.stream_evaluation(
+                evaluator_pb2.EvaluateModelRequest(
+                    context=self._ctx(k),
+                    model_uri=model_uri,
+                    eval_tasks=uri_source(shard.input_uri),
+                    max_instances_per_task=e.max_instances_per_task,
+                    with_nll=e.with_nll,
+                    sampling=common_pb2.Sampling(temperature=0.0, top_p=1.0, max_new_tokens=e.max_new_tokens),
+                    predictions_uri=shard.output_uri,
+                ),
+                on_progress=on_progress,
+            )
+
+        sharded = ShardedStage(self.store, self.run_id, k, "evaluate", f.max_in_flight)
+        shards = sharded.shards(tasks, f.tasks_per_shard, write_inputs=True)
+        parts = sharded.run(shards, send, evaluator_pb2.EvaluateModelResponse)
+        predictions_uri = self._uri(k, "eval_predictions")
+        sharded.join([p.predictions.uri for p in parts], predictions_uri)
+        response = combine(parts)
         per_task = {t.task_id: (t.score if e.promotion_metric == "score" else t.rouge_l) for t in response.tasks}
         interval = mean_interval(per_task, e.bootstrap_resamples, e.confidence)
         return {
@@ -186,7 +210,8 @@ class LoopDriver:
             "num_instances": response.num_instances,
             "categories": {c.category: c.score for c in response.categories},
             "per_task": per_task,
-            "predictions_uri": response.predictions.uri,
+            "predictions_uri": predictions_uri,
+            "shards": len(shards),
         }
 
     def _promote(self, k: int, candidate: dict, incumbent: dict | None) -> dict:
@@ -314,17 +339,18 @@ class LoopDriver:
         augmented = self._stage(
             k,
             "backtranslate",
-            lambda: self._unless_empty(
+            lambda: self._sharded(
                 k,
+                "backtranslate",
                 "augmented",
                 segs,
-                lambda: self.clients.backtranslate(
+                lambda shard_uri, output_uri: self.clients.backtranslate(
                     generator_pb2.BacktranslateRequest(
                         context=self._ctx(k),
                         model_uri=backward_model,
-                        segment_tasks=uri_source(segs["uri"]),
+                        segment_tasks=uri_source(shard_uri),
                         sampling=self._sampling(b.max_new_tokens, self.config.seed + k),
-                        output_uri=self._uri(k, "augmented"),
+                        output_uri=output_uri,
                     )
                 ),
             ),
@@ -333,17 +359,18 @@ class LoopDriver:
         curated = self._stage(
             k,
             "curate",
-            lambda: self._unless_empty(
+            lambda: self._sharded(
                 k,
+                "curate",
                 "curated",
                 to_rate,
-                lambda: self.clients.curate_examples(
+                lambda shard_uri, output_uri: self.clients.curate_examples(
                     generator_pb2.CurateExamplesRequest(
                         context=self._ctx(k),
                         model_uri=model,
-                        tasks=uri_source(to_rate["uri"]),
+                        tasks=uri_source(shard_uri),
                         sampling=self._sampling(b.curation_max_new_tokens, self.config.seed + k, temperature=0.0),
-                        output_uri=self._uri(k, "curated"),
+                        output_uri=output_uri,
                     )
                 ),
             ),
@@ -509,34 +536,47 @@ class LoopDriver:
         g = self.config.generation
         model = promoted["model_uri"]
         machine = self._machine_pool(k)
-        pool_uri = self._uri(k, "machine_pool")
 
         def generate() -> dict:
-            """Self-Instruct's bootstrap: prompts go out pool_refresh_prompts at a time; after each request
-            the new instructions that pass the ROUGE-L and instruction rules join the machine tasks shown
-            in context, so later prompts of the round see earlier ones (the reference's request batches)."""
+            """Self-Instruct's bootstrap: prompts go out pool_refresh_prompts at a time (each batch in
+            shards of fanout.prompts_per_shard, concurrently); after each batch the new instructions that
+            pass the ROUGE-L and instruction rules join the machine tasks shown in context, so later
+            prompts of the round see earlier ones (the reference's request batches)."""
             in_context, written, truncated = list(machine), [], 0
+            f = self.config.fanout
             for start in range(0, g.num_prompts, g.pool_refresh_prompts):
-                self.store.write_tasks(pool_uri, in_context)
-                response = self.clients.generate_instructions(
-                    generator_pb2.GenerateInstructionsRequest(
-                        context=self._ctx(k),
-                        model_uri=model,
-                        seed_tasks=uri_source(split["seed_train_uri"]),
-                        machine_tasks=uri_source(pool_uri),
-                        num_prompts=min(g.pool_refresh_prompts, g.num_prompts - start),
-                        num_human_in_context=g.num_human_in_context,
-                        num_machine_in_context=g.num_machine_in_context,
-                        sampling=self._sampling(
-                            g.max_new_tokens, self.config.seed + k, presence_penalty=g.presence_penalty
-                        ),
-                        first_prompt_index=start,
-                    )
+                batch = list(range(start, min(start + g.pool_refresh_prompts, g.num_prompts)))
+                sharded = ShardedStage(
+                    self.store, self.run_id, k, f"generate_instructions/batch-{start:05d}", f.max_in_flight
                 )
-                new = [task_from_proto(t) for t in response.tasks]
+                pool_uri = sharded.uri("pool.parquet")
+                self.store.write_tasks(pool_uri, in_context)
+                shards = sharded.shards(batch, f.prompts_per_shard)
+                responses = sharded.run(
+                    shards,
+                    lambda shard, pool_uri=pool_uri: self.clients.generate_instructions(
+                        generator_pb2.GenerateInstructionsRequest(
+                            context=self._ctx(k),
+                            model_uri=model,
+                            seed_tasks=uri_source(split["seed_train_uri"]),
+                            machine_tasks=uri_source(pool_uri),
+                            num_prompts=len(shard.items),
+                            num_human_in_context=g.num_human_in_context,
+                            num_machine_in_context=g.num_machine_in_context,
+                            sampling=self._sampling(
+                                g.max_new_tokens, self.config.seed + k, presence_penalty=g.presence_penalty
+                            ),
+                            first_prompt_index=shard.items[0],
+                            output_uri=shard.output_uri,
+                        )
+                    ),
+                    generator_pb2.GenerateInstructionsResponse,
+                    on_shard=lambda done, total: self.reporter.shards(k, "generate_instructions", done, total),
+                )
+                new = [t for r in responses for t in self.store.read_tasks(r.output.uri)]
                 written += new
-                truncated += response.completions_truncated
-                if new and start + g.pool_refresh_prompts < g.num_prompts:
+                truncated += sum(r.completions_truncated for r in responses)
+                if new and batch[-1] + 1 < g.num_prompts:
                     in_context += self._novel_instructions(k, split, in_context, new)
             self.store.write_tasks(self._uri(k, "instructions"), written)
             return {
@@ -554,16 +594,14 @@ class LoopDriver:
         classified = self._stage(
             k,
             "classify",
-            lambda: self._unless_empty(
+            lambda: self._sharded(
                 k,
+                "classify",
                 "classified",
                 instructions,
-                lambda: self.clients.classify_instructions(
+                lambda shard_uri, output_uri: self.clients.classify_instructions(
                     generator_pb2.ClassifyInstructionsRequest(
-                        context=self._ctx(k),
-                        model_uri=model,
-                        tasks=uri_source(instructions["uri"]),
-                        output_uri=self._uri(k, "classified"),
+                        context=self._ctx(k), model_uri=model, tasks=uri_source(shard_uri), output_uri=output_uri
                     )
                 ),
             ),
@@ -571,15 +609,16 @@ class LoopDriver:
         candidates = self._stage(
             k,
             "generate_instances",
-            lambda: self._unless_empty(
+            lambda: self._sharded(
                 k,
+                "generate_instances",
                 "candidates",
                 classified,
-                lambda: self.clients.generate_instances(
+                lambda shard_uri, output_uri: self.clients.generate_instances(
                     generator_pb2.GenerateInstancesRequest(
                         context=self._ctx(k),
                         model_uri=model,
-                        tasks=uri_source(classified["uri"]),
+                        tasks=uri_source(shard_uri),
                         demonstrations=uri_source(split["seed_train_uri"]),
                         num_demonstrations=g.num_demonstrations,
                         sampling=self._sampling(
@@ -588,7 +627,7 @@ class LoopDriver:
                             g.instance_temperature,
                             g.instance_presence_penalty,
                         ),
-                        output_uri=self._uri(k, "candidates"),
+                        output_uri=output_uri,
                     )
                 ),
             ),
@@ -642,14 +681,25 @@ class LoopDriver:
         self.store.write_tasks(self._uri(k, name), tasks)
         return uri_source(self._uri(k, name))
 
-    def _unless_empty(self, k: int, name: str, previous: dict, call: Callable) -> dict:
-        """Calls the service unless the previous stage produced nothing (services reject empty batches)."""
+    def _sharded(self, k: int, stage: str, name: str, previous: dict, call: Callable[[str, str], object]) -> dict:
+        """The previous stage's tasks in shards of fanout.tasks_per_shard, sent concurrently:
+        call(input_uri, output_uri) is one request. Nothing is sent for an empty input (services
+        reject empty batches)."""
+        uri = self._uri(k, name)
         if previous["count"] == 0:
-            uri = self._uri(k, name)
             self.store.write_tasks(uri, [])
-            return {"uri": uri, "count": 0}
-        response = call()
-        return {"uri": response.output.uri, "count": response.output.count}
+            return {"uri": uri, "count": 0, "shards": 0}
+        f = self.config.fanout
+        sharded = ShardedStage(self.store, self.run_id, k, stage, f.max_in_flight)
+        shards = sharded.shards(self.store.read_tasks(previous["uri"]), f.tasks_per_shard, write_inputs=True)
+        responses = sharded.run(
+            shards,
+            lambda shard: call(shard.input_uri, shard.output_uri),
+            generator_pb2.TasksResponse,
+            on_shard=lambda done, total: self.reporter.shards(k, stage, done, total),
+        )
+        count = sharded.join([r.output.uri for r in responses], uri)
+        return {"uri": uri, "count": count, "shards": len(shards)}
 
     def _filter(self, k: int, split: dict, machine: list[TaskRecord], candidates: dict) -> dict:
         if candidates["count"] == 0:
@@ -664,11 +714,13 @@ class LoopDriver:
         pool_uri = self._uri(k, "filter_pool")
         self.store.write_tasks(pool_uri, self.store.read_tasks(split["seed_all_uri"]) + machine)
         f = self.config.filter
+        pool_scores = self._pool_scores(k, candidates["uri"], pool_uri)
         response = self.clients.filter_tasks(
             filter_pb2.FilterTasksRequest(
                 context=self._ctx(k),
                 candidates=uri_source(candidates["uri"]),
-                pool=uri_source(pool_uri),
+                pool=uri_source(pool_uri) if pool_scores is None else None,
+                pool_scores=pool_scores,
                 rouge_l_threshold=f.rouge_l_threshold,
                 min_instruction_words=f.min_instruction_words,
                 max_instruction_words=f.max_instruction_words,
@@ -689,6 +741,28 @@ class LoopDriver:
             "funnel": {step.rule: step.removed for step in response.funnel},
             "max_rouge_l": [v.max_rouge_l for v in response.verdicts],
         }
+
+    def _pool_scores(self, k: int, candidates_uri: str, pool_uri: str) -> list[filter_pb2.NoveltyScore] | None:
+        """The filter's parallel part, when the candidates fill more than one shard: each shard's max
+        ROUGE-L against the pool on whichever filter replica is free; FilterTasks then runs only the
+        sequential part (candidates against those kept before them)."""
+        f = self.config.fanout
+        tasks = self.store.read_tasks(candidates_uri)
+        if len(tasks) <= f.filter_candidates_per_shard:
+            return None
+        sharded = ShardedStage(self.store, self.run_id, k, "filter", f.max_in_flight)
+        shards = sharded.shards(tasks, f.filter_candidates_per_shard, write_inputs=True)
+        responses = sharded.run(
+            shards,
+            lambda shard: self.clients.score_novelty(
+                filter_pb2.ScoreNoveltyRequest(
+                    context=self._ctx(k), candidates=uri_source(shard.input_uri), pool=uri_source(pool_uri)
+                )
+            ),
+            filter_pb2.ScoreNoveltyResponse,
+            on_shard=lambda done, total: self.reporter.shards(k, "filter", done, total),
+        )
+        return [score for r in responses for score in r.scores]
 
 
 def summarize(manifest: dict) -> list[dict]:

@@ -88,6 +88,9 @@ class ServiceClients:
     def filter_tasks(self, request):
         return self._call("filter", self._filter.FilterTasks, request)
 
+    def score_novelty(self, request):
+        return self._call("filter", self._filter.ScoreNovelty, request)
+
     def start_training(self, request):
         return self._call("trainer", self._trainer.StartTraining, request, 60)
 

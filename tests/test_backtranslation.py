@@ -81,7 +81,9 @@ def test_backtranslate_and_curate_service():
         EchoEngine(lambda p: " Explain the function.\n" if "Below is a response" in p else "ok\nScore: 4")
     )
     ctx = RunContext("run", 2)
-    augmented = service.backtranslate(ctx, "backward", ["Return the sum of a and b.", "Open a file."], SamplingParams())
+    augmented = service.backtranslate(
+        ctx, "backward", [("s0", "Return the sum of a and b."), ("s1", "Open a file.")], SamplingParams()
+    )
     assert [t.instruction for t in augmented] == ["Explain the function.", "Explain the function."]
     assert augmented[0].instances[0].output == "Return the sum of a and b."
     assert (augmented[0].lineage.stage, augmented[0].lineage.round, augmented[0].lineage.model) == (

@@ -3,6 +3,7 @@ and evaluator with a scripted engine, and a trainer that records its requests an
 checkpoint. Checks the round's method: the pool refresh within a round, greedy instances, rescoring
 of every backtranslated pair, fine-tuning from the base model, the dev/test split and the test stage."""
 
+import hashlib
 import json
 import os
 
@@ -21,26 +22,30 @@ from services.generator.engines import Completion, ModelSessions
 REFERENCES = {t.instruction.strip(): t.instances[0].output.strip() for t in load_seed_tasks()}
 
 
+def _number(prompt: str) -> int:
+    """A number the prompt alone decides: answers do not depend on the order shards arrive in."""
+    return int(hashlib.sha1(prompt.encode()).hexdigest()[:8], 16)
+
+
 class ScriptedEngine(ModelSessions):
     """Answers every prompt kind the loop sends; trained models (round >= 1) answer held-out tasks right."""
 
     def __init__(self):
-        self.model_uri, self.tokenizer, self.calls, self.written = None, None, [], 0
+        self.model_uri, self.tokenizer, self.calls = None, None, []
 
     def load(self, model_uri):
         self.model_uri = model_uri
 
     def _answer(self, prompt: str) -> str:
         if prompt.startswith("Come up with a series of"):
-            self.written += 2
-            return f" Write a limerick about the number {self.written}.\n10. Name {self.written + 1} rivers of Peru."
+            n = _number(prompt)
+            return f" Write a limerick about the number {n}.\n10. Name {n + 1} rivers of Peru."
         if "Is it classification?" in prompt:
             return " No"
         if prompt.startswith(("Come up with examples", "Given the classification task")):
             return "Example 1\nOutput: an answer\nExample 2\nOutput: another answer\n"
         if prompt.startswith("Below is a response"):
-            self.written += 1
-            return f" Explain what passage number {self.written} of the documentation says."
+            return f" Explain what passage number {_number(prompt)} of the documentation says."
         if "5-point scale" in prompt:
             return " A helpful answer.\nScore: 5"
         instruction = prompt.split("\n\n")[0].strip()
@@ -86,6 +91,9 @@ class InProcessClients:
     def filter_tasks(self, request):
         return self.filter.FilterTasks(request)
 
+    def score_novelty(self, request):
+        return self.filter.ScoreNovelty(request)
+
     def stream_evaluation(self, request, on_progress=None):
         return self.evaluator.EvaluateModel(request)
 
@@ -110,7 +118,7 @@ class InProcessClients:
         )
 
 
-def _settings(root: str, **training) -> dict:
+def _settings(root: str, fanout: dict | None = None, **training) -> dict:
     return {
         "model": {"base": "scripted-base"},
         "store": {"root": root},
@@ -118,15 +126,16 @@ def _settings(root: str, **training) -> dict:
         "training": training,
         "backtranslation": {"segments_per_round": 3},
         "loop": {"rounds": 2},
+        "fanout": fanout or {},
     }
 
 
 @pytest.fixture
 def run(tmp_path, monkeypatch):
-    def go(**training):
-        settings = _settings(str(tmp_path / "store"), **training)
+    def go(store: str = "store", fanout: dict | None = None, clients_class=None, **training):
+        settings = _settings(str(tmp_path / store), fanout, **training)
         engine = ScriptedEngine()
-        clients = InProcessClients(settings, engine, monkeypatch)
+        clients = (clients_class or InProcessClients)(settings, engine, monkeypatch)
         manifest = LoopDriver(parse_config(settings), clients, "r").run()
         return manifest, clients, engine
 
@@ -194,3 +203,78 @@ def test_a_relative_store_inside_a_ray_job_package_is_refused(tmp_path, monkeypa
     refuse_store_inside_job_package("s3://bucket/runs")
     monkeypatch.chdir(tmp_path)
     refuse_store_inside_job_package("./runs")  # a local run: ./runs is where the user is
+
+
+SMALL_SHARDS = {"prompts_per_shard": 1, "tasks_per_shard": 1, "filter_candidates_per_shard": 1, "max_in_flight": 3}
+DATASET_STAGES = ("generate_instructions", "classify", "generate_instances", "backtranslate", "curate")
+
+
+def _stage_records(manifest: dict, store: RunStore) -> dict:
+    """Every stage's records (id, instruction, instances), the filter's decisions and the scores."""
+    out = {}
+    for k in ("1", "2"):
+        stages = manifest["rounds"][k]["stages"]
+        for name in DATASET_STAGES:
+            out[k, name] = [(t.id, t.instruction, t.instances) for t in store.read_tasks(stages[name]["uri"])]
+        out[k, "kept"] = [t.id for t in store.read_tasks(stages["filter"]["kept_uri"])]
+        out[k, "max_rouge_l"] = stages["filter"]["max_rouge_l"]
+        out[k, "per_task"] = stages["evaluate"]["per_task"]
+        out[k, "score"] = stages["evaluate"]["score"]
+        out[k, "predictions"] = sorted(t.id for t in store.read_tasks(stages["evaluate"]["predictions_uri"]))
+    return out
+
+
+def test_the_shard_count_changes_nothing(run):
+    """One request per stage, or one task / prompt / candidate per request, three at once: the same
+    records, ids, filter decisions (the parallel ScoreNovelty part included) and scores."""
+    whole, whole_clients, _ = run("whole")
+    sharded, sharded_clients, _ = run("sharded", SMALL_SHARDS)
+    stages = sharded["rounds"]["1"]["stages"]
+    assert stages["classify"]["shards"] == stages["generate_instructions"]["count"] > 1
+    assert stages["evaluate"]["shards"] == stages["evaluate"]["num_tasks"] > 1
+    assert os.path.isdir(
+        os.path.join(sharded_clients.store.root, "r", "round-001", "shards", "filter")
+    )  # parallel part
+    records = _stage_records(whole, whole_clients.store)
+    assert records == _stage_records(sharded, sharded_clients.store)
+    assert all(records[k, name] for k in "12" for name in DATASET_STAGES)
+    for k in "12":
+        ids = [r[0] for r in records[k, "generate_instances"]]
+        assert len(ids) == len(set(ids))
+
+
+class CrashingClients(InProcessClients):
+    """The driver's process dies (an exception nobody catches) at the third instances request."""
+
+    calls = 0
+
+    def generate_instances(self, request):
+        CrashingClients.calls += 1
+        if CrashingClients.calls == 3:
+            raise KeyboardInterrupt("killed")
+        return super().generate_instances(request)
+
+
+def test_a_crash_mid_stage_redoes_only_the_missing_shards(run):
+    shards = {**SMALL_SHARDS, "max_in_flight": 1}
+    whole, whole_clients, _ = run("whole")
+    with pytest.raises(KeyboardInterrupt):
+        run("crashed", shards, CrashingClients)
+    assert CrashingClients.calls == 3
+    store = RunStore(str(whole_clients.store.root).replace("whole", "crashed"))
+    assert "generate_instances" not in store.load_manifest("r")["rounds"]["1"]["stages"]
+
+    class CountingClients(InProcessClients):
+        sent: list = []
+
+        def generate_instances(self, request):
+            CountingClients.sent.append(request.tasks.uri)
+            return super().generate_instances(request)
+
+    resumed, resumed_clients, _ = run("crashed", shards, CountingClients)
+    round_1 = [u for u in CountingClients.sent if "round-001" in u]
+    total = resumed["rounds"]["1"]["stages"]["generate_instances"]["shards"]
+    assert len(round_1) == total - 2 and not any(
+        u.endswith(("00000.input.parquet", "00001.input.parquet")) for u in round_1
+    )
+    assert _stage_records(resumed, resumed_clients.store) == _stage_records(whole, whole_clients.store)

@@ -63,7 +63,7 @@ def test_reflection_lists_all_services(deployed):
         .service[0]
         .method
     }
-    assert methods == {"FilterTasks"}
+    assert methods == {"FilterTasks", "ScoreNovelty"}
     channel.close()
 
 
@@ -149,6 +149,21 @@ def test_every_method_answers(deployed):
     )
     assert [v.kept for v in filtered.verdicts] == [True, True, False, False]
     assert {s.rule: s.removed for s in filtered.funnel} == {"rouge_l_too_similar": 2}
+    scored = clients.score_novelty(  # the filter's parallel part, then its sequential part: the same verdicts
+        filter_pb2.ScoreNoveltyRequest(
+            context=CTX, candidates=tasks_to_source(seeds[:4]), pool=tasks_to_source(seeds[2:6])
+        )
+    )
+    assert [s.max_rouge_l for s in scored.scores][2:] == [1.0, 1.0]
+    refiltered = clients.filter_tasks(
+        filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(seeds[:4]), pool_scores=scored.scores)
+    )
+    assert list(refiltered.verdicts) == list(filtered.verdicts)
+    with pytest.raises(grpc.RpcError) as wrong:
+        clients.filter_tasks(
+            filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(seeds[:3]), pool_scores=scored.scores)
+        )
+    assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pool_scores" in wrong.value.details()
 
     store = RunStore(config.store.root)
     status = clients.wait_for_training(
@@ -598,6 +613,7 @@ _METHODS = [
     ("generator", "/reinstruct.v1.Generator/CurateExamples", False),
     ("generator", "/reinstruct.v1.Generator/StreamInstances", True),
     ("filter", "/reinstruct.v1.Filter/FilterTasks", False),
+    ("filter", "/reinstruct.v1.Filter/ScoreNovelty", False),
     ("trainer", "/reinstruct.v1.Trainer/StartTraining", False),
     ("trainer", "/reinstruct.v1.Trainer/GetTrainingStatus", False),
     ("trainer", "/reinstruct.v1.Trainer/StreamTraining", True),

@@ -40,6 +40,11 @@ class FilterStub:
                 request_serializer=reinstruct_dot_v1_dot_filter__pb2.FilterTasksRequest.SerializeToString,
                 response_deserializer=reinstruct_dot_v1_dot_filter__pb2.FilterTasksResponse.FromString,
                 _registered_method=True)
+        self.ScoreNovelty = channel.unary_unary(
+                '/reinstruct.v1.Filter/ScoreNovelty',
+                request_serializer=reinstruct_dot_v1_dot_filter__pb2.ScoreNoveltyRequest.SerializeToString,
+                response_deserializer=reinstruct_dot_v1_dot_filter__pb2.ScoreNoveltyResponse.FromString,
+                _registered_method=True)
 
 
 class FilterServicer:
@@ -52,6 +57,15 @@ class FilterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreNovelty(self, request, context):
+        """The filter's parallel part: each candidate's max ROUGE-L F against the pool (not against each
+        other). Shards of candidates go to every filter replica; FilterTasks then takes the scores
+        (pool_scores) and compares each candidate only with the candidates kept before it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FilterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +73,11 @@ def add_FilterServicer_to_server(servicer, server):
                     servicer.FilterTasks,
                     request_deserializer=reinstruct_dot_v1_dot_filter__pb2.FilterTasksRequest.FromString,
                     response_serializer=reinstruct_dot_v1_dot_filter__pb2.FilterTasksResponse.SerializeToString,
+            ),
+            'ScoreNovelty': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreNovelty,
+                    request_deserializer=reinstruct_dot_v1_dot_filter__pb2.ScoreNoveltyRequest.FromString,
+                    response_serializer=reinstruct_dot_v1_dot_filter__pb2.ScoreNoveltyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +108,33 @@ class Filter:
             '/reinstruct.v1.Filter/FilterTasks',
             reinstruct_dot_v1_dot_filter__pb2.FilterTasksRequest.SerializeToString,
             reinstruct_dot_v1_dot_filter__pb2.FilterTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreNovelty(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reinstruct.v1.Filter/ScoreNovelty',
+            reinstruct_dot_v1_dot_filter__pb2.ScoreNoveltyRequest.SerializeToString,
+            reinstruct_dot_v1_dot_filter__pb2.ScoreNoveltyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,25 @@ class StoreConfig(_Section):
     allowed_schemes: list[str] = Field(["file"], description="URI schemes accepted from gRPC requests")
 
 
+class Autoscaling(_Section):
+    """Serve's autoscaling_config: replicas follow the requests waiting on them."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica Serve aims for")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class AppScaling(_Section):
+    replicas: int = Field(1, ge=1, description="Replicas of this app's deployment (when autoscaling is off)")
+    autoscaling: Autoscaling | None = Field(None, description="Set: Serve scales replicas between min and max")
+
+
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="Where clients reach the proxies")
     grpc_port: int = Field(9000, ge=1, le=65535)
@@ -59,6 +78,35 @@ class ServeConfig(_Section):
     max_training_jobs: int = Field(
         2, ge=1, description="Training runs in progress at once; a StartTraining beyond it gets RESOURCE_EXHAUSTED"
     )
+    torch_threads: int = Field(
+        0, ge=0, description="Torch CPU threads per generator/evaluator replica (0: torch's default, all cores)"
+    )
+    generator: AppScaling = AppScaling()
+    filter: AppScaling = AppScaling()
+    trainer: AppScaling = AppScaling()
+    evaluator: AppScaling = AppScaling()
+
+
+class FanoutConfig(_Section):
+    """How the driver splits a stage into requests that Serve spreads over the replicas. Record ids
+    and (greedy) outputs do not depend on these numbers."""
+
+    prompts_per_shard: int = Field(
+        5,
+        ge=1,
+        description="Instruction-generation prompts per request; a pool-refresh batch "
+        "(generation.pool_refresh_prompts) is split into shards of this size",
+    )
+    tasks_per_shard: int = Field(
+        16, ge=1, description="Tasks per request: classify, instances, backtranslate, curate, evaluate"
+    )
+    filter_candidates_per_shard: int = Field(
+        256,
+        ge=1,
+        description="Candidates per ScoreNovelty request, the filter's parallel part "
+        "(max ROUGE-L against the pool); a stage with fewer candidates sends one FilterTasks",
+    )
+    max_in_flight: int = Field(8, ge=1, description="Shard requests the driver has outstanding at once")
 
 
 class SeedConfig(_Section):
@@ -237,7 +285,13 @@ class BacktranslationConfig(_Section):
 
 
 class LoopConfig(_Section):
-    rounds: int = Field(2, ge=1, description="Self-improvement rounds after round 0")
+    rounds: int = Field(
+        2, ge=0, description="Self-improvement rounds after round 0; 0: continuous, until a stop condition holds"
+    )
+    patience: int = Field(
+        3, ge=1, description="Continuous mode: stop after this many rounds in a row without a promotion"
+    )
+    time_budget_s: float = Field(0, ge=0, description="Continuous mode: start no round after this long (0: no limit)")
     bootstrap: bool = Field(
         False,
         description="Round 0 fine-tunes the base model on the seed tasks (for models "
@@ -258,6 +312,7 @@ class ReinstructConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     backtranslation: BacktranslationConfig = BacktranslationConfig()
     loop: LoopConfig = LoopConfig()
+    fanout: FanoutConfig = FanoutConfig()
 
 
 class ConfigError(ValueError):
@@ -315,12 +370,20 @@ def engine_options(config: ReinstructConfig) -> dict:
         }
     if g.engine == "vllm":
         return {**common, "gpu_memory_utilization": g.vllm_gpu_memory_utilization}
-    return common
+    return {**common, "torch_threads": config.serve.torch_threads}
 
 
-def replica_options(config: ReinstructConfig, *, num_gpus: float = 0.0, num_cpus: float | None = None) -> dict:
-    """Keyword arguments for Deployment.options(): resources and the overload limits of `serve`."""
-    return {
+def replica_options(
+    config: ReinstructConfig,
+    app: Literal["generator", "filter", "trainer", "evaluator"],
+    *,
+    num_gpus: float = 0.0,
+    num_cpus: float | None = None,
+) -> dict:
+    """Keyword arguments for Deployment.options(): replicas (or autoscaling), resources and the
+    overload limits of `serve`."""
+    scaling: AppScaling = getattr(config.serve, app)
+    options = {
         "ray_actor_options": {
             "num_cpus": config.serve.replica_num_cpus if num_cpus is None else num_cpus,
             "num_gpus": num_gpus,
@@ -328,6 +391,11 @@ def replica_options(config: ReinstructConfig, *, num_gpus: float = 0.0, num_cpus
         "max_ongoing_requests": config.serve.max_ongoing_requests,
         "max_queued_requests": config.serve.max_queued_requests,
     }
+    if scaling.autoscaling is not None:
+        options["autoscaling_config"] = scaling.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = scaling.replicas
+    return options
 
 
 def _merge(base: dict, overrides: dict) -> dict:

@@ -203,6 +203,10 @@ class RunStore:
     def write_bytes(self, uri: str, payload: bytes) -> None:
         self._write_atomic(self.resolve(uri), lambda handle: handle.write(payload))
 
+    def read_bytes(self, uri: str) -> bytes:
+        with self.fs.open(self.resolve(uri), "rb") as handle:
+            return handle.read()
+
     def write_json(self, uri: str, data: Any) -> None:
         path = self.resolve(uri)
         payload = json.dumps(data, indent=2, sort_keys=True).encode()

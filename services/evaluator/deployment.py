@@ -184,5 +184,5 @@ class EvaluatorDeployment:
 
 def build_app(args: dict | None = None):
     config = config_from_app_args(args)
-    options = replica_options(config, num_gpus=config.generation.num_gpus)
+    options = replica_options(config, "evaluator", num_gpus=config.generation.num_gpus)
     return EvaluatorDeployment.options(**options).bind(config.model_dump())

@@ -98,6 +98,7 @@ class EvaluatorService:
             renderer = Renderer.for_tokenizer(self.engine.tokenizer, self.prompt_format, seed_tag=self.seed_tag)
             results: dict[str, TaskResult] = {}
             predictions: list[TaskRecord] = []
+            seen: dict[str, int] = {}
             for start in range(0, len(items), self.chunk_size):
                 chunk = items[start : start + self.chunk_size]
                 examples = [renderer.render(task, inst) for task, inst in chunk]
@@ -111,6 +112,7 @@ class EvaluatorService:
                 )
                 for j, ((task, inst), example, completion) in enumerate(zip(chunk, examples, completions)):
                     result = results.setdefault(task.id, TaskResult(task.id, category(task)))
+                    seen[task.id] = seen.get(task.id, -1) + 1
                     has_reference = bool(inst.output.strip())  # prompts without references: judged only
                     if has_reference:
                         score_instance(result, completion.text, inst.output)
@@ -118,7 +120,7 @@ class EvaluatorService:
                             result.nll.append(nlls[j])
                     predictions.append(
                         TaskRecord(
-                            id=f"{task.id}/{len(predictions)}",
+                            id=f"{task.id}/{seen[task.id]}",  # the task's instance: shard-independent
                             instruction=task.instruction,
                             name=task.name,
                             is_classification=task.is_classification,

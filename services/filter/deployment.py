@@ -10,7 +10,26 @@ from ..common.convert import task_to_proto
 from ..common.grpc_handler import grpc_method, refuse_other_services
 from ..common.store import RunStore
 from ..common.validation import RequestError, check_context, check_output_uri, check_range, resolve_tasks
-from .service import FilterSettings, filter_tasks
+from .service import FilterSettings, PoolScore, filter_tasks, novelty_scores
+
+
+def _pool_scores(request: filter_pb2.FilterTasksRequest, candidates) -> list[PoolScore] | None:
+    if not request.pool_scores:
+        return None
+    if request.pool.WhichOneof("source"):
+        raise RequestError("pool_scores", "give the pool or its scores (pool_scores), not both")
+    if len(request.pool_scores) != len(candidates):
+        raise RequestError(
+            "pool_scores",
+            f"has {len(request.pool_scores)} scores for {len(candidates)} candidates (one each, in order)",
+        )
+    out = []
+    for i, (score, task) in enumerate(zip(request.pool_scores, candidates)):
+        if score.task_id != task.id:
+            raise RequestError(f"pool_scores[{i}].task_id", f"is {score.task_id!r}; candidate {i} is {task.id!r}")
+        check_range(score.max_rouge_l, f"pool_scores[{i}].max_rouge_l", 0.0, 1.0)
+        out.append(PoolScore(score.max_rouge_l, score.nearest_instruction))
+    return out
 
 
 @serve.deployment(name="Filter")
@@ -54,7 +73,7 @@ class FilterDeployment:
             max_instances_per_task=defaults.max_instances_per_task,
             check_instances=not request.instructions_only,
         )
-        result = filter_tasks(candidates, pool, settings, eval_tasks)
+        result = filter_tasks(candidates, pool, settings, eval_tasks, pool_scores=_pool_scores(request, candidates))
         response = filter_pb2.FilterTasksResponse(
             verdicts=[
                 filter_pb2.Verdict(
@@ -80,7 +99,21 @@ class FilterDeployment:
             response.rejected_ref.CopyFrom(common_pb2.DatasetRef(uri=request.rejected_uri, count=count))
         return response
 
+    @grpc_method(filter_pb2.ScoreNoveltyResponse)
+    def ScoreNovelty(self, request: filter_pb2.ScoreNoveltyRequest):
+        check_context(request.context)
+        candidates = resolve_tasks(request.candidates, self.store, "candidates")
+        pool = resolve_tasks(request.pool, self.store, "pool")
+        return filter_pb2.ScoreNoveltyResponse(
+            scores=[
+                filter_pb2.NoveltyScore(
+                    task_id=t.id, max_rouge_l=s.max_rouge_l, nearest_instruction=s.nearest_instruction
+                )
+                for t, s in zip(candidates, novelty_scores(candidates, pool))
+            ]
+        )
+
 
 def build_app(args: dict | None = None):
     config = config_from_app_args(args)
-    return FilterDeployment.options(**replica_options(config)).bind(config.model_dump())
+    return FilterDeployment.options(**replica_options(config, "filter")).bind(config.model_dump())

@@ -49,6 +49,25 @@ class FilterSettings:
     instruction_rules: bool = True  # Self-Instruct's length / keyword / punctuation rules (off: ROUGE-L only)
 
 
+@dataclass(frozen=True)
+class PoolScore:
+    """A candidate's max ROUGE-L F against the pool and the pool text giving it ("" : none)."""
+
+    max_rouge_l: float
+    nearest_instruction: str
+
+
+def novelty_scores(candidates: list[TaskRecord], pool: list[TaskRecord]) -> list[PoolScore]:
+    """The filter's parallel part: each candidate against the pool alone, independent of the others,
+    so shards of candidates can be scored on different replicas."""
+    index = NoveltyIndex([t.instruction for t in pool])
+    out = []
+    for task in candidates:
+        score, nearest = index.nearest(task.instruction)
+        out.append(PoolScore(score, index.texts[nearest] if nearest >= 0 else ""))
+    return out
+
+
 def filter_tasks(
     candidates: list[TaskRecord],
     pool: list[TaskRecord],
@@ -56,9 +75,17 @@ def filter_tasks(
     eval_tasks: list[TaskRecord] | None = None,
     index: NoveltyIndex | None = None,
     on_progress=None,
+    pool_scores: list[PoolScore] | None = None,
 ) -> FilterResult:
     """index: a NoveltyIndex already holding the pool (it grows with the kept candidates);
-    on_progress: called after each candidate (progress bars)."""
+    on_progress: called after each candidate (progress bars); pool_scores: novelty_scores(candidates,
+    pool) computed elsewhere, so only the sequential part runs here (each candidate against those
+    kept before it). The max over pool and kept is the max of the two maxima, and pool entries come
+    first on ties, so the decisions, scores and nearest texts are the same either way."""
+    if pool_scores is not None:
+        if len(pool_scores) != len(candidates):
+            raise ValueError(f"pool_scores: {len(pool_scores)} scores for {len(candidates)} candidates")
+        index = NoveltyIndex()  # the kept candidates only
     index = index if index is not None else NoveltyIndex([t.instruction for t in pool])
     contamination = ContaminationIndex(eval_tasks or [], settings.decontamination_ngram)
     deduper = (
@@ -68,7 +95,7 @@ def filter_tasks(
     )
     funnel: Counter[str] = Counter()
     kept, rejected, verdicts = [], [], []
-    for task in candidates:
+    for position, task in enumerate(candidates):
         reason = (
             instruction_rejection(
                 task.instruction, settings.min_instruction_words, settings.max_instruction_words, settings.blacklist
@@ -81,7 +108,7 @@ def filter_tasks(
         )
         if settings.check_instances:
             instances = sample_instances(instances, settings.max_instances_per_task, task.id)
-        score, nearest = 0.0, -1
+        score, nearest_text = 0.0, ""
         response = "\n".join(i.output for i in instances)
         if reason is None and settings.check_instances and not instances:
             reason = "no_valid_instances"
@@ -91,6 +118,9 @@ def filter_tasks(
             reason = "contaminated"
         if reason is None:
             score, nearest = index.nearest(task.instruction)
+            nearest_text = index.texts[nearest] if nearest >= 0 else ""
+            if pool_scores is not None and pool_scores[position].max_rouge_l >= score:
+                score, nearest_text = pool_scores[position].max_rouge_l, pool_scores[position].nearest_instruction
             too_similar = (
                 score > settings.rouge_l_threshold
                 if settings.reject_only_above_threshold
@@ -109,7 +139,7 @@ def filter_tasks(
             reason is None,
             ([reason] if reason else []) + instance_reasons,
             score,
-            index.texts[nearest] if nearest >= 0 else "",
+            nearest_text,
         )
         lineage = replace(
             task.lineage,

@@ -94,12 +94,20 @@ def curation_meta_tasks(seed_tasks: list[TaskRecord], seed: int) -> list[TaskRec
     return out
 
 
-def augmented_task(run_id: str, round_index: int, model: str, index: int, segment: str, instruction: str) -> TaskRecord:
+def augmented_task(
+    run_id: str, round_index: int, model: str, segment_id: str, segment: str, instruction: str
+) -> TaskRecord:
+    """The id comes from the segment's own id, so it does not depend on how a stage was split into requests."""
     return TaskRecord(
-        id=stable_id(run_id, round_index, "backtranslate", index),
+        id=stable_id(run_id, round_index, "backtranslate", segment_id),
         instruction=instruction,
         instances=[Instance("", segment)],
         lineage=Lineage(
-            run_id=run_id, round=round_index, stage="backtranslate", model=model, prompt_template=prompts.BACKWARD.id
+            run_id=run_id,
+            round=round_index,
+            stage="backtranslate",
+            model=model,
+            prompt_template=prompts.BACKWARD.id,
+            parent_id=segment_id,
         ),
     )

@@ -209,12 +209,14 @@ class GeneratorDeployment:
         if request.segments:
             if len(request.segments) > MAX_INLINE_TASKS:
                 raise RequestError("segments", f"has {len(request.segments)}; the inline limit is {MAX_INLINE_TASKS}")
-            segments = [check_text(text, f"segments[{i}]", required=True) for i, text in enumerate(request.segments)]
+            segments = [
+                (str(i), check_text(text, f"segments[{i}]", required=True)) for i, text in enumerate(request.segments)
+            ]
         else:
             tasks = resolve_tasks(
                 request.segment_tasks, self.store, "segment_tasks", require_instances=True, require_instruction=False
             )
-            segments = [t.instances[0].output for t in tasks if t.instances and t.instances[0].output.strip()]
+            segments = [(t.id, t.instances[0].output) for t in tasks if t.instances and t.instances[0].output.strip()]
             if not segments:
                 raise RequestError("segment_tasks", "no task carries a non-empty segment in instances[0].output")
         ctx = RunContext(request.context.run_id, request.context.round)
@@ -238,5 +240,5 @@ class GeneratorDeployment:
 
 def build_app(args: dict | None = None):
     config = config_from_app_args(args)
-    options = replica_options(config, num_gpus=config.generation.num_gpus)
+    options = replica_options(config, "generator", num_gpus=config.generation.num_gpus)
     return GeneratorDeployment.options(**options).bind(config.model_dump())

@@ -108,9 +108,10 @@ class GeneratorService:
     ) -> list[TaskRecord]:
         """Tasks that got at least one instance, each with its instances; the others are dropped."""
         with self.engine.using(model_uri):
-            rng = random.Random(f"{ctx.run_id}/{ctx.round}/instances/{sampling.seed}")
             built = []
             for task in tasks:
+                # drawn per task id, so a stage sent in shards shows each task the same demonstrations
+                rng = random.Random(f"{ctx.run_id}/{ctx.round}/instances/{sampling.seed}/{task.id}")
                 pool = [d for d in demonstrations if d.is_classification == task.is_classification] or demonstrations
                 demos = rng.sample(pool, min(num_demonstrations, len(pool)))
                 built.append(si.build_instance_prompt(task.instruction, task.is_classification, demos))
@@ -136,18 +137,19 @@ class GeneratorService:
             return out
 
     def backtranslate(
-        self, ctx: RunContext, backward_model: str, segments: list[str], sampling: SamplingParams
+        self, ctx: RunContext, backward_model: str, segments: list[tuple[str, str]], sampling: SamplingParams
     ) -> list[TaskRecord]:
-        """One instruction per segment from the backward model; segments it wrote nothing for are dropped."""
+        """One instruction per (segment id, text) from the backward model; segments it wrote nothing
+        for are dropped."""
         with self.engine.using(backward_model):
             completions = self.engine.generate(
-                [bt.build_backward_prompt(s) for s in segments], replace(sampling, stop=bt.BACKWARD_STOPS)
+                [bt.build_backward_prompt(text) for _, text in segments], replace(sampling, stop=bt.BACKWARD_STOPS)
             )
             out = []
-            for index, (segment, completion) in enumerate(zip(segments, completions)):
+            for (segment_id, text), completion in zip(segments, completions):
                 instruction = bt.parse_backward(completion.text)
                 if instruction:
-                    out.append(bt.augmented_task(ctx.run_id, ctx.round, backward_model, index, segment, instruction))
+                    out.append(bt.augmented_task(ctx.run_id, ctx.round, backward_model, segment_id, text, instruction))
             return out
 
     def curate(

@@ -43,7 +43,10 @@ class HFEngine(ModelSessions):
         device: str | None = None,
         trust_remote_code: bool = False,
         cache_dir: str = DEFAULT_CACHE_DIR,
+        torch_threads: int = 0,
     ) -> None:
+        if torch_threads:  # replicas sharing a machine: one thread each scales better than all fighting over all
+            torch.set_num_threads(torch_threads)
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.trust_remote_code = trust_remote_code

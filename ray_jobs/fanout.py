@@ -1,0 +1,142 @@
+"""Fan-out: one stage split into shards that go out concurrently, so Serve spreads them over every
+replica of the app.
+
+Each shard has its own input and its own part of the stage's dataset under
+`<run>/round-<k>/shards/<stage>/`, named by its index, and a ledger entry (the service's response)
+written once the part is in. A rerun after a crash sends only the shards without a ledger entry;
+the stage's dataset is the parts joined in shard order and is committed only when every shard is
+in. Record ids come from the run, round and the record's own id or prompt index, never from the
+shard, so the shard count changes neither the ids nor the order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from services.common.records import TaskRecord
+from services.common.store import RunStore
+
+log = logging.getLogger("reinstruct.fanout")
+
+Response = TypeVar("Response", bound=Message)
+Item = TypeVar("Item")
+
+BUSY_RETRIES = 20  # ABORTED: a request of a killed driver still writes this shard's part; it ends soon
+
+
+@dataclass(frozen=True)
+class Shard(Generic[Item]):
+    index: int
+    items: Sequence[Item]  # the shard's prompt indices or tasks
+    input_uri: str  # where the shard's tasks are (tasks shards only)
+    output_uri: str  # the part of the stage's dataset the service writes
+
+
+def split(items: Sequence[Item], per_shard: int) -> list[Sequence[Item]]:
+    return [items[start : start + per_shard] for start in range(0, len(items), per_shard)]
+
+
+class ShardedStage:
+    """The shards of one stage of one round."""
+
+    def __init__(self, store: RunStore, run_id: str, round_index: int, stage: str, max_in_flight: int) -> None:
+        self.store, self.run_id, self.round_index, self.stage = store, run_id, round_index, stage
+        self.max_in_flight = max_in_flight
+
+    def uri(self, name: str) -> str:
+        """A file of this stage's shards."""
+        return self.store.uri(self.run_id, f"round-{self.round_index:03d}", "shards", self.stage, name)
+
+    def ledger_uri(self, index: int) -> str:
+        return self.uri(f"{index:05d}.json")
+
+    def shards(self, items: Sequence[Item], per_shard: int, *, write_inputs: bool = False) -> list[Shard[Item]]:
+        """write_inputs: items are TaskRecords, written as each shard's input (unless already there)."""
+        out = []
+        for index, part in enumerate(split(items, per_shard)):
+            shard = Shard(index, part, self.uri(f"{index:05d}.input.parquet"), self.uri(f"{index:05d}.parquet"))
+            if write_inputs and not self.store.exists(shard.input_uri):
+                self.store.write_tasks(shard.input_uri, list(part))
+            out.append(shard)
+        return out
+
+    def run(
+        self,
+        shards: list[Shard],
+        send: Callable[[Shard], Response],
+        response_type: type[Response],
+        on_shard: Callable[[int, int], None] | None = None,
+    ) -> list[Response]:
+        """Sends every shard without a ledger entry (at most max_in_flight at once) and returns every
+        shard's response in shard order. The first shard that fails fails the stage: shards not yet
+        sent are not sent, those in flight finish, and every finished one stays in the ledger."""
+        responses: dict[int, Response] = {}
+        for shard in shards:
+            if self.store.exists(self.ledger_uri(shard.index)):
+                responses[shard.index] = json_format.Parse(
+                    self.store.read_bytes(self.ledger_uri(shard.index)), response_type()
+                )
+        missing = [s for s in shards if s.index not in responses]
+        if responses:
+            log.info(
+                "%s: %d of %d shards were done before; sending %d",
+                self.stage,
+                len(responses),
+                len(shards),
+                len(missing),
+            )
+        if on_shard is not None:
+            on_shard(len(responses), len(shards))
+        queue = list(missing)
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=max(1, self.max_in_flight), thread_name_prefix="shard") as pool:
+            in_flight: dict = {}
+            while queue or in_flight:
+                while queue and failure is None and len(in_flight) < self.max_in_flight:
+                    shard = queue.pop(0)
+                    in_flight[pool.submit(self._send, send, shard)] = shard
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    shard = in_flight.pop(future)
+                    try:
+                        response = future.result()
+                    except BaseException as exc:  # noqa: BLE001 - raised once the shards in flight settle
+                        failure = failure or exc
+                        continue
+                    self.store.write_bytes(self.ledger_uri(shard.index), json_format.MessageToJson(response).encode())
+                    responses[shard.index] = response
+                    if on_shard is not None:
+                        on_shard(len(responses), len(shards))
+        if failure is not None:
+            raise failure  # the stage fails; the ledger keeps every shard that finished
+        return [responses[s.index] for s in shards]
+
+    @staticmethod
+    def _send(send: Callable[[Shard], Response], shard: Shard) -> Response:
+        for attempt in range(BUSY_RETRIES + 1):
+            try:
+                return send(shard)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.ABORTED or attempt == BUSY_RETRIES:
+                    raise
+                time.sleep(min(0.5 * 2**attempt, 10.0))
+        raise AssertionError("unreachable")
+
+    def join(self, parts: list[str], output_uri: str) -> int:
+        """The stage's dataset: every part's tasks in shard order (empty parts give nothing)."""
+        tasks: list[TaskRecord] = []
+        for uri in parts:
+            if uri:
+                tasks += self.store.read_tasks(uri)
+        return self.store.write_tasks(output_uri, tasks)
