@@ -89,10 +89,6 @@ def values_schema() -> dict:
                     {
                         "grpcPort": {"type": "integer", "minimum": 1, "maximum": 65535},
                         "httpPort": {"type": "integer", "minimum": 1, "maximum": 65535},
-                        "generator": _object(
-                            {"replicas": {"type": "integer", "minimum": 1}, "numGpus": {"type": "number", "minimum": 0}}
-                        ),
-                        "evaluator": _object({"numGpus": {"type": "number", "minimum": 0}}),
                     }
                 ),
                 "reinstruct": config_schema,

@@ -98,9 +98,11 @@ def test_rendered_objects_validate(helm, values, monkeypatch):
         if obj["kind"] == "RayService":
             serve_config = ServeDeploySchema.model_validate(yaml.safe_load(obj["spec"]["serveConfigV2"]))
             assert {a.name for a in serve_config.applications} == {"generator", "filter", "trainer", "evaluator"}
+            built = {}
             for app in serve_config.applications:
                 module, attr = app.import_path.split(":")
-                assert getattr(importlib.import_module(module), attr)(app.args) is not None
+                built[app.name] = getattr(importlib.import_module(module), attr)(app.args)._bound_deployment
+                assert not app.deployments  # replicas and GPUs come from the settings alone
     if values and values.name == "values-gpu.yaml":
         assert "RayJob" in kinds
         secrets = [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
@@ -111,6 +113,14 @@ def test_rendered_objects_validate(helm, values, monkeypatch):
         groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
         limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits["nvidia.com/gpu"] == 1
+        # generator replicas scale with the GPU worker group: every GPU replica Serve may ask for fits in it
+        gpu_values = yaml.safe_load(values.read_text())["gpuWorkers"]
+        gpus = gpu_values["maxReplicas"] * gpu_values["gpusPerWorker"]
+        generator, evaluator = built["generator"], built["evaluator"]
+        assert generator.ray_actor_options["num_gpus"] == evaluator.ray_actor_options["num_gpus"] == 1
+        scaling = [d._deployment_config.autoscaling_config for d in (generator, evaluator)]
+        assert all(s is not None for s in scaling) and scaling[0].max_replicas > 1
+        assert sum(s.max_replicas for s in scaling) <= gpus
     if values and values.name == "values-cpu.yaml":
         assert "Job" in kinds and "RayJob" not in kinds
 

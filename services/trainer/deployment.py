@@ -170,4 +170,4 @@ def build_app(args: dict | None = None):
     config = config_from_app_args(args)
     # Training runs as Ray jobs, so the trainer replica itself needs no CPU and holds no state.
     options = replica_options(config, "trainer", num_cpus=0)
-    return TrainerDeployment.options(num_replicas=1, **options).bind(config.model_dump())
+    return TrainerDeployment.options(**options).bind(config.model_dump())

@@ -70,11 +70,6 @@ applications:
     import_path: services.generator.deployment:build_app
     args:
       settings: {{ toJson $settings }}
-    deployments:
-      - name: Generator
-        num_replicas: {{ .Values.serve.generator.replicas }}
-        ray_actor_options:
-          num_gpus: {{ .Values.serve.generator.numGpus }}
   - name: filter
     route_prefix: /filter
     import_path: services.filter.deployment:build_app
@@ -90,10 +85,6 @@ applications:
     import_path: services.evaluator.deployment:build_app
     args:
       settings: {{ toJson $settings }}
-    deployments:
-      - name: Evaluator
-        ray_actor_options:
-          num_gpus: {{ .Values.serve.evaluator.numGpus }}
 {{- end -}}
 
 {{- define "reinstruct.volumes" -}}
