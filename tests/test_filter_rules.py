@@ -163,3 +163,25 @@ def test_curation_score_threshold():
     )
     assert [v.kept for v in result.verdicts] == [False, True, True]
     assert result.funnel == {"low_curation_score": 1}
+
+
+def test_score_novelty_keeps_a_pool_index_until_the_pool_file_changes(tmp_path):
+    from services.api import common_pb2, filter_pb2
+    from services.common.convert import uri_source
+    from services.common.store import RunStore
+    from services.filter.deployment import FilterDeployment
+
+    replica = FilterDeployment.func_or_class({"store": {"root": str(tmp_path)}})
+    store = RunStore(str(tmp_path))
+    pool_uri, candidates_uri = store.dataset_uri("r", 1, "pool"), store.dataset_uri("r", 1, "candidates")
+    store.write_tasks(candidates_uri, [TaskRecord(id="c", instruction="Write a poem about the sea.")])
+    request = filter_pb2.ScoreNoveltyRequest(
+        context=common_pb2.RunContext(run_id="r", round=1),
+        candidates=uri_source(candidates_uri),
+        pool=uri_source(pool_uri),
+    )
+    store.write_tasks(pool_uri, [TaskRecord(id="p", instruction="Name three rivers.")])
+    first = replica.ScoreNovelty(request).scores[0]
+    assert first.max_rouge_l == 0.0 and replica.ScoreNovelty(request).scores[0] == first  # the kept index
+    store.write_tasks(pool_uri, [TaskRecord(id="p", instruction="Write a poem about the sea.")])
+    assert replica.ScoreNovelty(request).scores[0].max_rouge_l == 1.0  # a new version of the file: indexed again

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 from ray import serve
 
 from ..api import common_pb2, filter_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, replica_options
 from ..common.convert import task_to_proto
 from ..common.grpc_handler import grpc_method, refuse_other_services
+from ..common.rouge import NoveltyIndex
 from ..common.store import RunStore
 from ..common.validation import RequestError, check_context, check_output_uri, check_range, resolve_tasks
 from .service import FilterSettings, PoolScore, filter_tasks, novelty_scores
@@ -38,6 +42,31 @@ class FilterDeployment:
     def __init__(self, settings: dict):
         self.config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(self.config.store.root, self.config.store.allowed_schemes)
+        # the pools ScoreNovelty saw last, by file and version: a stage's shards share one pool, and
+        # indexing it again for every shard would cost more than the shard's comparisons
+        self._pool_indexes: OrderedDict[tuple[str, str], NoveltyIndex] = OrderedDict()
+        self._pool_lock = threading.Lock()
+
+    def _pool_index(self, source) -> NoveltyIndex:
+        """The request's pool as an index; a pool file's index is kept (the two most recent)."""
+        if source.WhichOneof("source") != "uri":
+            return NoveltyIndex([t.instruction for t in resolve_tasks(source, self.store, "pool")])
+        try:
+            path = self.store.resolve(source.uri, "pool.uri")
+            info = self.store.fs.info(path)
+            version = info.get("mtime") or info.get("ETag") or info.get("LastModified") or ""
+            key = (path, f"{version}/{info.get('size')}" if version else "")
+        except (OSError, ValueError):
+            key = ("", "")  # resolve_tasks names the problem
+        index = self._pool_indexes.get(key) if key[1] else None
+        if index is None:
+            tasks = resolve_tasks(source, self.store, "pool")
+            index = NoveltyIndex([t.instruction for t in tasks])
+            if key[1]:
+                self._pool_indexes[key] = index
+                while len(self._pool_indexes) > 2:
+                    self._pool_indexes.popitem(last=False)
+        return index
 
     @grpc_method(filter_pb2.FilterTasksResponse)
     def FilterTasks(self, request: filter_pb2.FilterTasksRequest):
@@ -103,13 +132,16 @@ class FilterDeployment:
     def ScoreNovelty(self, request: filter_pb2.ScoreNoveltyRequest):
         check_context(request.context)
         candidates = resolve_tasks(request.candidates, self.store, "candidates")
-        pool = resolve_tasks(request.pool, self.store, "pool")
+        if not request.pool.WhichOneof("source"):
+            raise RequestError("pool", "give the pool inline or a dataset uri")
+        with self._pool_lock:  # a kept index is shared by this replica's requests (its token table grows)
+            scores = novelty_scores(candidates, self._pool_index(request.pool))
         return filter_pb2.ScoreNoveltyResponse(
             scores=[
                 filter_pb2.NoveltyScore(
                     task_id=t.id, max_rouge_l=s.max_rouge_l, nearest_instruction=s.nearest_instruction
                 )
-                for t, s in zip(candidates, novelty_scores(candidates, pool))
+                for t, s in zip(candidates, scores)
             ]
         )
 

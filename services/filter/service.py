@@ -57,10 +57,11 @@ class PoolScore:
     nearest_instruction: str
 
 
-def novelty_scores(candidates: list[TaskRecord], pool: list[TaskRecord]) -> list[PoolScore]:
+def novelty_scores(candidates: list[TaskRecord], pool: list[TaskRecord] | NoveltyIndex) -> list[PoolScore]:
     """The filter's parallel part: each candidate against the pool alone, independent of the others,
-    so shards of candidates can be scored on different replicas."""
-    index = NoveltyIndex([t.instruction for t in pool])
+    so shards of candidates can be scored on different replicas. pool: tasks, or an index of them
+    (a replica keeps the index of a pool file for the stage's next shard)."""
+    index = pool if isinstance(pool, NoveltyIndex) else NoveltyIndex([t.instruction for t in pool])
     out = []
     for task in candidates:
         score, nearest = index.nearest(task.instruction)
