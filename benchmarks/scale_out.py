@@ -2,7 +2,7 @@
 (ray_jobs.fanout: shards, at most max_in_flight at once, Serve spreading them), with 1 and then 2
 replicas of one app, through Serve's gRPC proxy on loopback.
 
-    python -m benchmarks.scale_out [--prompts 16] [--prompts-per-shard 2] [--max-new-tokens 128]
+    python -m benchmarks.scale_out [--prompts 32] [--prompts-per-shard 2] [--max-new-tokens 128]
 
 1. Instruction generation with the real default model (builtin:smollm2-135m), one torch thread per
    generator replica, the same prompts and seed both times.
@@ -128,11 +128,19 @@ def _filter(args, clients, store, replicas: int, label: str) -> tuple[float, flo
     candidates = store.read_tasks(candidates_uri)
     sharded = ShardedStage(store, "bench", 2, f"novelty-{label}", max_in_flight=args.max_in_flight)
     shards = sharded.shards(candidates, args.candidates_per_shard, write_inputs=True)
-    clients.score_novelty(  # warm-up, every replica
-        filter_pb2.ScoreNoveltyRequest(
-            context=ctx, candidates=uri_source(shards[0].input_uri), pool=uri_source(pool_uri)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2 * replicas) as warm:  # every replica reads and indexes the pool once
+        list(
+            warm.map(
+                lambda shard: clients.score_novelty(
+                    filter_pb2.ScoreNoveltyRequest(
+                        context=ctx, candidates=uri_source(shard.input_uri), pool=uri_source(pool_uri)
+                    )
+                ),
+                shards[: 2 * replicas],
+            )
         )
-    )
     started = time.perf_counter()
     responses = sharded.run(
         shards,
@@ -161,13 +169,13 @@ def _filter(args, clients, store, replicas: int, label: str) -> tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--prompts-per-shard", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-in-flight", type=int, default=4)
     parser.add_argument("--pool", type=int, default=50_000)
-    parser.add_argument("--candidates", type=int, default=10_000)
-    parser.add_argument("--candidates-per-shard", type=int, default=1_250)
+    parser.add_argument("--candidates", type=int, default=4_000)
+    parser.add_argument("--candidates-per-shard", type=int, default=500)
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway loopback cluster
 
