@@ -47,8 +47,10 @@ BASE_MODEL_STAGES = ("split", "evaluate", "promote")  # no bootstrap: the base m
 BACKWARD_STAGES = ("backward_data", "backward_train")
 
 
-def stage_count(config: ReinstructConfig) -> int:
-    """How many stages a run has (progress bars)."""
+def stage_count(config: ReinstructConfig) -> int | None:
+    """How many stages a run has (progress bars); None for a continuous run (loop.rounds 0)."""
+    if config.loop.rounds == 0:
+        return None
     bt = config.backtranslation.enabled
     per_round = len(SELF_INSTRUCT_STAGES) + len(TRAIN_STAGES) + (len(BACKTRANSLATION_STAGES) if bt else 0)
     per_round += 1 if config.evaluation.judge else 0
@@ -257,13 +259,13 @@ class LoopDriver:
             "score_difference": [d.estimate, d.low, d.high],
         }
 
-    def _test(self, split: dict, final_model: str) -> dict:
+    def _test(self, k: int, split: dict, final_model: str) -> dict:
         """Model 0 and the final model on the test tasks, which chose nothing: the honest score."""
         e = self.config.evaluation
         first = self.store.stage_output(self.run_id, 0, "evaluate")["model_uri"]
         response = self.clients.compare_models(
             evaluator_pb2.CompareModelsRequest(
-                context=self._ctx(self.config.loop.rounds),
+                context=self._ctx(k),
                 model_a_uri=first,
                 model_b_uri=final_model,
                 eval_tasks=uri_source(split["seed_test_uri"]),
@@ -436,20 +438,50 @@ class LoopDriver:
     def run(self) -> dict:
         if self.store.remove_stale_temporaries(self.run_id):
             log.info("removed temporary files a killed run left behind")
-        self.store.update_run(self.run_id, config=self.config.model_dump(), status="running")
+        started = self.store.load_manifest(self.run_id).get("started_at") or time.time()
+        self.store.update_run(
+            self.run_id, config=self.config.model_dump(), status="running", started_at=started, stop_requested=False
+        )
         seeds = load_seed_tasks(self.config.seeds.path)  # a malformed file fails here, before any stage
         for path in self.config.evaluation.extra_sets:
             load_tasks(path)
         split = self._stage(0, "split", lambda: self._split(seeds))
         promoted = self._bootstrap(split) if self.config.loop.bootstrap else self._base_model(split)
+        self._promoted(promoted)
         backward = self._backward_model(split) if self.config.backtranslation.enabled else None
-        for k in range(1, self.config.loop.rounds + 1):
-            promoted = self._round(k, split, promoted, backward)
+        k, rounds_without_promotion = 0, 0
+        while (stop := self._stop_reason(k, rounds_without_promotion)) is None:
+            k += 1
+            decision = self._round(k, split, promoted, backward)
+            rounds_without_promotion = 0 if decision["promoted"] else rounds_without_promotion + 1
+            promoted = decision
+            self._promoted(promoted)
+        log.info("stopping after round %d: %s", k, stop)
         if split.get("test_tasks"):
-            self._stage(self.config.loop.rounds, "test", lambda: self._test(split, promoted["model_uri"]))
-        self.store.update_run(self.run_id, status="succeeded", final_model=promoted["model_uri"])
+            self._stage(k, "test", lambda: self._test(k, split, promoted["model_uri"]))
+        self.store.update_run(self.run_id, status="succeeded", final_model=promoted["model_uri"], stopped_because=stop)
         self._write_report()
         return self.store.load_manifest(self.run_id)
+
+    def _stop_reason(self, rounds_done: int, rounds_without_promotion: int) -> str | None:
+        """Why no further round starts, or None. A run with loop.rounds > 0 stops after them; a
+        continuous one (0) when `reinstruct stop` asked it to, after loop.patience rounds without a
+        promotion, or once loop.time_budget_s has passed since the run first started."""
+        loop = self.config.loop
+        manifest = self.store.load_manifest(self.run_id)
+        if manifest.get("stop_requested"):
+            return "stop requested"
+        if loop.rounds:
+            return f"{loop.rounds} rounds done" if rounds_done >= loop.rounds else None
+        if rounds_without_promotion >= loop.patience:
+            return f"no promotion in {loop.patience} rounds in a row"
+        if loop.time_budget_s and time.time() - manifest.get("started_at", time.time()) >= loop.time_budget_s:
+            return f"time budget of {loop.time_budget_s:.0f}s spent"
+        return None
+
+    def _promoted(self, decision: dict) -> None:
+        """The model the loop stands on now, for `reinstruct status` and the OpenAI endpoint's run:<id>."""
+        self.store.update_run(self.run_id, promoted_model=decision["model_uri"])
 
     def _write_report(self) -> None:
         uri = write_report(self.store, self.run_id)

@@ -40,7 +40,7 @@ def _load(config: Path | None, store_root: str | None = None, rounds: int | None
 class RichReporter(Reporter):
     """Progress bars: one over all stages of the run, one for the training job in flight."""
 
-    def __init__(self, progress: Progress, total_stages: int) -> None:
+    def __init__(self, progress: Progress, total_stages: int | None) -> None:
         self.progress = progress
         self.overall = progress.add_task("run", total=total_stages)
         self.training_task = None
@@ -83,7 +83,7 @@ class PlainReporter(Reporter):
     """For a log file, CI or `ray job logs` (stdout not a terminal): one plain line per stage and per
     progress step, with counts and the elapsed time, so a user can tail it."""
 
-    def __init__(self, total_stages: int, echo=print) -> None:
+    def __init__(self, total_stages: int | None, echo=print) -> None:
         self.total, self.done, self.started, self.echo = total_stages, 0, time.monotonic(), echo
         self._last_training = (-1, -1.0)
         self.report_uri = None
@@ -101,9 +101,8 @@ class PlainReporter(Reporter):
             for k, v in output.items()
             if k == "promoted" or (isinstance(v, (int, float)) and not isinstance(v, bool))
         )
-        self._line(
-            f"round {round_index}: {stage} done ({self.done}/{self.total} stages){': ' + counts if counts else ''}"
-        )
+        of = f"{self.done}/{self.total} stages" if self.total else f"{self.done} stages, continuous"
+        self._line(f"round {round_index}: {stage} done ({of}){': ' + counts if counts else ''}")
 
     def training(self, round_index: int, step: int, total: int, loss: float) -> None:
         # a line every 10% of the steps (or every step of a short run), not every poll
@@ -383,6 +382,59 @@ def report(
         console.print(f"wrote {output}")
     else:
         console.print(f"wrote {write_report(store, run_id)}")
+
+
+def _store_and_manifest(run_id: str, config: Path | None, store_root: str | None):
+    from .common.store import RunStore
+
+    cfg = _load(config if config and config.exists() else None, store_root)
+    store = RunStore(cfg.store.root)
+    manifest = store.load_manifest(run_id)
+    if not manifest["rounds"]:
+        console.print(f"[red]no run {run_id!r} in {store.uri()}[/red]")
+        raise typer.Exit(2) from None
+    return store, manifest
+
+
+@app.command()
+def status(
+    run_id: str,
+    config: Path | None = typer.Option(Path("configs/local.yaml"), help="YAML config"),
+    store_root: str | None = typer.Option(None, help="Override store.root"),
+):
+    """Where a run stands, while it runs or after: its state, the last stage committed, the model it
+    stands on, and one row per round."""
+    _, manifest = _store_and_manifest(run_id, config, store_root)
+    last = max(
+        (
+            (int(k), name, out.get("committed_at", 0))
+            for k, r in manifest["rounds"].items()
+            for name, out in r["stages"].items()
+        ),
+        key=lambda item: item[2],
+    )
+    ago = time.time() - last[2]
+    console.print(f"run {run_id}: {manifest.get('status', 'unknown')}", soft_wrap=True)
+    console.print(f"  last committed: round {last[0]} {last[1]} ({ago:.0f}s ago)", soft_wrap=True)
+    console.print(f"  promoted model: {manifest.get('promoted_model', '-')}", soft_wrap=True)
+    if manifest.get("stop_requested") and manifest.get("status") == "running":
+        console.print("  stop requested: it ends after the round in progress")
+    if manifest.get("stopped_because"):
+        console.print(f"  stopped because: {manifest['stopped_because']}", soft_wrap=True)
+    _print_summary(manifest)
+
+
+@app.command()
+def stop(
+    run_id: str,
+    config: Path | None = typer.Option(Path("configs/local.yaml"), help="YAML config"),
+    store_root: str | None = typer.Option(None, help="Override store.root"),
+):
+    """Ask a running loop (continuous or not) to end after the round in progress; it then runs the
+    test stage and writes its report. `reinstruct run` with the same id goes on from there."""
+    store, _ = _store_and_manifest(run_id, config, store_root)
+    store.update_run(run_id, stop_requested=True)
+    console.print(f"asked run {run_id} to stop after its current round")
 
 
 @app.command()

@@ -278,3 +278,47 @@ def test_a_crash_mid_stage_redoes_only_the_missing_shards(run):
         u.endswith(("00000.input.parquet", "00001.input.parquet")) for u in round_1
     )
     assert _stage_records(resumed, resumed_clients.store) == _stage_records(whole, whole_clients.store)
+
+
+def _continuous(tmp_path, monkeypatch, reporter=None, **loop):
+    from ray_jobs.self_improve import Reporter
+
+    settings = _settings(str(tmp_path / "store"))
+    settings["loop"] = {"rounds": 0, **loop}
+    clients = InProcessClients(settings, ScriptedEngine(), monkeypatch)
+    return LoopDriver(parse_config(settings), clients, "r", reporter or Reporter()).run()
+
+
+def test_a_continuous_run_stops_after_patience_rounds_without_promotion(tmp_path, monkeypatch):
+    manifest = _continuous(tmp_path, monkeypatch, patience=2)
+    rounds = manifest["rounds"]
+    assert [rounds[k]["stages"]["promote"]["promoted"] for k in "123"] == [True, False, False] and "4" not in rounds
+    assert manifest["stopped_because"] == "no promotion in 2 rounds in a row"
+    assert manifest["promoted_model"] == manifest["final_model"] and manifest["final_model"].endswith("round-001/model")
+    assert "test" in rounds["3"]["stages"]  # the honest number, after the last round
+
+
+def test_a_continuous_run_can_be_stopped_and_resumed(tmp_path, monkeypatch):
+    from ray_jobs.self_improve import Reporter
+
+    store = RunStore(str(tmp_path / "store"))
+
+    class StopAfterRoundOne(Reporter):  # `reinstruct stop r` while round 1 runs
+        def stage_done(self, round_index, stage, output):
+            if (round_index, stage) == (1, "train"):
+                store.update_run("r", stop_requested=True)
+
+    stopped = _continuous(tmp_path, monkeypatch, StopAfterRoundOne(), patience=1)
+    assert stopped["stopped_because"] == "stop requested" and sorted(stopped["rounds"]) == ["0", "1"]
+    assert stopped["rounds"]["1"]["stages"]["promote"]["promoted"]  # the round in progress finished
+    committed = stopped["rounds"]["1"]["stages"]["filter"]["committed_at"]
+
+    resumed = _continuous(tmp_path, monkeypatch, patience=1)
+    assert resumed["rounds"]["1"]["stages"]["filter"]["committed_at"] == committed  # not redone
+    assert sorted(resumed["rounds"]) == ["0", "1", "2"] and not resumed["rounds"]["2"]["stages"]["promote"]["promoted"]
+    assert resumed["stopped_because"] == "no promotion in 1 rounds in a row"
+
+
+def test_a_continuous_run_stops_when_its_time_budget_is_spent(tmp_path, monkeypatch):
+    manifest = _continuous(tmp_path, monkeypatch, time_budget_s=0.001)
+    assert manifest["stopped_because"].startswith("time budget") and sorted(manifest["rounds"]) == ["0"]

@@ -67,8 +67,19 @@ class GeneratorDeployment:
 
     # ---- OpenAI-compatible HTTP (route prefix /generator) ---------------------------------------
     def _openai_model(self, name: str) -> str:
+        """'' / 'current': the model loaded now; 'run:<run id>': the model that run stands on now (its
+        latest promoted model, so a continuous loop is served without a restart); else a checkpoint."""
         if name in ("", "current"):
             return self.service.engine.model_uri or self.default_model
+        if name.startswith("run:"):
+            try:
+                check_context(common_pb2.RunContext(run_id=name[4:]))
+                promoted = self.store.load_manifest(name[4:]).get("promoted_model")
+            except (RequestError, ValueError) as exc:  # ValueError: UriNotAllowed
+                raise HTTPException(400, f"model: {exc}") from None
+            if not promoted:
+                raise HTTPException(404, f"model: run {name[4:]!r} has no promoted model yet")
+            return promoted
         try:
             return check_model_uri(name, self.store, "model", trusted=self.trusted)
         except RequestError as exc:
