@@ -38,8 +38,21 @@ def _run_cli(config_path: Path, run_id: str) -> subprocess.Popen:
     )
 
 
-# Kill as soon as this stage is committed, while the next one is in flight.
-KILL_POINTS = [("0", "split"), ("1", "generate_instructions"), ("1", "filter")]
+# Kill as soon as this stage is committed, while the next one is in flight; "shards:" kills inside a
+# stage, as soon as its first shard is in while others are in flight.
+KILL_POINTS = [("0", "split"), ("1", "generate_instructions"), ("1", "shards:generate_instances"), ("1", "filter")]
+
+
+def _ledger(store_root: Path, run_id: str, stage: str) -> dict[str, int]:
+    """The stage's ledger entries and when each was written (a shard sent again is written again)."""
+    folder = store_root / run_id / "round-001" / "shards" / stage
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.json"))} if folder.exists() else {}
+
+
+def _reached(store_root: Path, run_id: str, round_key: str, after_stage: str) -> bool:
+    if after_stage.startswith("shards:"):
+        return bool(_ledger(store_root, run_id, after_stage.split(":", 1)[1]))
+    return after_stage in _manifest(store_root, run_id)["rounds"].get(round_key, {}).get("stages", {})
 
 
 @pytest.mark.parametrize("round_key, after_stage", KILL_POINTS, ids=[f"{r}-{s}" for r, s in KILL_POINTS])
@@ -51,13 +64,18 @@ def test_sigkill_mid_round_then_resume(tmp_path, builtin_cache, round_key, after
 
     first = _run_cli(config_path, run_id)
     deadline = time.time() + 600
-    while after_stage not in _manifest(store_root, run_id)["rounds"].get(round_key, {}).get("stages", {}):
+    while not _reached(store_root, run_id, round_key, after_stage):
         assert first.poll() is None, first.stdout.read()
         assert time.time() < deadline, f"{round_key}/{after_stage} never committed"
-        time.sleep(0.1)
+        time.sleep(0.02)
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = _manifest(store_root, run_id)
+    shards_in = {}
+    if after_stage.startswith("shards:"):
+        stage = after_stage.split(":", 1)[1]
+        shards_in = _ledger(store_root, run_id, stage)
+        assert stage not in before["rounds"]["1"]["stages"], "killed too late: the stage was committed"
     committed_before = {(k, s): v["committed_at"] for k, r in before["rounds"].items() for s, v in r["stages"].items()}
     assert ("1", "promote") not in committed_before
 
@@ -69,6 +87,12 @@ def test_sigkill_mid_round_then_resume(tmp_path, builtin_cache, round_key, after
     assert after["status"] == "succeeded"
     for (k, stage), committed_at in committed_before.items():
         assert after["rounds"][k]["stages"][stage]["committed_at"] == committed_at, f"{k}/{stage} was redone"
+
+    if shards_in:  # the shards that were in are not sent again: their ledger entries are untouched
+        stage = after_stage.split(":", 1)[1]
+        ledger = _ledger(store_root, run_id, stage)
+        assert {name: ledger[name] for name in shards_in} == shards_in
+        assert len(ledger) == after["rounds"]["1"]["stages"][stage]["shards"] > len(shards_in)
 
     store = RunStore(str(store_root))
     stages = after["rounds"]["1"]["stages"]

@@ -25,6 +25,7 @@ def tiny_settings(store_root: str, builtin_cache: str, grpc_port: int = 9000, ht
         "evaluation": {"max_instances_per_task": 1, "max_new_tokens": 16},
         "backtranslation": {"segments_per_round": 6, "backward_epochs": 2, "max_new_tokens": 16},
         "loop": {"rounds": 1, "bootstrap": True},
+        "fanout": {"tasks_per_shard": 2, "max_in_flight": 2},  # several shards per stage, two at once
     }
 
 
