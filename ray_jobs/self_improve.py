@@ -114,6 +114,14 @@ class LoopDriver:
         self.reporter.stage_done(k, stage, output)
         return output
 
+    def _in_flight(self, app: str) -> int:
+        """Shards in flight for an app: two per replica it may have (one running, the next queued
+        behind it, so no replica idles between shards), at most fanout.max_in_flight. More would
+        only wait in a replica's queue, their deadlines running."""
+        scaling = getattr(self.config.serve, app)
+        replicas = scaling.autoscaling.max_replicas if scaling.autoscaling else scaling.replicas
+        return max(1, min(self.config.fanout.max_in_flight, 2 * replicas))
+
     def _uri(self, k: int, name: str) -> str:
         return self.store.dataset_uri(self.run_id, k, name)
 
@@ -191,7 +199,7 @@ class LoopDriver:
                 on_progress=on_progress,
             )
 
-        sharded = ShardedStage(self.store, self.run_id, k, "evaluate", f.max_in_flight)
+        sharded = ShardedStage(self.store, self.run_id, k, "evaluate", self._in_flight("evaluator"))
         shards = sharded.shards(tasks, f.tasks_per_shard, write_inputs=True)
         parts = sharded.run(shards, send, evaluator_pb2.EvaluateModelResponse)
         predictions_uri = self._uri(k, "eval_predictions")
@@ -579,7 +587,7 @@ class LoopDriver:
             for start in range(0, g.num_prompts, g.pool_refresh_prompts):
                 batch = list(range(start, min(start + g.pool_refresh_prompts, g.num_prompts)))
                 sharded = ShardedStage(
-                    self.store, self.run_id, k, f"generate_instructions/batch-{start:05d}", f.max_in_flight
+                    self.store, self.run_id, k, f"generate_instructions/batch-{start:05d}", self._in_flight("generator")
                 )
                 pool_uri = sharded.uri("pool.parquet")
                 self.store.write_tasks(pool_uri, in_context)
@@ -722,7 +730,7 @@ class LoopDriver:
             self.store.write_tasks(uri, [])
             return {"uri": uri, "count": 0, "shards": 0}
         f = self.config.fanout
-        sharded = ShardedStage(self.store, self.run_id, k, stage, f.max_in_flight)
+        sharded = ShardedStage(self.store, self.run_id, k, stage, self._in_flight("generator"))
         shards = sharded.shards(self.store.read_tasks(previous["uri"]), f.tasks_per_shard, write_inputs=True)
         responses = sharded.run(
             shards,
@@ -782,7 +790,7 @@ class LoopDriver:
         tasks = self.store.read_tasks(candidates_uri)
         if len(tasks) <= f.filter_candidates_per_shard:
             return None
-        sharded = ShardedStage(self.store, self.run_id, k, "filter", f.max_in_flight)
+        sharded = ShardedStage(self.store, self.run_id, k, "filter", self._in_flight("filter"))
         shards = sharded.shards(tasks, f.filter_candidates_per_shard, write_inputs=True)
         responses = sharded.run(
             shards,

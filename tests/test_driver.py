@@ -322,3 +322,15 @@ def test_a_continuous_run_can_be_stopped_and_resumed(tmp_path, monkeypatch):
 def test_a_continuous_run_stops_when_its_time_budget_is_spent(tmp_path, monkeypatch):
     manifest = _continuous(tmp_path, monkeypatch, time_budget_s=0.001)
     assert manifest["stopped_because"].startswith("time budget") and sorted(manifest["rounds"]) == ["0"]
+
+
+def test_shards_in_flight_follow_the_replicas(tmp_path):
+    config = parse_config(
+        {
+            "store": {"root": str(tmp_path)},
+            "serve": {"generator": {"replicas": 3}, "evaluator": {"autoscaling": {"max_replicas": 10}}},
+            "fanout": {"max_in_flight": 8},
+        }
+    )
+    driver = LoopDriver(config, clients=None, run_id="r")
+    assert [driver._in_flight(app) for app in ("generator", "filter", "evaluator")] == [6, 2, 8]
