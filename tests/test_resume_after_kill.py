@@ -108,3 +108,60 @@ def test_sigkill_mid_round_then_resume(tmp_path, builtin_cache, round_key, after
     assert not {t.id for t in kept} & {t.id for t in rejected}
     leftovers = [p for p in (store_root / run_id).rglob("*") if ".tmp-" in p.name]
     assert not leftovers, leftovers
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_a_continuous_run_is_watched_stopped_and_resumed_from_the_cli(tmp_path, builtin_cache):
+    """`reinstruct run --rounds 0` runs until `reinstruct stop`; `reinstruct status` shows it on the way;
+    the same `reinstruct run` goes on from where it stopped."""
+    store_root = tmp_path / "store"
+    settings = tiny_settings(str(store_root), builtin_cache, 9100, 8100)
+    settings["loop"] = {"rounds": 0, "bootstrap": True, "patience": 1, "time_budget_s": 1200}
+    config_path = tmp_path / "continuous.yaml"
+    config_path.write_text(yaml.safe_dump(settings))
+    run_id = "forever"
+    flags = ("--config", str(config_path), "--store-root", str(store_root))
+
+    first = _run_cli(config_path, run_id)
+    deadline = time.time() + 600
+    while "train" not in _manifest(store_root, run_id)["rounds"].get("1", {}).get("stages", {}):
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline, "round 1 never trained"
+        time.sleep(0.5)
+    status = _cli("status", run_id, *flags)
+    assert status.returncode == 0 and "forever: running" in status.stdout, status.stdout + status.stderr
+    stopped = _cli("stop", run_id, *flags)
+    assert stopped.returncode == 0, stopped.stderr
+    output, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, output
+    manifest = _manifest(store_root, run_id)
+    assert manifest["status"] == "succeeded" and manifest["stopped_because"] == "stop requested"
+    assert sorted(manifest["rounds"], key=int) == ["0", "1"] and "test" in manifest["rounds"]["1"]["stages"]
+    status = _cli("status", run_id, *flags)
+    assert "stopped because: stop requested" in status.stdout and manifest["promoted_model"] in status.stdout
+
+    time.sleep(3)
+    second = _run_cli(config_path, run_id)  # goes on: round 2 onwards, until a round is not promoted
+    output, _ = second.communicate(timeout=900)
+    assert second.returncode == 0, output
+    after = _manifest(store_root, run_id)
+    assert (
+        after["rounds"]["1"]["stages"]["promote"]["committed_at"]
+        == manifest["rounds"]["1"]["stages"]["promote"]["committed_at"]
+    )
+    last = max(after["rounds"], key=int)
+    assert after["stopped_because"] in ("no promotion in 1 rounds in a row", "time budget of 1200s spent")
+    if manifest["rounds"]["1"]["stages"]["promote"]["promoted"]:  # else it stops at once: round 1 was the one
+        assert int(last) >= 2
+    assert not after["rounds"][last]["stages"]["promote"]["promoted"] or after["stopped_because"].startswith("time")
