@@ -286,6 +286,7 @@ def _continuous(tmp_path, monkeypatch, reporter=None, **loop):
     settings = _settings(str(tmp_path / "store"))
     settings["loop"] = {"rounds": 0, **loop}
     clients = InProcessClients(settings, ScriptedEngine(), monkeypatch)
+    _continuous.clients = clients
     return LoopDriver(parse_config(settings), clients, "r", reporter or Reporter()).run()
 
 
@@ -296,6 +297,16 @@ def test_a_continuous_run_stops_after_patience_rounds_without_promotion(tmp_path
     assert manifest["stopped_because"] == "no promotion in 2 rounds in a row"
     assert manifest["promoted_model"] == manifest["final_model"] and manifest["final_model"].endswith("round-001/model")
     assert "test" in rounds["3"]["stages"]  # the honest number, after the last round
+
+    # the OpenAI endpoint's model run:<id> is the run's latest promoted model (no restart, no new name)
+    from fastapi import HTTPException
+
+    generator = _continuous.clients.generator
+    assert generator._openai_model("run:r") == manifest["promoted_model"]
+    for name, status in (("run:nothing-here", 404), ("run:../r", 400), ("run:", 400)):
+        with pytest.raises(HTTPException) as refused:
+            generator._openai_model(name)
+        assert refused.value.status_code == status, name
 
 
 def test_a_continuous_run_can_be_stopped_and_resumed(tmp_path, monkeypatch):
