@@ -14,9 +14,9 @@ import time
 
 import torch
 
+from services.common.engines import SamplingParams, create_engine
 from services.common.formats import load_seed_tasks
 from services.generator import self_instruct as si
-from services.generator.engines import SamplingParams, create_engine
 
 
 def main() -> None:

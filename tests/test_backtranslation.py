@@ -2,12 +2,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.common.engines.base import Completion, ModelSessions, SamplingParams
 from services.common.formats import load_seed_tasks
 from services.common.records import Instance, Lineage, TaskRecord
 from services.common.rendering import Renderer
 from services.generator import backtranslation as bt
 from services.generator.corpus import STDLIB, load_segments, sample_segments, segment
-from services.generator.engines.base import Completion, ModelSessions, SamplingParams
 from services.generator.service import GeneratorService, RunContext
 
 

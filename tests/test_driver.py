@@ -12,12 +12,12 @@ import pytest
 from ray_jobs.self_improve import LoopDriver
 from services.api import trainer_pb2
 from services.common.config import parse_config
+from services.common.engines import Completion, ModelSessions
 from services.common.formats import load_seed_tasks
 from services.common.store import RunStore
 from services.evaluator import deployment as evaluator_deployment
 from services.filter.deployment import FilterDeployment
 from services.generator import deployment as generator_deployment
-from services.generator.engines import Completion, ModelSessions
 
 REFERENCES = {t.instruction.strip(): t.instances[0].output.strip() for t in load_seed_tasks()}
 

@@ -568,7 +568,7 @@ def test_openai_compatible_api_and_engine(deployed):
     import urllib.error
     import urllib.request
 
-    from services.generator.engines import SamplingParams, create_engine
+    from services.common.engines import SamplingParams, create_engine
 
     config, _ = deployed
     base = f"http://127.0.0.1:{config.serve.http_port}/generator/v1"

@@ -8,8 +8,8 @@ import types
 import pytest
 from aiohttp import web
 
-from services.generator.engines import SamplingParams, create_engine
-from services.generator.engines.openai import OpenAIError
+from services.common.engines import SamplingParams, create_engine
+from services.common.engines.openai import OpenAIError
 from tests.loopback import LoopbackServer
 
 
@@ -129,7 +129,7 @@ def test_presence_penalty_follows_openai_rule(builtin_cache):
     """A flat penalty on every token already in the completion (not the prompt, not per occurrence)."""
     import torch
 
-    from services.generator.engines.hf import PresencePenalty
+    from services.common.engines.hf import PresencePenalty
 
     ids = torch.tensor([[7, 7, 1, 2, 2, 3]])  # prompt [7, 7], completion so far [1, 2, 2, 3]
     scores = PresencePenalty(1.5, prompt_len=2)(ids, torch.zeros(1, 10))

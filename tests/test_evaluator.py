@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.common.engines.base import Completion, ModelSessions, SamplingParams
 from services.common.formats import load_seed_tasks, load_tasks
 from services.common.records import Instance, TaskRecord
 from services.common.store import RunStore
@@ -15,7 +16,6 @@ from services.evaluator.metrics import TaskResult, exact_match, mean_over_tasks,
 from services.evaluator.report import SECTIONS, build_report
 from services.evaluator.service import EvaluatorService
 from services.evaluator.split import split_by_task
-from services.generator.engines.base import Completion, ModelSessions, SamplingParams
 from tests.tiny import fill_example_run
 
 

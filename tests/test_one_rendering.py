@@ -13,11 +13,11 @@ import pytest
 import torch
 from aiohttp import web
 
+from services.common.engines import SamplingParams, create_engine
 from services.common.models import load_model
 from services.common.records import Instance, Lineage, TaskRecord
 from services.common.rendering import IGNORE_INDEX, Renderer, encode_prompt, tokenize
 from services.evaluator.service import EvaluatorService
-from services.generator.engines import SamplingParams, create_engine
 from tests.loopback import LoopbackServer
 
 TASKS = [

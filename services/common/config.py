@@ -356,7 +356,7 @@ def load_config(path: str | Path | None = None) -> ReinstructConfig:
 
 
 def engine_options(config: ReinstructConfig) -> dict:
-    """Keyword arguments for services.generator.engines.create_engine(config.generation.engine, ...)."""
+    """Keyword arguments for services.common.engines.create_engine(config.generation.engine, ...)."""
     g, m = config.generation, config.model
     common = {"trust_remote_code": m.trust_remote_code, "cache_dir": m.builtin_cache_dir, "batch_size": g.batch_size}
     if g.engine == "openai":

@@ -6,6 +6,7 @@ from ray import serve
 
 from ..api import common_pb2, evaluator_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, engine_options, replica_options
+from ..common.engines import SamplingParams, create_engine
 from ..common.grpc_handler import grpc_method, grpc_stream_method, refuse_other_services, run_with_progress
 from ..common.store import RunStore
 from ..common.validation import (
@@ -20,7 +21,6 @@ from ..common.validation import (
     check_sampling,
     resolve_tasks,
 )
-from ..generator.engines import SamplingParams, create_engine
 from .service import Evaluation, EvaluatorService
 
 

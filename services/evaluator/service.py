@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from ..common.engines import GenerationEngine, SamplingParams
 from ..common.records import Instance, Lineage, TaskRecord
 from ..common.rendering import NO_LIMIT, PromptFormat, Renderer
-from ..generator.engines import GenerationEngine, SamplingParams
 from . import judge as judging
 from .bootstrap import Interval, paired_difference
 from .metrics import TaskResult, category, mean_over_tasks, score_instance

@@ -7,6 +7,7 @@ from ray import serve
 from ..api import common_pb2, generator_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, engine_options, replica_options
 from ..common.convert import task_to_proto
+from ..common.engines import SamplingParams, create_engine
 from ..common.grpc_handler import (
     grpc_method,
     grpc_stream_method,
@@ -29,7 +30,6 @@ from ..common.validation import (
     check_text,
     resolve_tasks,
 )
-from .engines import SamplingParams, create_engine
 from .openai_api import ChatRequest, CompletionRequest, chat_prompt, completion_response, openai_app
 from .service import GeneratorService, RunContext
 

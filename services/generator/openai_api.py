@@ -17,8 +17,8 @@ from typing import Literal
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..common.engines import SamplingParams
 from ..common.rendering import PromptFormat, Renderer
-from .engines import SamplingParams
 
 openai_app = FastAPI(title="reinstruct generator", description="OpenAI-compatible completions for each round's model")
 

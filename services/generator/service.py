@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
+from ..common.engines import GenerationEngine, SamplingParams
 from ..common.records import Instance, Lineage, TaskRecord, stable_id
 from ..common.validation import MAX_INSTANCES_PER_TASK
 from . import backtranslation as bt
 from . import self_instruct as si
-from .engines import GenerationEngine, SamplingParams
 
 
 @dataclass

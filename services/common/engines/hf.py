@@ -7,8 +7,8 @@ import threading
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ...common.models import DEFAULT_CACHE_DIR, load_model
-from ...common.rendering import NO_LIMIT, Example, encode_prompt, tokenize
+from ..models import DEFAULT_CACHE_DIR, load_model
+from ..rendering import NO_LIMIT, Example, encode_prompt, tokenize
 from .base import Completion, ModelSessions, SamplingParams
 
 

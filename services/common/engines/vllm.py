@@ -11,8 +11,8 @@ from __future__ import annotations
 import gc
 import threading
 
-from ...common.models import DEFAULT_CACHE_DIR, load_tokenizer, resolve_model
-from ...common.rendering import NO_LIMIT, Example, encode_prompt, mean_response_nll, tokenize
+from ..models import DEFAULT_CACHE_DIR, load_tokenizer, resolve_model
+from ..rendering import NO_LIMIT, Example, encode_prompt, mean_response_nll, tokenize
 from .base import Completion, ModelSessions, SamplingParams
 
 

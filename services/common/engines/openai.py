@@ -15,8 +15,8 @@ import threading
 
 import aiohttp
 
-from ...common.models import DEFAULT_CACHE_DIR, load_tokenizer, resolve_model
-from ...common.rendering import NO_LIMIT, Example, encode_prompt, mean_response_nll, tokenize
+from ..models import DEFAULT_CACHE_DIR, load_tokenizer, resolve_model
+from ..rendering import NO_LIMIT, Example, encode_prompt, mean_response_nll, tokenize
 from .base import Completion, ModelSessions, SamplingParams
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
