@@ -39,7 +39,12 @@ class StoreBusy(RuntimeError):
 
 
 class UriNotAllowed(ValueError):
-    """A URI from a client that points outside the store root or uses a scheme not configured."""
+    """A URI from a client that points outside the store root or uses a scheme not configured;
+    field names the request field, reason says why (without the field)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
 
 
 def _split_scheme(uri: str) -> tuple[str, str]:
@@ -83,24 +88,24 @@ class RunStore:
         resolved, must lie under the real root.
         """
         if not uri:
-            raise UriNotAllowed(f"{field}: empty URI")
+            raise UriNotAllowed(field, "empty URI")
         if "\x00" in uri:
-            raise UriNotAllowed(f"{field}: NUL byte in URI")
+            raise UriNotAllowed(field, "NUL byte in URI")
         scheme, path = _split_scheme(uri)
         if scheme not in self.allowed_schemes or scheme != self.scheme:
-            raise UriNotAllowed(f"{field}: scheme '{scheme}' is not allowed (store is {self.scheme}://)")
+            raise UriNotAllowed(field, f"scheme '{scheme}' is not allowed (store is {self.scheme}://)")
         if ".." in path.split("/"):
-            raise UriNotAllowed(f"{field}: '..' is not allowed in store URIs")
+            raise UriNotAllowed(field, "'..' is not allowed in store URIs")
         if scheme == "file":
             if not os.path.isabs(path):
                 path = os.path.join(self.root, path)
             real = os.path.realpath(path)
             if real != self.root and not real.startswith(self.root + os.sep):
-                raise UriNotAllowed(f"{field}: {uri!r} is outside the run store root {self.root}")
+                raise UriNotAllowed(field, f"{uri!r} is outside the run store root {self.root}")
             return real
         normalized = posixpath.normpath(path)
         if normalized != self.root and not normalized.startswith(self.root + "/"):
-            raise UriNotAllowed(f"{field}: {uri!r} is outside the run store root")
+            raise UriNotAllowed(field, f"{uri!r} is outside the run store root")
         return normalized
 
     def output_path(self, uri: str, run_id: str, field: str = "uri", *, dataset: bool = True) -> str:
@@ -111,20 +116,21 @@ class RunStore:
         run_dir = self.resolve(self.uri(run_id), field)
         if not path.startswith(run_dir + "/"):
             raise UriNotAllowed(
-                f"{field}: {uri!r} is outside this request's run directory {run_dir} "
-                "(context.run_id): a request writes only into its own run"
+                field,
+                f"{uri!r} is outside this request's run directory {run_dir} "
+                "(context.run_id): a request writes only into its own run",
             )
         if dataset and not path.endswith(".parquet"):
-            raise UriNotAllowed(f"{field}: {uri!r}: dataset outputs are .parquet files")
+            raise UriNotAllowed(field, f"{uri!r}: dataset outputs are .parquet files")
         if path == self.resolve(self.manifest_uri(run_id)):
-            raise UriNotAllowed(f"{field}: the run's manifest is written by the run store only")
+            raise UriNotAllowed(field, "the run's manifest is written by the run store only")
         parent = posixpath.dirname(path)
         while parent.startswith(run_dir + "/"):
             if self.fs.exists(posixpath.join(parent, "config.json")):
-                raise UriNotAllowed(f"{field}: {uri!r} is inside a checkpoint")
+                raise UriNotAllowed(field, f"{uri!r} is inside a checkpoint")
             parent = posixpath.dirname(parent)
         if path in self.committed_paths(run_id):
-            raise UriNotAllowed(f"{field}: {uri!r} belongs to a committed stage and is never replaced")
+            raise UriNotAllowed(field, f"{uri!r} belongs to a committed stage and is never replaced")
         return path
 
     def committed_paths(self, run_id: str) -> set[str]:

@@ -126,8 +126,7 @@ def check_model_uri(
     except UriNotAllowed as exc:
         raise RequestError(
             field,
-            str(exc).split(": ", 1)[-1] + " (and not a model the config allows: model.base, "
-            "evaluation.judge_model, model.allowed_dirs)",
+            exc.reason + " (and not a model the config allows: model.base, evaluation.judge_model, model.allowed_dirs)",
         ) from None
     if not any(store.fs.exists(f"{path}/{name}") for name in ("config.json", "adapter_config.json")):
         raise RequestError(field, f"no checkpoint at {uri!r} in the run store")
@@ -141,7 +140,7 @@ def check_output_uri(uri: str, store: RunStore, field: str, run_id: str, *, data
         try:
             store.output_path(uri, run_id, field, dataset=dataset)
         except UriNotAllowed as exc:
-            raise RequestError(field, str(exc).split(": ", 1)[-1]) from None
+            raise RequestError(field, exc.reason) from None
     return uri
 
 
@@ -164,7 +163,7 @@ def resolve_tasks(
         try:
             return store.read_tasks(source.uri, f"{field}.uri")
         except UriNotAllowed as exc:
-            raise RequestError(f"{field}.uri", str(exc).split(": ", 1)[-1]) from None
+            raise RequestError(f"{field}.uri", exc.reason) from None
         except FileNotFoundError:
             raise RequestError(f"{field}.uri", f"no dataset at {source.uri}") from None
     tasks = source.inline.tasks

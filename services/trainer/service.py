@@ -166,11 +166,17 @@ class TrainerService:
                 )
                 return
             except RuntimeError as exc:
-                if "already exists" in str(exc):
+                if self._submitted(submission_id):  # a concurrent request submitted the same job first
                     return
                 if "No available agent" not in str(exc) or attempt == 23:
                     raise
                 time.sleep(2.5)
+
+    def _submitted(self, submission_id: str) -> bool:
+        try:
+            return self.client.get_job_info(submission_id) is not None
+        except RuntimeError:  # no such job, or the job agent is not up yet
+            return False
 
     def status(self, job_id: str) -> TrainingJob | None:
         try:
