@@ -410,7 +410,7 @@ class LoopDriver:
                         self.store.stage_output(self.run_id, 0, "split")["seed_heldout_uri"]
                     ),
                     decontamination_ngram=f.decontamination_ngram,
-                    near_duplicate_threshold=f.near_duplicate_threshold or -1,
+                    near_duplicate_threshold=f.near_duplicate_threshold,
                     min_curation_score=threshold,
                     kept_uri=self._uri(k, "augmented_kept"),
                     rejected_uri=self._uri(k, "augmented_rejected"),
@@ -767,7 +767,7 @@ class LoopDriver:
                 kept_uri=self._uri(k, "kept"),
                 decontaminate_against=uri_source(split["seed_heldout_uri"]),
                 decontamination_ngram=f.decontamination_ngram,
-                near_duplicate_threshold=f.near_duplicate_threshold or -1,
+                near_duplicate_threshold=f.near_duplicate_threshold,
                 min_curation_score=f.min_curation_score,
                 reject_only_above_threshold=f.reject_only_above_threshold,
                 rejected_uri=self._uri(k, "rejected"),

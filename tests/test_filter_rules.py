@@ -185,3 +185,33 @@ def test_score_novelty_keeps_a_pool_index_until_the_pool_file_changes(tmp_path):
     assert first.max_rouge_l == 0.0 and replica.ScoreNovelty(request).scores[0] == first  # the kept index
     store.write_tasks(pool_uri, [TaskRecord(id="p", instruction="Write a poem about the sea.")])
     assert replica.ScoreNovelty(request).scores[0].max_rouge_l == 1.0  # a new version of the file: indexed again
+
+
+def test_zero_and_false_are_answers_not_unset(tmp_path):
+    """proto3 `optional`: a client can switch dedup off (0) on a replica whose config has it on, and
+    ask for use_gpu=false where the config says true; an unset field takes the config's value."""
+    from services.api import common_pb2, filter_pb2, trainer_pb2
+    from services.common.convert import tasks_to_source
+    from services.filter.deployment import FilterDeployment
+    from services.trainer.deployment import _given
+
+    replica = FilterDeployment.func_or_class({"store": {"root": str(tmp_path)}})  # near_duplicate_threshold 0.9
+    twins = [
+        TaskRecord(
+            id=f"t{i}", instruction=f"Describe {topic} in one short paragraph.", instances=[Instance("", "Same.")]
+        )
+        for i, topic in enumerate(["the moon landing", "photosynthesis in plants"])
+    ]
+    ctx = common_pb2.RunContext(run_id="r", round=1)
+    default = replica.FilterTasks(filter_pb2.FilterTasksRequest(context=ctx, candidates=tasks_to_source(twins)))
+    off = replica.FilterTasks(
+        filter_pb2.FilterTasksRequest(context=ctx, candidates=tasks_to_source(twins), near_duplicate_threshold=0)
+    )
+    assert [v.kept for v in default.verdicts] == [True, False] and default.verdicts[1].reasons == [
+        "near_duplicate_response"
+    ]
+    assert [v.kept for v in off.verdicts] == [True, True]
+
+    assert _given(trainer_pb2.TrainingParams(use_gpu=False), "use_gpu", True) is False
+    assert _given(trainer_pb2.TrainingParams(), "use_gpu", True) is True
+    assert _given(trainer_pb2.LoraParams(dropout=0.0), "dropout", 0.05) == 0.0

@@ -88,14 +88,20 @@ class FilterDeployment:
         eval_tasks = resolve_tasks(request.decontaminate_against, self.store, "decontaminate_against", required=False)
         ngram = request.decontamination_ngram or defaults.decontamination_ngram
         check_range(ngram, "decontamination_ngram", 4, 64)
-        near = request.near_duplicate_threshold or defaults.near_duplicate_threshold  # negative: off
+        near = (
+            request.near_duplicate_threshold
+            if request.HasField("near_duplicate_threshold")
+            else defaults.near_duplicate_threshold
+        )  # <= 0: off
         check_range(near, "near_duplicate_threshold", -1.0, 1.0)
         check_range(request.min_curation_score, "min_curation_score", 0.0, 5.0)
         settings = FilterSettings(
             threshold,
             min_words,
             max_words,
-            reject_only_above_threshold=request.reject_only_above_threshold,
+            reject_only_above_threshold=request.reject_only_above_threshold
+            if request.HasField("reject_only_above_threshold")
+            else defaults.reject_only_above_threshold,
             near_duplicate_threshold=near if near > 0 else None,
             decontamination_ngram=ngram,
             min_curation_score=request.min_curation_score,

@@ -62,6 +62,11 @@ def _check_placement(params: TrainingParams) -> None:
         )
 
 
+def _given(message, name: str, default):
+    """A field the client set (0 and false included), else the config's value: proto3 `optional`."""
+    return getattr(message, name) if message.HasField(name) else default
+
+
 @serve.deployment(name="Trainer")
 @refuse_other_services("Trainer")
 class TrainerDeployment:
@@ -90,29 +95,33 @@ class TrainerDeployment:
         p, d = request.params, self.config.training
         params = TrainingParams(
             epochs=int(check_range(p.epochs or d.epochs, "params.epochs", 1, 1000)),
-            max_steps=int(check_range(p.max_steps, "params.max_steps", 0, 10_000_000)),
+            max_steps=int(check_range(_given(p, "max_steps", d.max_steps), "params.max_steps", 0, 10_000_000)),
             learning_rate=check_range(p.learning_rate or d.learning_rate, "params.learning_rate", 1e-9, 1.0),
             batch_size=int(check_range(p.batch_size or d.batch_size, "params.batch_size", 1, 4096)),
             max_seq_len=int(check_range(p.max_seq_len or d.max_seq_len, "params.max_seq_len", 16, 65_536)),
             num_workers=int(check_range(p.num_workers or d.num_workers, "params.num_workers", 1, 1024)),
-            use_gpu=p.use_gpu or d.use_gpu,
+            use_gpu=_given(p, "use_gpu", d.use_gpu),
             seed=p.seed,
             augmented_tag=check_text(p.augmented_tag, "params.augmented_tag", limit=200),
             packing=not p.no_packing and d.packing,
             checkpoint_every=int(
                 check_range(p.checkpoint_every or d.checkpoint_every, "params.checkpoint_every", 1, 10**7)
             ),
-            max_failures=int(check_range(p.max_failures or d.max_failures, "params.max_failures", 0, 100)),
+            max_failures=int(check_range(_given(p, "max_failures", d.max_failures), "params.max_failures", 0, 100)),
             precision=p.precision or d.precision,
-            gradient_checkpointing=p.gradient_checkpointing or d.gradient_checkpointing,
+            gradient_checkpointing=_given(p, "gradient_checkpointing", d.gradient_checkpointing),
             lora={
-                "enabled": p.lora.enabled or d.lora.enabled,
+                "enabled": _given(p.lora, "enabled", d.lora.enabled),
                 "r": int(p.lora.r or d.lora.r),
                 "alpha": float(p.lora.alpha or d.lora.alpha),
-                "dropout": float(p.lora.dropout or d.lora.dropout),
-                "keep_adapter": p.lora.keep_adapter or d.lora.keep_adapter,
+                "dropout": float(
+                    check_range(_given(p.lora, "dropout", d.lora.dropout), "params.lora.dropout", 0.0, 0.99)
+                ),
+                "keep_adapter": _given(p.lora, "keep_adapter", d.lora.keep_adapter),
             },
-            fewshot_fraction=check_range(p.fewshot_fraction or d.fewshot_fraction, "params.fewshot_fraction", 0.0, 1.0),
+            fewshot_fraction=check_range(
+                _given(p, "fewshot_fraction", d.fewshot_fraction), "params.fewshot_fraction", 0.0, 1.0
+            ),
             fewshot_k=int(check_range(p.fewshot_k or d.fewshot_k, "params.fewshot_k", 1, 16)),
         )
         if params.precision not in ("fp32", "bf16", "fp16"):
