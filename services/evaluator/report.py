@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..common.config import ReinstructConfig
 from ..common.store import RunStore  # noqa: E402
 from .bootstrap import mean_interval  # noqa: E402
 
@@ -78,7 +79,7 @@ def _funnel(rounds) -> str:
     )
 
 
-def _rouge(rounds) -> str:
+def _rouge(rounds, threshold: float) -> str:
     figure, axis = plt.subplots(figsize=(7, 3))
     plotted = False
     for k, stages in rounds:
@@ -89,7 +90,7 @@ def _rouge(rounds) -> str:
     if not plotted:
         plt.close(figure)
         return "<p>No candidates scored yet.</p>"
-    axis.axvline(0.7, color="black", linestyle="--", linewidth=1)
+    axis.axvline(threshold, color="black", linestyle="--", linewidth=1)  # the run's filter.rouge_l_threshold
     axis.set_xlabel("max ROUGE-L F against the pool")
     axis.set_ylabel("instructions")
     axis.legend(fontsize=8)
@@ -284,13 +285,21 @@ img{max-width:100%}details{margin:.2em 0}summary{cursor:pointer}.facts{color:#55
 h3{font-size:1em;margin-top:1.2em}"""
 
 
+def _config(manifest: dict) -> ReinstructConfig:
+    """The run's own config (the manifest keeps it), else the defaults."""
+    try:
+        return ReinstructConfig.model_validate(manifest.get("config") or {})
+    except ValueError:  # a manifest of an older version
+        return ReinstructConfig()
+
+
 def build_report(store: RunStore, run_id: str) -> str:
     manifest = store.load_manifest(run_id)
     rounds = _rounds(manifest)
     instructions = _instructions(store, rounds)
     sections = {
         "funnel": ("Funnel per round", _funnel(rounds)),
-        "rouge": ("Max ROUGE-L against the pool", _rouge(rounds)),
+        "rouge": ("Max ROUGE-L against the pool", _rouge(rounds, _config(manifest).filter.rouge_l_threshold)),
         "lengths": ("Instruction lengths", _lengths(instructions)),
         "verbs": ("Most common leading words", _verbs(instructions)),
         "samples": ("Kept and rejected tasks (a sample; click to open)", _samples(store, rounds)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from ..common.config import FilterConfig
 from ..common.records import TaskRecord
 from ..common.rouge import NoveltyIndex
 from .decontamination import ContaminationIndex
@@ -34,18 +35,23 @@ class FilterResult:
     funnel: dict[str, int]
 
 
+_DEFAULTS = FilterConfig()  # the one set of defaults (services/common/config.py)
+
+
 @dataclass
 class FilterSettings:
-    rouge_l_threshold: float = 0.7
-    min_instruction_words: int = 4
-    max_instruction_words: int = 150
+    """What one filter call applies: FilterConfig's values, or a request's overrides of them."""
+
+    rouge_l_threshold: float = _DEFAULTS.rouge_l_threshold
+    min_instruction_words: int = _DEFAULTS.min_instruction_words
+    max_instruction_words: int = _DEFAULTS.max_instruction_words
     blacklist: tuple[str, ...] = DEFAULT_BLACKLIST
-    reject_only_above_threshold: bool = False  # the paper keeps F < 0.7; the reference code drops only F > 0.7
-    near_duplicate_threshold: float | None = 0.9
-    decontamination_ngram: int = 13
-    min_curation_score: float = 0.0
+    reject_only_above_threshold: bool = _DEFAULTS.reject_only_above_threshold
+    near_duplicate_threshold: float | None = _DEFAULTS.near_duplicate_threshold  # None: off
+    decontamination_ngram: int = _DEFAULTS.decontamination_ngram
+    min_curation_score: float = _DEFAULTS.min_curation_score
     check_instances: bool = True  # False for instruction-only data: no instance rules, no response dedup
-    max_instances_per_task: int = 5  # kept at random after cleaning (the reference's 5); 0: all
+    max_instances_per_task: int = _DEFAULTS.max_instances_per_task  # kept at random after cleaning; 0: all
     instruction_rules: bool = True  # Self-Instruct's length / keyword / punctuation rules (off: ROUGE-L only)
 
 
