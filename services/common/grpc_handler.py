@@ -9,6 +9,7 @@ import os
 
 import grpc
 
+from . import deadline
 from .models import ModelUnavailable
 from .store import StoreBusy, StoreError, UriNotAllowed
 from .validation import Overloaded, RequestError
@@ -65,6 +66,8 @@ def _status_for(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, StoreBusy):  # the other writer wins; this caller is told so, not told it succeeded
         return grpc.StatusCode.ABORTED, str(exc)
+    if isinstance(exc, deadline.WorkAbandoned):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
     if isinstance(exc, StoreError):
         return grpc.StatusCode.UNAVAILABLE, f"run store error: {exc}"
     if isinstance(exc, ModelUnavailable):  # the operator's setup (a package, a file): say what to fix
@@ -79,7 +82,8 @@ def grpc_stream_method(method):
     def wrapper(self, request, grpc_context=None):
         try:
             _admit(request, grpc_context)
-            yield from method(self, request)
+            with deadline.budget(getattr(self, "request_budget_s", None)):
+                yield from method(self, request)
         except Exception as exc:  # reported as the stream's status, the replica keeps serving
             code, details = _status_for(exc, method.__name__)
             if grpc_context is None:
@@ -102,7 +106,8 @@ def grpc_method(response_type):
         def wrapper(self, request, grpc_context=None):
             try:
                 _admit(request, grpc_context)
-                return method(self, request)
+                with deadline.budget(getattr(self, "request_budget_s", None)):
+                    return method(self, request)
             except Exception as exc:  # every failure becomes a status; the replica keeps serving
                 code, details = _status_for(exc, method.__name__)
             if grpc_context is None:
@@ -122,6 +127,7 @@ def grpc_method(response_type):
 def run_with_progress(work):
     """Runs work(on_progress) in a thread; yields (done, total) as it reports, then ('result', value).
     Exceptions in work are re-raised in the caller's generator (and so become the stream's status)."""
+    import contextvars
     import queue
     import threading
 
@@ -135,7 +141,8 @@ def run_with_progress(work):
             outcome["error"] = exc
         updates.put(None)
 
-    threading.Thread(target=target, daemon=True).start()
+    # the work runs in the request's context: its time budget (services.common.deadline) goes with it
+    threading.Thread(target=contextvars.copy_context().run, args=(target,), daemon=True).start()
     while (update := updates.get()) is not None:
         yield update
     if "error" in outcome:

@@ -67,6 +67,7 @@ class EvaluatorDeployment:
     def __init__(self, settings: dict):
         config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(config.store.root, config.store.allowed_schemes)
+        self.request_budget_s = config.serve.request_timeout_s  # work past it is abandoned (deadline.py)
         self.trusted = TrustedModels.from_config(config)
         self.evaluation = config.evaluation
         self.service = EvaluatorService(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from ..common import deadline
 from ..common.config import FilterConfig
 from ..common.records import TaskRecord
 from ..common.rouge import NoveltyIndex
@@ -69,7 +70,9 @@ def novelty_scores(candidates: list[TaskRecord], pool: list[TaskRecord] | Novelt
     (a replica keeps the index of a pool file for the stage's next shard)."""
     index = pool if isinstance(pool, NoveltyIndex) else NoveltyIndex([t.instruction for t in pool])
     out = []
-    for task in candidates:
+    for position, task in enumerate(candidates):
+        if position % 64 == 0:
+            deadline.check()
         score, nearest = index.nearest(task.instruction)
         out.append(PoolScore(score, index.texts[nearest] if nearest >= 0 else ""))
     return out
@@ -103,6 +106,8 @@ def filter_tasks(
     funnel: Counter[str] = Counter()
     kept, rejected, verdicts = [], [], []
     for position, task in enumerate(candidates):
+        if position % 64 == 0:
+            deadline.check()  # a quadratic batch nobody waits for any more stops
         reason = (
             instruction_rejection(
                 task.instruction, settings.min_instruction_words, settings.max_instruction_words, settings.blacklist

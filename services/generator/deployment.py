@@ -59,6 +59,7 @@ class GeneratorDeployment:
     def __init__(self, settings: dict):
         config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(config.store.root, config.store.allowed_schemes)
+        self.request_budget_s = config.serve.request_timeout_s  # work past it is abandoned (deadline.py)
         self.trusted = TrustedModels.from_config(config)
         engine = create_engine(config.generation.engine, **engine_options(config))
         self.service = GeneratorService(engine)

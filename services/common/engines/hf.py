@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from .. import deadline
 from ..models import DEFAULT_CACHE_DIR, load_model
 from ..rendering import NO_LIMIT, Example, encode_prompt, tokenize
 from .base import Completion, ModelSessions, SamplingParams
@@ -33,6 +34,13 @@ class PresencePenalty(LogitsProcessor):
             return scores
         present = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, generated, True)
         return scores - self.penalty * present.to(scores.dtype)
+
+
+class DeadlineStop(StoppingCriteria):
+    """Ends a batch's generation once its request has run past its budget (services.common.deadline)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), deadline.expired(), dtype=torch.bool, device=input_ids.device)
 
 
 class HFEngine(ModelSessions):
@@ -76,7 +84,9 @@ class HFEngine(ModelSessions):
             torch.manual_seed(params.seed)
             results: list[Completion] = []
             for start in range(0, len(prompts), self.batch_size):
+                deadline.check()
                 results.extend(self._generate_batch(prompts[start : start + self.batch_size], params))
+            deadline.check()  # a batch cut short by DeadlineStop is no answer
             return results
 
     def _generate_batch(self, prompts: list[str], params: SamplingParams) -> list[Completion]:
@@ -98,6 +108,7 @@ class HFEngine(ModelSessions):
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         if params.stop:  # a sequence that wrote a stop string is finished: the batch ends when all are
             kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([DeadlineStop()])
         if params.presence_penalty:
             prompt_len = 1 if self.is_encoder_decoder else batch["input_ids"].shape[1]
             kwargs["logits_processor"] = LogitsProcessorList([PresencePenalty(params.presence_penalty, prompt_len)])
@@ -121,6 +132,7 @@ class HFEngine(ModelSessions):
         with self._lock, torch.no_grad():
             losses = []
             for prompt, response in zip(prompts, responses):
+                deadline.check()
                 features = tokenize(
                     Example(prompt, response, "", ""), self.tokenizer, max_len or NO_LIMIT, self.is_encoder_decoder
                 )
