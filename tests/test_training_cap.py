@@ -1,0 +1,48 @@
+"""serve.max_training_jobs: a StartTraining beyond the cap is refused at once (RESOURCE_EXHAUSTED), not
+queued behind runs that may take hours; below it the run is submitted. Ray's job API is replaced by a
+stand-in that lists the cluster's jobs (the trainer asks it, so the cap holds across trainer replicas)."""
+
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from services.common.grpc_handler import _status_for
+from services.common.store import RunStore
+from services.common.validation import Overloaded
+from services.trainer.service import TrainerService, TrainingParams
+
+
+class JobApi:
+    def __init__(self, running: int):
+        self.jobs = [SimpleNamespace(submission_id=f"train-other-{i}", status="RUNNING") for i in range(running)]
+        self.jobs.append(SimpleNamespace(submission_id="train-done", status="SUCCEEDED"))
+        self.jobs.append(SimpleNamespace(submission_id="not-training", status="RUNNING"))
+        self.submitted = []
+
+    def list_jobs(self):
+        return self.jobs
+
+    def get_job_info(self, submission_id):
+        if submission_id not in self.submitted:
+            raise RuntimeError(f"job {submission_id} does not exist")
+        return SimpleNamespace(status="PENDING", metadata={}, message="")
+
+    def submit_job(self, entrypoint, submission_id, **options):
+        self.submitted.append(submission_id)
+
+
+@pytest.mark.parametrize("running, refused", [(2, True), (1, False)])
+def test_training_runs_beyond_the_cap_are_refused(tmp_path, running, refused):
+    store = RunStore(str(tmp_path))
+    service = TrainerService(store, max_active_jobs=2)
+    service._client = JobApi(running)
+    start = lambda: service.start("r", 1, "builtin:tiny-llama", "x.parquet", store.model_uri("r", 1), TrainingParams())  # noqa: E731
+    if refused:
+        with pytest.raises(Overloaded, match="serve.max_training_jobs") as info:
+            start()
+        assert _status_for(info.value, "StartTraining")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert service._client.submitted == []
+    else:
+        job = start()
+        assert service._client.submitted == [job.job_id] and job.job_id.startswith("train-")
