@@ -89,6 +89,7 @@ def values_schema() -> dict:
                     {
                         "grpcPort": {"type": "integer", "minimum": 1, "maximum": 65535},
                         "httpPort": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "maxRequestMiB": {"type": "integer", "minimum": 1, "maximum": 2000},
                     }
                 ),
                 "reinstruct": config_schema,

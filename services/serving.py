@@ -31,6 +31,15 @@ def wait_for_previous_cluster(timeout_s: float = 150.0) -> None:
         time.sleep(1.0)
 
 
+def limit_proxy_messages() -> None:
+    """Serve's gRPC proxy reads messages up to RAY_SERVE_GRPC_MAX_MESSAGE_SIZE (2 GiB by default) before
+    any replica can refuse them; a local cluster's processes inherit this process's environment, so
+    the proxy refuses anything 1 MiB above the replicas' own limit without reading it."""
+    from .common.grpc_handler import MAX_REQUEST_BYTES
+
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(MAX_REQUEST_BYTES + 1024 * 1024))
+
+
 def connect_ray(local_num_cpus: int | None = None) -> bool:
     """Joins RAY_ADDRESS (or the job's cluster) if set, else starts a local Ray. True if we started it."""
     import ray
@@ -41,6 +50,7 @@ def connect_ray(local_num_cpus: int | None = None) -> bool:
         ray.init(log_to_driver=False)
         return False
     wait_for_previous_cluster()
+    limit_proxy_messages()
     # The dashboard hosts Ray's job API, which the trainer submits training runs to.
     ray.init(num_cpus=local_num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=True, log_to_driver=False)
     return True

@@ -38,9 +38,10 @@ def secured(tmp_path_factory, builtin_cache):
     config = parse_config(settings)
     os.environ[API_TOKEN_ENV] = TOKEN  # the local cluster's processes inherit it
     try:
-        from services.serving import wait_for_previous_cluster
+        from services.serving import limit_proxy_messages, wait_for_previous_cluster
 
         wait_for_previous_cluster()  # a killed cluster's agent may still hold its port
+        limit_proxy_messages()  # what `reinstruct serve` / `run` do before starting a local cluster
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         serve.start(
             http_options=HTTPOptions(port=8400),
@@ -75,16 +76,26 @@ def test_grpc_calls_need_the_token(secured):
     channel.close()
 
 
+def _oversized(tasks: int, chars: int):
+    request = _request(1)
+    for i in range(tasks):
+        task = request.candidates.inline.tasks.add()
+        task.id, task.instruction = f"big{i}", "x " * (chars // 2)
+    return request
+
+
 def test_oversized_request_is_resource_exhausted(secured, monkeypatch):
     clients = ServiceClients("127.0.0.1:9400", 60, token=TOKEN)
-    request = _request(1)
-    for i in range(4000):  # ~70 MiB in 4,000 valid-looking tasks, past the 64 MiB request limit
-        task = request.candidates.inline.tasks.add()
-        task.id, task.instruction = f"big{i}", "x " * 9_000
+    # ~70 MiB, past the proxy's limit (65 MiB): refused by Serve's proxy before it reads the message
     with pytest.raises(grpc.RpcError) as info:
-        clients.filter_tasks(request)
+        clients.filter_tasks(_oversized(4000, 18_000))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "limit" in info.value.details()
+    assert "larger than max" in info.value.details()
+    # ~64.4 MiB: through the proxy, then the replica's own limit (64 MiB) names what to do
+    with pytest.raises(grpc.RpcError) as info:
+        clients.filter_tasks(_oversized(3700, 18_250))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "limit is" in info.value.details() and "dataset uri" in info.value.details()
     assert clients.filter_tasks(_request()).candidates == 3  # and it keeps serving
 
 

@@ -95,6 +95,9 @@ def test_rendered_objects_validate(helm, values, monkeypatch):
         ports = {p["name"]: p["containerPort"] for p in head["ports"]}
         assert ports["serve-grpc"] == 9000 and ports["serve"] == 8000
         assert cluster["authOptions"] == {"mode": "token", "secretName": "rel-reinstruct-ray-auth"}
+        env = {e["name"]: e.get("value") for e in head.get("env", [])}  # Serve's proxy refuses big messages unread
+        assert env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == str(65 * 2**20)
+        assert env["REINSTRUCT_MAX_REQUEST_BYTES"] == str(64 * 2**20)
         if obj["kind"] == "RayService":
             serve_config = ServeDeploySchema.model_validate(yaml.safe_load(obj["spec"]["serveConfigV2"]))
             assert {a.name for a in serve_config.applications} == {"generator", "filter", "trainer", "evaluator"}

@@ -22,16 +22,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default (printf "%s-api-token" (include "reinstruct.fullname" .)) .Values.apiAuth.existingSecret -}}
 {{- end -}}
 
-{{/* REINSTRUCT_API_TOKEN for the replicas (they check it) and the loop driver (it presents it). */}}
+{{/* REINSTRUCT_API_TOKEN for the replicas (they check it) and the loop driver (it presents it); the
+request size limit for the replicas and for Serve's gRPC proxy, which then refuses a larger message
+before reading it (1 MiB above the replicas' limit, which answers with the field to fix). */}}
 {{- define "reinstruct.apiEnv" -}}
-{{- if .Values.apiAuth.enabled }}
 env:
+{{- if .Values.apiAuth.enabled }}
   - name: REINSTRUCT_API_TOKEN
     valueFrom:
       secretKeyRef:
         name: {{ include "reinstruct.apiSecret" . }}
         key: api_token
 {{- end }}
+  - name: REINSTRUCT_MAX_REQUEST_BYTES
+    value: {{ mul .Values.serve.maxRequestMiB 1048576 | quote }}
+  - name: RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+    value: {{ mul (add .Values.serve.maxRequestMiB 1) 1048576 | quote }}
 {{- end -}}
 
 {{- define "reinstruct.claim" -}}
