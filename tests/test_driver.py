@@ -344,4 +344,4 @@ def test_shards_in_flight_follow_the_replicas(tmp_path):
         }
     )
     driver = LoopDriver(config, clients=None, run_id="r")
-    assert [driver._in_flight(app) for app in ("generator", "filter", "evaluator")] == [6, 2, 8]
+    assert [driver.run_state.in_flight(app) for app in ("generator", "filter", "evaluator")] == [6, 2, 8]

@@ -1,0 +1,150 @@
+"""Instruction backtranslation (Li et al. 2023, "Humpback"): a backward model trained on
+(output -> instruction) writes instructions for unlabelled text; the round's model rates every pair
+1-5 (self-curation), and only the best join the training data."""
+
+from __future__ import annotations
+
+from services.api import filter_pb2, generator_pb2
+from services.common.convert import uri_source
+from services.common.records import Instance, Lineage, TaskRecord, stable_id
+from services.generator.backtranslation import backward_tasks
+from services.generator.corpus import load_segments, sample_segments
+
+from . import model_stages
+from .run import Run
+from .stages import Dataset, Filtered, RatingPool, Segments, Split, Trained
+
+
+def backward_model(run: Run, split: Split) -> str:
+    """Round 0: the backward model, fine-tuned once from the base model on the seed tasks turned round."""
+    data = run.stage(
+        0,
+        "backward_data",
+        lambda: run.write(0, "backward_train", backward_tasks(run.store.read_tasks(split.seed_train_uri))),
+        Dataset,
+    )
+    trained = run.stage(
+        0,
+        "backward_train",
+        lambda: model_stages.train(
+            run,
+            0,
+            run.config.model.base,
+            data.uri,
+            run.config.backtranslation.backward_epochs,
+            output_uri=run.store.uri(run.run_id, "round-000", "backward_model"),
+        ),
+        Trained,
+    )
+    return trained.model_uri
+
+
+def backtranslation_round(run: Run, k: int, model: str, backward: str, heldout_uri: str) -> Filtered:
+    """Segments -> backtranslated pairs -> every pair so far rated by model k -> the best kept."""
+    b = run.config.backtranslation
+    segments = run.stage(k, "segments", lambda: _segments(run, k), Segments)
+    run.stage(
+        k,
+        "backtranslate",
+        lambda: run.sharded(
+            k,
+            "backtranslate",
+            "augmented",
+            segments,
+            lambda shard_uri, output_uri: run.clients.backtranslate(
+                generator_pb2.BacktranslateRequest(
+                    context=run.ctx(k),
+                    model_uri=backward,
+                    segment_tasks=uri_source(shard_uri),
+                    sampling=run.sampling(b.max_new_tokens, run.config.seed + k),
+                    output_uri=output_uri,
+                )
+            ),
+        ),
+        Dataset,
+    )
+    to_rate = run.stage(k, "rating_pool", lambda: _rating_pool(run, k), RatingPool)
+    curated = run.stage(
+        k,
+        "curate",
+        lambda: run.sharded(
+            k,
+            "curate",
+            "curated",
+            to_rate,
+            lambda shard_uri, output_uri: run.clients.curate_examples(
+                generator_pb2.CurateExamplesRequest(
+                    context=run.ctx(k),
+                    model_uri=model,
+                    tasks=uri_source(shard_uri),
+                    sampling=run.sampling(b.curation_max_new_tokens, run.config.seed + k, temperature=0.0),
+                    output_uri=output_uri,
+                )
+            ),
+        ),
+        Dataset,
+    )
+    return run.stage(k, "filter_augmented", lambda: _keep_the_best(run, k, curated, heldout_uri), Filtered)
+
+
+def _segments(run: Run, k: int) -> Segments:
+    b = run.config.backtranslation
+    pieces = sample_segments(
+        load_segments(b.corpus, b.min_chars, b.max_chars), b.segments_per_round, run.config.seed + k
+    )
+    tasks = [
+        TaskRecord(
+            id=stable_id(run.run_id, k, "segment", i),
+            instruction="",
+            instances=[Instance("", text)],
+            lineage=Lineage(run_id=run.run_id, round=k, stage="unlabelled", model="corpus"),
+        )
+        for i, text in enumerate(pieces)
+    ]
+    written = run.write(k, "segments", tasks)
+    return Segments(
+        uri=written.uri, count=written.count, corpus=b.corpus if isinstance(b.corpus, str) else list(b.corpus)
+    )
+
+
+def _rating_pool(run: Run, k: int) -> RatingPool:
+    """What model k rates: every pair backtranslated so far (Humpback rescores the whole augmented set
+    with each iteration's model), or only this round's new pairs."""
+    rounds = list(range(1, k + 1)) if run.config.backtranslation.rescore_all else [k]
+    pairs = [t for j in rounds for t in run.committed(j, "backtranslate", Dataset).tasks(run.store)]
+    written = run.write(k, "rating_pool", pairs)
+    return RatingPool(uri=written.uri, count=written.count, rounds=rounds)
+
+
+def _keep_the_best(run: Run, k: int, curated: Dataset, heldout_uri: str) -> Filtered:
+    """Pairs rated at least the round's threshold (Humpback: 5), through the filter's other rules
+    (decontamination, near duplicates; no ROUGE-L novelty: the instructions are the backward model's)."""
+    b, f = run.config.backtranslation, run.config.filter
+    threshold = b.curation_threshold_first_round if k == 1 else b.curation_threshold_later
+    if curated.count == 0:
+        return Filtered(curation_threshold=threshold)
+    response = run.clients.filter_tasks(
+        filter_pb2.FilterTasksRequest(
+            context=run.ctx(k),
+            candidates=uri_source(curated.uri),
+            rouge_l_threshold=1.0,
+            min_instruction_words=f.min_instruction_words,
+            max_instruction_words=f.max_instruction_words,
+            decontaminate_against=uri_source(heldout_uri),
+            decontamination_ngram=f.decontamination_ngram,
+            near_duplicate_threshold=f.near_duplicate_threshold,
+            min_curation_score=threshold,
+            kept_uri=run.uri(k, "augmented_kept"),
+            rejected_uri=run.uri(k, "augmented_rejected"),
+        )
+    )
+    scores = [t.lineage.scores.get("curation", 0.0) for t in curated.tasks(run.store)]
+    return Filtered(
+        kept_uri=response.kept_ref.uri,
+        kept_count=response.kept_count,
+        rejected_uri=response.rejected_ref.uri,
+        candidates=response.candidates,
+        funnel={step.rule: step.removed for step in response.funnel},
+        curation_threshold=threshold,
+        scores={str(n): scores.count(float(n)) for n in range(6)},  # 0 (unreadable) and 1-5
+    )

@@ -1,0 +1,162 @@
+"""What each stage hands the next: typed results. The manifest keeps them as JSON (`to_dict`), so a
+resumed driver gets the same objects back (`from_dict`) for a committed stage."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
+
+from services.common.records import TaskRecord
+from services.common.store import RunStore
+
+Result = TypeVar("Result", bound="StageResult")
+
+
+@dataclass
+class StageResult:
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[Result], data: dict[str, Any]) -> Result:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Dataset(StageResult):
+    """A stage's tasks in the run store."""
+
+    uri: str = ""
+    count: int = 0
+    shards: int = 0  # requests the stage went out in (0: none, nothing to do)
+
+    def tasks(self, store: RunStore) -> list[TaskRecord]:
+        return store.read_tasks(self.uri) if self.uri and self.count else []
+
+
+@dataclass
+class Instructions(Dataset):
+    prompts: int = 0
+    truncated: int = 0  # completions cut by max_new_tokens
+    model_uri: str = ""
+    in_context_pool: int = 0  # machine tasks in context by the round's last prompts
+
+
+@dataclass
+class Segments(Dataset):
+    corpus: str | list[str] = ""
+
+
+@dataclass
+class RatingPool(Dataset):
+    rounds: list[int] = field(default_factory=list)  # whose backtranslated pairs model k rates
+
+
+@dataclass
+class TrainMix(Dataset):
+    seed: int = 0
+    machine: int = 0
+    augmented: int = 0
+    meta: int = 0
+
+
+@dataclass
+class Filtered(StageResult):
+    kept_uri: str = ""
+    kept_count: int = 0
+    rejected_uri: str = ""
+    candidates: int = 0
+    funnel: dict[str, int] = field(default_factory=dict)
+    max_rouge_l: list[float] = field(default_factory=list)
+    curation_threshold: float | None = None  # backtranslated pairs only
+    scores: dict[str, int] = field(default_factory=dict)  # curation score histogram (backtranslated pairs)
+
+    def kept(self, store: RunStore) -> list[TaskRecord]:
+        return store.read_tasks(self.kept_uri) if self.kept_uri and self.kept_count else []
+
+
+@dataclass
+class Split(StageResult):
+    seed_train_uri: str = ""
+    seed_heldout_uri: str = ""
+    seed_dev_uri: str = ""
+    seed_test_uri: str = ""
+    seed_all_uri: str = ""
+    train_tasks: int = 0
+    heldout_tasks: int = 0
+    dev_tasks: int = 0
+    test_tasks: int = 0
+    dev_task_ids: list[str] = field(default_factory=list)
+    test_task_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Trained(StageResult):
+    model_uri: str = ""
+    base_model: str = ""  # the model this round fine-tuned (training.from_base)
+    job_id: str = ""
+    steps: int = 0
+    final_loss: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    examples: int = 0
+    resumed_from_step: int = 0
+
+
+@dataclass
+class Evaluated(StageResult):
+    model_uri: str = ""
+    metric: str = "score"
+    score: float = 0.0
+    rouge_l: float = 0.0
+    exact_match: float = 0.0
+    nll: float = 0.0
+    interval: list[float] = field(default_factory=list)
+    confidence: float = 0.0
+    num_tasks: int = 0
+    num_instances: int = 0
+    categories: dict[str, float] = field(default_factory=dict)
+    per_task: dict[str, float] = field(default_factory=dict)
+    predictions_uri: str = ""
+    shards: int = 0
+
+
+@dataclass
+class Decision(StageResult):
+    """The gate's decision, and the model the loop stands on afterwards."""
+
+    promoted: bool = False
+    metric: str = "score"
+    candidate: float = 0.0
+    incumbent: float | None = None
+    difference: float = 0.0
+    low: float = 0.0
+    high: float = 0.0
+    confidence: float = 0.0
+    margin: float = 0.0
+    reason: str = ""
+    model_uri: str = ""  # the promoted model: the candidate if promoted, else the incumbent
+    per_task: dict[str, float] = field(default_factory=dict)  # the promoted model's scores
+    candidate_model_uri: str = ""
+
+
+@dataclass
+class Judged(StageResult):
+    win_rate: float = 0.0
+    tie_rate: float = 0.0
+    loss_rate: float = 0.0
+    judged_pairs: int = 0
+    score_difference: list[float] = field(default_factory=list)  # estimate, low, high
+
+
+@dataclass
+class Tested(StageResult):
+    model_0: str = ""
+    final_model: str = ""
+    model_0_score: float = 0.0
+    final_score: float = 0.0
+    difference: list[float] = field(default_factory=list)  # estimate, low, high
+    confidence: float = 0.0
+    num_tasks: int = 0
