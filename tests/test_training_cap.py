@@ -46,3 +46,28 @@ def test_training_runs_beyond_the_cap_are_refused(tmp_path, running, refused):
     else:
         job = start()
         assert service._client.submitted == [job.job_id] and job.job_id.startswith("train-")
+
+
+def test_open_training_streams_cannot_starve_other_calls(tmp_path):
+    """StreamTraining holds a request slot while it runs: at most half of serve.max_ongoing_requests
+    streams are open on a replica; the next is refused at once, and GetTrainingStatus still answers."""
+    from services.api import trainer_pb2
+    from services.trainer.deployment import TrainerDeployment
+
+    replica = TrainerDeployment.func_or_class(
+        {"store": {"root": str(tmp_path)}, "serve": {"max_ongoing_requests": 4}, "training": {"poll_interval_s": 0.01}}
+    )
+    api = JobApi(0)
+    api.submitted.append("train-long")
+    api.get_job_info = lambda job_id: SimpleNamespace(
+        status="RUNNING", metadata={"model_uri": str(tmp_path / "m")}, message=""
+    )
+    replica.service._client = api
+    request = trainer_pb2.GetTrainingStatusRequest(job_id="train-long")
+    open_streams = [replica.StreamTraining(request) for _ in range(2)]
+    assert [next(s).state for s in open_streams] == [trainer_pb2.TrainingStatus.RUNNING] * 2
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED.*poll GetTrainingStatus"):
+        next(replica.StreamTraining(request))
+    assert replica.GetTrainingStatus(request).state == trainer_pb2.TrainingStatus.RUNNING
+    open_streams[0].close()  # a client goes away: its slot is free again
+    assert next(replica.StreamTraining(request)).job_id == "train-long"

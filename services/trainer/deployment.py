@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -12,6 +13,7 @@ from ..common.config import ReinstructConfig, config_from_app_args, replica_opti
 from ..common.grpc_handler import grpc_method, grpc_stream_method, refuse_other_services
 from ..common.store import RunStore
 from ..common.validation import (
+    Overloaded,
     RequestError,
     TrustedModels,
     check_context,
@@ -82,6 +84,8 @@ class TrainerDeployment:
             seed_tag=self.config.backtranslation.seed_tag,
             max_active_jobs=self.config.serve.max_training_jobs,
         )
+        self._max_streams = max(1, self.config.serve.max_ongoing_requests // 2)
+        self._streams = threading.BoundedSemaphore(self._max_streams)
 
     @grpc_method(trainer_pb2.TrainingStatus)
     def StartTraining(self, request: trainer_pb2.StartTrainingRequest):
@@ -156,17 +160,28 @@ class TrainerDeployment:
 
     @grpc_stream_method
     def StreamTraining(self, request: trainer_pb2.GetTrainingStatusRequest):
+        """Status messages as the job moves. Streams hold a replica's request slots, so at most half of
+        serve.max_ongoing_requests are open at once (more: RESOURCE_EXHAUSTED, poll GetTrainingStatus
+        instead), and each ends after serve.request_timeout_s with the latest status (open another)."""
         job = self._job(request)
-        last = None
-        while True:
-            job = self.service.status(job.job_id)
-            current = (job.state, job.step, len(job.losses))
-            if current != last:
-                yield _status(job)
-                last = current
-            if job.state in _FINAL:
-                return
-            time.sleep(self.config.training.poll_interval_s)
+        if not self._streams.acquire(blocking=False):
+            raise Overloaded(
+                f"{self._max_streams} training streams are open on this replica (half of "
+                "serve.max_ongoing_requests, so other calls are served): poll GetTrainingStatus instead"
+            )
+        try:
+            ends, last = time.monotonic() + self.config.serve.request_timeout_s, None
+            while True:
+                job = self.service.status(job.job_id)
+                current = (job.state, job.step, len(job.losses))
+                if current != last:
+                    yield _status(job)
+                    last = current
+                if job.state in _FINAL or time.monotonic() > ends:
+                    return
+                time.sleep(self.config.training.poll_interval_s)
+        finally:
+            self._streams.release()
 
     @grpc_method(trainer_pb2.TrainingStatus)
     def CancelTraining(self, request: trainer_pb2.GetTrainingStatusRequest):
