@@ -118,6 +118,11 @@ class NoveltyIndex:
     def __len__(self) -> int:
         return len(self.texts)
 
+    @property
+    def token_count(self) -> int:
+        """Tokens in the whole pool (a request's worst-case work is its tokens times these)."""
+        return int(self._lengths.view().sum())
+
     def add(self, text: str) -> None:
         encoded = self._alphabet.encode(tokenize(text))
         index = len(self.texts)

@@ -26,6 +26,10 @@ MAX_ID_CHARS = 256
 
 MAX_REQUEST_NEW_TOKENS = 2_000_000  # prompts x max_new_tokens: what one request may ask a replica to write
 MAX_BOOTSTRAP_CELLS = 5_000_000  # tasks x bootstrap resamples (a float each) in one comparison
+# candidate tokens x pool tokens: the most exact LCS work one filter request may need if pruning fails
+# (texts that share tokens in another order); Self-Instruct's scale (1,000 candidates against 52,000
+# pooled, ~20 tokens each) is 2e10, 50 times below
+MAX_ROUGE_CELLS = 1_000_000_000_000
 
 
 class Overloaded(RuntimeError):
@@ -39,6 +43,20 @@ def check_cost(count: int, max_new_tokens: int, field: str) -> None:
             field,
             f"{count} prompts x {max_new_tokens} new tokens is over the "
             f"{MAX_REQUEST_NEW_TOKENS:,} tokens one request may ask for; send it in parts",
+        )
+
+
+def check_rouge_cost(candidates: list, pool: list, field: str = "candidates") -> None:
+    """Bounds a filter request's ROUGE-L work in the worst case, where the bound pruning cannot help."""
+    from .rouge import tokenize
+
+    candidate_tokens = sum(len(tokenize(t.instruction)) for t in candidates)
+    pool_tokens = sum(len(tokenize(t.instruction)) for t in pool) + candidate_tokens  # kept ones join the pool
+    if candidate_tokens * pool_tokens > MAX_ROUGE_CELLS:
+        raise RequestError(
+            field,
+            f"{candidate_tokens:,} candidate tokens against {pool_tokens:,} pooled is over the "
+            f"{MAX_ROUGE_CELLS:,} token pairs one request may compare; send the candidates in parts",
         )
 
 

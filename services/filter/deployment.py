@@ -11,9 +11,17 @@ from ..api import common_pb2, filter_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, replica_options
 from ..common.convert import task_to_proto
 from ..common.grpc_handler import grpc_method, refuse_other_services
-from ..common.rouge import NoveltyIndex
+from ..common.rouge import NoveltyIndex, tokenize
 from ..common.store import RunStore
-from ..common.validation import RequestError, check_context, check_output_uri, check_range, resolve_tasks
+from ..common.validation import (
+    MAX_ROUGE_CELLS,
+    RequestError,
+    check_context,
+    check_output_uri,
+    check_range,
+    check_rouge_cost,
+    resolve_tasks,
+)
 from .service import FilterSettings, PoolScore, filter_tasks, novelty_scores
 
 
@@ -109,7 +117,9 @@ class FilterDeployment:
             max_instances_per_task=defaults.max_instances_per_task,
             check_instances=not request.instructions_only,
         )
-        result = filter_tasks(candidates, pool, settings, eval_tasks, pool_scores=_pool_scores(request, candidates))
+        pool_scores = _pool_scores(request, candidates)
+        check_rouge_cost(candidates, pool if pool_scores is None else [])
+        result = filter_tasks(candidates, pool, settings, eval_tasks, pool_scores=pool_scores)
         response = filter_pb2.FilterTasksResponse(
             verdicts=[
                 filter_pb2.Verdict(
@@ -142,7 +152,10 @@ class FilterDeployment:
         if not request.pool.WhichOneof("source"):
             raise RequestError("pool", "give the pool inline or a dataset uri")
         with self._pool_lock:  # a kept index is shared by this replica's requests (its token table grows)
-            scores = novelty_scores(candidates, self._pool_index(request.pool))
+            index = self._pool_index(request.pool)
+            if sum(len(tokenize(t.instruction)) for t in candidates) * index.token_count > MAX_ROUGE_CELLS:
+                raise RequestError("candidates", "too many tokens against this pool; send the candidates in parts")
+            scores = novelty_scores(candidates, index)
         return filter_pb2.ScoreNoveltyResponse(
             scores=[
                 filter_pb2.NoveltyScore(
