@@ -30,6 +30,7 @@ class JobApi:
 
     def submit_job(self, entrypoint, submission_id, **options):
         self.submitted.append(submission_id)
+        self.options = options
 
 
 @pytest.mark.parametrize("running, refused", [(2, True), (1, False)])
@@ -46,6 +47,8 @@ def test_training_runs_beyond_the_cap_are_refused(tmp_path, running, refused):
     else:
         job = start()
         assert service._client.submitted == [job.job_id] and job.job_id.startswith("train-")
+        # the API token the head holds does not reach the training job's environment
+        assert service._client.options["runtime_env"]["env_vars"]["REINSTRUCT_API_TOKEN"] == ""
 
 
 def test_open_training_streams_cannot_starve_other_calls(tmp_path):

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..common.grpc_handler import API_TOKEN_ENV
 from ..common.models import DEFAULT_CACHE_DIR
 from ..common.records import stable_id
 from ..common.store import RunStore
@@ -163,6 +164,9 @@ class TrainerService:
                     submission_id=submission_id,
                     entrypoint_num_cpus=0,
                     metadata={"model_uri": model_uri},
+                    # training needs no API token; one inherited from the head would be readable by the
+                    # job's code (a checkpoint's remote code) and anything it logs
+                    runtime_env={"env_vars": {API_TOKEN_ENV: ""}},
                 )
                 return
             except RuntimeError as exc:
