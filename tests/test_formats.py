@@ -118,3 +118,32 @@ def test_chat_parquet_loads_with_datasets(tmp_path):
     export_chat_parquet(load_seed_tasks()[:3], tmp_path / "chat.parquet")
     ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "chat.parquet"), split="train")
     assert ds[0]["messages"][1]["role"] == "assistant"
+
+
+def test_a_task_survives_the_proto_round_trip():
+    """Every field of a record, raw format and lineage included, comes back from the wire unchanged
+    (inline tasks of format 'raw' once lost it and became instruction tasks)."""
+    from services.common.convert import task_from_proto, task_to_proto
+    from services.common.records import Instance, Lineage, TaskRecord
+
+    task = TaskRecord(
+        id="t1",
+        instruction="Continue the text.",
+        name="continue",
+        is_classification=True,
+        instances=[Instance("in", "out"), Instance("", "only output")],
+        lineage=Lineage(
+            run_id="r",
+            round=3,
+            stage="backtranslate",
+            model="m",
+            prompt_template="p/v2",
+            context_task_ids=["a", "b"],
+            scores={"curation": 5.0},
+            verdicts=["kept"],
+            parent_id="seg-1",
+        ),
+        format="raw",
+    )
+    assert task_from_proto(task_to_proto(task)) == task
+    assert task_from_proto(task_to_proto(TaskRecord(id="x", instruction="y"))).format == "instruction"

@@ -14,6 +14,7 @@ def task_to_proto(task: TaskRecord) -> common_pb2.Task:
         instruction=task.instruction,
         is_classification=task.is_classification,
         instances=[common_pb2.Instance(input=i.input, output=i.output) for i in task.instances],
+        format=task.format,
         lineage=common_pb2.Lineage(
             run_id=lineage.run_id,
             round=lineage.round,
@@ -36,6 +37,7 @@ def task_from_proto(message: common_pb2.Task) -> TaskRecord:
         instruction=message.instruction,
         is_classification=message.is_classification,
         instances=[Instance(i.input, i.output) for i in message.instances],
+        format=message.format or "instruction",
         lineage=Lineage(
             run_id=lineage.run_id,
             round=lineage.round,

@@ -196,6 +196,8 @@ def resolve_tasks(
         where = f"{field}.inline.tasks[{i}]"
         check_text(task.id, f"{where}.id", limit=MAX_ID_CHARS)
         check_text(task.instruction, f"{where}.instruction", required=require_instruction)
+        if task.format not in ("", "instruction", "raw"):
+            raise RequestError(f"{where}.format", f"is {task.format[:40]!r}; 'instruction' (or empty) or 'raw'")
         if len(task.instances) > MAX_INSTANCES_PER_TASK:
             raise RequestError(
                 f"{where}.instances", f"has {len(task.instances)}; the limit is {MAX_INSTANCES_PER_TASK}"
