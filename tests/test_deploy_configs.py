@@ -22,8 +22,8 @@ def test_serve_yaml_validates_and_builds(monkeypatch):
     assert schema.grpc_options.port == 9000
     for app in schema.applications:
         module, attr = app.import_path.split(":")
-        application = getattr(importlib.import_module(module), attr)(app.args)
-        assert application is not None
+        deployment = getattr(importlib.import_module(module), attr)(app.args)._bound_deployment
+        assert deployment.name.lower() == app.name and deployment.num_replicas >= 1  # built with its settings
 
 
 def test_app_args_merge_and_reject_unknown(monkeypatch):

@@ -99,7 +99,8 @@ def test_every_method_answers(deployed):
             sampling=SAMPLING,
         )
     )
-    assert len(instances.tasks) <= 2
+    # a task the random tiny model wrote no parseable instance for is dropped, never returned empty
+    assert {t.id for t in instances.tasks} <= {t.id for t in seeds[:2]} and all(t.instances for t in instances.tasks)
     progress = []
     streamed = clients.stream_instances(
         generator_pb2.GenerateInstancesRequest(
