@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..common.config import TrainingConfig
 from ..common.grpc_handler import API_TOKEN_ENV
 from ..common.models import DEFAULT_CACHE_DIR
 from ..common.records import stable_id
@@ -31,27 +32,30 @@ _JOB_STATES = {
 }
 
 
+_DEFAULTS = TrainingConfig()  # the one set of defaults (services/common/config.py)
+
+
 @dataclass
 class TrainingParams:
-    epochs: int = 2
-    max_steps: int = 0
-    learning_rate: float = 1e-3
-    batch_size: int = 16
-    max_seq_len: int = 384
-    num_workers: int = 1
-    use_gpu: bool = False
+    """What one training run uses: TrainingConfig's values, or a request's overrides of them."""
+
+    epochs: int = _DEFAULTS.epochs
+    max_steps: int = _DEFAULTS.max_steps
+    learning_rate: float = _DEFAULTS.learning_rate
+    batch_size: int = _DEFAULTS.batch_size
+    max_seq_len: int = _DEFAULTS.max_seq_len
+    num_workers: int = _DEFAULTS.num_workers
+    use_gpu: bool = _DEFAULTS.use_gpu
     seed: int = 0
     augmented_tag: str = ""
-    packing: bool = True
-    checkpoint_every: int = 50
-    max_failures: int = 2
-    precision: str = "fp32"
-    gradient_checkpointing: bool = False
-    lora: dict = field(
-        default_factory=lambda: {"enabled": False, "r": 8, "alpha": 16.0, "dropout": 0.05, "keep_adapter": False}
-    )
-    fewshot_fraction: float = 0.0
-    fewshot_k: int = 2
+    packing: bool = _DEFAULTS.packing
+    checkpoint_every: int = _DEFAULTS.checkpoint_every
+    max_failures: int = _DEFAULTS.max_failures
+    precision: str = _DEFAULTS.precision
+    gradient_checkpointing: bool = _DEFAULTS.gradient_checkpointing
+    lora: dict = field(default_factory=lambda: _DEFAULTS.lora.model_dump())
+    fewshot_fraction: float = _DEFAULTS.fewshot_fraction
+    fewshot_k: int = _DEFAULTS.fewshot_k
 
 
 @dataclass
