@@ -10,7 +10,6 @@ Out: Alpaca JSONL, and chat-messages Parquet that `datasets.load_dataset("parque
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import write_atomic, write_text_atomic
 from .records import Instance, Lineage, TaskRecord, stable_id
 
 
@@ -238,11 +238,7 @@ def export_alpaca_jsonl(tasks: list[TaskRecord], path: str | Path) -> int:
         for t in tasks
         for inst in t.instances
     ]
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return len(rows)
 
 
@@ -258,7 +254,5 @@ def export_chat_parquet(tasks: list[TaskRecord], path: str | Path) -> int:
                     "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": inst.output}],
                 }
             )
-    tmp = f"{path}.tmp"
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: pq.write_table(pa.Table.from_pylist(rows), handle))
     return len(rows)

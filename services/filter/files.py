@@ -8,9 +8,9 @@ survived cleaning; rejected rows get a `_reinstruct` field with the reasons.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..common.atomic import write_text_atomic
 from ..common.formats import DataFormatError, _iter_rows, load_tasks
 from ..common.records import Instance, TaskRecord
 from .service import FilterResult, FilterSettings, filter_tasks
@@ -44,11 +44,7 @@ def load_rows(path: Path) -> list[tuple[dict, TaskRecord, bool]]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _with_instances(row: dict, kept: TaskRecord) -> dict:

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ..common.atomic import write_text_atomic
 from ..common.models import load_model
 from ..common.rendering import Renderer, tokenize
 from ..common.store import RunStore
@@ -30,10 +31,7 @@ class Cancelled(RuntimeError):
 
 
 def _write_progress(path: str, progress: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(progress, handle)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(progress))
 
 
 def _batches(features: list[dict], config: dict, encoder_decoder: bool, pad_id: int):
