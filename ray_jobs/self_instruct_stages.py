@@ -18,7 +18,7 @@ def generate_instructions(run: Run, k: int, model: str, split: Split, machine: l
     and instruction rules join the machine tasks shown in context, so later prompts of the round see
     earlier ones (the reference's request batches)."""
     g = run.config.generation
-    in_context, written, truncated = list(machine), [], 0
+    in_context, written, truncated, shards = list(machine), [], 0, 0
     for start in range(0, g.num_prompts, g.pool_refresh_prompts):
         batch = list(range(start, min(start + g.pool_refresh_prompts, g.num_prompts)))
         sharded = ShardedStage(
@@ -26,8 +26,10 @@ def generate_instructions(run: Run, k: int, model: str, split: Split, machine: l
         )
         pool_uri = sharded.uri("pool.parquet")
         run.store.write_tasks(pool_uri, in_context)
+        batch_shards = sharded.shards(batch, run.config.fanout.prompts_per_shard)
+        shards += len(batch_shards)
         responses = sharded.run(
-            sharded.shards(batch, run.config.fanout.prompts_per_shard),
+            batch_shards,
             lambda shard, pool_uri=pool_uri: run.clients.generate_instructions(
                 generator_pb2.GenerateInstructionsRequest(
                     context=run.ctx(k),
@@ -54,6 +56,7 @@ def generate_instructions(run: Run, k: int, model: str, split: Split, machine: l
     return Instructions(
         uri=done.uri,
         count=done.count,
+        shards=shards,
         prompts=g.num_prompts,
         truncated=truncated,
         model_uri=model,
