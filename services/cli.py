@@ -86,6 +86,7 @@ class PlainReporter(Reporter):
     def __init__(self, total_stages: int | None, echo=print) -> None:
         self.total, self.done, self.started, self.echo = total_stages, 0, time.monotonic(), echo
         self._last_training = (-1, -1.0)
+        self._last_evaluation = (-1, -1)
         self.report_uri = None
 
     def _line(self, text: str) -> None:
@@ -112,7 +113,9 @@ class PlainReporter(Reporter):
             self._line(f"round {round_index}: training step {step}/{total}, loss {loss:.4f}")
 
     def evaluation(self, round_index: int, done: int, total: int) -> None:
-        self._line(f"round {round_index}: evaluated {done}/{total} instances")
+        if (round_index, done) != self._last_evaluation:  # shards report their sums; a line per new count
+            self._last_evaluation = (round_index, done)
+            self._line(f"round {round_index}: evaluated {done}/{total} instances")
 
     def report(self, uri: str) -> None:
         self.report_uri = uri
