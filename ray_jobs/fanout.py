@@ -2,7 +2,7 @@
 replica of the app.
 
 Each shard has its own input and its own part of the stage's dataset under
-`<run>/round-<k>/shards/<stage>/`, named by its index, and a ledger entry (the service's response)
+`<run>/round-<k>/shards/<stage>/<layout>/`, named by its index, and a ledger entry (the service's response)
 written once the part is in. A rerun after a crash sends only the shards without a ledger entry;
 the stage's dataset is the parts joined in shard order and is committed only when every shard is
 in. Record ids come from the run, round and the record's own id or prompt index, never from the
@@ -11,6 +11,7 @@ shard, so the shard count changes neither the ids nor the order.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -51,16 +52,23 @@ class ShardedStage:
     def __init__(self, store: RunStore, run_id: str, round_index: int, stage: str, max_in_flight: int) -> None:
         self.store, self.run_id, self.round_index, self.stage = store, run_id, round_index, stage
         self.max_in_flight = max_in_flight
+        self.layout = ""  # set by shards(): which items, how many a shard
 
     def uri(self, name: str) -> str:
-        """A file of this stage's shards."""
-        return self.store.uri(self.run_id, f"round-{self.round_index:03d}", "shards", self.stage, name)
+        """A file of this stage's shards (under the layout's folder once shards() has run)."""
+        parts = ("shards", self.stage, self.layout) if self.layout else ("shards", self.stage)
+        return self.store.uri(self.run_id, f"round-{self.round_index:03d}", *parts, name)
 
     def ledger_uri(self, index: int) -> str:
         return self.uri(f"{index:05d}.json")
 
     def shards(self, items: Sequence[Item], per_shard: int, *, write_inputs: bool = False) -> list[Shard[Item]]:
-        """write_inputs: items are TaskRecords, written as each shard's input (unless already there)."""
+        """write_inputs: items are TaskRecords, written as each shard's input (unless already there).
+
+        Shards live in a folder named by the layout (the items and the shard size): a rerun with
+        another fanout setting starts a fresh ledger instead of mixing parts of two layouts."""
+        keys = "\n".join(str(getattr(item, "id", item)) for item in items)
+        self.layout = f"{per_shard}x-{hashlib.sha1(keys.encode()).hexdigest()[:10]}"
         out = []
         for index, part in enumerate(split(items, per_shard)):
             shard = Shard(index, part, self.uri(f"{index:05d}.input.parquet"), self.uri(f"{index:05d}.parquet"))

@@ -256,6 +256,7 @@ class CrashingClients(InProcessClients):
 
 
 def test_a_crash_mid_stage_redoes_only_the_missing_shards(run):
+    CrashingClients.calls = 0
     shards = {**SMALL_SHARDS, "max_in_flight": 1}
     whole, whole_clients, _ = run("whole")
     with pytest.raises(KeyboardInterrupt):
@@ -345,3 +346,18 @@ def test_shards_in_flight_follow_the_replicas(tmp_path):
     )
     driver = LoopDriver(config, clients=None, run_id="r")
     assert [driver.run_state.in_flight(app) for app in ("generator", "filter", "evaluator")] == [6, 2, 8]
+
+
+def test_a_rerun_with_another_shard_size_mixes_no_layouts(run):
+    """Crash mid-stage with one task a shard, resume with three: the old ledger is not used for the new
+    layout (its parts would overlap the new shards), so nothing is doubled or lost."""
+    CrashingClients.calls = 0
+    whole, whole_clients, _ = run("whole")
+    with pytest.raises(KeyboardInterrupt):
+        run("relaid", {**SMALL_SHARDS, "max_in_flight": 1}, CrashingClients)
+    resumed, resumed_clients, _ = run("relaid", {**SMALL_SHARDS, "tasks_per_shard": 3})
+    assert (
+        resumed["rounds"]["1"]["stages"]["generate_instances"]["shards"]
+        < resumed["rounds"]["1"]["stages"]["classify"]["count"]
+    )
+    assert _stage_records(resumed, resumed_clients.store) == _stage_records(whole, whole_clients.store)

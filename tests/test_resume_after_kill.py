@@ -47,7 +47,7 @@ KILL_POINTS = [("0", "split"), ("1", "shards:generate_instances"), ("1", "filter
 def _ledger(store_root: Path, run_id: str, stage: str) -> dict[str, int]:
     """The stage's ledger entries and when each was written (a shard sent again is written again)."""
     folder = store_root / run_id / "round-001" / "shards" / stage
-    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.glob("*.json"))} if folder.exists() else {}
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.rglob("*.json"))} if folder.exists() else {}
 
 
 def _reached(store_root: Path, run_id: str, round_key: str, after_stage: str) -> bool:
