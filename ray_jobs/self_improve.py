@@ -90,9 +90,8 @@ class LoopDriver:
         if self.store.remove_stale_temporaries(self.run_id):
             log.info("removed temporary files a killed run left behind")
         started = self.store.load_manifest(self.run_id).get("started_at") or time.time()
-        self.store.update_run(
-            self.run_id, config=self.config.model_dump(), status="running", started_at=started, stop_requested=False
-        )
+        self.store.update_run(self.run_id, config=self.config.model_dump(), status="running", started_at=started)
+        self.store.clear_stop(self.run_id)  # a stop asked of an earlier driver is spent: this one goes on
         seeds = load_seed_tasks(self.config.seeds.path)  # a malformed file fails here, before any stage
         for path in self.config.evaluation.extra_sets:
             load_tasks(path)
@@ -175,7 +174,7 @@ class LoopDriver:
         promotion, or once loop.time_budget_s has passed since the run first started."""
         loop = self.config.loop
         manifest = self.store.load_manifest(self.run_id)
-        if manifest.get("stop_requested"):
+        if self.store.stop_requested(self.run_id):
             return "stop requested"
         if loop.rounds:
             return f"{loop.rounds} rounds done" if rounds_done >= loop.rounds else None

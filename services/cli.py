@@ -407,7 +407,7 @@ def status(
 ):
     """Where a run stands, while it runs or after: its state, the last stage committed, the model it
     stands on, and one row per round."""
-    _, manifest = _store_and_manifest(run_id, config, store_root)
+    store, manifest = _store_and_manifest(run_id, config, store_root)
     last = max(
         (
             (int(k), name, out.get("committed_at", 0))
@@ -420,7 +420,7 @@ def status(
     console.print(f"run {run_id}: {manifest.get('status', 'unknown')}", soft_wrap=True)
     console.print(f"  last committed: round {last[0]} {last[1]} ({ago:.0f}s ago)", soft_wrap=True)
     console.print(f"  promoted model: {manifest.get('promoted_model', '-')}", soft_wrap=True)
-    if manifest.get("stop_requested") and manifest.get("status") == "running":
+    if store.stop_requested(run_id) and manifest.get("status") == "running":
         console.print("  stop requested: it ends after the round in progress")
     if manifest.get("stopped_because"):
         console.print(f"  stopped because: {manifest['stopped_because']}", soft_wrap=True)
@@ -436,7 +436,7 @@ def stop(
     """Ask a running loop (continuous or not) to end after the round in progress; it then runs the
     test stage and writes its report. `reinstruct run` with the same id goes on from there."""
     store, _ = _store_and_manifest(run_id, config, store_root)
-    store.update_run(run_id, stop_requested=True)
+    store.request_stop(run_id)  # a file of its own: the driver alone writes the manifest
     console.print(f"asked run {run_id} to stop after its current round")
 
 

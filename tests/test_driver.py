@@ -318,7 +318,7 @@ def test_a_continuous_run_can_be_stopped_and_resumed(tmp_path, monkeypatch):
     class StopAfterRoundOne(Reporter):  # `reinstruct stop r` while round 1 runs
         def stage_done(self, round_index, stage, output):
             if (round_index, stage) == (1, "train"):
-                store.update_run("r", stop_requested=True)
+                store.request_stop("r")
 
     stopped = _continuous(tmp_path, monkeypatch, StopAfterRoundOne(), patience=1)
     assert stopped["stopped_because"] == "stop requested" and sorted(stopped["rounds"]) == ["0", "1"]

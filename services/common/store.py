@@ -279,6 +279,20 @@ class RunStore:
             self.write_json(self.manifest_uri(run_id), manifest)
             return manifest
 
+    # ---- stop requests (a file of their own: the manifest is read-modify-written by the driver alone) ----
+    def _stop_uri(self, run_id: str) -> str:
+        return self.uri(run_id, "stop-requested")
+
+    def request_stop(self, run_id: str) -> None:
+        self.write_bytes(self._stop_uri(run_id), b"stop after the round in progress\n")
+
+    def stop_requested(self, run_id: str) -> bool:
+        return self.exists(self._stop_uri(run_id))
+
+    def clear_stop(self, run_id: str) -> None:
+        if self.stop_requested(run_id):
+            self.fs.rm(self.resolve(self._stop_uri(run_id)))
+
     def update_run(self, run_id: str, **fields: Any) -> dict:
         with self._manifest_lock:
             manifest = self.load_manifest(run_id)
