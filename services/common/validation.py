@@ -46,12 +46,15 @@ def check_cost(count: int, max_new_tokens: int, field: str) -> None:
         )
 
 
-def check_rouge_cost(candidates: list, pool: list, field: str = "candidates") -> None:
-    """Bounds a filter request's ROUGE-L work in the worst case, where the bound pruning cannot help."""
+def check_rouge_cost(
+    candidates: list, pool_tokens: int, *, candidates_join_pool: bool, field: str = "candidates"
+) -> None:
+    """Bounds a filter request's ROUGE-L work in the worst case, where the bound pruning cannot help:
+    candidate tokens x pooled tokens (kept candidates join the pool in FilterTasks, not in ScoreNovelty)."""
     from .rouge import tokenize
 
     candidate_tokens = sum(len(tokenize(t.instruction)) for t in candidates)
-    pool_tokens = sum(len(tokenize(t.instruction)) for t in pool) + candidate_tokens  # kept ones join the pool
+    pool_tokens += candidate_tokens if candidates_join_pool else 0
     if candidate_tokens * pool_tokens > MAX_ROUGE_CELLS:
         raise RequestError(
             field,

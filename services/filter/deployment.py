@@ -14,7 +14,6 @@ from ..common.grpc_handler import grpc_method, refuse_other_services
 from ..common.rouge import NoveltyIndex, tokenize
 from ..common.store import RunStore
 from ..common.validation import (
-    MAX_ROUGE_CELLS,
     RequestError,
     check_context,
     check_output_uri,
@@ -118,7 +117,8 @@ class FilterDeployment:
             check_instances=not request.instructions_only,
         )
         pool_scores = _pool_scores(request, candidates)
-        check_rouge_cost(candidates, pool if pool_scores is None else [])
+        pool_tokens = sum(len(tokenize(t.instruction)) for t in pool) if pool_scores is None else 0
+        check_rouge_cost(candidates, pool_tokens, candidates_join_pool=True)
         result = filter_tasks(candidates, pool, settings, eval_tasks, pool_scores=pool_scores)
         response = filter_pb2.FilterTasksResponse(
             verdicts=[
@@ -153,8 +153,7 @@ class FilterDeployment:
             raise RequestError("pool", "give the pool inline or a dataset uri")
         with self._pool_lock:  # a kept index is shared by this replica's requests (its token table grows)
             index = self._pool_index(request.pool)
-            if sum(len(tokenize(t.instruction)) for t in candidates) * index.token_count > MAX_ROUGE_CELLS:
-                raise RequestError("candidates", "too many tokens against this pool; send the candidates in parts")
+            check_rouge_cost(candidates, index.token_count, candidates_join_pool=False)
             scores = novelty_scores(candidates, index)
         return filter_pb2.ScoreNoveltyResponse(
             scores=[
