@@ -7,12 +7,12 @@ from __future__ import annotations
 from services.api import filter_pb2, generator_pb2
 from services.common.convert import uri_source
 from services.common.records import Instance, Lineage, TaskRecord, stable_id
+from services.common.stages import Dataset, Filtered, RatingPool, Segments, Split, Trained
 from services.generator.backtranslation import backward_tasks
 from services.generator.corpus import load_segments, sample_segments
 
 from . import model_stages
 from .run import Run
-from .stages import Dataset, Filtered, RatingPool, Segments, Split, Trained
 
 
 def backward_model(run: Run, split: Split) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from services.api import common_pb2, evaluator_pb2, trainer_pb2
 from services.common.convert import uri_source
+from services.common.stages import Decision, Evaluated, Judged, Split, Tested, Trained
 from services.evaluator.bootstrap import mean_interval
 from services.evaluator.combine import combine
 from services.evaluator.gate import decide
 
 from .fanout import Shard, ShardedStage
 from .run import Run
-from .stages import Decision, Evaluated, Judged, Split, Tested, Trained
 
 
 def train(run: Run, k: int, base_model: str, dataset_uri: str, epochs: int, output_uri: str | None = None) -> Trained:

@@ -13,10 +13,10 @@ from services.api import common_pb2, generator_pb2
 from services.client import ServiceClients
 from services.common.config import ReinstructConfig
 from services.common.records import TaskRecord
+from services.common.stages import STAGE_KINDS, Dataset, Result
 from services.common.store import RunStore
 
 from .fanout import ShardedStage
-from .stages import Dataset, Result
 
 log = logging.getLogger("reinstruct.loop")
 
@@ -48,6 +48,12 @@ class Reporter:
         log.info("report: %s", uri)
 
 
+def _check_kind(name: str, kind: type) -> None:
+    """A stage commits the kind STAGE_KINDS names for it: what the manifest's readers expect."""
+    if STAGE_KINDS.get(name) is not kind:
+        raise TypeError(f"stage {name!r} is registered as {STAGE_KINDS.get(name)}, not {kind.__name__}")
+
+
 @dataclass
 class Run:
     config: ReinstructConfig
@@ -60,6 +66,7 @@ class Run:
 
     def stage(self, k: int, name: str, work: Callable[[], Result], kind: type[Result]) -> Result:
         """Runs work unless round k's stage `name` is committed, then commits what it returned."""
+        _check_kind(name, kind)
         done = self.store.stage_output(self.run_id, k, name)
         self.reporter.stage(k, name, resumed=done is not None)
         if done is not None:
@@ -73,6 +80,7 @@ class Run:
         return result
 
     def committed(self, k: int, name: str, kind: type[Result]) -> Result | None:
+        _check_kind(name, kind)
         done = self.store.stage_output(self.run_id, k, name)
         return kind.from_dict(done) if done is not None else None
 

@@ -15,24 +15,14 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from services.client import ServiceClients
 from services.common.config import ReinstructConfig, load_config, parse_config
 from services.common.formats import load_seed_tasks, load_tasks
 from services.common.records import TaskRecord
-from services.common.store import RunStore
-from services.evaluator.report import write_report
-from services.evaluator.split import split_by_task
-from services.generator.backtranslation import curation_meta_tasks
-from services.generator.bootstrap import build_meta_tasks
-
-from . import backtranslation_stages as bt_stages
-from . import model_stages
-from . import self_instruct_stages as si_stages
-from .run import Reporter, Run
-from .stages import (
+from services.common.stages import (
     Dataset,
     Decision,
     Evaluated,
@@ -43,7 +33,18 @@ from .stages import (
     Tested,
     Trained,
     TrainMix,
+    rounds_of,
 )
+from services.common.store import RunStore
+from services.evaluator.report import write_report
+from services.evaluator.split import split_by_task
+from services.generator.backtranslation import curation_meta_tasks
+from services.generator.bootstrap import build_meta_tasks
+
+from . import backtranslation_stages as bt_stages
+from . import model_stages
+from . import self_instruct_stages as si_stages
+from .run import Reporter, Run
 
 __all__ = ["LoopDriver", "Reporter", "main", "stage_count", "summarize"]
 
@@ -247,26 +248,45 @@ class LoopDriver:
         self.reporter.report(write_report(self.store, self.run_id))
 
 
-def summarize(manifest: dict) -> list[dict]:
+@dataclass
+class RoundSummary:
+    """One row of the per-round table; None where the round has no such stage."""
+
+    round: int
+    instructions: int | None
+    with_instances: int | None
+    kept: int | None
+    funnel: dict[str, int] | None
+    augmented_kept: int | None
+    train_examples: int | None
+    final_loss: float | None
+    rouge_l: float | None
+    score: float | None
+    promoted: bool | None
+
+
+def summarize(manifest: dict) -> list[RoundSummary]:
     """One row per round: generated, kept by each filter, train loss, eval score, promotion."""
     rows = []
-    for key in sorted(manifest.get("rounds", {}), key=int):
-        stages = manifest["rounds"][key]["stages"]
-        gen, filt = stages.get("generate_instructions", {}), stages.get("filter", {})
+    for r in rounds_of(manifest):
+        instructions = r.get("generate_instructions", Instructions)
+        candidates, kept = r.get("generate_instances", Dataset), r.get("filter", Filtered)
+        augmented, data = r.get("filter_augmented", Filtered), r.get("train_data", TrainMix)
+        trained, score, decision = r.get("train", Trained), r.get("evaluate", Evaluated), r.get("promote", Decision)
         rows.append(
-            {
-                "round": int(key),
-                "instructions": gen.get("count"),
-                "with_instances": stages.get("generate_instances", {}).get("count"),
-                "kept": filt.get("kept_count"),
-                "funnel": filt.get("funnel"),
-                "augmented_kept": stages.get("filter_augmented", {}).get("kept_count"),
-                "train_examples": stages.get("train_data", {}).get("count"),
-                "final_loss": stages.get("train", {}).get("final_loss"),
-                "rouge_l": stages.get("evaluate", {}).get("rouge_l"),
-                "score": stages.get("evaluate", {}).get("score"),
-                "promoted": stages.get("promote", {}).get("promoted"),
-            }
+            RoundSummary(
+                round=r.index,
+                instructions=instructions and instructions.count,
+                with_instances=candidates and candidates.count,
+                kept=kept and kept.kept_count,
+                funnel=kept and kept.funnel,
+                augmented_kept=augmented and augmented.kept_count,
+                train_examples=data and data.count,
+                final_loss=trained and trained.final_loss,
+                rouge_l=score and score.rouge_l,
+                score=score and score.score,
+                promoted=decision and decision.promoted,
+            )
         )
     return rows
 
@@ -318,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     clients = ServiceClients(target, config.serve.request_timeout_s)
     manifest = LoopDriver(config, clients, args.run_id).run()
     for row in summarize(manifest):
-        print(row)
+        print(asdict(row))
     print(f"run store: {RunStore(config.store.root).uri(args.run_id)}")
     return 0
 

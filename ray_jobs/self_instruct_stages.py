@@ -6,10 +6,10 @@ from __future__ import annotations
 from services.api import filter_pb2, generator_pb2
 from services.common.convert import task_from_proto, uri_source
 from services.common.records import TaskRecord
+from services.common.stages import Dataset, Filtered, Instructions, Split
 
 from .fanout import ShardedStage
 from .run import Run
-from .stages import Dataset, Filtered, Instructions, Split
 
 
 def generate_instructions(run: Run, k: int, model: str, split: Split, machine: list[TaskRecord]) -> Instructions:

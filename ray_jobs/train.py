@@ -1,46 +1,45 @@
 """One training run as a Ray job (submitted by the trainer service, one per run and round):
 
-    python -m ray_jobs.train --spec <run store>/<run>/round-<k>/.train-<id>.spec.json
+    python -m ray_jobs.train --store-root <root> --spec <root>/<run>/round-<k>/.train-<id>.spec.json
 
 A job outlives the Serve replica that submitted it, so a redeployed trainer attaches to it again by
 its submission id. The spec names the dataset, the base model, where the checkpoint goes, and every
-training parameter; the job commits the checkpoint atomically when fit() succeeds."""
+training parameter; the job commits the checkpoint atomically when fit() succeeds. Every file goes
+through the run store (a local root or an object-store URI alike)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
 import uuid
+
+from services.common.store import RunStore
 
 EXIT_CANCELLED = 3
 
 
-def run(spec: dict) -> int:
+def run(store_root: str, spec: dict) -> int:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from services.common.store import RunStore
     from services.trainer.train_loop import train_loop_per_worker
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
-    store = RunStore(spec["store_root"])
+    store = RunStore(store_root)
     params = spec["params"]
-    staging = store.staging_dir(spec["model_uri"])
+    staging = store.staging_uri(spec["model_uri"])
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
-                "store_root": spec["store_root"],
+                "store_root": store_root,
                 "dataset_uri": spec["dataset_uri"],
                 "base_model": spec["base_model"],
-                "output_dir": staging,
-                "progress_path": spec["progress_path"],
-                "cancel_path": spec["cancel_path"],
+                "staging_uri": staging,
+                "progress_uri": spec["progress_uri"],
+                "cancel_uri": spec["cancel_uri"],
                 "trust_remote_code": spec["trust_remote_code"],
                 "builtin_cache_dir": spec["builtin_cache_dir"],
                 "prompt_format": spec["prompt_format"],
@@ -58,8 +57,8 @@ def run(spec: dict) -> int:
         store.commit_directory(staging, spec["model_uri"])
         return 0
     except Exception:
-        shutil.rmtree(staging, ignore_errors=True)
-        if os.path.exists(spec["cancel_path"]):
+        store.remove_staging(spec["model_uri"])
+        if store.exists(spec["cancel_uri"]):
             print("training cancelled by request", file=sys.stderr)
             return EXIT_CANCELLED  # the service reads the cancel file and reports CANCELLED
         raise
@@ -67,10 +66,11 @@ def run(spec: dict) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", required=True)
+    parser.add_argument("--store-root", required=True, help="the run store's root (a path or a URI)")
+    parser.add_argument("--spec", required=True, help="the spec's URI in that store")
     args = parser.parse_args(argv)
-    with open(args.spec) as handle:
-        return run(json.load(handle))
+    store = RunStore(args.store_root)
+    return run(store.uri(), store.read_json(args.spec))
 
 
 if __name__ == "__main__":

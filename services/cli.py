@@ -16,6 +16,7 @@ from rich.table import Table
 from ray_jobs.self_improve import LoopDriver, Reporter, stage_count, summarize
 
 from .common.config import ConfigError, ReinstructConfig, load_config
+from .common.stages import Filtered, Tested, rounds_of
 
 app = typer.Typer(help="reinstruct: a model that improves by training on data it made itself.", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -138,23 +139,21 @@ def _summary_rows(manifest: dict) -> tuple[list[str], list[list[str]]]:
     ]
     rows = []
     for row in summarize(manifest):
-        funnel = ", ".join(f"{k}={v}" for k, v in (row["funnel"] or {}).items()) or (
-            "-" if row["round"] == 0 else "none"
-        )
+        funnel = ", ".join(f"{k}={v}" for k, v in (row.funnel or {}).items()) or ("-" if row.round == 0 else "none")
         fmt = lambda v, f="{}": "-" if v is None else f.format(v)  # noqa: E731
         rows.append(
             [
-                str(row["round"]),
-                fmt(row["instructions"]),
-                fmt(row["with_instances"]),
-                fmt(row["kept"]),
+                str(row.round),
+                fmt(row.instructions),
+                fmt(row.with_instances),
+                fmt(row.kept),
                 funnel,
-                fmt(row["augmented_kept"]),
-                fmt(row["train_examples"]),
-                fmt(row["final_loss"], "{:.3f}"),
-                fmt(row["score"], "{:.4f}"),
-                fmt(row["rouge_l"], "{:.4f}"),
-                fmt(row["promoted"]),
+                fmt(row.augmented_kept),
+                fmt(row.train_examples),
+                fmt(row.final_loss, "{:.3f}"),
+                fmt(row.score, "{:.4f}"),
+                fmt(row.rouge_l, "{:.4f}"),
+                fmt(row.promoted),
             ]
         )
     return columns, rows
@@ -162,18 +161,15 @@ def _summary_rows(manifest: dict) -> tuple[list[str], list[list[str]]]:
 
 def _test_line(manifest: dict) -> str | None:
     """The run's honest number: model 0 and the final model on test tasks that chose nothing."""
-    rounds = manifest.get("rounds", {})
-    test = next(
-        (r["stages"]["test"] for _, r in sorted(rounds.items(), key=lambda kv: -int(kv[0])) if "test" in r["stages"]),
-        None,
-    )
-    if test is None:
+    tests = [test for r in rounds_of(manifest) if (test := r.get("test", Tested)) is not None]
+    if not tests:
         return None
-    estimate, low, high = test["difference"]
+    test = tests[-1]
+    estimate, low, high = test.difference
     return (
-        f"test ({test['num_tasks']} held-out tasks that chose nothing): model 0 {test['model_0_score']:.4f}, "
-        f"final model {test['final_score']:.4f}, difference {estimate:+.4f} "
-        f"({test['confidence']:.0%} interval {low:+.4f} to {high:+.4f})"
+        f"test ({test.num_tasks} held-out tasks that chose nothing): model 0 {test.model_0_score:.4f}, "
+        f"final model {test.final_score:.4f}, difference {estimate:+.4f} "
+        f"({test.confidence:.0%} interval {low:+.4f} to {high:+.4f})"
     )
 
 
@@ -409,11 +405,7 @@ def status(
     stands on, and one row per round."""
     store, manifest = _store_and_manifest(run_id, config, store_root)
     last = max(
-        (
-            (int(k), name, out.get("committed_at", 0))
-            for k, r in manifest["rounds"].items()
-            for name, out in r["stages"].items()
-        ),
+        ((r.index, name, at) for r in rounds_of(manifest) for name, at in r.committed_at.items()),
         key=lambda item: item[2],
     )
     ago = time.time() - last[2]
@@ -447,18 +439,20 @@ def export(
     config: Path | None = typer.Option(Path("configs/local.yaml"), help="YAML config"),
     store_root: str | None = typer.Option(None, help="Override store.root"),
 ):
-    """Export every task kept in a run, for other training tools."""
+    """Export every task kept in a run (Self-Instruct's and backtranslation's), for other training tools."""
     from .common.formats import export_alpaca_jsonl, export_chat_parquet
     from .common.store import RunStore
 
     cfg = _load(config if config and config.exists() else None, store_root)
     store = RunStore(cfg.store.root)
     manifest = store.load_manifest(run_id)
-    tasks = []
-    for key in sorted(manifest["rounds"], key=int):
-        kept = manifest["rounds"][key]["stages"].get("filter")
-        if kept and kept["kept_count"]:
-            tasks.extend(store.read_tasks(kept["kept_uri"]))
+    tasks = [
+        task
+        for r in rounds_of(manifest)
+        for name in ("filter", "filter_augmented")
+        if (kept := r.get(name, Filtered)) is not None
+        for task in kept.kept(store)
+    ]
     writer = export_chat_parquet if output.suffix == ".parquet" else export_alpaca_jsonl
     count = writer(tasks, output)
     console.print(f"wrote {count} examples from {len(tasks)} tasks to {output}")

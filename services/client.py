@@ -9,10 +9,9 @@ import time
 import grpc
 
 from .api import evaluator_pb2_grpc, filter_pb2_grpc, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from .common.grpc_handler import API_TOKEN_ENV
+from .common.grpc_handler import ANSWERED_KEY, API_TOKEN_ENV
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-_REPLICA_GONE = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "actor died", "unexpectedly")
 
 
 def _final(stream, on_progress):
@@ -26,10 +25,13 @@ def _final(stream, on_progress):
 
 
 def _retryable(exc: grpc.RpcError) -> bool:
+    """UNAVAILABLE, or INTERNAL that no replica answered: Serve's proxy says INTERNAL when the replica
+    serving the call died. An error a replica chose (it carries ANSWERED_KEY) is never retried."""
     code = exc.code()
     if code == grpc.StatusCode.UNAVAILABLE:
         return True
-    return code == grpc.StatusCode.INTERNAL and any(s in (exc.details() or "") for s in _REPLICA_GONE)
+    answered = any(key == ANSWERED_KEY for key, _ in (exc.trailing_metadata() or ()))
+    return code == grpc.StatusCode.INTERNAL and not answered
 
 
 class ServiceClients:

@@ -146,3 +146,31 @@ def test_overload_is_refused_quickly(secured):
     assert len(outcomes) == 6 and len(refused) >= 3, outcomes
     assert max(refused) < 5.0  # refused at once, not after waiting
     assert [code for code, _ in outcomes].count("OK") >= 1
+
+
+class _Failure(grpc.RpcError):
+    def __init__(self, code, details, trailing=()):
+        self._code, self._details, self._trailing = code, details, trailing
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+def test_the_client_retries_failures_around_a_replica_not_its_answers():
+    """Whether a call is retried depends on who answered, never on the words of the message: an
+    INTERNAL that a replica chose (its handler marks every status) is final, even if it says
+    "unexpectedly"; an INTERNAL without the mark (Serve's proxy, the replica died) is retried."""
+    from services.client import _retryable
+    from services.common.grpc_handler import ANSWERED_KEY
+
+    answered = ((ANSWERED_KEY, "INTERNAL"),)
+    assert not _retryable(_Failure(grpc.StatusCode.INTERNAL, "ValueError: the file ended unexpectedly", answered))
+    assert _retryable(_Failure(grpc.StatusCode.INTERNAL, "Unexpected error", (("request_id", "x"),)))
+    assert _retryable(_Failure(grpc.StatusCode.UNAVAILABLE, "connection refused"))
+    assert not _retryable(_Failure(grpc.StatusCode.INVALID_ARGUMENT, "seeds: empty"))

@@ -185,6 +185,47 @@ def test_a_round_follows_the_method(run):
     assert test["final_score"] > test["model_0_score"] and test["difference"][1] > 0
 
 
+def test_a_finished_run_reads_back_as_typed_results(run, tmp_path):
+    """The summary table, `reinstruct status` and `reinstruct export` read the committed stages as
+    their typed results: what they show is what the stages committed."""
+    from typer.testing import CliRunner
+
+    from ray_jobs.self_improve import summarize
+    from services.cli import app
+    from services.common.stages import Filtered, Tested, rounds_of
+
+    manifest, clients, _ = run()
+    rows = summarize(manifest)
+    stages = [manifest["rounds"][str(k)]["stages"] for k in range(3)]
+    assert [r.round for r in rows] == [0, 1, 2] and rows[0].kept is None and rows[0].promoted is True
+    assert [r.kept for r in rows[1:]] == [s["filter"]["kept_count"] for s in stages[1:]]
+    assert [r.augmented_kept for r in rows[1:]] == [s["filter_augmented"]["kept_count"] for s in stages[1:]]
+    assert [r.score for r in rows] == [s["evaluate"]["score"] for s in stages]
+    assert rounds_of(manifest)[2].get("test", Tested).final_model == manifest["final_model"]
+    with pytest.raises(TypeError, match="commits Filtered"):
+        rounds_of(manifest)[1].get("filter", Tested)
+
+    flags = ["--store-root", str(tmp_path / "store"), "--config", str(tmp_path / "none.yaml")]
+    status = CliRunner().invoke(app, ["status", "r", *flags])
+    assert status.exit_code == 0 and "r: succeeded" in status.output, status.output
+    assert f"final model {stages[2]['test']['final_score']:.4f}" in status.output
+
+    exported = tmp_path / "kept.jsonl"
+    result = CliRunner().invoke(app, ["export", "r", "-o", str(exported), *flags])
+    assert result.exit_code == 0, result.output
+    kept = [
+        t
+        for r in rounds_of(manifest)
+        for n in ("filter", "filter_augmented")
+        if (f := r.get(n, Filtered))
+        for t in f.kept(clients.store)
+    ]
+    lines = [json.loads(line) for line in exported.read_text().splitlines()]
+    assert len(kept) == sum(s[n]["kept_count"] for s in stages[1:] for n in ("filter", "filter_augmented")) > 0
+    assert len(lines) >= len(kept)  # every kept task, each instance a line
+    assert {line["instruction"] for line in lines} == {t.instruction for t in kept}
+
+
 def test_continue_from_the_promoted_model(run):
     _, clients, _ = run(from_base=False)
     bases = [t.base_model_uri for t in clients.trainings]

@@ -9,10 +9,11 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from services.api import common_pb2, evaluator_pb2, filter_pb2, generator_pb2, trainer_pb2
-from services.client import ServiceClients
+from services.client import ServiceClients, _retryable
 from services.common.config import parse_config
 from services.common.convert import tasks_to_source
 from services.common.formats import load_seed_tasks
+from services.common.grpc_handler import ANSWERED_KEY
 from services.common.store import RunStore
 from tests.tiny import tiny_settings
 
@@ -280,6 +281,8 @@ def _expect_invalid(call, request, field):
         call(request)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert field in info.value.details()
+    # an answer of the replica, typed through Serve's proxy: the client never retries it
+    assert (ANSWERED_KEY, "INVALID_ARGUMENT") in info.value.trailing_metadata() and not _retryable(info.value)
 
 
 def test_malformed_requests_get_invalid_argument(deployed):
@@ -373,6 +376,7 @@ def test_malformed_requests_get_invalid_argument(deployed):
             )
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.max_new_tokens" in info.value.details()
+    assert (ANSWERED_KEY, "INVALID_ARGUMENT") in info.value.trailing_metadata()
     # ... and the services keep serving
     ok = clients.filter_tasks(filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(seeds)))
     assert ok.candidates == 3

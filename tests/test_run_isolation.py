@@ -75,5 +75,5 @@ def test_a_checkpoint_is_never_replaced(store, tmp_path):
     staging.mkdir()
     (staging / "config.json").write_text('{"new": true}')
     with pytest.raises(StoreError, match="never replaced"):
-        store.commit_directory(staging, store.model_uri("mine", 1))
+        store.commit_directory(str(staging), store.model_uri("mine", 1))
     assert (tmp_path / "mine" / "round-001" / "model" / "config.json").read_text() == "{}"

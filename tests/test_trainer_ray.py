@@ -1,7 +1,6 @@
 """Ray Train for real: a worker killed mid-run is restarted and resumes from its last checkpoint;
 a cancelled run stops. Both on a local Ray cluster with one CPU worker."""
 
-import json
 import os
 import signal
 import time
@@ -34,12 +33,9 @@ def _wait(predicate, timeout_s: float, what: str):
         time.sleep(0.1)
 
 
-def _progress(job) -> dict:
-    if not job.progress_path:
-        return {}
+def _progress(store: RunStore, job) -> dict:
     try:
-        with open(job.progress_path) as handle:
-            return json.load(handle)
+        return store.read_json(job.progress_uri)
     except (OSError, ValueError):
         return {}
 
@@ -54,15 +50,15 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tmp_path, builtin_cach
     params = TrainingParams(epochs=12, batch_size=4, max_seq_len=128, packing=False, checkpoint_every=5, max_failures=2)
     job = service.start("kill", 1, "builtin:tiny-llama", data, store.model_uri("kill", 1), params)
     # the controller picks reported checkpoints up asynchronously: let a few be reported first
-    _wait(lambda: _progress(job).get("step", 0) >= 25, 240, "the first checkpoints")
-    victim = _progress(job)["pid"]
+    _wait(lambda: _progress(store, job).get("step", 0) >= 25, 240, "the first checkpoints")
+    victim = _progress(store, job)["pid"]
     os.kill(victim, signal.SIGKILL)
     _wait(lambda: service.status(job.job_id).state in ("SUCCEEDED", "FAILED"), 600, "the run to end")
     job = service.status(job.job_id)
     assert job.state == "SUCCEEDED", job.error
     assert job.resumed_from_step >= 5 and job.resumed_from_step % 5 == 0
     assert job.step == job.total_steps == 12 * 16
-    assert _progress(job)["pid"] != victim
+    assert _progress(store, job)["pid"] != victim
     model = AutoModelForCausalLM.from_pretrained(store.resolve(job.model_uri), use_safetensors=True)
     assert model.config.model_type == "llama"
     # a redeployed trainer replica (new service object, nothing in memory) attaches to the same job
@@ -85,9 +81,29 @@ def test_cancel_stops_a_run(local_ray, tmp_path, builtin_cache):
         store.model_uri("cancel", 1),
         TrainingParams(epochs=500, batch_size=4, max_seq_len=128, checkpoint_every=1000),
     )
-    _wait(lambda: _progress(job).get("step", 0) >= 5, 240, "training to start")
+    _wait(lambda: _progress(store, job).get("step", 0) >= 5, 240, "training to start")
     service.cancel(job.job_id)
     _wait(lambda: service.status(job.job_id).state in ("CANCELLED", "FAILED", "SUCCEEDED"), 300, "the cancel")
     job = service.status(job.job_id)
     assert job.state == "CANCELLED" and job.error == "cancelled by request"
     assert not store.exists(job.model_uri)  # nothing half-trained becomes visible
+
+
+def test_a_store_given_as_a_uri_trains_end_to_end(local_ray, tmp_path, builtin_cache):
+    """A store root given as a URI (fsspec's local:// here; s3:// or gs:// on a cluster) takes the
+    store's remote path: the job reads its spec, reports progress and commits the checkpoint through
+    the store, and Ray Train keeps its checkpoints there too."""
+    store = RunStore(f"local://{tmp_path}/store")
+    assert not store.is_local
+    data = store.dataset_uri("uri", 1, "train")
+    store.write_tasks(data, load_seed_tasks()[:16])
+    service = TrainerService(store, builtin_cache_dir=builtin_cache)
+    params = TrainingParams(epochs=1, batch_size=4, max_seq_len=128, checkpoint_every=2)
+    job = service.start("uri", 1, "builtin:tiny-llama", data, store.model_uri("uri", 1), params)
+    _wait(lambda: service.status(job.job_id).state in ("SUCCEEDED", "FAILED"), 300, "the run to end")
+    job = service.status(job.job_id)
+    assert job.state == "SUCCEEDED", job.error
+    assert job.step == job.total_steps > 2 and _progress(store, job)["done"] is True
+    assert store.exists(job.model_uri + "/model.safetensors") and store.exists(job.model_uri + "/config.json")
+    assert store.fs.glob(store.resolve(job.model_uri) + ".tmp-*") == []  # the staging directory was moved
+    assert store.fs.glob(store.resolve(store.uri("uri", "ray_train")) + "/*")  # Ray Train's own checkpoints

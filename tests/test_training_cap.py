@@ -74,3 +74,48 @@ def test_open_training_streams_cannot_starve_other_calls(tmp_path):
     assert replica.GetTrainingStatus(request).state == trainer_pb2.TrainingStatus.RUNNING
     open_streams[0].close()  # a client goes away: its slot is free again
     assert next(replica.StreamTraining(request)).job_id == "train-long"
+
+
+class RecordingJobApi(JobApi):
+    """Knows the jobs it was given: status FAILED once stopped, with the metadata the trainer sent."""
+
+    def __init__(self):
+        super().__init__(0)
+        self.state, self.metadata, self.entrypoints = "RUNNING", {}, []
+
+    def get_job_info(self, submission_id):
+        if submission_id not in self.submitted:
+            raise RuntimeError(f"job {submission_id} does not exist")
+        return SimpleNamespace(status=self.state, metadata=self.metadata, message="")
+
+    def submit_job(self, entrypoint, submission_id, **options):
+        super().submit_job(entrypoint, submission_id, **options)
+        self.entrypoints.append(entrypoint)
+        self.metadata = options["metadata"]
+
+    def stop_job(self, submission_id):
+        self.state = "FAILED"
+
+
+def test_the_trainer_keeps_its_files_in_the_run_store_not_on_local_disk():
+    """Spec, progress and cancel files go through the run store: on a store that is not a local
+    directory (fsspec's in-memory filesystem here, an object store in production) training is
+    submitted, watched and cancelled alike."""
+    store = RunStore("memory:///trainer-files")
+    service = TrainerService(store)
+    service._client = api = RecordingJobApi()
+    model_uri = store.model_uri("r", 1)
+    job = service.start("r", 1, "builtin:tiny-llama", store.dataset_uri("r", 1, "train"), model_uri, TrainingParams())
+    spec_uri = store.beside(model_uri, f".{job.job_id}.spec.json")
+    assert spec_uri.startswith("memory://") and store.read_json(spec_uri)["model_uri"] == model_uri
+    assert f"--store-root memory:///trainer-files --spec {spec_uri}" in api.entrypoints[0]
+
+    store.write_json(job.progress_uri, {"step": 7, "total_steps": 20, "losses": [2.0, 1.5], "examples": 40})
+    job = service.status(job.job_id)
+    assert (job.state, job.step, job.total_steps, job.losses, job.examples) == ("RUNNING", 7, 20, [2.0, 1.5], 40)
+
+    service.cancel(job.job_id)
+    assert store.exists(job.cancel_uri) and api.state == "RUNNING"  # step 7: the training loop sees the file
+    api.state = "FAILED"  # the loop raised Cancelled
+    job = service.status(job.job_id)
+    assert (job.state, job.error) == ("CANCELLED", "cancelled by request")

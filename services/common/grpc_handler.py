@@ -76,6 +76,18 @@ def _status_for(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
 
 
+# Every status a replica answers carries this trailing metadata: a client can tell an answer (an error
+# the service chose, never retried) from a failure of Serve or Ray around it (a replica that died
+# mid-call, answered INTERNAL by the proxy), which is worth a retry.
+ANSWERED_KEY = "reinstruct-status"
+
+
+def _answer(grpc_context, code: grpc.StatusCode, details: str) -> None:
+    grpc_context.set_code(code)
+    grpc_context.set_details(details)
+    grpc_context.set_trailing_metadata([(ANSWERED_KEY, code.name)])
+
+
 def grpc_stream_method(method):
     """Like grpc_method, for server-streaming methods (generators of response messages)."""
 
@@ -90,8 +102,7 @@ def grpc_stream_method(method):
                 raise RuntimeError(f"{code.name}: {details}") from exc
             # A stream that ends normally is OK whatever the context says; raising with the code set
             # makes Serve end the stream with that status.
-            grpc_context.set_code(code)
-            grpc_context.set_details(details)
+            _answer(grpc_context, code, details)
             raise RuntimeError(details) from None
 
     wrapper.__name__, wrapper.__qualname__, wrapper.__doc__ = method.__name__, method.__qualname__, method.__doc__
@@ -112,8 +123,7 @@ def grpc_method(response_type):
                 code, details = _status_for(exc, method.__name__)
             if grpc_context is None:
                 raise RuntimeError(f"{code.name}: {details}")
-            grpc_context.set_code(code)
-            grpc_context.set_details(details)
+            _answer(grpc_context, code, details)
             return response_type()
 
         # Serve passes grpc_context only to methods whose signature names it; functools.wraps would

@@ -27,6 +27,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .atomic import write_atomic
 from .records import TaskRecord
 
 
@@ -173,23 +174,23 @@ class RunStore:
 
     # ---- atomic files ---------------------------------------------------------------------------
     def _write_atomic(self, path: str, write: Any) -> None:
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        """A reader never sees half a file: locally atomic.write_atomic (the one helper for local files);
+        elsewhere a temporary object moved over the target."""
         try:
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            with self.fs.open(tmp, "wb") as handle:
-                write(handle)
-                if self.is_local:
-                    handle.flush()
-                    os.fsync(handle.fileno())
             if self.is_local:
-                os.replace(tmp, path)
-            else:
-                self.fs.mv(tmp, path)
-        except OSError as exc:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_atomic(path, write)
+                return
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
             try:
-                self.fs.rm(tmp)
-            except (OSError, FileNotFoundError):
-                pass
+                self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+                with self.fs.open(tmp, "wb") as handle:
+                    write(handle)
+                self.fs.mv(tmp, path)
+            finally:
+                if self.fs.exists(tmp):
+                    self.fs.rm(tmp)
+        except OSError as exc:
             raise StoreError(f"could not write {path}: {exc}") from exc
 
     def write_tasks(self, uri: str, tasks: list[TaskRecord]) -> int:
@@ -219,30 +220,56 @@ class RunStore:
         self._write_atomic(path, lambda handle: handle.write(payload))
 
     def read_json(self, uri: str) -> Any:
-        path = self.resolve(uri)
-        with self.fs.open(path, "rb") as handle:
-            return json.loads(handle.read())
+        return json.loads(self.read_bytes(uri))
 
     def exists(self, uri: str) -> bool:
         return self.fs.exists(self.resolve(uri))
 
-    def commit_directory(self, staging_dir: str | Path, uri: str) -> None:
-        """Moves a fully written local directory (e.g. a checkpoint) into place atomically."""
+    def remove(self, uri: str) -> None:
+        """Deletes one file, if it is there."""
         path = self.resolve(uri)
-        if not self.is_local:
-            self.fs.put(str(staging_dir), path, recursive=True)
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):  # never replaced: a finished checkpoint is found by its job id first
-            raise StoreError(f"{path} exists already; a checkpoint is never replaced")
-        os.replace(staging_dir, path)
+        if self.fs.exists(path):
+            self.fs.rm(path)
 
-    def staging_dir(self, uri: str) -> str:
-        """A fresh directory beside uri (same filesystem, so the final rename is atomic)."""
+    def _as_uri(self, path: str) -> str:
+        return path if self.is_local else f"{self.scheme}://{path}"
+
+    def beside(self, uri: str, name: str) -> str:
+        """The URI of a file called name in the same directory as uri."""
+        return self._as_uri(posixpath.join(posixpath.dirname(self.resolve(uri)), name))
+
+    def staging_uri(self, uri: str) -> str:
+        """Where a checkpoint for uri is written before commit_directory makes it visible: beside it,
+        so that on a local (or shared) filesystem the commit is one rename."""
+        return self._as_uri(f"{self.resolve(uri)}.tmp-{uuid.uuid4().hex[:8]}")
+
+    def put_directory(self, local_dir: str | Path, uri: str) -> None:
+        """Copies a local directory (a checkpoint a worker saved) to uri; locally a no-op when it is
+        already there."""
         path = self.resolve(uri)
-        staging = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        os.makedirs(staging)
-        return staging
+        if self.is_local and os.path.realpath(local_dir) == path:
+            return
+        self.fs.put(str(local_dir).rstrip("/") + "/", path, recursive=True)
+
+    def commit_directory(self, staging_uri: str, uri: str) -> None:
+        """Makes a fully written staging directory (a checkpoint) visible at uri: one rename locally,
+        a move elsewhere. A checkpoint is never replaced."""
+        staging, path = self.resolve(staging_uri), self.resolve(uri)
+        if self.fs.exists(path):  # never replaced: a finished checkpoint is found by its job id first
+            raise StoreError(f"{path} exists already; a checkpoint is never replaced")
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.replace(staging, path)
+        else:
+            self.fs.mv(staging, path, recursive=True)
+
+    def remove_staging(self, uri: str) -> int:
+        """Deletes the staging directories ('<uri>.tmp-*') a crashed training run left for uri: they
+        were never visible as a model."""
+        stale = self.fs.glob(self.resolve(uri) + ".tmp-*")
+        for path in stale:
+            self.fs.rm(path, recursive=True)
+        return len(stale)
 
     def remove_stale_temporaries(self, run_id: str) -> int:
         """Deletes '*.tmp-*' files a killed writer left in a run (never visible under a real name).
@@ -290,8 +317,7 @@ class RunStore:
         return self.exists(self._stop_uri(run_id))
 
     def clear_stop(self, run_id: str) -> None:
-        if self.stop_requested(run_id):
-            self.fs.rm(self.resolve(self._stop_uri(run_id)))
+        self.remove(self._stop_uri(run_id))
 
     def update_run(self, run_id: str, **fields: Any) -> dict:
         with self._manifest_lock:

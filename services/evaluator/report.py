@@ -4,7 +4,7 @@ Sections: funnel per round, max ROUGE-L against the pool (Self-Instruct's Figure
 lengths, leading verbs, a browsable sample of kept and rejected tasks (instances, reasons, nearest
 pool entry), the backtranslated pairs with their curation scores, training loss curves, evaluation
 scores by round with their intervals, the promotion decisions, and the time each stage took.
-Everything is read from the run store; nothing is written by hand.
+Everything is read from the run store, each stage as its typed result; nothing is written by hand.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..common.config import ReinstructConfig
+from ..common.config import ReinstructConfig  # noqa: E402
+from ..common.stages import Dataset, Decision, Evaluated, Filtered, Instructions, RoundRecord, Trained, rounds_of  # noqa: E402
 from ..common.store import RunStore  # noqa: E402
 from .bootstrap import mean_interval  # noqa: E402
 
@@ -47,30 +48,31 @@ def _png(figure) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _rounds(manifest: dict) -> list[tuple[int, dict]]:
-    return [(int(k), v["stages"]) for k, v in sorted(manifest.get("rounds", {}).items(), key=lambda kv: int(kv[0]))]
+def _each(rounds: list[RoundRecord], name: str, kind):
+    """(round, result) for every round that committed stage name."""
+    return [(r.index, result) for r in rounds if (result := r.get(name, kind)) is not None]
 
 
-def _funnel(rounds) -> str:
-    rows = [(k, s["filter"]) for k, s in rounds if "filter" in s]
+def _funnel(rounds: list[RoundRecord]) -> str:
+    rows: list[tuple[int, Filtered]] = _each(rounds, "filter", Filtered)
     if not rows:
         return "<p>No filtered rounds yet.</p>"
-    rules = sorted({rule for _, f in rows for rule in f["funnel"]})
+    rules = sorted({rule for _, f in rows for rule in f.funnel})
     figure, axis = plt.subplots(figsize=(7, 3.2))
     labels = [f"round {k}" for k, _ in rows]
     bottom = [0] * len(rows)
-    kept = [f["kept_count"] for _, f in rows]
+    kept = [f.kept_count for _, f in rows]
     axis.bar(labels, kept, label="kept", color="#2a9d8f")
     bottom = kept
     for rule in rules:
-        values = [f["funnel"].get(rule, 0) for _, f in rows]
+        values = [f.funnel.get(rule, 0) for _, f in rows]
         axis.bar(labels, values, bottom=bottom, label=rule)
         bottom = [b + v for b, v in zip(bottom, values)]
     axis.set_ylabel("candidates")
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     table = "".join(
-        f"<tr><td>{k}</td><td>{f['candidates']}</td><td>{f['kept_count']}</td><td>"
-        + html.escape(", ".join(f"{r}: {n}" for r, n in sorted(f["funnel"].items())))
+        f"<tr><td>{k}</td><td>{f.candidates}</td><td>{f.kept_count}</td><td>"
+        + html.escape(", ".join(f"{r}: {n}" for r, n in sorted(f.funnel.items())))
         + "</td></tr>"
         for k, f in rows
     )
@@ -79,13 +81,12 @@ def _funnel(rounds) -> str:
     )
 
 
-def _rouge(rounds, threshold: float) -> str:
+def _rouge(rounds: list[RoundRecord], threshold: float) -> str:
     figure, axis = plt.subplots(figsize=(7, 3))
     plotted = False
-    for k, stages in rounds:
-        scores = stages.get("filter", {}).get("max_rouge_l")
-        if scores:
-            axis.hist(scores, bins=[i / 20 for i in range(21)], alpha=0.6, label=f"round {k}")
+    for k, kept in _each(rounds, "filter", Filtered):
+        if kept.max_rouge_l:
+            axis.hist(kept.max_rouge_l, bins=[i / 20 for i in range(21)], alpha=0.6, label=f"round {k}")
             plotted = True
     if not plotted:
         plt.close(figure)
@@ -97,13 +98,9 @@ def _rouge(rounds, threshold: float) -> str:
     return _png(figure)
 
 
-def _instructions(store: RunStore, rounds) -> dict[int, list[str]]:
-    out = {}
-    for k, stages in rounds:
-        uri = stages.get("generate_instructions", {}).get("uri")
-        if uri and stages["generate_instructions"].get("count"):
-            out[k] = [t.instruction for t in store.read_tasks(uri)]
-    return out
+def _instructions(store: RunStore, rounds: list[RoundRecord]) -> dict[int, list[str]]:
+    written = _each(rounds, "generate_instructions", Instructions)
+    return {k: [t.instruction for t in result.tasks(store)] for k, result in written if result.count}
 
 
 def _lengths(instructions: dict[int, list[str]]) -> str:
@@ -152,21 +149,20 @@ def _task_html(task) -> str:
     )
 
 
-def _samples(store: RunStore, rounds) -> str:
+def _samples(store: RunStore, rounds: list[RoundRecord]) -> str:
     parts = []
-    for k, stages in rounds:
-        result = stages.get("filter")
-        if not result or not result.get("candidates"):
+    for k, result in _each(rounds, "filter", Filtered):
+        if not result.candidates:
             continue
-        for label, key in (("kept", "kept_uri"), ("rejected", "rejected_uri")):
-            tasks = store.read_tasks(result[key]) if result.get(key) else []
+        for label, uri in (("kept", result.kept_uri), ("rejected", result.rejected_uri)):
+            tasks = store.read_tasks(uri) if uri else []
             shown = "".join(_task_html(t) for t in tasks[:SAMPLE_SIZE])
             parts.append(f"<h3>round {k}: {label} ({min(len(tasks), SAMPLE_SIZE)} of {len(tasks)})</h3>{shown}")
     return "".join(parts) or "<p>No filtered rounds yet.</p>"
 
 
-def _backtranslation(store: RunStore, rounds) -> str:
-    curated = [(k, store.read_tasks(s["curate"]["uri"])) for k, s in rounds if s.get("curate", {}).get("count")]
+def _backtranslation(store: RunStore, rounds: list[RoundRecord]) -> str:
+    curated = [(k, result.tasks(store)) for k, result in _each(rounds, "curate", Dataset) if result.count]
     if not curated:
         return "<p>No backtranslated pairs yet.</p>"
     figure, axis = plt.subplots(figsize=(7, 2.8))
@@ -191,16 +187,15 @@ def _backtranslation(store: RunStore, rounds) -> str:
         for k, tasks in curated
     )
     thresholds = "".join(
-        f"<li>round {k}: kept score &ge; {s['filter_augmented']['curation_threshold']:g}: "
-        f"{s['filter_augmented']['kept_count']} of {s['filter_augmented']['candidates']}</li>"
-        for k, s in rounds
-        if s.get("filter_augmented", {}).get("candidates")
+        f"<li>round {k}: kept score &ge; {f.curation_threshold:g}: {f.kept_count} of {f.candidates}</li>"
+        for k, f in _each(rounds, "filter_augmented", Filtered)
+        if f.candidates
     )
     return _png(figure) + (f"<ul>{thresholds}</ul>" if thresholds else "") + pairs
 
 
-def _timing(rounds) -> str:
-    rows = [(k, stage, out["elapsed_s"]) for k, stages in rounds for stage, out in stages.items() if "elapsed_s" in out]
+def _timing(rounds: list[RoundRecord]) -> str:
+    rows = [(r.index, stage, result.elapsed_s) for r in rounds for stage, result in r.stages.items()]
     if not rows:
         return "<p>No stage timed yet.</p>"
     by_round: dict[int, float] = {}
@@ -215,13 +210,12 @@ def _timing(rounds) -> str:
     return f"<table><tr><th>round</th><th>stage</th><th>seconds</th></tr>{body}{totals}</table>"
 
 
-def _loss(rounds) -> str:
+def _loss(rounds: list[RoundRecord]) -> str:
     figure, axis = plt.subplots(figsize=(7, 3))
     plotted = False
-    for k, stages in rounds:
-        losses = stages.get("train", {}).get("losses")
-        if losses:
-            axis.plot(range(1, len(losses) + 1), losses, label=f"model {k}")
+    for k, trained in _each(rounds, "train", Trained):
+        if trained.losses:
+            axis.plot(range(1, len(trained.losses) + 1), trained.losses, label=f"model {k}")
             plotted = True
     if not plotted:
         plt.close(figure)
@@ -232,15 +226,14 @@ def _loss(rounds) -> str:
     return _png(figure)
 
 
-def _scores(rounds) -> str:
+def _scores(rounds: list[RoundRecord], default_confidence: float) -> str:
     points = []
-    for k, stages in rounds:
-        evaluation = stages.get("evaluate")
-        if evaluation and evaluation.get("per_task"):
-            confidence = evaluation.get("confidence", 0.9)  # the interval the gate used, when recorded
-            interval = mean_interval(evaluation["per_task"], 1000, confidence)
-            if evaluation.get("interval"):
-                interval = replace(interval, low=evaluation["interval"][0], high=evaluation["interval"][1])
+    for k, evaluation in _each(rounds, "evaluate", Evaluated):
+        if evaluation.per_task:
+            confidence = evaluation.confidence or default_confidence  # the interval the gate used, when recorded
+            interval = mean_interval(evaluation.per_task, 1000, confidence)
+            if evaluation.interval:
+                interval = replace(interval, low=evaluation.interval[0], high=evaluation.interval[1])
             points.append((k, interval, confidence))
     if not points:
         return "<p>No evaluations yet.</p>"
@@ -259,16 +252,14 @@ def _scores(rounds) -> str:
     return _png(figure) + f"<table><tr><th>model</th><th>score</th><th>interval</th></tr>{rows}</table>"
 
 
-def _promotion(rounds) -> str:
+def _promotion(rounds: list[RoundRecord]) -> str:
     rows = []
-    for k, stages in rounds:
-        decision = stages.get("promote")
-        if decision:
-            verdict = "promoted" if decision.get("promoted") else "kept previous"
-            rows.append(
-                f"<tr><td>{k}</td><td>{verdict}</td><td>{html.escape(str(decision.get('reason', '')))}</td>"
-                f"<td>{html.escape(str(decision.get('model_uri', '')))}</td></tr>"
-            )
+    for k, decision in _each(rounds, "promote", Decision):
+        verdict = "promoted" if decision.promoted else "kept previous"
+        rows.append(
+            f"<tr><td>{k}</td><td>{verdict}</td><td>{html.escape(decision.reason)}</td>"
+            f"<td>{html.escape(decision.model_uri)}</td></tr>"
+        )
     if not rows:
         return "<p>No decisions yet.</p>"
     return (
@@ -295,17 +286,18 @@ def _config(manifest: dict) -> ReinstructConfig:
 
 def build_report(store: RunStore, run_id: str) -> str:
     manifest = store.load_manifest(run_id)
-    rounds = _rounds(manifest)
+    rounds = rounds_of(manifest)
+    config = _config(manifest)
     instructions = _instructions(store, rounds)
     sections = {
         "funnel": ("Funnel per round", _funnel(rounds)),
-        "rouge": ("Max ROUGE-L against the pool", _rouge(rounds, _config(manifest).filter.rouge_l_threshold)),
+        "rouge": ("Max ROUGE-L against the pool", _rouge(rounds, config.filter.rouge_l_threshold)),
         "lengths": ("Instruction lengths", _lengths(instructions)),
         "verbs": ("Most common leading words", _verbs(instructions)),
         "samples": ("Kept and rejected tasks (a sample; click to open)", _samples(store, rounds)),
         "backtranslation": ("Backtranslated pairs and their self-curation scores", _backtranslation(store, rounds)),
         "loss": ("Training loss", _loss(rounds)),
-        "scores": ("Held-out evaluation by round", _scores(rounds)),
+        "scores": ("Held-out evaluation by round", _scores(rounds, config.evaluation.confidence)),
         "promotion": ("Promotion decisions", _promotion(rounds)),
         "timing": ("Time per stage", _timing(rounds)),
     }

@@ -3,15 +3,13 @@
 The job's submission id is derived from run, round and output URI, so a repeated StartTraining call
 (a client retry, a resumed loop driver, a redeployed trainer replica) attaches to the job already
 running or finished instead of starting a twin. Status comes from Ray's job API plus a progress file
-the training loop writes beside the checkpoint; a cancel file asks the loop to stop.
+the training loop writes beside the checkpoint; a cancel file asks the loop to stop. Every file goes
+through the run store, so a store on an object-store URI works as a local one does.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,8 +66,8 @@ class TrainingJob:
     losses: list[float] = field(default_factory=list)
     examples: int = 0
     error: str = ""
-    progress_path: str = ""
-    cancel_path: str = ""
+    progress_uri: str = ""
+    cancel_uri: str = ""
     real_token_share: float = 0.0
     resumed_from_step: int = 0
 
@@ -103,9 +101,11 @@ class TrainerService:
             self._client = JobSubmissionClient(self.job_address)
         return self._client
 
-    def _paths(self, job_id: str, model_uri: str) -> tuple[str, str, str]:
-        base = os.path.join(os.path.dirname(self.store.resolve(model_uri)), f".{job_id}")
-        return f"{base}.spec.json", f"{base}.progress.json", f"{base}.cancel"
+    def _uris(self, job_id: str, model_uri: str) -> tuple[str, str, str]:
+        """The job's spec, progress and cancel files, beside its checkpoint in the store."""
+        return tuple(
+            self.store.beside(model_uri, f".{job_id}.{kind}") for kind in ("spec.json", "progress.json", "cancel")
+        )
 
     def start(
         self, run_id: str, round_index: int, base_model: str, dataset_uri: str, model_uri: str, params: TrainingParams
@@ -123,29 +123,27 @@ class TrainerService:
                 f"{len(running)} training runs are in progress (limit {self.max_active_jobs}, "
                 "serve.max_training_jobs); try again when one ends"
             )
-        self._remove_stale_staging(model_uri)
-        spec_path, progress_path, cancel_path = self._paths(job_id, model_uri)
-        for stale in (progress_path, cancel_path):
-            if os.path.exists(stale):
-                os.remove(stale)
+        self.store.remove_staging(model_uri)  # a crash mid-training left it; it was never a model
+        spec_uri, progress_uri, cancel_uri = self._uris(job_id, model_uri)
+        for stale in (progress_uri, cancel_uri):
+            self.store.remove(stale)
         spec = {
             "job_id": job_id,
             "run_id": run_id,
-            "store_root": self.store.uri(),
             "dataset_uri": dataset_uri,
             "base_model": base_model,
             "model_uri": model_uri,
-            "progress_path": progress_path,
-            "cancel_path": cancel_path,
+            "progress_uri": progress_uri,
+            "cancel_uri": cancel_uri,
             "trust_remote_code": self.trust_remote_code,
             "builtin_cache_dir": self.builtin_cache_dir,
             "prompt_format": self.prompt_format,
             "seed_tag": self.seed_tag,
             "params": asdict(params),
         }
-        self.store.write_json(spec_path, spec)
+        self.store.write_json(spec_uri, spec)
         submission_id = job_id if existing is None else f"{job_id}-retry-{int(time.time())}"
-        self._submit(submission_id, spec_path, model_uri)
+        self._submit(submission_id, spec_uri, model_uri)
         if submission_id != job_id:
             self._models[submission_id] = model_uri
         return self.status(submission_id) or TrainingJob(submission_id, model_uri)
@@ -159,12 +157,15 @@ class TrainerService:
             and str(getattr(job.status, "value", job.status)) in ("PENDING", "RUNNING")
         ]
 
-    def _submit(self, submission_id: str, spec_path: str, model_uri: str) -> None:
+    def _submit(self, submission_id: str, spec_uri: str, model_uri: str) -> None:
         for attempt in range(24):  # the head's job agent can take a few seconds to come up
             try:
                 # this interpreter (the one Ray runs) rather than whatever `python` is on the job's PATH
                 self.client.submit_job(
-                    entrypoint=f"{shlex.quote(sys.executable)} -m ray_jobs.train --spec {shlex.quote(spec_path)}",
+                    entrypoint=(
+                        f"{shlex.quote(sys.executable)} -m ray_jobs.train "
+                        f"--store-root {shlex.quote(self.store.uri())} --spec {shlex.quote(spec_uri)}"
+                    ),
                     submission_id=submission_id,
                     entrypoint_num_cpus=0,
                     metadata={"model_uri": model_uri},
@@ -194,14 +195,13 @@ class TrainerService:
         model_uri = self._models.get(job_id) or (info.metadata or {}).get("model_uri", "")
         if not model_uri:
             return None  # not a training job of ours
-        _, progress_path, cancel_path = self._paths(job_id.split("-retry-")[0], model_uri)
+        _, progress_uri, cancel_uri = self._uris(job_id.split("-retry-")[0], model_uri)
         state = _JOB_STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), "FAILED")
-        if state == "FAILED" and os.path.exists(cancel_path):
+        if state == "FAILED" and self.store.exists(cancel_uri):
             state = "CANCELLED"
-        job = TrainingJob(job_id, model_uri, state=state, progress_path=progress_path, cancel_path=cancel_path)
+        job = TrainingJob(job_id, model_uri, state=state, progress_uri=progress_uri, cancel_uri=cancel_uri)
         try:
-            with open(progress_path) as handle:
-                progress = json.load(handle)
+            progress = self.store.read_json(progress_uri)
             job.step, job.total_steps = progress["step"], progress["total_steps"]
             job.losses, job.examples = progress["losses"], progress["examples"]
             job.real_token_share = progress.get("real_token_share", 0.0)
@@ -224,18 +224,7 @@ class TrainerService:
         """Asks the run to stop at its next step (a file the workers look for), then stops the job."""
         job = self.status(job_id)
         if job and job.state in ("PENDING", "RUNNING"):
-            with open(job.cancel_path, "w") as handle:
-                handle.write("cancel\n")
+            self.store.write_bytes(job.cancel_uri, b"cancel\n")
             if job.step == 0:  # not training yet: no loop will see the file
                 self.client.stop_job(job_id)
         return job
-
-    def _remove_stale_staging(self, model_uri: str) -> None:
-        """A crash mid-training leaves '<model>.tmp-*'; it was never visible as a model, so drop it."""
-        if not self.store.is_local:
-            return
-        path = self.store.resolve(model_uri)
-        parent, name = os.path.split(path)
-        for entry in os.listdir(parent) if os.path.isdir(parent) else []:
-            if entry.startswith(f"{name}.tmp-"):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)

@@ -2,8 +2,9 @@
 
 Checkpoints (weights, optimizer, scheduler, step) are reported to Ray Train every checkpoint_every
 steps; when a worker dies, Ray Train (FailureConfig) restarts the group and the loop resumes from the
-last one. Progress goes to a small JSON file beside the staging checkpoint (written atomically) so the
-trainer service can answer status calls while fit() runs; a 'cancel' file beside it stops the run.
+last one. Progress goes to a small JSON file beside the checkpoint (written atomically, through the run store)
+so the trainer service can answer status calls while fit() runs; a 'cancel' file beside it stops the
+run. Rank 0 saves the final checkpoint into the store's staging URI; the job commits it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 
 import torch
 
-from ..common.atomic import write_text_atomic
 from ..common.models import load_model
 from ..common.rendering import Renderer, tokenize
 from ..common.store import RunStore
@@ -28,10 +28,6 @@ PROGRESS_EVERY = 5
 
 class Cancelled(RuntimeError):
     pass
-
-
-def _write_progress(path: str, progress: dict) -> None:
-    write_text_atomic(path, json.dumps(progress))
 
 
 def _batches(features: list[dict], config: dict, encoder_decoder: bool, pad_id: int):
@@ -64,8 +60,20 @@ def _apply_lora(model, config: dict):
     return get_peft_model(model, peft_config)
 
 
-def _save_final(model, tokenizer, config: dict) -> None:
-    output_dir = config["output_dir"]
+def _save_final(model, tokenizer, config: dict, store: RunStore) -> None:
+    """Saves into the staging URI: directly on a local (or shared) store, else into a local temporary
+    that is then uploaded, so rank 0 may run on any node."""
+    if store.is_local:
+        output_dir = store.resolve(config["staging_uri"])
+        os.makedirs(output_dir, exist_ok=True)
+        _save_pretrained(model, tokenizer, config, output_dir)
+        return
+    with tempfile.TemporaryDirectory() as output_dir:
+        _save_pretrained(model, tokenizer, config, output_dir)
+        store.put_directory(output_dir, config["staging_uri"])
+
+
+def _save_pretrained(model, tokenizer, config: dict, output_dir: str) -> None:
     if config.get("lora", {}).get("enabled"):
         if config["lora"].get("keep_adapter"):
             model.save_pretrained(output_dir)  # adapter_config.json + adapter weights; base named inside
@@ -132,13 +140,13 @@ def train_loop_per_worker(config: dict) -> None:
     precision = config.get("precision", "fp32")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
-    progress_path, cancel_path = config["progress_path"], config["cancel_path"]
+    progress_uri, cancel_uri = config["progress_uri"], config["cancel_uri"]
     started = time.time()
 
     def progress(done: bool = False) -> None:
         if rank == 0:
-            _write_progress(
-                progress_path,
+            store.write_json(
+                progress_uri,
                 {
                     "step": step,
                     "total_steps": total,
@@ -164,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
         for index, batch in enumerate(loader):
             if index < skip:
                 continue
-            if os.path.exists(cancel_path):
+            if store.exists(cancel_uri):
                 raise Cancelled("training cancelled by request")
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = model(**batch).loss
@@ -204,6 +212,6 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         unwrapped = model.module if hasattr(model, "module") else model
         unwrapped.eval()
-        _save_final(unwrapped, tokenizer, config)
+        _save_final(unwrapped, tokenizer, config, store)
         progress(done=True)
     ray.train.report({"loss": losses[-1] if losses else float("nan"), "step": step})

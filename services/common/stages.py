@@ -1,13 +1,15 @@
 """What each stage hands the next: typed results. The manifest keeps them as JSON (`to_dict`), so a
-resumed driver gets the same objects back (`from_dict`) for a committed stage."""
+resumed driver gets the same objects back (`from_dict`) for a committed stage, and everything that
+reads a run afterwards (the summary table, `reinstruct status` and `export`, the report) reads them
+through `RoundRecord`, never the manifest's keys."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-from services.common.records import TaskRecord
-from services.common.store import RunStore
+from .records import TaskRecord
+from .store import RunStore
 
 Result = TypeVar("Result", bound="StageResult")
 
@@ -160,3 +162,54 @@ class Tested(StageResult):
     difference: list[float] = field(default_factory=list)  # estimate, low, high
     confidence: float = 0.0
     num_tasks: int = 0
+
+
+# Every stage the loop commits, and what it commits: the one schema of a manifest's rounds.
+STAGE_KINDS: dict[str, type[StageResult]] = {
+    "split": Split,
+    "train_data": TrainMix,
+    "train": Trained,
+    "evaluate": Evaluated,
+    "judge": Judged,
+    "promote": Decision,
+    "test": Tested,
+    "backward_data": Dataset,
+    "backward_train": Trained,
+    "generate_instructions": Instructions,
+    "classify": Dataset,
+    "generate_instances": Dataset,
+    "filter": Filtered,
+    "segments": Segments,
+    "backtranslate": Dataset,
+    "rating_pool": RatingPool,
+    "curate": Dataset,
+    "filter_augmented": Filtered,
+}
+
+
+@dataclass
+class RoundRecord:
+    """One round of a run as committed: its stages' typed results, keyed by stage name."""
+
+    index: int
+    stages: dict[str, StageResult]
+    committed_at: dict[str, float]
+
+    def get(self, name: str, kind: type[Result]) -> Result | None:
+        """The stage's result if the round committed it (kind must be the stage's registered kind)."""
+        if STAGE_KINDS[name] is not kind:
+            raise TypeError(f"stage {name!r} commits {STAGE_KINDS[name].__name__}, not {kind.__name__}")
+        result = self.stages.get(name)
+        return result if isinstance(result, kind) else None
+
+
+def rounds_of(manifest: dict[str, Any]) -> list[RoundRecord]:
+    """A manifest's rounds, in order, as typed results."""
+    records = []
+    for key in sorted(manifest.get("rounds", {}), key=int):
+        stages, committed_at = {}, {}
+        for name, output in manifest["rounds"][key].get("stages", {}).items():
+            stages[name] = STAGE_KINDS.get(name, StageResult).from_dict(output)
+            committed_at[name] = output.get("committed_at", 0.0)
+        records.append(RoundRecord(int(key), stages, committed_at))
+    return records
