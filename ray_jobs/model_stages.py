@@ -6,9 +6,7 @@ from __future__ import annotations
 from services.api import common_pb2, evaluator_pb2, trainer_pb2
 from services.common.convert import uri_source
 from services.common.stages import Decision, Evaluated, Judged, Split, Tested, Trained
-from services.evaluator.bootstrap import mean_interval
 from services.evaluator.combine import combine
-from services.evaluator.gate import decide
 
 from .fanout import Shard, ShardedStage
 from .run import Run
@@ -56,7 +54,7 @@ def _greedy(max_new_tokens: int) -> common_pb2.Sampling:
 
 def evaluate(run: Run, k: int, model_uri: str, heldout_uri: str) -> Evaluated:
     """The held-out tasks in shards over the evaluator replicas; the shards' scores combine into the
-    same means one request would give."""
+    same means one request would give (the interval is the gate's: promote)."""
     e = run.config.evaluation
     tasks = run.store.read_tasks(heldout_uri)
     total = sum(min(len(t.instances), e.max_instances_per_task or len(t.instances)) for t in tasks)
@@ -87,7 +85,6 @@ def evaluate(run: Run, k: int, model_uri: str, heldout_uri: str) -> Evaluated:
     sharded.join([p.predictions.uri for p in parts], predictions_uri)
     response = combine(parts)
     per_task = {t.task_id: (t.score if e.promotion_metric == "score" else t.rouge_l) for t in response.tasks}
-    interval = mean_interval(per_task, e.bootstrap_resamples, e.confidence)
     return Evaluated(
         model_uri=model_uri,
         metric=e.promotion_metric,
@@ -95,8 +92,6 @@ def evaluate(run: Run, k: int, model_uri: str, heldout_uri: str) -> Evaluated:
         rouge_l=response.rouge_l,
         exact_match=response.exact_match,
         nll=response.nll,
-        interval=[interval.low, interval.high],
-        confidence=e.confidence,
         num_tasks=response.num_tasks,
         num_instances=response.num_instances,
         categories={c.category: c.score for c in response.categories},
@@ -107,20 +102,35 @@ def evaluate(run: Run, k: int, model_uri: str, heldout_uri: str) -> Evaluated:
 
 
 def promote(run: Run, k: int, candidate: Evaluated, incumbent: Decision | None) -> Decision:
-    """Model k replaces the incumbent only if the gate says so; with none, it is promoted."""
+    """The evaluator's gate decides whether model k replaces the incumbent; with none, it is promoted.
+    Only per-task scores travel: the statistics are the evaluator's."""
     e = run.config.evaluation
-    decision = decide(
-        candidate.per_task,
-        incumbent.per_task if incumbent and incumbent.per_task else None,
-        metric=e.promotion_metric,
-        margin=e.promote_margin,
-        confidence=e.confidence,
-        resamples=e.bootstrap_resamples,
-        seed=run.config.seed + k,
+    decision = run.clients.decide_promotion(
+        evaluator_pb2.DecidePromotionRequest(
+            context=run.ctx(k),
+            candidate_scores=candidate.per_task,
+            incumbent_scores=incumbent.per_task if incumbent else {},
+            metric=e.promotion_metric,
+            margin=e.promote_margin,
+            confidence=e.confidence,
+            bootstrap_resamples=e.bootstrap_resamples,
+            seed=run.config.seed + k,
+        )
     )
+    has_incumbent = decision.HasField("incumbent")
     keep_candidate = decision.promoted or incumbent is None
     return Decision(
-        **decision.to_dict(),
+        promoted=decision.promoted,
+        metric=decision.metric,
+        candidate=decision.candidate.estimate,
+        candidate_interval=[decision.candidate.low, decision.candidate.high],
+        incumbent=decision.incumbent if has_incumbent else None,
+        difference=decision.difference.estimate if has_incumbent else decision.candidate.estimate,
+        low=decision.difference.low if has_incumbent else decision.candidate.low,
+        high=decision.difference.high if has_incumbent else decision.candidate.high,
+        confidence=e.confidence,  # what was asked (the reply carries it as a float32)
+        margin=decision.margin,
+        reason=decision.reason,
         model_uri=candidate.model_uri if keep_candidate else incumbent.model_uri,
         per_task=candidate.per_task if keep_candidate else incumbent.per_task,
         candidate_model_uri=candidate.model_uri,

@@ -132,3 +132,6 @@ class ServiceClients:
 
     def compare_models(self, request):
         return self._call("evaluator", self._evaluator.CompareModels, request)
+
+    def decide_promotion(self, request):
+        return self._call("evaluator", self._evaluator.DecidePromotion, request)

@@ -100,6 +100,9 @@ class InProcessClients:
     def compare_models(self, request):
         return self.evaluator.CompareModels(request)
 
+    def decide_promotion(self, request):
+        return self.evaluator.DecidePromotion(request)
+
     def wait_for_training(self, request, poll_s=0.0, on_progress=None):
         self.trainings.append(request)
         path = self.store.resolve(request.output_model_uri)

@@ -230,6 +230,20 @@ def test_every_method_answers(deployed):
     assert compared.judged_pairs == 3
     assert compared.win_rate + compared.tie_rate + compared.loss_rate == pytest.approx(1.0)
     assert compared.score_difference.low <= compared.score_difference.estimate <= compared.score_difference.high
+    # the gate on scores the caller holds: the same statistics CompareModels computed
+    decision = clients.decide_promotion(
+        evaluator_pb2.DecidePromotionRequest(
+            context=CTX,
+            candidate_scores={t.task_id: t.score for t in compared.b.tasks},
+            incumbent_scores={t.task_id: t.score for t in compared.a.tasks},
+        )
+    )
+    assert decision.incumbent == pytest.approx(compared.a.score) and decision.candidate.estimate == pytest.approx(
+        compared.b.score
+    )
+    for bound in ("estimate", "low", "high"):
+        assert getattr(decision.difference, bound) == pytest.approx(getattr(compared.score_difference, bound))
+    assert decision.promoted == (decision.difference.low > decision.margin)
 
 
 def test_real_model_generates_through_the_generator_service(deployed, smollm2):
@@ -471,6 +485,16 @@ def test_requests_that_would_pin_a_replica_are_refused(deployed):
         ),
         "bootstrap_resamples",
     )
+    for candidate, incumbent, field in (
+        ({}, {}, "candidate_scores"),
+        ({"t1": 1.5}, {}, "candidate_scores['t1']"),
+        ({"t1": 0.5}, {"t2": 0.5}, "incumbent_scores"),
+    ):
+        _expect_invalid(
+            clients.decide_promotion,
+            evaluator_pb2.DecidePromotionRequest(context=CTX, candidate_scores=candidate, incumbent_scores=incumbent),
+            field,
+        )
     for params, field in (
         (trainer_pb2.TrainingParams(use_gpu=True), "params.use_gpu"),
         (trainer_pb2.TrainingParams(num_workers=1024), "params.num_workers"),
@@ -538,7 +562,7 @@ def test_one_round_end_to_end_over_grpc(deployed):
         assert augmented[0].lineage.model.endswith("backward_model")
         curated = store.read_tasks(stages["curate"]["uri"])
         assert all(0 <= t.lineage.scores["curation"] <= 5 for t in curated)
-    assert stages["promote"]["reason"] and "interval" in stages["evaluate"]
+    assert stages["promote"]["reason"] and len(stages["promote"]["candidate_interval"]) == 2
     report = store.resolve(store.uri("loop", "report.html"))
     assert os.path.exists(report)
     from tests.test_report_browser import CHROMIUM, FLAGS
@@ -626,6 +650,7 @@ _METHODS = [
     ("evaluator", "/reinstruct.v1.Evaluator/EvaluateModel", False),
     ("evaluator", "/reinstruct.v1.Evaluator/StreamEvaluation", True),
     ("evaluator", "/reinstruct.v1.Evaluator/CompareModels", False),
+    ("evaluator", "/reinstruct.v1.Evaluator/DecidePromotion", False),
 ]
 FUZZ_OUTCOMES: dict = {}
 

@@ -49,14 +49,16 @@ def test_metrics_hand_checked():
 
 
 def test_bootstrap_interval_on_constructed_case():
-    constant = mean_interval({f"t{i}": 0.4 for i in range(30)}, confidence=0.9)
+    constant = mean_interval({f"t{i}": 0.4 for i in range(30)}, resamples=1000, confidence=0.9)
     assert constant.low == constant.high == constant.estimate == pytest.approx(0.4)
     half = mean_interval({f"t{i}": float(i % 2) for i in range(400)}, resamples=4000, confidence=0.95, seed=1)
     standard_error = math.sqrt(0.25 / 400)
     assert half.estimate == 0.5
     assert half.low == pytest.approx(0.5 - 1.96 * standard_error, abs=0.01)
     assert half.high == pytest.approx(0.5 + 1.96 * standard_error, abs=0.01)
-    diff = paired_difference({"a": 0.1, "b": 0.2, "c": 0.3}, {"a": 0.2, "b": 0.3, "c": 0.4, "extra": 9.0})
+    diff = paired_difference(
+        {"a": 0.1, "b": 0.2, "c": 0.3}, {"a": 0.2, "b": 0.3, "c": 0.4, "extra": 9.0}, resamples=1000, confidence=0.9
+    )
     assert diff.estimate == pytest.approx(0.1) and diff.low == pytest.approx(0.1)  # pairs kept, extra task ignored
 
 
@@ -65,12 +67,15 @@ def test_gate_promotes_better_and_refuses_worse():
     better = {t: s + 0.05 for t, s in incumbent.items()}
     worse = {t: s - 0.05 for t, s in incumbent.items()}
     noisy = {t: s + (0.2 if i % 2 else -0.2) for i, (t, s) in enumerate(incumbent.items())}
-    assert decide(better, incumbent, metric="score", margin=0.0, confidence=0.9).promoted
-    assert not decide(worse, incumbent, metric="score", margin=0.0, confidence=0.9).promoted
-    assert not decide(noisy, incumbent, metric="score", margin=0.0, confidence=0.9).promoted  # no confident gain
-    assert not decide(better, incumbent, metric="score", margin=0.06, confidence=0.9).promoted  # under the margin
-    first = decide(better, None, metric="score", margin=0.0, confidence=0.9)
-    assert first.promoted and first.reason == "no incumbent"
+    gate = {"metric": "score", "confidence": 0.9, "resamples": 2000, "seed": 0}
+    assert decide(better, incumbent, margin=0.0, **gate).promoted
+    assert not decide(worse, incumbent, margin=0.0, **gate).promoted
+    assert not decide(noisy, incumbent, margin=0.0, **gate).promoted  # no confident gain
+    assert not decide(better, incumbent, margin=0.06, **gate).promoted  # under the margin
+    first = decide(better, None, margin=0.0, **gate)
+    assert first.promoted and first.reason == "no incumbent" and first.difference is None
+    assert first.candidate.low < first.candidate.estimate < first.candidate.high
+    assert first.candidate.estimate == pytest.approx(sum(better.values()) / len(better))
 
 
 @pytest.mark.parametrize(
@@ -162,6 +167,7 @@ def test_report_has_every_section(tmp_path):
         assert f'<section id="{section}">' in page
     assert page.count("data:image/png;base64,") == 7  # + the curation score histogram
     assert "kept previous" in page and "too_short: 3" in page
+    assert "<td>1</td><td>0.1500</td><td>90%: [0.1000, 0.2000]</td>" in page  # the gate's own interval
     assert "Write a haiku about &lt;autumn&gt;." in page and "nearest pool entry: <i>Write a poem.</i>" in page
     assert "rejected:too_short" in page and "Leaves fall" in page  # kept and rejected, with instances
     assert "round 1 (8 of 8 pairs, best rated first)" in page and "curation score 5" in page

@@ -39,7 +39,19 @@ def fill_example_run(store, run_id: str = "r") -> None:
     store.write_tasks(store.dataset_uri(run_id, 1, "instructions"), tasks)
     store.commit_stage(run_id, 0, "train", {"losses": [3.0, 2.0, 1.5]})
     store.commit_stage(run_id, 0, "evaluate", {"per_task": {"a": 0.2, "b": 0.3}})
-    store.commit_stage(run_id, 0, "promote", {"promoted": True, "reason": "no incumbent", "model_uri": "m0"})
+    store.commit_stage(
+        run_id,
+        0,
+        "promote",
+        {
+            "promoted": True,
+            "reason": "no incumbent",
+            "model_uri": "m0",
+            "candidate": 0.25,
+            "candidate_interval": [0.2, 0.3],
+            "confidence": 0.9,
+        },
+    )
     store.commit_stage(
         run_id, 1, "generate_instructions", {"uri": store.dataset_uri(run_id, 1, "instructions"), "count": 2}
     )
@@ -86,5 +98,15 @@ def fill_example_run(store, run_id: str = "r") -> None:
     store.commit_stage(run_id, 1, "train", {"losses": [2.0, 1.0]})
     store.commit_stage(run_id, 1, "evaluate", {"per_task": {"a": 0.1, "b": 0.2}})
     store.commit_stage(
-        run_id, 1, "promote", {"promoted": False, "reason": "lower bound -0.1 <= margin 0", "model_uri": "m0"}
+        run_id,
+        1,
+        "promote",
+        {
+            "promoted": False,
+            "reason": "lower bound -0.1 <= margin 0",
+            "model_uri": "m0",
+            "candidate": 0.15,
+            "candidate_interval": [0.1, 0.2],
+            "confidence": 0.9,
+        },
     )

@@ -50,6 +50,11 @@ class EvaluatorStub:
                 request_serializer=reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsRequest.SerializeToString,
                 response_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsResponse.FromString,
                 _registered_method=True)
+        self.DecidePromotion = channel.unary_unary(
+                '/reinstruct.v1.Evaluator/DecidePromotion',
+                request_serializer=reinstruct_dot_v1_dot_evaluator__pb2.DecidePromotionRequest.SerializeToString,
+                response_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.PromotionDecision.FromString,
+                _registered_method=True)
 
 
 class EvaluatorServicer:
@@ -77,6 +82,15 @@ class EvaluatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecidePromotion(self, request, context):
+        """The promotion gate on per-task scores the caller holds (an evaluation sent in shards): the
+        candidate's interval, and whether it beats the incumbent with confidence. The gate's statistics
+        are computed here and nowhere else.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvaluatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +108,11 @@ def add_EvaluatorServicer_to_server(servicer, server):
                     servicer.CompareModels,
                     request_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsRequest.FromString,
                     response_serializer=reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsResponse.SerializeToString,
+            ),
+            'DecidePromotion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecidePromotion,
+                    request_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.DecidePromotionRequest.FromString,
+                    response_serializer=reinstruct_dot_v1_dot_evaluator__pb2.PromotionDecision.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +197,33 @@ class Evaluator:
             '/reinstruct.v1.Evaluator/CompareModels',
             reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsRequest.SerializeToString,
             reinstruct_dot_v1_dot_evaluator__pb2.CompareModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecidePromotion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reinstruct.v1.Evaluator/DecidePromotion',
+            reinstruct_dot_v1_dot_evaluator__pb2.DecidePromotionRequest.SerializeToString,
+            reinstruct_dot_v1_dot_evaluator__pb2.PromotionDecision.FromString,
             options,
             channel_credentials,
             insecure,

@@ -115,8 +115,6 @@ class Evaluated(StageResult):
     rouge_l: float = 0.0
     exact_match: float = 0.0
     nll: float = 0.0
-    interval: list[float] = field(default_factory=list)
-    confidence: float = 0.0
     num_tasks: int = 0
     num_instances: int = 0
     categories: dict[str, float] = field(default_factory=dict)
@@ -132,8 +130,9 @@ class Decision(StageResult):
     promoted: bool = False
     metric: str = "score"
     candidate: float = 0.0
+    candidate_interval: list[float] = field(default_factory=list)  # low, high of the candidate's mean
     incumbent: float | None = None
-    difference: float = 0.0
+    difference: float = 0.0  # candidate minus incumbent, its interval low..high (no incumbent: the mean)
     low: float = 0.0
     high: float = 0.0
     confidence: float = 0.0

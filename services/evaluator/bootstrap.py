@@ -15,9 +15,9 @@ class Interval:
     confidence: float
 
 
-def mean_interval(
-    per_task: dict[str, float], resamples: int = 2000, confidence: float = 0.95, seed: int = 0
-) -> Interval:
+def mean_interval(per_task: dict[str, float], resamples: int, confidence: float, seed: int = 0) -> Interval:
+    """The mean over tasks and its percentile bootstrap interval (resamples and confidence come from
+    evaluation.* in the config: no second set of defaults here)."""
     values = np.array(list(per_task.values()), dtype=np.float64)
     if values.size == 0:
         return Interval(0.0, 0.0, 0.0, confidence)
@@ -30,7 +30,7 @@ def mean_interval(
 
 
 def paired_difference(
-    a: dict[str, float], b: dict[str, float], resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+    a: dict[str, float], b: dict[str, float], resamples: int, confidence: float, seed: int = 0
 ) -> Interval:
     """B minus A over the tasks both were scored on; tasks are resampled with their pair intact."""
     shared = sorted(set(a) & set(b))

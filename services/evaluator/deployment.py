@@ -11,6 +11,7 @@ from ..common.grpc_handler import grpc_method, grpc_stream_method, refuse_other_
 from ..common.store import RunStore
 from ..common.validation import (
     MAX_BOOTSTRAP_CELLS,
+    MAX_ID_CHARS,
     RequestError,
     TrustedModels,
     check_context,
@@ -19,8 +20,10 @@ from ..common.validation import (
     check_output_uri,
     check_range,
     check_sampling,
+    check_text,
     resolve_tasks,
 )
+from .gate import decide
 from .service import Evaluation, EvaluatorService
 
 
@@ -145,17 +148,8 @@ class EvaluatorDeployment:
         )
         check_range(request.max_instances_per_task, "max_instances_per_task", 0, 10_000)
         check_sampling(request.sampling)
-        resamples = request.bootstrap_resamples or self.evaluation.bootstrap_resamples
-        check_range(resamples, "bootstrap_resamples", 100, 100_000)
-        confidence = request.confidence or self.evaluation.confidence
-        check_range(confidence, "confidence", 0.5, 0.999)
         tasks = resolve_tasks(request.eval_tasks, self.store, "eval_tasks", require_instances=True)
-        if len(tasks) * resamples > MAX_BOOTSTRAP_CELLS:
-            raise RequestError(
-                "bootstrap_resamples",
-                f"{resamples} resamples of {len(tasks)} tasks is over the "
-                f"{MAX_BOOTSTRAP_CELLS:,} cells one comparison may hold; ask for fewer",
-            )
+        resamples, confidence = self._bootstrap(request, len(tasks))
         check_cost(2 * len(tasks), request.sampling.max_new_tokens, "eval_tasks")
         result = self.service.compare(
             model_a,
@@ -181,6 +175,61 @@ class EvaluatorDeployment:
             )
             response.judged_pairs = result.judged.pairs
         return response
+
+    def _bootstrap(self, request, tasks: int) -> tuple[int, float]:
+        """The request's bootstrap_resamples and confidence (0: the config's), bounded in cost."""
+        resamples = request.bootstrap_resamples or self.evaluation.bootstrap_resamples
+        check_range(resamples, "bootstrap_resamples", 100, 100_000)
+        confidence = request.confidence or self.evaluation.confidence
+        check_range(confidence, "confidence", 0.5, 0.999)
+        if tasks * resamples > MAX_BOOTSTRAP_CELLS:
+            raise RequestError(
+                "bootstrap_resamples",
+                f"{resamples} resamples of {tasks} tasks is over the "
+                f"{MAX_BOOTSTRAP_CELLS:,} cells one comparison may hold; ask for fewer",
+            )
+        return resamples, confidence
+
+    @grpc_method(evaluator_pb2.PromotionDecision)
+    def DecidePromotion(self, request: evaluator_pb2.DecidePromotionRequest):
+        check_context(request.context)
+        candidate = _scores(request.candidate_scores, "candidate_scores")
+        if not candidate:
+            raise RequestError("candidate_scores", "empty: score the candidate on at least one task")
+        incumbent = _scores(request.incumbent_scores, "incumbent_scores") or None
+        if incumbent is not None and not set(incumbent) & set(candidate):
+            raise RequestError("incumbent_scores", "no task in common with candidate_scores: nothing to pair")
+        margin = request.margin if request.HasField("margin") else self.evaluation.promote_margin
+        check_range(margin, "margin", -1.0, 1.0)
+        resamples, confidence = self._bootstrap(request, len(candidate))
+        decision = decide(
+            candidate,
+            incumbent,
+            metric=check_text(request.metric, "metric", limit=MAX_ID_CHARS) or self.evaluation.promotion_metric,
+            margin=margin,
+            confidence=confidence,
+            resamples=resamples,
+            seed=request.seed,
+        )
+        response = evaluator_pb2.PromotionDecision(
+            promoted=decision.promoted,
+            metric=decision.metric,
+            candidate=_interval(decision.candidate),
+            margin=decision.margin,
+            reason=decision.reason,
+        )
+        if decision.difference is not None:
+            response.incumbent = decision.incumbent
+            response.difference.CopyFrom(_interval(decision.difference))
+        return response
+
+
+def _scores(scores, field: str) -> dict[str, float]:
+    """Per-task scores of the promotion metric: task ids as elsewhere, values in [0, 1]."""
+    for task_id, value in scores.items():
+        check_text(task_id, f"{field} key", required=True, limit=MAX_ID_CHARS)
+        check_range(value, f"{field}[{task_id!r}]", 0.0, 1.0)
+    return dict(scores)
 
 
 def build_app(args: dict | None = None):

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from .bootstrap import paired_difference
+from .bootstrap import Interval, mean_interval, paired_difference
 
 
 @dataclass(frozen=True)
 class PromotionDecision:
     promoted: bool
     metric: str
-    candidate: float
+    candidate: Interval  # the candidate's mean over tasks, with its interval
     incumbent: float | None
-    difference: float
-    low: float
-    high: float
-    confidence: float
+    difference: Interval | None  # candidate minus incumbent; None without an incumbent
     margin: float
     reason: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def decide(
@@ -31,14 +25,14 @@ def decide(
     metric: str,
     margin: float,
     confidence: float,
-    resamples: int = 2000,
-    seed: int = 0,
+    resamples: int,
+    seed: int,
 ) -> PromotionDecision:
     """Per-task scores in, decision out: promote when the lower bound of the bootstrap interval of
     (candidate - incumbent) is above margin. With no incumbent, the candidate is promoted."""
-    mean = sum(candidate.values()) / len(candidate) if candidate else 0.0
+    own = mean_interval(candidate, resamples, confidence, seed)
     if incumbent is None:
-        return PromotionDecision(True, metric, mean, None, mean, mean, mean, confidence, margin, "no incumbent")
+        return PromotionDecision(True, metric, own, None, None, margin, "no incumbent")
     interval = paired_difference(incumbent, candidate, resamples, confidence, seed)
     incumbent_mean = sum(incumbent.values()) / len(incumbent) if incumbent else 0.0
     promoted = interval.low > margin
@@ -47,15 +41,4 @@ def decide(
         if promoted
         else f"lower bound {interval.low:+.4f} <= margin {margin:+.4f}"
     )
-    return PromotionDecision(
-        promoted,
-        metric,
-        mean,
-        incumbent_mean,
-        interval.estimate,
-        interval.low,
-        interval.high,
-        confidence,
-        margin,
-        reason,
-    )
+    return PromotionDecision(promoted, metric, own, incumbent_mean, interval, margin, reason)

@@ -13,7 +13,6 @@ import base64
 import html
 import io
 from collections import Counter
-from dataclasses import replace
 
 import matplotlib
 
@@ -21,9 +20,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..common.config import ReinstructConfig  # noqa: E402
-from ..common.stages import Dataset, Decision, Evaluated, Filtered, Instructions, RoundRecord, Trained, rounds_of  # noqa: E402
+from ..common.stages import Dataset, Decision, Filtered, Instructions, RoundRecord, Trained, rounds_of  # noqa: E402
 from ..common.store import RunStore  # noqa: E402
-from .bootstrap import mean_interval  # noqa: E402
+from .bootstrap import Interval  # noqa: E402
 
 SECTIONS = (
     "funnel",
@@ -226,15 +225,13 @@ def _loss(rounds: list[RoundRecord]) -> str:
     return _png(figure)
 
 
-def _scores(rounds: list[RoundRecord], default_confidence: float) -> str:
-    points = []
-    for k, evaluation in _each(rounds, "evaluate", Evaluated):
-        if evaluation.per_task:
-            confidence = evaluation.confidence or default_confidence  # the interval the gate used, when recorded
-            interval = mean_interval(evaluation.per_task, 1000, confidence)
-            if evaluation.interval:
-                interval = replace(interval, low=evaluation.interval[0], high=evaluation.interval[1])
-            points.append((k, interval, confidence))
+def _scores(rounds: list[RoundRecord]) -> str:
+    """Each model's score with the interval the gate computed for it (the promote stage's)."""
+    points = [
+        (k, Interval(d.candidate, *d.candidate_interval, d.confidence), d.confidence)
+        for k, d in _each(rounds, "promote", Decision)
+        if len(d.candidate_interval) == 2
+    ]
     if not points:
         return "<p>No evaluations yet.</p>"
     figure, axis = plt.subplots(figsize=(7, 3))
@@ -297,7 +294,7 @@ def build_report(store: RunStore, run_id: str) -> str:
         "samples": ("Kept and rejected tasks (a sample; click to open)", _samples(store, rounds)),
         "backtranslation": ("Backtranslated pairs and their self-curation scores", _backtranslation(store, rounds)),
         "loss": ("Training loss", _loss(rounds)),
-        "scores": ("Held-out evaluation by round", _scores(rounds, config.evaluation.confidence)),
+        "scores": ("Held-out evaluation by round", _scores(rounds)),
         "promotion": ("Promotion decisions", _promotion(rounds)),
         "timing": ("Time per stage", _timing(rounds)),
     }
