@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from services.api import filter_pb2, generator_pb2
+from services.common import prompts
 from services.common.convert import uri_source
 from services.common.records import Instance, Lineage, TaskRecord, stable_id
 from services.common.stages import Dataset, Filtered, RatingPool, Segments, Split, Trained
@@ -146,5 +147,5 @@ def _keep_the_best(run: Run, k: int, curated: Dataset, heldout_uri: str) -> Filt
         candidates=response.candidates,
         funnel={step.rule: step.removed for step in response.funnel},
         curation_threshold=threshold,
-        scores={str(n): scores.count(float(n)) for n in range(6)},  # 0 (unreadable) and 1-5
+        scores={str(n): scores.count(float(n)) for n in prompts.CURATION_SCORES},
     )

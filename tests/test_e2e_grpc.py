@@ -390,7 +390,6 @@ def test_malformed_requests_get_invalid_argument(deployed):
             )
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.max_new_tokens" in info.value.details()
-    assert (ANSWERED_KEY, "INVALID_ARGUMENT") in info.value.trailing_metadata()
     # ... and the services keep serving
     ok = clients.filter_tasks(filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(seeds)))
     assert ok.candidates == 3
@@ -453,6 +452,136 @@ def test_a_request_cannot_touch_another_run(deployed):
         "model_uri",
     )  # no hub, no file probing
     assert before == {path: open(store.resolve(path), "rb").read() for path in before}
+
+
+def test_model_uris_from_clients_stay_in_the_store_and_never_unpickle(deployed, tmp_path):
+    """Through Serve's proxy: a relative URI means a path in the store, a symlink out of the store is
+    refused, a path outside answers the same whether or not something is there (no probing), and an
+    adapter or checkpoint that only has pickled weights is refused without unpickling them."""
+    import pickle
+
+    config, clients = deployed
+    store = RunStore(config.store.root)
+    outside = tmp_path / "outside" / "model"
+    outside.mkdir(parents=True)
+    (outside / "config.json").write_text("{}")
+    link = store.resolve(store.uri("e2e", "round-060"))
+    os.makedirs(link)
+    os.symlink(os.path.relpath(outside, link), os.path.join(link, "model"))
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    pickled = {}
+    for name, files in (
+        ("adapter", ("adapter_config.json", "adapter_model.bin")),
+        ("full", ("config.json", "pytorch_model.bin")),
+    ):
+        path = store.resolve(store.uri("e2e", f"round-07{len(pickled)}", "model"))
+        os.makedirs(path)
+        for file in files:
+            with open(os.path.join(path, file), "wb") as handle:
+                handle.write(
+                    b'{"base_model_name_or_path": "builtin:tiny-llama", "peft_type": "LORA"}'
+                    if file.endswith(".json")
+                    else pickle.dumps(Payload())
+                )
+        pickled[name] = store.uri("e2e", f"round-07{len(pickled)}", "model")
+
+    def evaluate(model_uri: str) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as info:
+            clients.evaluate_model(
+                evaluator_pb2.EvaluateModelRequest(
+                    context=CTX,
+                    model_uri=model_uri,
+                    eval_tasks=tasks_to_source(load_seed_tasks()[:1]),
+                    sampling=common_pb2.Sampling(max_new_tokens=2),
+                )
+            )
+        return info.value
+
+    relative = evaluate(os.path.relpath(outside, os.getcwd()))
+    assert relative.code() == grpc.StatusCode.INVALID_ARGUMENT and "in the run store" in relative.details()
+    linked = evaluate("e2e/round-060/model")
+    assert linked.code() == grpc.StatusCode.INVALID_ARGUMENT and "outside the run store" in linked.details()
+    there, absent = evaluate(str(outside)), evaluate(str(tmp_path / "absent" / "model"))
+    assert there.code() == absent.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert there.details().replace(str(outside), "X") == absent.details().replace(
+        str(tmp_path / "absent" / "model"), "X"
+    )
+    for uri in pickled.values():
+        refused = evaluate(uri)
+        assert refused.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION), (
+            refused.details()
+        )
+        assert "safetensors" in refused.details() and "Traceback" not in refused.details()
+    assert not marker.exists()  # nothing was unpickled
+
+
+def test_long_tasks_cost_what_the_model_context_allows(deployed):
+    """EvaluateModel on 8 tasks of ~20,000 characters each (the per-field limit): prompts and
+    references are cut to the model's context (training.max_seq_len), so the evaluator replica
+    answers without growing by gigabytes."""
+    import psutil
+    from ray.util.state import list_actors
+
+    from services.common.records import Instance, TaskRecord
+
+    _, clients = deployed
+    replica = next(
+        a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ServeReplica:evaluator:Evaluator"
+    )
+    process = psutil.Process(replica.pid)
+    words = " ".join(f"word{i}" for i in range(2500))[:19_000]
+    tasks = [
+        TaskRecord(id=f"long{i}", instruction=f"{i} {words}", instances=[Instance(words, words)]) for i in range(8)
+    ]
+    before = process.memory_info().rss
+    response = clients.evaluate_model(
+        evaluator_pb2.EvaluateModelRequest(
+            context=CTX,
+            model_uri="builtin:tiny-llama",
+            eval_tasks=tasks_to_source(tasks),
+            with_nll=True,
+            sampling=common_pb2.Sampling(max_new_tokens=4),
+        )
+    )
+    assert response.num_tasks == 8 and all(t.nll > 0 for t in response.tasks)
+    assert process.memory_info().rss - before < 1024**3, "the evaluator grew by a gigabyte or more"
+
+
+def _outward_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None."""
+    import socket
+
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.255", 9))
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") else address
+
+
+def test_without_a_token_grpc_answers_loopback_clients_only(deployed):
+    """Serve's gRPC proxy listens on every interface (Ray has no option); with serve.host 127.0.0.1 and
+    no token, a call that arrives over another interface is UNAUTHENTICATED, as HTTP (bound to
+    serve.host) is not reachable there at all."""
+    config, clients = deployed
+    address = _outward_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+    remote = ServiceClients(f"{address}:{config.serve.grpc_port}", 30, retries=0)
+    request = filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(load_seed_tasks()[:2]))
+    with pytest.raises(grpc.RpcError) as info:
+        remote.filter_tasks(request)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "loopback clients only" in info.value.details()
+    assert clients.filter_tasks(request).candidates == 2  # the same call over loopback
+    remote.close()
 
 
 def test_requests_that_would_pin_a_replica_are_refused(deployed):
@@ -519,6 +648,66 @@ def test_requests_that_would_pin_a_replica_are_refused(deployed):
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "application: trainer" in info.value.details() and "Traceback" not in info.value.details()
     channel.close()
+
+
+def test_training_beyond_the_cap_and_extra_streams_are_refused(deployed):
+    """Through Serve's proxy, on the real trainer and Ray's job API: a StartTraining beyond
+    serve.max_training_jobs runs in progress is RESOURCE_EXHAUSTED at once (nothing submitted), and
+    StreamTraining streams beyond half a replica's max_ongoing_requests are refused while
+    GetTrainingStatus still answers; cancelled runs end their streams."""
+    import threading
+
+    config, clients = deployed
+    store = RunStore(config.store.root)
+    quick = ServiceClients(f"127.0.0.1:{config.serve.grpc_port}", 30, retries=0)
+
+    def start(n: int):
+        return clients.start_training(
+            trainer_pb2.StartTrainingRequest(
+                context=common_pb2.RunContext(run_id="cap", round=n),
+                base_model_uri="builtin:tiny-llama",
+                train_tasks=tasks_to_source(load_seed_tasks()[:16]),
+                output_model_uri=store.model_uri("cap", n),
+                params=trainer_pb2.TrainingParams(epochs=5000, batch_size=4, max_seq_len=64),
+            )
+        )
+
+    jobs = [start(n) for n in range(1, config.serve.max_training_jobs + 1)]
+    streams, ended = [], []
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            start(99)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "serve.max_training_jobs" in info.value.details() and not store.exists(store.uri("cap", "round-099"))
+
+        allowed = config.serve.max_ongoing_requests // 2
+
+        def follow(job_id: str) -> None:
+            ended.append([status.state for status in clients.stream_training(job_id)][-1])
+
+        streams = [threading.Thread(target=follow, args=(jobs[i % len(jobs)].job_id,)) for i in range(allowed)]
+        for thread in streams:
+            thread.start()
+        time.sleep(3)  # the streams are open on the replica
+        with pytest.raises(grpc.RpcError) as info:
+            next(iter(quick.stream_training(jobs[0].job_id)))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "GetTrainingStatus" in info.value.details()
+        started = time.monotonic()
+        assert quick.training_status(jobs[0].job_id).job_id == jobs[0].job_id
+        assert time.monotonic() - started < 10
+    finally:
+        for job in jobs:
+            clients.cancel_training(job.job_id)
+        for thread in streams:
+            thread.join(180)
+    final = {trainer_pb2.TrainingStatus.CANCELLED, trainer_pb2.TrainingStatus.FAILED}
+    assert len(ended) == len(streams) and set(ended) <= final  # every stream ended with its run
+    for job in jobs:  # no run left in progress for the tests after this one
+        deadline = time.time() + 120
+        while clients.training_status(job.job_id).state not in final:
+            assert time.time() < deadline, "a cancelled run did not end"
+            time.sleep(1)
+    quick.close()
 
 
 def test_one_round_end_to_end_over_grpc(deployed):
@@ -632,6 +821,49 @@ def test_openai_compatible_api_and_engine(deployed):
         with pytest.raises(urllib.error.HTTPError) as info:
             post("/completions", body)
         assert info.value.code == status
+
+
+def test_one_replica_serving_two_models_never_mixes_them(deployed):
+    """Concurrent requests for two models on the one generator replica (OpenAI completions over HTTP)
+    and the one evaluator replica (EvaluateModel NLL over gRPC): every answer is the one its model
+    gives alone."""
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    config, clients = deployed
+    models = ("builtin:tiny-llama", "builtin:tiny-t5")
+    tasks = tasks_to_source(load_seed_tasks()[:2])
+
+    def complete(model: str) -> str:
+        body = {"model": model, "prompt": "Task: Name a colour.\nAnswer:", "max_tokens": 6, "temperature": 0}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{config.serve.http_port}/generator/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())["choices"][0]["text"]
+
+    def nll(model: str) -> list[float]:
+        response = clients.evaluate_model(
+            evaluator_pb2.EvaluateModelRequest(
+                context=CTX,
+                model_uri=model,
+                eval_tasks=tasks,
+                with_nll=True,
+                max_instances_per_task=1,
+                sampling=common_pb2.Sampling(max_new_tokens=2),
+            )
+        )
+        return [round(t.nll, 5) for t in response.tasks]
+
+    alone = {m: (complete(m), nll(m)) for m in models}
+    assert alone[models[0]] != alone[models[1]]
+    with ThreadPoolExecutor(8) as pool:
+        asked = [models[i % 2] for i in range(16)]
+        answers = list(pool.map(lambda m: (complete(m), nll(m)), asked))
+    assert [alone[m] for m in asked] == answers
 
 
 _METHODS = [

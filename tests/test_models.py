@@ -9,7 +9,7 @@ import pytest
 
 from services.common import models
 from services.common.models import ModelUnavailable, load_model
-from services.trainer.train_loop import _apply_lora, _save_final
+from services.trainer.train_loop import _apply_lora, _save_pretrained
 
 
 def test_smollm2_converts_to_an_ordinary_checkpoint(smollm2, tmp_path):
@@ -21,11 +21,8 @@ def test_smollm2_converts_to_an_ordinary_checkpoint(smollm2, tmp_path):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
     assert model.config._attn_implementation == models.ATTENTION
     # a LoRA round saves a merged checkpoint, as the trainer does
-    lora = {
-        "lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "keep_adapter": False},
-        "output_dir": str(tmp_path / "merged"),
-    }
-    _save_final(_apply_lora(model, lora), tokenizer, lora)
+    lora = {"lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "keep_adapter": False}}
+    _save_pretrained(_apply_lora(model, lora), tokenizer, lora, str(tmp_path / "merged"))
     reloaded, _ = load_model(str(tmp_path / "merged"))
     assert reloaded.config.model_type == "llama"
 
@@ -64,3 +61,27 @@ def test_missing_wheel_and_altered_file_are_named(monkeypatch, tmp_path):
         models.smollm2_gguf()
     with pytest.raises(ModelUnavailable, match="unknown built-in preset"):
         models.ensure_builtin("gpt-9", str(tmp_path))
+
+
+def test_a_checkpoint_in_a_store_given_as_a_uri_loads_from_a_local_copy(builtin_cache, tmp_path):
+    """A run store that is not a local path (fsspec's local:// here, s3:// on a cluster): a client's
+    model URI is confined to the store and named by its URI; the process that loads it fetches a
+    copy once into the cache, whole, and loads that."""
+    import shutil
+
+    from services.common.store import RunStore
+    from services.common.validation import check_model_uri
+
+    store = RunStore(f"local://{tmp_path}/store")
+    checkpoint = store.resolve(store.model_uri("r", 1))
+    shutil.copytree(models.ensure_builtin("tiny-llama", builtin_cache), checkpoint)
+    uri = check_model_uri("r/round-001/model", store)  # relative: a path in the store
+    assert uri == store.model_uri("r", 1) and uri.startswith("local://")
+    cache = tmp_path / "cache"
+    local = models.resolve_model(uri, str(cache))
+    assert Path(local).parent == cache / "remote" and (Path(local) / "model.safetensors").exists()
+    assert models.resolve_model(uri, str(cache)) == local and len(list((cache / "remote").iterdir())) == 1
+    model, _ = load_model(uri, cache_dir=str(cache))
+    assert model.config.model_type == "llama"
+    with pytest.raises(ModelUnavailable, match="no checkpoint"):
+        models.resolve_model(store.model_uri("r", 2), str(cache))

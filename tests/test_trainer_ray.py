@@ -107,3 +107,9 @@ def test_a_store_given_as_a_uri_trains_end_to_end(local_ray, tmp_path, builtin_c
     assert store.exists(job.model_uri + "/model.safetensors") and store.exists(job.model_uri + "/config.json")
     assert store.fs.glob(store.resolve(job.model_uri) + ".tmp-*") == []  # the staging directory was moved
     assert store.fs.glob(store.resolve(store.uri("uri", "ray_train")) + "/*")  # Ray Train's own checkpoints
+    # the next round fine-tunes that checkpoint: the training workers fetch it from the store by URI
+    again = service.start("uri", 2, job.model_uri, data, store.model_uri("uri", 2), params)
+    _wait(lambda: service.status(again.job_id).state in ("SUCCEEDED", "FAILED"), 300, "the second run to end")
+    assert service.status(again.job_id).state == "SUCCEEDED", service.status(again.job_id).error
+    fetched = [p for p in os.listdir(os.path.join(builtin_cache, "remote")) if p.startswith("model-")]
+    assert fetched and store.exists(store.model_uri("uri", 2) + "/model.safetensors")

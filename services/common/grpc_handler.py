@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import ipaddress
 import logging
 import os
 
@@ -41,11 +42,37 @@ def token_matches(presented: str | None) -> bool:
     return hmac.compare_digest((presented or "").encode(), f"Bearer {expected}".encode())
 
 
-def _admit(request, grpc_context) -> None:
-    """Authentication and size, before anything else looks at the request."""
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+        return (mapped or address).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _peer_host(peer: str) -> str:
+    """'ipv4:127.0.0.1:5000' -> '127.0.0.1', 'ipv6:[::1]:5000' -> '::1'; '' for unix sockets and the like."""
+    kind, _, address = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return ""
+    return address.rsplit(":", 1)[0].strip("[]")
+
+
+def _admit(request, grpc_context, serve_host: str | None = None) -> None:
+    """Who may call, and size, before anything else looks at the request. Serve's gRPC proxy listens
+    on every interface (Ray has no option for it): without a token, a replica whose serve.host is a
+    loopback address answers loopback clients only, as the HTTP side (bound to serve.host) does."""
     metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
     if not token_matches(metadata.get("authorization")):
         raise Unauthenticated("missing or wrong bearer token in metadata 'authorization'")
+    if grpc_context is not None and serve_host and _is_loopback(serve_host) and not os.environ.get(API_TOKEN_ENV):
+        peer = _peer_host(grpc_context.peer() or "")
+        if peer and not _is_loopback(peer):
+            raise Unauthenticated(
+                f"this server answers loopback clients only (serve.host {serve_host}, no REINSTRUCT_API_TOKEN): "
+                "set a token on the replicas to serve other hosts"
+            )
     if request is None:  # services.api.servicers: the bytes were no valid message of this method's type
         raise RequestError("request", "not a valid protobuf message for this method")
     size = request.ByteSize()
@@ -78,7 +105,8 @@ def _status_for(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
 
 # Every status a replica answers carries this trailing metadata: a client can tell an answer (an error
 # the service chose, never retried) from a failure of Serve or Ray around it (a replica that died
-# mid-call, answered INTERNAL by the proxy), which is worth a retry.
+# mid-call, answered INTERNAL by the proxy), which is worth a retry. (Serve forwards it for unary
+# methods; a failed stream ends without it, and the client never retries a stream.)
 ANSWERED_KEY = "reinstruct-status"
 
 
@@ -93,7 +121,7 @@ def grpc_stream_method(method):
 
     def wrapper(self, request, grpc_context=None):
         try:
-            _admit(request, grpc_context)
+            _admit(request, grpc_context, getattr(self, "serve_host", None))
             with deadline.budget(getattr(self, "request_budget_s", None)):
                 yield from method(self, request)
         except Exception as exc:  # reported as the stream's status, the replica keeps serving
@@ -116,7 +144,7 @@ def grpc_method(response_type):
         @functools.wraps(method)
         def wrapper(self, request, grpc_context=None):
             try:
-                _admit(request, grpc_context)
+                _admit(request, grpc_context, getattr(self, "serve_host", None))
                 with deadline.budget(getattr(self, "request_budget_s", None)):
                     return method(self, request)
             except Exception as exc:  # every failure becomes a status; the replica keeps serving

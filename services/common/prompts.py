@@ -144,6 +144,8 @@ BACKWARD = _register(
 )
 # Humpback's self-curation prompt (Li et al. 2023, Table 19): the 5-point scale of how well an answer
 # is written as an AI assistant's answer to the instruction; reason first, then "Score: N".
+# What a self-curation rating can be: 0 when the completion holds no readable score, else the rubric's 1-5.
+CURATION_SCORES = tuple(range(6))
 CURATE = _register(
     "backtranslation.curate",
     2,

@@ -93,6 +93,8 @@ class RunStore:
         if "\x00" in uri:
             raise UriNotAllowed(field, "NUL byte in URI")
         scheme, path = _split_scheme(uri)
+        if "://" not in uri and not uri.startswith("/") and not self.is_local:
+            scheme, path = self.scheme, posixpath.join(self.root, uri)  # relative: a path in the store
         if scheme not in self.allowed_schemes or scheme != self.scheme:
             raise UriNotAllowed(field, f"scheme '{scheme}' is not allowed (store is {self.scheme}://)")
         if ".." in path.split("/"):
@@ -231,17 +233,18 @@ class RunStore:
         if self.fs.exists(path):
             self.fs.rm(path)
 
-    def _as_uri(self, path: str) -> str:
+    def uri_of(self, path: str) -> str:
+        """The URI of a store path (what resolve returned): the path itself on a local store."""
         return path if self.is_local else f"{self.scheme}://{path}"
 
     def beside(self, uri: str, name: str) -> str:
         """The URI of a file called name in the same directory as uri."""
-        return self._as_uri(posixpath.join(posixpath.dirname(self.resolve(uri)), name))
+        return self.uri_of(posixpath.join(posixpath.dirname(self.resolve(uri)), name))
 
     def staging_uri(self, uri: str) -> str:
         """Where a checkpoint for uri is written before commit_directory makes it visible: beside it,
         so that on a local (or shared) filesystem the commit is one rename."""
-        return self._as_uri(f"{self.resolve(uri)}.tmp-{uuid.uuid4().hex[:8]}")
+        return self.uri_of(f"{self.resolve(uri)}.tmp-{uuid.uuid4().hex[:8]}")
 
     def put_directory(self, local_dir: str | Path, uri: str) -> None:
         """Copies a local directory (a checkpoint a worker saved) to uri; locally a no-op when it is

@@ -132,7 +132,8 @@ def check_model_uri(
     uri: str, store: RunStore, field: str = "model_uri", trusted: TrustedModels = TrustedModels()
 ) -> str:
     """A preset, a model the operator trusts, or a checkpoint in the run store (returned as its
-    resolved store path, so a relative URI can never mean a directory outside the store)."""
+    resolved store URI, so a relative URI can never mean a directory outside the store; on a store
+    that is not a local path, models.resolve_model fetches it where it is loaded)."""
     check_text(uri, field, required=True, limit=1024)
     if uri.startswith(BUILTIN_PREFIX):
         if uri[len(BUILTIN_PREFIX) :] not in BUILTIN_PRESETS:
@@ -151,7 +152,7 @@ def check_model_uri(
         ) from None
     if not any(store.fs.exists(f"{path}/{name}") for name in ("config.json", "adapter_config.json")):
         raise RequestError(field, f"no checkpoint at {uri!r} in the run store")
-    return path
+    return store.uri_of(path)
 
 
 def check_output_uri(uri: str, store: RunStore, field: str, run_id: str, *, dataset: bool = True) -> str:

@@ -71,6 +71,7 @@ class EvaluatorDeployment:
         config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(config.store.root, config.store.allowed_schemes)
         self.request_budget_s = config.serve.request_timeout_s  # work past it is abandoned (deadline.py)
+        self.serve_host = config.serve.host  # without a token, gRPC answers loopback clients only
         self.trusted = TrustedModels.from_config(config)
         self.evaluation = config.evaluation
         self.service = EvaluatorService(

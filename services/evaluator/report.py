@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..common.config import ReinstructConfig  # noqa: E402
+from ..common.prompts import CURATION_SCORES  # noqa: E402
 from ..common.stages import Dataset, Decision, Filtered, Instructions, RoundRecord, Trained, rounds_of  # noqa: E402
 from ..common.store import RunStore  # noqa: E402
 from .bootstrap import Interval  # noqa: E402
@@ -169,12 +170,13 @@ def _backtranslation(store: RunStore, rounds: list[RoundRecord]) -> str:
     for n, (k, tasks) in enumerate(curated):
         counts = Counter(int(t.lineage.scores.get("curation", 0)) for t in tasks)
         axis.bar(
-            [score + n * width for score in range(6)],
-            [counts.get(score, 0) for score in range(6)],
+            [score + n * width for score in CURATION_SCORES],
+            [counts.get(score, 0) for score in CURATION_SCORES],
             width=width,
             label=f"round {k}",
         )
-    axis.set_xticks([score + 0.4 - width / 2 for score in range(6)], ["unreadable", "1", "2", "3", "4", "5"])
+    labels = ["unreadable", *map(str, CURATION_SCORES[1:])]
+    axis.set_xticks([score + 0.4 - width / 2 for score in CURATION_SCORES], labels)
     axis.set_xlabel("self-curation score")
     axis.set_ylabel("pairs")
     axis.legend(fontsize=8)

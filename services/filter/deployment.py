@@ -50,6 +50,7 @@ class FilterDeployment:
         self.config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(self.config.store.root, self.config.store.allowed_schemes)
         self.request_budget_s = self.config.serve.request_timeout_s  # work past it is abandoned (deadline.py)
+        self.serve_host = self.config.serve.host  # without a token, gRPC answers loopback clients only
         # the pools ScoreNovelty saw last, by file and version: a stage's shards share one pool, and
         # indexing it again for every shard would cost more than the shard's comparisons
         self._pool_indexes: OrderedDict[tuple[str, str], NoveltyIndex] = OrderedDict()

@@ -25,7 +25,7 @@ def _minhash(text: str) -> MinHash | None:
 class ResponseDeduper:
     """Remembers kept responses; flags a new one whose estimated Jaccard with one of them is high."""
 
-    def __init__(self, threshold: float = 0.9) -> None:
+    def __init__(self, threshold: float) -> None:  # filter.near_duplicate_threshold
         self._lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
         self._count = 0
 

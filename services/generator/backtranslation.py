@@ -10,7 +10,9 @@ from ..common import prompts
 from ..common.records import Instance, Lineage, TaskRecord, stable_id
 
 BACKWARD_STOPS = ("\n\n\n", "\nResponse:")  # an instruction may carry a context paragraph
-_SCORE = re.compile(r"score\s*[:=]?\s*\**\s*([1-5])\b", re.IGNORECASE)
+_SCORE = re.compile(
+    rf"score\s*[:=]?\s*\**\s*([{prompts.CURATION_SCORES[1]}-{prompts.CURATION_SCORES[-1]}])\b", re.IGNORECASE
+)
 
 
 def build_backward_prompt(output: str) -> str:

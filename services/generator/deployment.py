@@ -60,6 +60,7 @@ class GeneratorDeployment:
         config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(config.store.root, config.store.allowed_schemes)
         self.request_budget_s = config.serve.request_timeout_s  # work past it is abandoned (deadline.py)
+        self.serve_host = config.serve.host  # without a token, gRPC answers loopback clients only
         self.trusted = TrustedModels.from_config(config)
         engine = create_engine(config.generation.engine, **engine_options(config))
         self.service = GeneratorService(engine)

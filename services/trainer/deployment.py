@@ -76,6 +76,7 @@ class TrainerDeployment:
         self.config = ReinstructConfig.model_validate(settings)
         self.store = RunStore(self.config.store.root, self.config.store.allowed_schemes)
         self.trusted = TrustedModels.from_config(self.config)
+        self.serve_host = self.config.serve.host  # without a token, gRPC answers loopback clients only
         self.service = TrainerService(
             self.store,
             self.config.model.trust_remote_code,

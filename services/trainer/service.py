@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..common.config import TrainingConfig
+from ..common.config import ModelConfig, ServeConfig, TrainingConfig
 from ..common.grpc_handler import API_TOKEN_ENV
 from ..common.models import DEFAULT_CACHE_DIR
 from ..common.records import stable_id
@@ -79,9 +79,9 @@ class TrainerService:
         trust_remote_code: bool = False,
         builtin_cache_dir: str = DEFAULT_CACHE_DIR,
         job_address: str | None = None,
-        prompt_format: str = "auto",
+        prompt_format: str = ModelConfig().prompt_format,
         seed_tag: str = "",
-        max_active_jobs: int = 2,
+        max_active_jobs: int = ServeConfig().max_training_jobs,
     ) -> None:
         self.store = store
         self.max_active_jobs = max_active_jobs
