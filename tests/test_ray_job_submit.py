@@ -3,6 +3,7 @@ rounds are in the run store."""
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 @pytest.fixture
 def head_node(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # token auth, as a user's `ray start` cluster has it: the head and the CLI calls share the token
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env.pop("RAY_ADDRESS", None)
     # Its own session dir (no clash with other local clusters), short: Unix socket paths max 107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rj-", dir="/tmp")
@@ -94,9 +96,19 @@ def test_job_submit_runs_the_loop(tmp_path, head_node, builtin_cache):
             break
         time.sleep(5)
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    assert JobSubmissionClient(address).get_job_status("loop-test") == JobStatus.SUCCEEDED
+    status = subprocess.run(
+        [RAY, "job", "status", "--address", address, "loop-test"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert status.returncode == 0 and "Job 'loop-test' succeeded" in status.stdout, status.stdout + status.stderr
+    # the job API refuses a caller without the cluster's token
+    anonymous = subprocess.run(
+        [RAY, "job", "list", "--address", address],
+        env={**env, "RAY_AUTH_TOKEN": "not-the-token"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert anonymous.returncode != 0, anonymous.stdout
     manifest = json.loads((store_root / "job" / "manifest.json").read_text())
     assert manifest["status"] == "succeeded"
     assert set(manifest["rounds"]) == {"0", "1"}

@@ -26,7 +26,7 @@ def _manifest(store_root: Path, run_id: str) -> dict:
 
 
 def _run_cli(config_path: Path, run_id: str) -> subprocess.Popen:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
         [sys.executable, "-m", "services.cli", "run", "--config", str(config_path), "--run-id", run_id],
@@ -112,7 +112,7 @@ def test_sigkill_mid_round_then_resume(tmp_path, builtin_cache, round_key, after
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ}
     return subprocess.run(
         [sys.executable, "-m", "services.cli", *args],
         cwd=REPO,

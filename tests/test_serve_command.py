@@ -29,7 +29,7 @@ def _listening(port: int) -> bool:
 def test_serve_until_interrupted(tmp_path, builtin_cache):
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(tiny_settings(str(tmp_path / "store"), builtin_cache, 9700, 8700)))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
     server = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "serve", "--config", str(config)],

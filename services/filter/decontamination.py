@@ -16,9 +16,10 @@ def _task_text(task: TaskRecord) -> list[str]:
 
 
 class ContaminationIndex:
-    """Every n-gram (default 13 tokens, as in GPT-3's and FLAN's decontamination) of the eval tasks."""
+    """Every n-gram (filter.decontamination_ngram tokens: 13 by default, as in GPT-3's and FLAN's
+    decontamination) of the eval tasks."""
 
-    def __init__(self, eval_tasks: list[TaskRecord], n: int = 13) -> None:
+    def __init__(self, eval_tasks: list[TaskRecord], n: int) -> None:
         self.n = n
         self._ngrams: set[tuple[str, ...]] = set()
         self._short_texts: set[tuple[str, ...]] = set()
