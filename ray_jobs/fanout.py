@@ -31,8 +31,6 @@ log = logging.getLogger("reinstruct.fanout")
 Response = TypeVar("Response", bound=Message)
 Item = TypeVar("Item")
 
-BUSY_RETRIES = 20  # ABORTED: a request of a killed driver still writes this shard's part; it ends soon
-
 
 @dataclass(frozen=True)
 class Shard(Generic[Item]):
@@ -49,9 +47,13 @@ def split(items: Sequence[Item], per_shard: int) -> list[Sequence[Item]]:
 class ShardedStage:
     """The shards of one stage of one round."""
 
-    def __init__(self, store: RunStore, run_id: str, round_index: int, stage: str, max_in_flight: int) -> None:
+    def __init__(
+        self, store: RunStore, run_id: str, round_index: int, stage: str, max_in_flight: int, busy_wait_s: float
+    ) -> None:
+        """busy_wait_s: how long a shard answered ABORTED is tried again (another request holds its
+        part: one a killed driver sent, which ends within the replicas' request budget)."""
         self.store, self.run_id, self.round_index, self.stage = store, run_id, round_index, stage
-        self.max_in_flight = max_in_flight
+        self.max_in_flight, self.busy_wait_s = max_in_flight, busy_wait_s
         self.layout = ""  # set by shards(): which items, how many a shard
 
     def uri(self, name: str) -> str:
@@ -130,16 +132,16 @@ class ShardedStage:
             raise failure  # the stage fails; the ledger keeps every shard that finished
         return [responses[s.index] for s in shards]
 
-    @staticmethod
-    def _send(send: Callable[[Shard], Response], shard: Shard) -> Response:
-        for attempt in range(BUSY_RETRIES + 1):
+    def _send(self, send: Callable[[Shard], Response], shard: Shard) -> Response:
+        gives_up, attempt = time.monotonic() + self.busy_wait_s, 0
+        while True:
             try:
                 return send(shard)
             except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.ABORTED or attempt == BUSY_RETRIES:
+                if exc.code() != grpc.StatusCode.ABORTED or time.monotonic() > gives_up:
                     raise
-                time.sleep(min(0.5 * 2**attempt, 10.0))
-        raise AssertionError("unreachable")
+            time.sleep(min(0.5 * 2**attempt, 10.0))
+            attempt += 1
 
     def join(self, parts: list[str], output_uri: str) -> int:
         """The stage's dataset: every part's tasks in shard order (empty parts give nothing)."""

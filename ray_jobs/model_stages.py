@@ -8,7 +8,7 @@ from services.common.convert import uri_source
 from services.common.stages import Decision, Evaluated, Judged, Split, Tested, Trained
 from services.evaluator.combine import combine
 
-from .fanout import Shard, ShardedStage
+from .fanout import Shard
 from .run import Run
 
 
@@ -78,7 +78,7 @@ def evaluate(run: Run, k: int, model_uri: str, heldout_uri: str) -> Evaluated:
             on_progress=on_progress,
         )
 
-    sharded = ShardedStage(run.store, run.run_id, k, "evaluate", run.in_flight("evaluator"))
+    sharded = run.shard_stage(k, "evaluate", "evaluator")
     shards = sharded.shards(tasks, run.config.fanout.tasks_per_shard, write_inputs=True)
     parts = sharded.run(shards, send, evaluator_pb2.EvaluateModelResponse)
     predictions_uri = run.uri(k, "eval_predictions")

@@ -115,13 +115,20 @@ class Run:
         replicas = scaling.autoscaling.max_replicas if scaling.autoscaling else scaling.replicas
         return max(1, min(self.config.fanout.max_in_flight, 2 * replicas))
 
+    def shard_stage(self, k: int, stage: str, app: str) -> ShardedStage:
+        """Stage k's shards, as many in flight as the app's replicas take; a shard whose part another
+        request holds (ABORTED) is tried again for as long as that request can run."""
+        return ShardedStage(
+            self.store, self.run_id, k, stage, self.in_flight(app), self.config.serve.request_timeout_s + 30
+        )
+
     def sharded(self, k: int, stage: str, name: str, previous: Dataset, call: Callable[[str, str], Any]) -> Dataset:
         """The previous stage's tasks in shards of fanout.tasks_per_shard, sent concurrently to the
         generator: call(input_uri, output_uri) is one request. Nothing is sent for an empty input
         (services reject empty batches)."""
         if previous.count == 0:
             return self.write(k, name, [])
-        sharded = ShardedStage(self.store, self.run_id, k, stage, self.in_flight("generator"))
+        sharded = self.shard_stage(k, stage, "generator")
         shards = sharded.shards(previous.tasks(self.store), self.config.fanout.tasks_per_shard, write_inputs=True)
         responses = sharded.run(
             shards,

@@ -8,7 +8,6 @@ from services.common.convert import task_from_proto, uri_source
 from services.common.records import TaskRecord
 from services.common.stages import Dataset, Filtered, Instructions, Split
 
-from .fanout import ShardedStage
 from .run import Run
 
 
@@ -21,9 +20,7 @@ def generate_instructions(run: Run, k: int, model: str, split: Split, machine: l
     in_context, written, truncated, shards = list(machine), [], 0, 0
     for start in range(0, g.num_prompts, g.pool_refresh_prompts):
         batch = list(range(start, min(start + g.pool_refresh_prompts, g.num_prompts)))
-        sharded = ShardedStage(
-            run.store, run.run_id, k, f"generate_instructions/batch-{start:05d}", run.in_flight("generator")
-        )
+        sharded = run.shard_stage(k, f"generate_instructions/batch-{start:05d}", "generator")
         pool_uri = sharded.uri("pool.parquet")
         run.store.write_tasks(pool_uri, in_context)
         batch_shards = sharded.shards(batch, run.config.fanout.prompts_per_shard)
@@ -167,7 +164,7 @@ def _pool_scores(run: Run, k: int, candidates: Dataset, pool_uri: str) -> list[f
     per_shard = run.config.fanout.filter_candidates_per_shard
     if candidates.count <= per_shard:
         return None
-    sharded = ShardedStage(run.store, run.run_id, k, "filter", run.in_flight("filter"))
+    sharded = run.shard_stage(k, "filter", "filter")
     responses = sharded.run(
         sharded.shards(candidates.tasks(run.store), per_shard, write_inputs=True),
         lambda shard: run.clients.score_novelty(

@@ -454,6 +454,88 @@ def test_a_request_cannot_touch_another_run(deployed):
     assert before == {path: open(store.resolve(path), "rb").read() for path in before}
 
 
+def test_a_filter_request_too_costly_in_the_worst_case_is_refused(deployed):
+    """Through Serve's proxy: long texts that share their tokens in another order defeat the pruning
+    bound (each pair needs an exact LCS); a FilterTasks or ScoreNovelty whose candidate tokens x pooled
+    tokens is over MAX_ROUGE_CELLS is refused at once, naming the field, instead of holding the replica
+    for minutes."""
+    import random
+
+    from services.common.convert import uri_source
+    from services.common.records import TaskRecord
+
+    config, clients = deployed
+    store, rng = RunStore(config.store.root), random.Random(0)
+    words = [f"w{i}" for i in range(3000)]
+
+    def permuted(prefix: str, n: int) -> list[TaskRecord]:
+        return [TaskRecord(id=f"{prefix}{i}", instruction=" ".join(rng.sample(words, len(words)))) for i in range(n)]
+
+    for name, tasks in (("costly-candidates", permuted("c", 400)), ("costly-pool", permuted("p", 400))):
+        store.write_tasks(store.dataset_uri(CTX.run_id, 9, name), tasks)
+    candidates = uri_source(store.dataset_uri(CTX.run_id, 9, "costly-candidates"))
+    pool = uri_source(store.dataset_uri(CTX.run_id, 9, "costly-pool"))
+    for call, request in (
+        (clients.filter_tasks, filter_pb2.FilterTasksRequest(context=CTX, candidates=candidates, pool=pool)),
+        (clients.score_novelty, filter_pb2.ScoreNoveltyRequest(context=CTX, candidates=candidates, pool=pool)),
+    ):
+        started = time.monotonic()
+        _expect_invalid(call, request, "candidates")
+        assert time.monotonic() - started < 30  # refused before any comparison
+
+
+def test_two_requests_for_one_output_one_wins_and_the_other_is_told(deployed):
+    """Through Serve's proxy, two FilterTasks at once with the same kept_uri: one succeeds and its
+    kept tasks are what the file holds; the other is ABORTED at once ("another request is writing"),
+    never told it succeeded with data that is not in the file."""
+    import threading
+
+    from benchmarks.rouge_filter import synthetic_instructions
+    from services.common.records import Instance, TaskRecord
+
+    config, clients = deployed
+    store = RunStore(config.store.root)
+    kept_uri = store.dataset_uri(CTX.run_id, 8, "contested-kept")
+    texts = synthetic_instructions(1500, seed=21)
+    slow = [
+        TaskRecord(id=f"slow{i}", instruction=t, instances=[Instance("", f"answer {i}")]) for i, t in enumerate(texts)
+    ]
+    pool = tasks_to_source(
+        [TaskRecord(id=f"p{i}", instruction=t) for i, t in enumerate(synthetic_instructions(1500, 22))]
+    )
+    requests = {
+        "slow": filter_pb2.FilterTasksRequest(
+            context=CTX, candidates=tasks_to_source(slow), pool=pool, kept_uri=kept_uri
+        ),
+        "quick": filter_pb2.FilterTasksRequest(
+            context=CTX, candidates=tasks_to_source(load_seed_tasks()[:3]), kept_uri=kept_uri
+        ),
+    }
+    outcomes = {}
+
+    def call(name: str) -> None:
+        try:
+            outcomes[name] = clients.filter_tasks(requests[name])
+        except grpc.RpcError as exc:
+            outcomes[name] = exc
+
+    threads = {name: threading.Thread(target=call, args=(name,)) for name in requests}
+    threads["slow"].start()
+    time.sleep(0.5)
+    threads["quick"].start()
+    for thread in threads.values():
+        thread.join(300)
+    lost = [name for name, o in outcomes.items() if isinstance(o, grpc.RpcError)]
+    assert len(lost) == 1, outcomes
+    refusal = outcomes[lost[0]]
+    assert refusal.code() == grpc.StatusCode.ABORTED and "another request is writing" in refusal.details()
+    winner = outcomes[next(name for name in requests if name not in lost)]
+    kept = store.read_tasks(kept_uri)
+    assert len(kept) == winner.kept_count and {t.id for t in kept} <= {
+        t.id for t in requests[next(n for n in requests if n not in lost)].candidates.inline.tasks
+    }
+
+
 def test_model_uris_from_clients_stay_in_the_store_and_never_unpickle(deployed, tmp_path):
     """Through Serve's proxy: a relative URI means a path in the store, a symlink out of the store is
     refused, a path outside answers the same whether or not something is there (no probing), and an

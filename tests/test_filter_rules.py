@@ -215,36 +215,3 @@ def test_zero_and_false_are_answers_not_unset(tmp_path):
     assert _given(trainer_pb2.TrainingParams(use_gpu=False), "use_gpu", True) is False
     assert _given(trainer_pb2.TrainingParams(), "use_gpu", True) is True
     assert _given(trainer_pb2.LoraParams(dropout=0.0), "dropout", 0.05) == 0.0
-
-
-def test_a_filter_request_too_costly_in_the_worst_case_is_refused(tmp_path):
-    """Long texts that share their tokens in another order defeat the pruning bound (each pair needs an
-    exact LCS): a request whose candidate tokens x pooled tokens is over MAX_ROUGE_CELLS is refused at
-    once, naming the field, instead of holding the replica for minutes."""
-    import random
-
-    from services.api import common_pb2, filter_pb2
-    from services.common.convert import uri_source
-    from services.common.store import RunStore
-    from services.filter.deployment import FilterDeployment
-
-    store, rng = RunStore(str(tmp_path)), random.Random(0)
-    words = [f"w{i}" for i in range(3000)]
-
-    def permuted(prefix: str, n: int) -> list[TaskRecord]:
-        return [TaskRecord(id=f"{prefix}{i}", instruction=" ".join(rng.sample(words, len(words)))) for i in range(n)]
-
-    for name, tasks in (("candidates", permuted("c", 400)), ("pool", permuted("p", 400))):
-        store.write_tasks(store.dataset_uri("r", 1, name), tasks)
-    replica = FilterDeployment.func_or_class({"store": {"root": str(tmp_path)}})
-    ctx = common_pb2.RunContext(run_id="r", round=1)
-    candidates, pool = (
-        uri_source(store.dataset_uri("r", 1, "candidates")),
-        uri_source(store.dataset_uri("r", 1, "pool")),
-    )
-    for call in (
-        lambda: replica.FilterTasks(filter_pb2.FilterTasksRequest(context=ctx, candidates=candidates, pool=pool)),
-        lambda: replica.ScoreNovelty(filter_pb2.ScoreNoveltyRequest(context=ctx, candidates=candidates, pool=pool)),
-    ):
-        with pytest.raises(RuntimeError, match="INVALID_ARGUMENT: candidates: .*send the candidates in parts"):
-            call()

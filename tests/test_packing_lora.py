@@ -5,6 +5,7 @@ import torch
 
 from services.common.models import load_model
 from services.common.rendering import IGNORE_INDEX, Example, tokenize
+from services.common.store import RunStore
 from services.trainer.formatting import collate, collate_packed, pack
 from services.trainer.train_loop import _apply_lora, _save_final
 
@@ -83,9 +84,10 @@ def test_packing_fills_sequences():
 @pytest.mark.parametrize("keep_adapter", [False, True])
 def test_lora_trains_saves_and_reloads(builtin_cache, tmp_path, keep_adapter):
     model, tok = load_model("builtin:tiny-llama", cache_dir=builtin_cache)
+    store = RunStore(str(tmp_path))
     config = {
         "lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "keep_adapter": keep_adapter},
-        "output_dir": str(tmp_path / "out"),
+        "staging_uri": store.uri("out"),  # where rank 0 saves; the job then commits it
     }
     model = _apply_lora(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -94,7 +96,7 @@ def test_lora_trains_saves_and_reloads(builtin_cache, tmp_path, keep_adapter):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**batch).loss.backward()
     optimizer.step()
-    _save_final(model, tok, config)
+    _save_final(model, tok, config, store)
     reloaded, reloaded_tok = load_model(str(tmp_path / "out"), cache_dir=builtin_cache)
     ids = reloaded_tok("Say hi:", return_tensors="pt", add_special_tokens=False).input_ids
     out = reloaded.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=reloaded_tok.pad_token_id)

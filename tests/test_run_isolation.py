@@ -77,3 +77,35 @@ def test_a_checkpoint_is_never_replaced(store, tmp_path):
     with pytest.raises(StoreError, match="never replaced"):
         store.commit_directory(str(staging), store.model_uri("mine", 1))
     assert (tmp_path / "mine" / "round-001" / "model" / "config.json").read_text() == "{}"
+
+
+def test_a_request_holds_its_output_from_validation_to_its_end(store):
+    """check_output_uri claims the output for the whole request (output_claims, entered by every gRPC
+    handler): a second request for it while the first still works is refused at once, so the one
+    told it succeeded is the one whose data is in the file; the first writes without locking itself
+    out; the claim ends with the request."""
+    from services.common.store import output_claims
+    from services.common.validation import check_output_uri
+
+    uri = store.dataset_uri("mine", 4, "kept")
+    validated, finish = threading.Event(), threading.Event()
+    outcome = {}
+
+    def first_request():
+        with output_claims():
+            check_output_uri(uri, store, "kept_uri", "mine")
+            validated.set()
+            finish.wait(5)  # the request's work
+            outcome["first"] = store.write_output(uri, "mine", TASKS, "kept_uri")
+
+    first = threading.Thread(target=first_request)
+    first.start()
+    validated.wait(5)
+    other = RunStore(store.root)
+    with output_claims(), pytest.raises(StoreBusy, match="another request is writing"):
+        check_output_uri(uri, other, "kept_uri", "mine")  # refused before it does any work
+    finish.set()
+    first.join(5)
+    assert outcome["first"] == 1 and [t.id for t in store.read_tasks(uri)] == ["a"]
+    with output_claims():  # released with the first request
+        assert check_output_uri(uri, other, "kept_uri", "mine") == uri

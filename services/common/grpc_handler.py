@@ -12,7 +12,7 @@ import grpc
 
 from . import deadline
 from .models import ModelUnavailable
-from .store import StoreBusy, StoreError, UriNotAllowed
+from .store import StoreBusy, StoreError, UriNotAllowed, output_claims
 from .validation import Overloaded, RequestError
 
 logger = logging.getLogger("reinstruct")
@@ -122,7 +122,7 @@ def grpc_stream_method(method):
     def wrapper(self, request, grpc_context=None):
         try:
             _admit(request, grpc_context, getattr(self, "serve_host", None))
-            with deadline.budget(getattr(self, "request_budget_s", None)):
+            with deadline.budget(getattr(self, "request_budget_s", None)), output_claims():
                 yield from method(self, request)
         except Exception as exc:  # reported as the stream's status, the replica keeps serving
             code, details = _status_for(exc, method.__name__)
@@ -145,7 +145,7 @@ def grpc_method(response_type):
         def wrapper(self, request, grpc_context=None):
             try:
                 _admit(request, grpc_context, getattr(self, "serve_host", None))
-                with deadline.budget(getattr(self, "request_budget_s", None)):
+                with deadline.budget(getattr(self, "request_budget_s", None)), output_claims():
                     return method(self, request)
             except Exception as exc:  # every failure becomes a status; the replica keeps serving
                 code, details = _status_for(exc, method.__name__)

@@ -12,6 +12,7 @@ is never redone: that is how a rerun resumes.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import json
 import os
@@ -53,6 +54,23 @@ def _split_scheme(uri: str) -> tuple[str, str]:
         scheme, rest = uri.split("://", 1)
         return scheme.lower(), rest
     return "file", uri
+
+
+# The outputs the current request holds (claim_output), released when it ends (output_claims).
+_OUTPUT_CLAIMS: contextvars.ContextVar[tuple[contextlib.ExitStack, set[str]] | None] = contextvars.ContextVar(
+    "output_claims", default=None
+)
+
+
+@contextlib.contextmanager
+def output_claims():
+    """The scope of one request: the outputs it claims stay locked until it ends (grpc_handler)."""
+    with contextlib.ExitStack() as stack:
+        token = _OUTPUT_CLAIMS.set((stack, set()))
+        try:
+            yield
+        finally:
+            _OUTPUT_CLAIMS.reset(token)
 
 
 class RunStore:
@@ -149,11 +167,23 @@ class RunStore:
                             pass  # an operator's model outside the store (model.base)
         return paths
 
+    def claim_output(self, path: str) -> None:
+        """Inside a request (output_claims): holds path's lock until the request ends, so a second
+        request for the same output, while this one works, is refused (StoreBusy) at once, and the
+        one told it succeeded is the one whose data is in the file. Outside a request: nothing (the
+        write itself locks)."""
+        scope = _OUTPUT_CLAIMS.get()
+        if scope is None or path in scope[1]:
+            return
+        scope[0].enter_context(self.exclusive(path))
+        scope[1].add(path)
+
     @contextlib.contextmanager
     def exclusive(self, path: str):
         """Held while a request writes path: a second writer of the same output at the same time is
         refused (StoreBusy) instead of both being told they succeeded. The lock dies with its process."""
-        if not self.is_local:
+        scope = _OUTPUT_CLAIMS.get()
+        if not self.is_local or (scope is not None and path in scope[1]):  # this request holds it already
             yield
             return
         locks = os.path.join(os.path.dirname(path), ".locks")

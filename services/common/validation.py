@@ -157,12 +157,14 @@ def check_model_uri(
 
 def check_output_uri(uri: str, store: RunStore, field: str, run_id: str, *, dataset: bool = True) -> str:
     """An output a request may write: under its own run, never a committed stage's file, the manifest
-    or a checkpoint (RunStore.output_path). Empty means "answer inline"."""
+    or a checkpoint (RunStore.output_path); claimed for the rest of the request, so a concurrent
+    request for the same output is refused at once (ABORTED). Empty means "answer inline"."""
     if uri:
         try:
-            store.output_path(uri, run_id, field, dataset=dataset)
+            path = store.output_path(uri, run_id, field, dataset=dataset)
         except UriNotAllowed as exc:
             raise RequestError(field, exc.reason) from None
+        store.claim_output(path)
     return uri
 
 
