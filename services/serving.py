@@ -97,15 +97,9 @@ def deploy_apps(config, *, wait_s: float = 600.0) -> None:
 
 def _refuse_open_without_token(host: str) -> None:
     """Serving beyond this machine needs REINSTRUCT_API_TOKEN (the Helm chart sets one)."""
-    import ipaddress
+    from .common.grpc_handler import API_TOKEN_ENV, is_loopback
 
-    from .common.grpc_handler import API_TOKEN_ENV
-
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not os.environ.get(API_TOKEN_ENV):
+    if not is_loopback(host) and not os.environ.get(API_TOKEN_ENV):
         raise RuntimeError(
             f"serve.host is {host}, reachable from other machines, and {API_TOKEN_ENV} is not set: "
             f"set a token (clients send 'authorization: Bearer <token>') or serve on 127.0.0.1"

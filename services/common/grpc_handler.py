@@ -42,7 +42,8 @@ def token_matches(presented: str | None) -> bool:
     return hmac.compare_digest((presented or "").encode(), f"Bearer {expected}".encode())
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """A loopback address or 'localhost' (a host name otherwise: not loopback)."""
     try:
         address = ipaddress.ip_address(host.strip("[]"))
         mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
@@ -66,9 +67,9 @@ def _admit(request, grpc_context, serve_host: str | None = None) -> None:
     metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
     if not token_matches(metadata.get("authorization")):
         raise Unauthenticated("missing or wrong bearer token in metadata 'authorization'")
-    if grpc_context is not None and serve_host and _is_loopback(serve_host) and not os.environ.get(API_TOKEN_ENV):
+    if grpc_context is not None and serve_host and is_loopback(serve_host) and not os.environ.get(API_TOKEN_ENV):
         peer = _peer_host(grpc_context.peer() or "")
-        if peer and not _is_loopback(peer):
+        if peer and not is_loopback(peer):
             raise Unauthenticated(
                 f"this server answers loopback clients only (serve.host {serve_host}, no REINSTRUCT_API_TOKEN): "
                 "set a token on the replicas to serve other hosts"

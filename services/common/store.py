@@ -277,12 +277,8 @@ class RunStore:
         return self.uri_of(f"{self.resolve(uri)}.tmp-{uuid.uuid4().hex[:8]}")
 
     def put_directory(self, local_dir: str | Path, uri: str) -> None:
-        """Copies a local directory (a checkpoint a worker saved) to uri; locally a no-op when it is
-        already there."""
-        path = self.resolve(uri)
-        if self.is_local and os.path.realpath(local_dir) == path:
-            return
-        self.fs.put(str(local_dir).rstrip("/") + "/", path, recursive=True)
+        """Copies a local directory (a checkpoint a worker saved) to uri."""
+        self.fs.put(str(local_dir).rstrip("/") + "/", self.resolve(uri), recursive=True)
 
     def commit_directory(self, staging_uri: str, uri: str) -> None:
         """Makes a fully written staging directory (a checkpoint) visible at uri: one rename locally,
