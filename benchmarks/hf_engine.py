@@ -18,6 +18,8 @@ from services.common.engines import SamplingParams, create_engine
 from services.common.formats import load_seed_tasks
 from services.generator import self_instruct as si
 
+from . import parse_args
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -25,7 +27,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"prompts": 4, "batch_size": 2, "max_new_tokens": 8})
     torch.set_num_threads(torch.get_num_threads())
     seeds = load_seed_tasks()
     rng = random.Random(0)

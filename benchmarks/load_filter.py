@@ -18,6 +18,8 @@ import time
 
 import grpc
 
+from . import parse_args
+
 
 def _replica_rss_mb() -> float:
     from ray.util.state import list_actors
@@ -36,7 +38,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=60.0)
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"clients": 2, "requests": 20, "seconds": 10.0})
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
     import ray
@@ -56,7 +58,8 @@ def main() -> None:
     from services.serving import wait_for_previous_cluster
 
     wait_for_previous_cluster()
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # the state API finds the replica
+    # its own cluster even while a `ray start` one runs here (the state API finds the replica)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
     try:
         serve.start(
             http_options=HTTPOptions(port=8600),

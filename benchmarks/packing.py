@@ -23,13 +23,15 @@ from services.generator.backtranslation import curation_meta_tasks
 from services.generator.bootstrap import build_meta_tasks
 from services.trainer.formatting import collate, collate_packed, pack
 
+from . import parse_args
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-seq-len", type=int, default=384)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args()
+    args = parse_args(parser, quick={"max_seq_len": 128, "batch_size": 4, "steps": 2})
     train, _ = split_by_task(load_seed_tasks(), 0.2, 0)
     tasks = train + build_meta_tasks(train, [], seed=0) + curation_meta_tasks(train, seed=0)
     model, tokenizer = load_model("builtin:tiny-llama")

@@ -20,6 +20,8 @@ from rouge_score import rouge_scorer
 from services.common.formats import load_seed_tasks
 from services.common.rouge import NoveltyIndex
 
+from . import parse_args
+
 
 def synthetic_instructions(n: int, seed: int, base: list[str] | None = None, edit_rate: float = 0.5) -> list[str]:
     rng = random.Random(seed)
@@ -96,7 +98,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1000)
     parser.add_argument("--reference-candidates", type=int, default=20)
     parser.add_argument("--reference-pool", type=int, default=10000, help="pool size compared with rouge-score")
-    args = parser.parse_args()
+    args = parse_args(
+        parser, quick={"pool": [1000], "candidates": 50, "reference_candidates": 5, "reference_pool": 1000}
+    )
     rows = []
     for size in args.pool:
         rows.append(run(size, args.candidates, args.reference_candidates if size == args.reference_pool else 0))

@@ -2,7 +2,7 @@
 (ray_jobs.fanout: shards, at most max_in_flight at once, Serve spreading them), with 1 and then 2
 replicas of one app, through Serve's gRPC proxy on loopback.
 
-    python -m benchmarks.scale_out [--prompts 32] [--prompts-per-shard 2] [--max-new-tokens 128]
+    python -m benchmarks.scale_out [--prompts 32] [--prompts-per-shard 2] [--max-new-tokens 128] [--quick]
 
 1. Instruction generation with the real default model (builtin:smollm2-135m), one torch thread per
    generator replica, the same prompts and seed both times.
@@ -11,17 +11,31 @@ replicas of one app, through Serve's gRPC proxy on loopback.
    in one FilterTasks request as before.
 
 Starts its own local Ray (ports 9700/8700). The last line is `speed-up 1.xx`: generation's wall time
-with 1 replica over that with 2.
+with 1 replica over that with 2. --quick: the built-in tiny Llama, a few prompts and candidates (about
+a minute, mostly Ray starting and replicas loading).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
+from . import parse_args
+
 PORTS = {"grpc_port": 9700, "http_port": 8700}
+# A fresh store: no other request holds a shard's part, so ABORTED is a failure to see, not to wait out.
+BUSY_WAIT_S = 0.0
+QUICK = {
+    "model": "builtin:tiny-llama",
+    "prompts": 4,  # 2 generation shards
+    "max_new_tokens": 8,
+    "pool": 500,
+    "candidates": 40,
+    "candidates_per_shard": 10,  # 4 filter shards: 2 replicas are warmed, and the filter still splits
+}
 
 
 def _deploy(app_name: str, build_app, settings: dict) -> None:
@@ -42,11 +56,12 @@ def _replicas(settings: dict, app_name: str) -> int:
     return settings["serve"][app_name]["replicas"]
 
 
-def _settings(root: str, replicas: int) -> dict:
+def _settings(root: str, model: str | None, replicas: int) -> dict:
     from services.common.config import parse_config
 
     return parse_config(
         {
+            "model": {"base": model} if model else {},
             "store": {"root": root},
             "serve": {
                 **PORTS,
@@ -96,7 +111,7 @@ def _generation(args, clients, store, settings: dict, label: str) -> float:
     with ThreadPoolExecutor(2 * replicas) as pool:
         list(pool.map(lambda i: clients.generate_instructions(request(10_000 + i, 1)), range(2 * replicas)))
 
-    sharded = ShardedStage(store, "bench", 1, f"scale-out-{label}", max_in_flight=args.max_in_flight)
+    sharded = ShardedStage(store, "bench", 1, f"scale-out-{label}", args.max_in_flight, BUSY_WAIT_S)
     shards = sharded.shards(list(range(args.prompts)), args.prompts_per_shard)
     started = time.perf_counter()
     responses = sharded.run(
@@ -126,7 +141,7 @@ def _filter(args, clients, store, replicas: int, label: str) -> tuple[float, flo
         texts = synthetic_instructions(args.candidates, seed=2)
         store.write_tasks(candidates_uri, [TaskRecord(id=f"c{i}", instruction=t) for i, t in enumerate(texts)])
     candidates = store.read_tasks(candidates_uri)
-    sharded = ShardedStage(store, "bench", 2, f"novelty-{label}", max_in_flight=args.max_in_flight)
+    sharded = ShardedStage(store, "bench", 2, f"novelty-{label}", args.max_in_flight, BUSY_WAIT_S)
     shards = sharded.shards(candidates, args.candidates_per_shard, write_inputs=True)
     from concurrent.futures import ThreadPoolExecutor
 
@@ -169,6 +184,7 @@ def _filter(args, clients, store, replicas: int, label: str) -> tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="the generator's model (default: the config's model.base)")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--prompts-per-shard", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -176,7 +192,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=50_000)
     parser.add_argument("--candidates", type=int, default=4_000)
     parser.add_argument("--candidates-per-shard", type=int, default=500)
-    args = parser.parse_args()
+    args = parse_args(parser, QUICK)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway loopback cluster
 
     import ray
@@ -194,7 +210,7 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="scale-out-")
     store = RunStore(root)
     wait_for_previous_cluster()
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # even beside a `ray start` one
     try:
         serve.start(
             http_options=HTTPOptions(port=PORTS["http_port"]),
@@ -204,7 +220,7 @@ def main() -> None:
         print(f"{os.cpu_count()} cores; generator replicas: one torch thread each")
         times, filter_times, decisions = {}, {}, {}
         for replicas in (1, 2):
-            settings = _settings(root, replicas)
+            settings = _settings(root, args.model, replicas)
             _deploy("filter", build_filter, settings)
             filter_times[replicas] = _filter(args, clients, store, replicas, f"r{replicas}")
             decisions[replicas] = filter_times[replicas][2]
@@ -228,6 +244,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
 """Instruction backtranslation (Li et al. 2023, "Humpback"): a backward model trained on
 (output -> instruction) writes instructions for unlabelled text; the round's model rates every pair
-1-5 (self-curation), and only the best join the training data."""
+1-5 (self-curation), and only the best join the training data. The same rater scores matched and
+shuffled dev seed pairs each round: a round whose rater cannot tell them apart adds nothing."""
 
 from __future__ import annotations
+
+import logging
 
 from services.api import filter_pb2, generator_pb2
 from services.common import prompts
 from services.common.convert import uri_source
 from services.common.records import Instance, Lineage, TaskRecord, stable_id
-from services.common.stages import Dataset, Filtered, RatingPool, Segments, Split, Trained
-from services.generator.backtranslation import backward_tasks
+from services.common.stages import CurationControl, Dataset, Filtered, RatingPool, Segments, Split, Trained
+from services.generator.backtranslation import backward_tasks, control_pairs, rater_auc, selection_threshold
 from services.generator.corpus import load_segments, sample_segments
 
 from . import model_stages
 from .run import Run
+
+log = logging.getLogger("reinstruct.loop")
 
 
 def backward_model(run: Run, split: Split) -> str:
@@ -65,27 +70,55 @@ def backtranslation_round(run: Run, k: int, model: str, backward: str, heldout_u
         Dataset,
     )
     to_rate = run.stage(k, "rating_pool", lambda: _rating_pool(run, k), RatingPool)
-    curated = run.stage(
+    curated = run.stage(k, "curate", lambda: _rate(run, k, model, "curate", "curated", to_rate), Dataset)
+    control = run.stage(k, "curation_control", lambda: _control(run, k, model), CurationControl)
+    return run.stage(k, "filter_augmented", lambda: _keep_the_best(run, k, curated, control, heldout_uri), Filtered)
+
+
+def _rate(run: Run, k: int, model: str, stage: str, name: str, tasks: Dataset) -> Dataset:
+    """Model k rates every task of `tasks` with the configured rater, in shards."""
+    return run.sharded(
         k,
-        "curate",
-        lambda: run.sharded(
-            k,
-            "curate",
-            "curated",
-            to_rate,
-            lambda shard_uri, output_uri: run.clients.curate_examples(
-                generator_pb2.CurateExamplesRequest(
-                    context=run.ctx(k),
-                    model_uri=model,
-                    tasks=uri_source(shard_uri),
-                    sampling=run.sampling(b.curation_max_new_tokens, run.config.seed + k, temperature=0.0),
-                    output_uri=output_uri,
-                )
-            ),
+        stage,
+        name,
+        tasks,
+        lambda shard_uri, output_uri: run.clients.curate_examples(
+            generator_pb2.CurateExamplesRequest(
+                context=run.ctx(k),
+                model_uri=model,
+                tasks=uri_source(shard_uri),
+                output_uri=output_uri,
+                rater=run.config.backtranslation.curation,
+            )
         ),
-        Dataset,
     )
-    return run.stage(k, "filter_augmented", lambda: _keep_the_best(run, k, curated, heldout_uri), Filtered)
+
+
+def _control(run: Run, k: int, model: str) -> CurationControl:
+    """The rater on matched dev seed pairs and their shuffled twins: dev, because model k has trained
+    on the seed training tasks (its matched pairs would look better than any new pair); the test
+    tasks stay untouched. Rating trains nothing; one bit per round (add augmented data or not)
+    depends on it."""
+    b = run.config.backtranslation
+    split = run.committed(0, "split", Split)
+    pairs = control_pairs(run.store.read_tasks(split.seed_dev_uri), b.control_pairs, run.config.seed + k)
+    rated = _rate(run, k, model, "curation_control", "control_rated", run.write(k, "control_pairs", pairs))
+    by_kind: dict[bool, list[float]] = {True: [], False: []}
+    for task in rated.tasks(run.store):
+        by_kind[task.lineage.scores.get("matched") == 1.0].append(task.lineage.scores.get("curation", 0.0))
+    matched, shuffled = by_kind[True], by_kind[False]
+    auc = rater_auc(matched, shuffled)
+    return CurationControl(
+        uri=rated.uri,
+        count=rated.count,
+        shards=rated.shards,
+        rater=b.curation,
+        auc=None if auc is None else round(auc, 4),
+        matched=len(matched),
+        shuffled=len(shuffled),
+        matched_mean=round(sum(matched) / max(len(matched), 1), 4),
+        shuffled_mean=round(sum(shuffled) / max(len(shuffled), 1), 4),
+    )
 
 
 def _segments(run: Run, k: int) -> Segments:
@@ -117,13 +150,40 @@ def _rating_pool(run: Run, k: int) -> RatingPool:
     return RatingPool(uri=written.uri, count=written.count, rounds=rounds)
 
 
-def _keep_the_best(run: Run, k: int, curated: Dataset, heldout_uri: str) -> Filtered:
-    """Pairs rated at least the round's threshold (Humpback: 5), through the filter's other rules
-    (decontamination, near duplicates; no ROUGE-L novelty: the instructions are the backward model's)."""
+def _keep_the_best(run: Run, k: int, curated: Dataset, control: CurationControl, heldout_uri: str) -> Filtered:
+    """The best-rated pairs, through the filter's other rules (decontamination, near duplicates; no
+    ROUGE-L novelty: the instructions are the backward model's). Humpback keeps score >= k (5); a
+    rubric rating read from probabilities is an expected score that seldom reaches it, and PMI has no
+    such point, so otherwise the best kept_share are kept (selection_threshold). None are kept when
+    the rater failed its control."""
     b, f = run.config.backtranslation, run.config.filter
-    threshold = b.curation_threshold_first_round if k == 1 else b.curation_threshold_later
+    k_threshold = b.curation_threshold_first_round if k == 1 else b.curation_threshold_later
+    scores = [t.lineage.scores.get("curation", 0.0) for t in curated.tasks(run.store)]
+    record = dict(
+        rater=b.curation,
+        rater_auc=control.auc,
+        kept_share=b.kept_share,
+        scores={str(n): sum(1 for s in scores if round(s) == n) for n in prompts.CURATION_SCORES},
+    )
     if curated.count == 0:
-        return Filtered(curation_threshold=threshold)
+        return Filtered(curation_threshold=k_threshold, **record)
+    if control.auc is None:
+        log.warning("round %d: no control pairs (backtranslation.control_pairs, dev tasks): the rater is unchecked", k)
+    elif control.auc < b.min_rater_auc:
+        log.warning(
+            "round %d: the %s rater's AUC on %d matched and %d shuffled seed pairs is %.3f, below "
+            "backtranslation.min_rater_auc %.3f: this round adds no augmented data",
+            k,
+            b.curation,
+            control.matched,
+            control.shuffled,
+            control.auc,
+            b.min_rater_auc,
+        )
+        return Filtered(
+            candidates=curated.count, curation_threshold=k_threshold, selection="rater_below_floor", **record
+        )
+    selection, threshold = selection_threshold(scores, b.curation, k_threshold, b.kept_share)
     response = run.clients.filter_tasks(
         filter_pb2.FilterTasksRequest(
             context=run.ctx(k),
@@ -139,13 +199,13 @@ def _keep_the_best(run: Run, k: int, curated: Dataset, heldout_uri: str) -> Filt
             rejected_uri=run.uri(k, "augmented_rejected"),
         )
     )
-    scores = [t.lineage.scores.get("curation", 0.0) for t in curated.tasks(run.store)]
     return Filtered(
         kept_uri=response.kept_ref.uri,
         kept_count=response.kept_count,
         rejected_uri=response.rejected_ref.uri,
         candidates=response.candidates,
         funnel={step.rule: step.removed for step in response.funnel},
-        curation_threshold=threshold,
-        scores={str(n): scores.count(float(n)) for n in prompts.CURATION_SCORES},
+        curation_threshold=round(threshold, 6),
+        selection=selection,
+        **record,
     )

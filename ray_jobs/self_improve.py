@@ -27,6 +27,7 @@ from services.common.stages import (
     Decision,
     Evaluated,
     Filtered,
+    Gate,
     Instructions,
     Judged,
     Split,
@@ -45,6 +46,7 @@ from . import backtranslation_stages as bt_stages
 from . import model_stages
 from . import self_instruct_stages as si_stages
 from .run import Reporter, Run
+from .tracking import TrackingReporter
 
 __all__ = ["LoopDriver", "Reporter", "main", "stage_count", "summarize"]
 
@@ -56,6 +58,7 @@ TRAIN_STAGES = ("train_data", "train", "evaluate", "promote")  # plus "judge" wh
 BOOTSTRAP_STAGES = ("split", "train_data", "train", "evaluate", "promote")
 BASE_MODEL_STAGES = ("split", "evaluate", "promote")  # no bootstrap: the base model is model 0
 BACKWARD_STAGES = ("backward_data", "backward_train")
+CONTROL_STAGES = ("control_data", "control_train", "control_evaluate")
 
 
 def stage_count(config: ReinstructConfig) -> int | None:
@@ -69,6 +72,7 @@ def stage_count(config: ReinstructConfig) -> int | None:
     first = (len(BOOTSTRAP_STAGES) if config.loop.bootstrap else len(BASE_MODEL_STAGES)) + (
         len(BACKWARD_STAGES) if bt else 0
     )
+    first += len(CONTROL_STAGES) if config.loop.control else 0
     return first + config.loop.rounds * per_round + final
 
 
@@ -80,13 +84,21 @@ class LoopDriver:
     reporter: Reporter = field(default_factory=Reporter)
 
     def __post_init__(self) -> None:
+        # every committed stage also goes to the experiment tracker (tracking.*); it never fails a run
+        self.reporter = TrackingReporter.around(self.reporter, self.config, self.run_id)
         self.run_state = Run(self.config, self.clients, self.run_id, self.reporter)
         self.store = self.run_state.store
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Round 0 (the split, model 0, the backward model), then rounds until a stop condition, then
-        the test stage. Every stage committed earlier is skipped, so a rerun resumes."""
+        """Round 0 (the split, model 0, the control, the backward model), then rounds until a stop
+        condition, then the test stage. Every stage committed earlier is skipped, so a rerun resumes;
+        a resumed run continues its MLflow run."""
+        with self.reporter.session():
+            self._run()
+        return self.store.load_manifest(self.run_id)
+
+    def _run(self) -> None:
         run = self.run_state
         if self.store.remove_stale_temporaries(self.run_id):
             log.info("removed temporary files a killed run left behind")
@@ -98,19 +110,22 @@ class LoopDriver:
             load_tasks(path)
         split = run.stage(0, "split", lambda: self._split(seeds), Split)
         promoted = self._model_0(split)
+        control = self._control(split) if self.config.loop.control else None
         backward = bt_stages.backward_model(run, split) if self.config.backtranslation.enabled else None
         k, rounds_without_promotion = 0, 0
         while (stop := self._stop_reason(k, rounds_without_promotion)) is None:
             k += 1
-            promoted = self._round(k, split, promoted, backward)
+            promoted = self._round(k, split, promoted, backward, control)
             rounds_without_promotion = 0 if promoted.promoted else rounds_without_promotion + 1
         log.info("stopping after round %d: %s", k, stop)
         if split.test_tasks:
             first = run.committed(0, "evaluate", Evaluated).model_uri
-            run.stage(k, "test", lambda: model_stages.test(run, k, split, first, promoted.model_uri), Tested)
+            control_uri = control.model_uri if control else None
+            run.stage(
+                k, "test", lambda: model_stages.test(run, k, split, first, promoted.model_uri, control_uri), Tested
+            )
         self.store.update_run(self.run_id, status="succeeded", final_model=promoted.model_uri, stopped_because=stop)
         self._write_report()
-        return self.store.load_manifest(self.run_id)
 
     def _model_0(self, split: Split) -> Decision:
         """The base model itself (evaluated like every later model, so round 1 must beat it), or with
@@ -129,7 +144,28 @@ class LoopDriver:
         self._write_report()
         return decision
 
-    def _round(self, k: int, split: Split, promoted: Decision, backward: str | None) -> Decision:
+    def _control(self, split: Split) -> Evaluated:
+        """The seeds-only control: the base model fine-tuned on the seed tasks alone with the rounds'
+        recipe, once per run, evaluated on dev like every round. What a round adds over it is what
+        the machine data is worth (Self-Instruct's and Humpback's own comparison)."""
+        run = self.run_state
+        data = run.stage(0, "control_data", lambda: self._train_mix(0, split, [], [], name="control_mix"), TrainMix)
+        output = self.store.uri(self.run_id, "round-000", "control_model")
+        epochs = self.config.training.epochs
+        base = self.config.model.base
+        trained = run.stage(
+            0, "control_train", lambda: model_stages.train(run, 0, base, data.uri, epochs, output_uri=output), Trained
+        )
+        return run.stage(
+            0,
+            "control_evaluate",
+            lambda: model_stages.evaluate(run, 0, trained.model_uri, split.seed_dev_uri, stage="control_evaluate"),
+            Evaluated,
+        )
+
+    def _round(
+        self, k: int, split: Split, promoted: Decision, backward: str | None, control: Evaluated | None
+    ) -> Decision:
         """Round k: model k writes tasks, the filter keeps the novel ones, backtranslation adds the
         best-rated pairs, model k+1 is trained, evaluated and promoted only if it is better."""
         run, model = self.run_state, promoted.model_uri
@@ -164,7 +200,7 @@ class LoopDriver:
         )
         if self.config.evaluation.judge:
             run.stage(k, "judge", lambda: model_stages.judge(run, k, promoted, score, split.seed_dev_uri), Judged)
-        decision = run.stage(k, "promote", lambda: model_stages.promote(run, k, score, promoted), Decision)
+        decision = run.stage(k, "promote", lambda: model_stages.promote(run, k, score, promoted, control), Decision)
         self._promoted(decision)
         self._write_report()
         return decision
@@ -218,7 +254,9 @@ class LoopDriver:
             test_task_ids=sorted(t.id for t in test),
         )
 
-    def _train_mix(self, k: int, split: Split, machine: list[TaskRecord], augmented: list[TaskRecord]) -> TrainMix:
+    def _train_mix(
+        self, k: int, split: Split, machine: list[TaskRecord], augmented: list[TaskRecord], name: str = "train_mix"
+    ) -> TrainMix:
         human = self.store.read_tasks(split.seed_train_uri)
         meta = []
         if self.config.training.meta_tasks:  # teach the Self-Instruct and rating formats themselves
@@ -230,7 +268,7 @@ class LoopDriver:
             )
             if self.config.backtranslation.enabled:  # the forward model also rates pairs (self-curation)
                 meta += curation_meta_tasks(human, seed=self.config.seed + k)
-        mix = self.run_state.write(k, "train_mix", human + machine + augmented + meta)
+        mix = self.run_state.write(k, name, human + machine + augmented + meta)
         return TrainMix(
             uri=mix.uri,
             count=mix.count,
@@ -262,7 +300,11 @@ class RoundSummary:
     final_loss: float | None
     rouge_l: float | None
     score: float | None
+    nll: float | None
+    answer_words: float | None
     promoted: bool | None
+    gates: list[Gate] | None  # the gate's comparisons (the incumbent, the control)
+    control: Evaluated | None  # round 0: the seeds-only control on dev
 
 
 def summarize(manifest: dict) -> list[RoundSummary]:
@@ -273,6 +315,7 @@ def summarize(manifest: dict) -> list[RoundSummary]:
         candidates, kept = r.get("generate_instances", Dataset), r.get("filter", Filtered)
         augmented, data = r.get("filter_augmented", Filtered), r.get("train_data", TrainMix)
         trained, score, decision = r.get("train", Trained), r.get("evaluate", Evaluated), r.get("promote", Decision)
+        control = r.get("control_evaluate", Evaluated)
         rows.append(
             RoundSummary(
                 round=r.index,
@@ -285,7 +328,11 @@ def summarize(manifest: dict) -> list[RoundSummary]:
                 final_loss=trained and trained.final_loss,
                 rouge_l=score and score.rouge_l,
                 score=score and score.score,
+                nll=score and score.nll,
+                answer_words=score and score.answer_words,
                 promoted=decision and decision.promoted,
+                gates=decision and decision.gates(),
+                control=control,
             )
         )
     return rows

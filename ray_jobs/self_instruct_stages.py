@@ -133,7 +133,7 @@ def filter_candidates(run: Run, k: int, split: Split, machine: list[TaskRecord],
         filter_pb2.FilterTasksRequest(
             context=run.ctx(k),
             candidates=uri_source(candidates.uri),
-            pool=uri_source(pool.uri) if pool_scores is None else None,
+            pool=uri_source(pool.uri),  # pool_scores or not: dedup and the demonstration rule read the pool
             pool_scores=pool_scores,
             rouge_l_threshold=f.rouge_l_threshold,
             min_instruction_words=f.min_instruction_words,

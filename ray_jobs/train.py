@@ -25,6 +25,8 @@ def run(store_root: str, spec: dict) -> int:
 
     from services.trainer.train_loop import train_loop_per_worker
 
+    from .tracking import training_target
+
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     store = RunStore(store_root)
@@ -44,6 +46,7 @@ def run(store_root: str, spec: dict) -> int:
                 "builtin_cache_dir": spec["builtin_cache_dir"],
                 "prompt_format": spec["prompt_format"],
                 "seed_tag": spec.get("seed_tag", ""),
+                "tracking": training_target(store, spec),  # None: rank 0 logs no loss to MLflow
                 **params,
             },
             scaling_config=ScalingConfig(num_workers=params["num_workers"], use_gpu=params["use_gpu"]),

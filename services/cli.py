@@ -16,7 +16,7 @@ from rich.table import Table
 from ray_jobs.self_improve import LoopDriver, Reporter, stage_count, summarize
 
 from .common.config import ConfigError, ReinstructConfig, load_config
-from .common.stages import Filtered, Tested, rounds_of
+from .common.stages import Decision, Filtered, Tested, rounds_of
 
 app = typer.Typer(help="reinstruct: a model that improves by training on data it made itself.", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -134,7 +134,8 @@ def _summary_rows(manifest: dict) -> tuple[list[str], list[list[str]]]:
         "train ex.",
         "loss",
         "score",
-        "ROUGE-L",
+        "NLL",
+        "words",
         "promoted",
     ]
     rows = []
@@ -152,25 +153,76 @@ def _summary_rows(manifest: dict) -> tuple[list[str], list[list[str]]]:
                 fmt(row.train_examples),
                 fmt(row.final_loss, "{:.3f}"),
                 fmt(row.score, "{:.4f}"),
-                fmt(row.rouge_l, "{:.4f}"),
+                fmt(row.nll, "{:.4f}"),
+                fmt(row.answer_words, "{:.0f}"),
                 fmt(row.promoted),
             ]
         )
+        if row.control is not None:
+            c = row.control
+            rows.append(
+                ["control", "-", "-", "-", "seeds only", "-", "-", "-"]
+                + [f"{c.score:.4f}", f"{c.nll:.4f}", f"{c.answer_words:.0f}", "-"]
+            )
     return columns, rows
 
 
+def _bounds(values: list[float], digits: int = 3) -> str:
+    estimate, low, high = values
+    return f"{estimate:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def _gate_lines(manifest: dict) -> list[str]:
+    """Per round: what the gate decided on, both intervals, and the smallest effect it could see."""
+    lines = []
+    for r in rounds_of(manifest):
+        decision = r.get("promote", Decision)
+        if decision is None or not decision.comparisons:
+            continue
+        lines.append(
+            f"round {r.index} gate ({decision.metric}, {decision.interval} {decision.confidence:.0%} intervals): "
+            + ("promoted" if decision.promoted else "not promoted")
+        )
+        for g in decision.gates():
+            lines.append(
+                f"  vs {g.against}: {decision.metric} gain {_bounds(g.gain)} (detects >= {g.gain_mde:.3f}); "
+                f"score {_bounds(g.score_difference)} (detects >= {g.score_mde:.3f}); "
+                f"at equal length {_bounds(g.length_controlled_score_difference)}: "
+                + ("passed" if g.passed else "failed")
+            )
+        passed = {g.against: g.passed for g in decision.gates()}
+        if passed.get("incumbent") and passed.get("control") is False:
+            lines.append(
+                "  it beat the incumbent but not the seeds-only control: the machine data added nothing it could see"
+            )
+    return lines
+
+
 def _test_line(manifest: dict) -> str | None:
-    """The run's honest number: model 0 and the final model on test tasks that chose nothing."""
+    """The run's honest numbers: model 0, the control and the final model on test tasks that chose
+    nothing."""
     tests = [test for r in rounds_of(manifest) if (test := r.get("test", Tested)) is not None]
     if not tests:
         return None
     test = tests[-1]
     estimate, low, high = test.difference
-    return (
+    words = test.answer_words
+    line = (
         f"test ({test.num_tasks} held-out tasks that chose nothing): model 0 {test.model_0_score:.4f}, "
         f"final model {test.final_score:.4f}, difference {estimate:+.4f} "
         f"({test.confidence:.0%} interval {low:+.4f} to {high:+.4f})"
     )
+    if test.nll_gain:
+        line += f"; NLL gain {_bounds(test.nll_gain)}"
+    if words:
+        line += "; answer words " + ", ".join(f"{name} {n:.0f}" for name, n in words.items())
+    if test.over_control:
+        line += f"\n  final over the seeds-only control: score {_bounds(test.over_control)}"
+        if test.nll_gain_over_control:
+            line += f", NLL gain {_bounds(test.nll_gain_over_control)}"
+        if test.final_model == test.model_0:
+            line += " (no round was promoted: the machine data added nothing the gate could see)"
+    return line
 
 
 def _print_summary(manifest: dict) -> None:
@@ -186,6 +238,8 @@ def _print_summary(manifest: dict) -> None:
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]  # never cut a cell
         for line in [columns, *rows]:
             print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip())
+    for line in _gate_lines(manifest):
+        print(line)
     test = _test_line(manifest)
     if test:
         print(test)
@@ -274,6 +328,9 @@ def run(
     )
     if reporter.report_uri:
         console.print(f"report: [bold]{reporter.report_uri}[/bold]")
+    if (tracked := manifest.get("mlflow") or {}).get("run_id"):
+        look = f"; to look: {tracked['ui']}" if tracked.get("ui") else ""
+        console.print(f"MLflow: run {tracked['run_id']} in {tracked['tracking_uri']}{look}", soft_wrap=True)
 
 
 @app.command("serve")

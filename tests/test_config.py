@@ -68,7 +68,22 @@ def test_plain_output_when_stdout_is_no_terminal(capsys):
                 "stages": {
                     "generate_instructions": {"count": 64},
                     "filter": {"kept_count": 15, "funnel": {"rouge_l_too_similar": 26, "no_valid_instances": 8}},
-                    "promote": {"promoted": False},
+                    "promote": {
+                        "promoted": False,
+                        "metric": "nll",
+                        "interval": "t",
+                        "confidence": 0.9,
+                        "comparisons": [
+                            {
+                                "against": "control",
+                                "gain": [0.01, -0.02, 0.04],
+                                "gain_mde": 0.05,
+                                "score_difference": [0.0, -0.1, 0.1],
+                                "score_mde": 0.2,
+                                "length_controlled_score_difference": [0.0, -0.1, 0.1],
+                            }
+                        ],
+                    },
                     "test": {
                         "num_tasks": 17,
                         "model_0_score": 0.28,
@@ -84,6 +99,8 @@ def test_plain_output_when_stdout_is_no_terminal(capsys):
     out = capsys.readouterr().out
     assert "rouge_l_too_similar=26, no_valid_instances=8" in out and "…" not in out
     assert "model 0 0.2800, final model 0.3180, difference +0.0380 (90% interval -0.0520 to +0.1490)" in out
+    assert "round 1 gate (nll, t 90% intervals): not promoted" in out
+    assert "vs control: nll gain +0.010 [-0.020, +0.040] (detects >= 0.050); score +0.000" in out
 
 
 def test_user_errors_are_one_line():

@@ -49,15 +49,19 @@ class ScriptedEngine(ModelSessions):
         if "5-point scale" in prompt:
             return " A helpful answer.\nScore: 5"
         instruction = prompt.split("\n\n")[0].strip()
-        trained = "round-" in (self.model_uri or "")
-        return f" {REFERENCES.get(instruction, 'no idea')}" if trained else " no idea"
+        return f" {REFERENCES.get(instruction, 'no idea')}" if self._trained() else " no idea"
+
+    def _trained(self) -> bool:
+        """A round's model (round-001/model, ...): not the base, the backward model or the seeds-only control."""
+        uri = self.model_uri or ""
+        return uri.endswith("/model") and "round-000" not in uri
 
     def generate(self, prompts, params):
         self.calls.append((prompts, params))
         return [Completion(self._answer(p), "stop") for p in prompts]
 
     def score_nll(self, prompts, responses, max_len=0):
-        return [1.0 for _ in prompts]
+        return [0.5 if self._trained() else 1.0 for _ in prompts]  # trained models find references likelier
 
 
 class InProcessClients:
@@ -130,6 +134,7 @@ def _settings(root: str, fanout: dict | None = None, **training) -> dict:
         "backtranslation": {"segments_per_round": 3},
         "loop": {"rounds": 2},
         "fanout": fanout or {},
+        "tracking": {"enabled": False},  # tests/test_tracking.py runs the tracker against a real server
     }
 
 
@@ -165,7 +170,7 @@ def test_a_round_follows_the_method(run):
     assert rating_params and all(p.temperature == 0.0 and p.max_new_tokens == 96 for p in rating_params)
 
     # every round fine-tunes the base model; the backward model is trained once
-    assert [t.base_model_uri for t in clients.trainings] == ["scripted-base"] * 3
+    assert [t.base_model_uri for t in clients.trainings] == ["scripted-base"] * 4  # + the seeds-only control
     assert rounds["2"]["stages"]["train"]["base_model"] == "scripted-base"  # recorded in the manifest
     assert [rounds[k]["stages"]["filter_augmented"]["curation_threshold"] for k in "12"] == [5, 5]  # k=5 both
 
@@ -232,7 +237,8 @@ def test_a_finished_run_reads_back_as_typed_results(run, tmp_path):
 def test_continue_from_the_promoted_model(run):
     _, clients, _ = run(from_base=False)
     bases = [t.base_model_uri for t in clients.trainings]
-    assert bases[:2] == ["scripted-base", "scripted-base"] and bases[2].endswith("round-001/model")
+    # the control, the backward model and round 1 start from the base; round 2 from round 1's model
+    assert bases[:3] == ["scripted-base"] * 3 and bases[3].endswith("round-001/model")
 
 
 def test_a_relative_store_inside_a_ray_job_package_is_refused(tmp_path, monkeypatch):
@@ -262,7 +268,7 @@ def _stage_records(manifest: dict, store: RunStore) -> dict:
             out[k, name] = [(t.id, t.instruction, t.instances) for t in store.read_tasks(stages[name]["uri"])]
         out[k, "kept"] = [t.id for t in store.read_tasks(stages["filter"]["kept_uri"])]
         out[k, "max_rouge_l"] = stages["filter"]["max_rouge_l"]
-        out[k, "per_task"] = stages["evaluate"]["per_task"]
+        out[k, "task_metrics"] = stages["evaluate"]["task_metrics"]
         out[k, "score"] = stages["evaluate"]["score"]
         out[k, "predictions"] = sorted(t.id for t in store.read_tasks(stages["evaluate"]["predictions_uri"]))
     return out
@@ -405,3 +411,48 @@ def test_a_rerun_with_another_shard_size_mixes_no_layouts(run):
         < resumed["rounds"]["1"]["stages"]["classify"]["count"]
     )
     assert _stage_records(resumed, resumed_clients.store) == _stage_records(whole, whole_clients.store)
+
+
+class CrashAtTheControlsEvaluation(InProcessClients):
+    """The driver dies once the control is trained, while its evaluation is in flight."""
+
+    def stream_evaluation(self, request, on_progress=None):
+        if "control_evaluate" in request.eval_tasks.uri:
+            raise KeyboardInterrupt("killed")
+        return super().stream_evaluation(request, on_progress)
+
+
+def test_the_control_is_trained_and_evaluated_once_per_run_and_survives_a_resume(run):
+    with pytest.raises(KeyboardInterrupt):
+        run("store", clients_class=CrashAtTheControlsEvaluation)
+    manifest, clients, _ = run("store")  # the same store: a resume
+    controls = [t for t in clients.trainings if t.output_model_uri.endswith("control_model")]
+    assert controls == []  # trained before the crash, committed, not trained again
+    round_0 = manifest["rounds"]["0"]["stages"]
+    assert round_0["control_train"]["model_uri"].endswith("round-000/control_model")
+    control = round_0["control_evaluate"]
+    assert control["num_tasks"] == round_0["split"]["dev_tasks"] and control["task_metrics"]
+    # every round is gated against it, and the test stage compares model 0, the control and the final model
+    for k in "12":
+        gates = {g["against"] for g in manifest["rounds"][k]["stages"]["promote"]["comparisons"]}
+        assert "control" in gates
+    test = manifest["rounds"]["2"]["stages"]["test"]
+    assert test["control_model"] == round_0["control_train"]["model_uri"] and len(test["over_control"]) == 3
+    assert set(test["answer_words"]) == {"model_0", "control", "final"}
+
+
+def test_with_no_control_the_gate_compares_with_the_incumbent_alone(run, monkeypatch):
+    monkeypatch.setitem(globals(), "_settings", _no_control(_settings))
+    manifest, clients, _ = run("no-control")
+    assert "control_train" not in manifest["rounds"]["0"]["stages"]
+    assert [g["against"] for g in manifest["rounds"]["1"]["stages"]["promote"]["comparisons"]] == ["incumbent"]
+    assert manifest["rounds"]["2"]["stages"]["test"]["control_model"] == ""
+
+
+def _no_control(settings):
+    def without(*args, **kwargs):
+        out = settings(*args, **kwargs)
+        out["loop"] = {**out["loop"], "control": False}
+        return out
+
+    return without

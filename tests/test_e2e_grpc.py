@@ -230,20 +230,31 @@ def test_every_method_answers(deployed):
     assert compared.judged_pairs == 3
     assert compared.win_rate + compared.tie_rate + compared.loss_rate == pytest.approx(1.0)
     assert compared.score_difference.low <= compared.score_difference.estimate <= compared.score_difference.high
-    # the gate on scores the caller holds: the same statistics CompareModels computed
+
+    # the gate on metrics the caller holds: the same statistics CompareModels computed
+    def metrics(evaluation):
+        return {
+            t.task_id: evaluator_pb2.TaskMetrics(
+                score=t.score, nll=t.nll, rouge_l=t.rouge_l, category=t.category, answer_words=t.answer_words
+            )
+            for t in evaluation.tasks
+        }
+
     decision = clients.decide_promotion(
         evaluator_pb2.DecidePromotionRequest(
             context=CTX,
-            candidate_scores={t.task_id: t.score for t in compared.b.tasks},
-            incumbent_scores={t.task_id: t.score for t in compared.a.tasks},
+            candidate=metrics(compared.b),
+            against=[evaluator_pb2.ModelScores(name="incumbent", tasks=metrics(compared.a))],
+            metric="score",
         )
     )
-    assert decision.incumbent == pytest.approx(compared.a.score) and decision.candidate.estimate == pytest.approx(
-        compared.b.score
-    )
-    for bound in ("estimate", "low", "high"):
-        assert getattr(decision.difference, bound) == pytest.approx(getattr(compared.score_difference, bound))
-    assert decision.promoted == (decision.difference.low > decision.margin)
+    (versus,) = decision.comparisons
+    assert versus.against_mean == pytest.approx(compared.a.score)
+    assert decision.candidate.estimate == pytest.approx(compared.b.score)
+    for bound in ("estimate", "low", "high", "minimum_detectable"):
+        assert getattr(versus.gain, bound) == pytest.approx(getattr(compared.score_difference, bound))
+    assert decision.candidate.method == "t" and versus.gain.n == 3
+    assert decision.promoted == (versus.gain.low > decision.margin)
 
 
 def test_real_model_generates_through_the_generator_service(deployed, smollm2):
@@ -696,14 +707,20 @@ def test_requests_that_would_pin_a_replica_are_refused(deployed):
         ),
         "bootstrap_resamples",
     )
-    for candidate, incumbent, field in (
-        ({}, {}, "candidate_scores"),
-        ({"t1": 1.5}, {}, "candidate_scores['t1']"),
-        ({"t1": 0.5}, {"t2": 0.5}, "incumbent_scores"),
+    ok = {"t1": evaluator_pb2.TaskMetrics(score=0.5, nll=1.0)}
+    for candidate, against, extra, field in (
+        ({}, [], {}, "candidate"),
+        ({"t1": evaluator_pb2.TaskMetrics(score=1.5)}, [], {}, "candidate['t1'].score"),
+        ({"t1": evaluator_pb2.TaskMetrics(nll=-1.0)}, [], {}, "candidate['t1'].nll"),
+        (ok, [evaluator_pb2.ModelScores(name="incumbent", tasks={"t2": ok["t1"]})], {}, "against[0].tasks"),
+        (ok, [evaluator_pb2.ModelScores(tasks=ok)], {}, "against[0].name"),
+        (ok, [], {"metric": "bleu"}, "metric"),
+        (ok, [], {"interval": "jackknife"}, "interval"),
+        (ok, [], {"seed": -1}, "seed"),
     ):
         _expect_invalid(
             clients.decide_promotion,
-            evaluator_pb2.DecidePromotionRequest(context=CTX, candidate_scores=candidate, incumbent_scores=incumbent),
+            evaluator_pb2.DecidePromotionRequest(context=CTX, candidate=candidate, against=against, **extra),
             field,
         )
     for params, field in (

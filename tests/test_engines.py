@@ -1,7 +1,11 @@
 """The engines behind one interface: hf on the tiny model, openai against local servers (its retry
 logic against a scripted one; the project's own OpenAI-compatible server in test_e2e_grpc), and the
-vllm adapter against a stand-in `vllm` module (vLLM's GPU engine cannot run on these machines)."""
+vllm engine's GPU-only path (sleep mode, in-place reloads, tensor parallelism) against a stand-in
+`vllm` module, as no GPU is at hand; everything the CPU build can do runs for real in
+tests/test_vllm_cpu.py, tests/test_one_rendering.py and tests/test_vllm_serve.py."""
 
+import json
+import shutil
 import sys
 import types
 
@@ -80,49 +84,89 @@ def test_openai_engine_gives_up_with_a_clear_error():
     assert server.calls == 1
 
 
-def test_vllm_adapter_against_stand_in(monkeypatch, builtin_cache):
-    """A stand-in for the `vllm` package at the boundary we cannot reach here (its GPU engine)."""
-    built, slept = [], []
+def _checkpoint_copy(source: str, target, **config_changes) -> str:
+    """A checkpoint directory beside `source`: its files, config.json changed by `config_changes`."""
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return str(target)
 
-    class SamplingParamsStub:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
+
+def test_vllm_gpu_path_against_stand_in(monkeypatch, builtin_cache, tmp_path):
+    """GPU only, so against a stand-in `vllm` (generation itself runs for real on the CPU build): the
+    GPU options (memory share, sleep mode, tensor parallelism, CUDA graphs); a new round's checkpoint
+    of the same shape reloaded in place (sleep level 2, wake the weights, reload_weights, wake the KV
+    cache, reset the prefix cache); a model of another shape gets a new engine after the old one
+    sleeps and shuts down."""
+    from services.common.engines import vllm as vllm_engine
+    from services.common.models import ensure_builtin
+
+    built, calls = [], []
 
     class LLMStub:
         def __init__(self, model, **options):
             built.append((model, options))
             self.model = model
-
-        def generate(self, prompts, params, use_tqdm=False):
-            self.last_params, self.last_prompts = params.kwargs, prompts
-            out = types.SimpleNamespace(text="done", finish_reason="length", token_ids=[1, 2])
-            return [types.SimpleNamespace(outputs=[out]) for _ in prompts]
+            self.llm_engine = types.SimpleNamespace(
+                engine_core=types.SimpleNamespace(shutdown=lambda: calls.append(("shutdown", model)))
+            )
 
         def sleep(self, level):
-            slept.append((self.model, level))
+            calls.append(("sleep", level))
 
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLMStub, SamplingParams=SamplingParamsStub))
-    engine = create_engine("vllm", cache_dir=builtin_cache, gpu_memory_utilization=0.5)
-    engine.load("builtin:tiny-llama")
-    engine.load("builtin:tiny-llama")  # same weights: nothing rebuilt
-    out = engine.generate(
-        ["p"],
-        SamplingParams(temperature=0.7, top_p=0.5, max_new_tokens=9, stop=("\n\n",), seed=4, presence_penalty=2.0),
-    )
-    assert (out[0].text, out[0].finish_reason, out[0].num_tokens) == ("done", "length", 2)
-    assert engine.llm.last_params == {
-        "temperature": 0.7,
-        "top_p": 0.5,
-        "max_tokens": 9,
-        "stop": ["\n\n"],
-        "seed": 4,
-        "presence_penalty": 2.0,
+        def wake_up(self, tags=None):
+            calls.append(("wake_up", tuple(tags)))
+
+        def collective_rpc(self, method, kwargs=None):
+            calls.append((method, kwargs["weights_path"]))
+
+        def reset_prefix_cache(self):
+            calls.append(("reset_prefix_cache",))
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLMStub, SamplingParams=dict))
+    monkeypatch.setattr(vllm_engine, "is_cpu_platform", lambda: False)
+    model_0 = ensure_builtin("tiny-llama", builtin_cache)
+    model_1 = _checkpoint_copy(model_0, tmp_path / "round-1", transformers_version="0.0.0")  # same shape
+    other = _checkpoint_copy(model_0, tmp_path / "other", num_hidden_layers=2)
+    engine = create_engine("vllm", cache_dir=builtin_cache, gpu_memory_utilization=0.5, tensor_parallel_size=2)
+    engine.load(model_0)
+    engine.load(model_0)  # the current model: nothing happens
+    options = built[0][1]
+    assert options["gpu_memory_utilization"] == 0.5 and options["enable_sleep_mode"] is True
+    assert options["tensor_parallel_size"] == 2 and options["enforce_eager"] is False
+    assert "kv_cache_memory_bytes" not in options and options["load_format"] == "safetensors"
+    engine.load(model_1)
+    assert len(built) == 1 and engine.model_uri == model_1
+    assert calls == [
+        ("sleep", 2),
+        ("wake_up", ("weights",)),
+        ("reload_weights", model_1),
+        ("wake_up", ("kv_cache",)),
+        ("reset_prefix_cache",),
+    ]
+    calls.clear()
+    engine.load(other)
+    assert [m for m, _ in built] == [model_0, other]
+    assert calls == [("sleep", 2), ("shutdown", model_0)]
+
+
+def test_vllm_on_cpu_reserves_its_threads_and_kv_cache_in_ray():
+    """vLLM's engine allocates its KV cache at start and computes on its own threads for the replica's
+    life: a CPU replica reserves both, so Ray never places a second one on cores or memory in use."""
+    from services.common.config import engine_options, parse_config, replica_options
+
+    cpu = parse_config({"generation": {"engine": "vllm", "vllm_cpu_threads": 2, "vllm_cpu_kv_cache_bytes": 1 << 29}})
+    for app in ("generator", "evaluator"):
+        assert replica_options(cpu, app)["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0, "memory": 1 << 29}
+    assert replica_options(cpu, "filter")["ray_actor_options"]["num_cpus"] == cpu.serve.replica_num_cpus
+    assert engine_options(cpu)["cpu_threads"] == 2 and engine_options(cpu)["cpu_kv_cache_bytes"] == 1 << 29
+    gpu = parse_config({"generation": {"engine": "vllm", "num_gpus": 1}})  # the KV cache is on the GPU
+    assert replica_options(gpu, "generator", num_gpus=1)["ray_actor_options"] == {
+        "num_cpus": gpu.serve.replica_num_cpus,
+        "num_gpus": 1,
     }
-    assert engine.llm.last_prompts == [{"prompt_token_ids": engine.tokenizer("p", add_special_tokens=False).input_ids}]
-    engine.load("builtin:tiny-t5")  # next round: the old engine sleeps, a new one loads
-    assert [m.rsplit("/", 1)[-1] for m, _ in built] == ["tiny-llama-v2", "tiny-t5-v2"]
-    assert slept == [(built[0][0], 2)]
-    assert built[0][1]["gpu_memory_utilization"] == 0.5 and built[0][1]["enable_sleep_mode"] is True
+    hf = parse_config({})
+    assert "memory" not in replica_options(hf, "generator")["ray_actor_options"]
 
 
 def test_presence_penalty_follows_openai_rule(builtin_cache):

@@ -10,8 +10,8 @@ from services.common.formats import load_seed_tasks, load_tasks
 from services.common.records import Instance, TaskRecord
 from services.common.store import RunStore
 from services.evaluator import judge
-from services.evaluator.bootstrap import mean_interval, paired_difference
-from services.evaluator.gate import decide
+from services.evaluator.gate import TaskMetrics, decide
+from services.evaluator.intervals import length_controlled_difference, mean_interval, paired_difference
 from services.evaluator.metrics import TaskResult, exact_match, mean_over_tasks, normalize_label, score_instance
 from services.evaluator.report import SECTIONS, build_report
 from services.evaluator.service import EvaluatorService
@@ -30,7 +30,8 @@ def test_split_never_shares_a_task(fraction, seed):
     again = split_by_task(list(reversed(tasks)), fraction, seed)
     assert {t.id for t in again[1]} == {t.id for t in heldout}  # order of the input does not matter
     share = sum(t.is_classification for t in heldout) / max(len(heldout), 1)
-    assert heldout == [] or abs(share - 28 / 116) < 0.15  # stratified
+    overall = sum(t.is_classification for t in tasks) / len(tasks)
+    assert heldout == [] or abs(share - overall) < 0.15  # stratified
 
 
 def test_metrics_hand_checked():
@@ -48,34 +49,127 @@ def test_metrics_hand_checked():
     assert mean_over_tasks([clf, gen], "exact_match", "classification") == 0.5
 
 
-def test_bootstrap_interval_on_constructed_case():
-    constant = mean_interval({f"t{i}": 0.4 for i in range(30)}, resamples=1000, confidence=0.9)
-    assert constant.low == constant.high == constant.estimate == pytest.approx(0.4)
-    half = mean_interval({f"t{i}": float(i % 2) for i in range(400)}, resamples=4000, confidence=0.95, seed=1)
+BOOT = {"resamples": 4000, "confidence": 0.9}
+
+
+def test_intervals_on_constructed_cases():
+    for method in ("t", "bca", "percentile"):
+        constant = mean_interval({f"t{i}": 0.4 for i in range(30)}, method=method, **BOOT)
+        assert constant.low == pytest.approx(constant.high) and constant.estimate == pytest.approx(0.4)
+    half = mean_interval({f"t{i}": float(i % 2) for i in range(400)}, method="percentile", seed=1, **BOOT)
     standard_error = math.sqrt(0.25 / 400)
     assert half.estimate == 0.5
-    assert half.low == pytest.approx(0.5 - 1.96 * standard_error, abs=0.01)
-    assert half.high == pytest.approx(0.5 + 1.96 * standard_error, abs=0.01)
+    assert half.low == pytest.approx(0.5 - 1.645 * standard_error, abs=0.01)
     diff = paired_difference(
-        {"a": 0.1, "b": 0.2, "c": 0.3}, {"a": 0.2, "b": 0.3, "c": 0.4, "extra": 9.0}, resamples=1000, confidence=0.9
+        {"a": 0.1, "b": 0.2, "c": 0.3}, {"a": 0.2, "b": 0.3, "c": 0.4, "extra": 9.0}, method="t", **BOOT
     )
     assert diff.estimate == pytest.approx(0.1) and diff.low == pytest.approx(0.1)  # pairs kept, extra task ignored
 
 
-def test_gate_promotes_better_and_refuses_worse():
+# 17 per-task score differences of the shape the gate sees (a few large flips, many small moves)
+SAMPLE = [0.31, -0.12, 0.05, 0.0, 1.0, -0.4, 0.22, 0.08, -0.05, 0.6, 0.0, 0.13, -0.27, 0.04, 0.35, -0.1, 0.5]
+
+
+def test_the_t_interval_matches_scipy_and_the_percentile_bootstrap_is_narrower():
+    from scipy import stats
+
+    values = {f"t{i}": v for i, v in enumerate(SAMPLE)}
+    ours = mean_interval(values, method="t", **BOOT)
+    reference = stats.ttest_1samp(SAMPLE, 0.0).confidence_interval(confidence_level=0.9)
+    assert ours.low == pytest.approx(reference.low, abs=1e-12) and ours.high == pytest.approx(reference.high, abs=1e-12)
+    assert ours.standard_error == pytest.approx(stats.sem(SAMPLE))
+    # the minimum detectable effect: (t_0.95 + t_0.80) x SE, df 16
+    assert ours.minimum_detectable == pytest.approx((1.7459 + 0.8647) * stats.sem(SAMPLE), rel=1e-3)
+    percentile = mean_interval(values, method="percentile", **BOOT)
+    assert percentile.high - percentile.low < ours.high - ours.low  # why t is the default at small n
+
+
+def test_bca_matches_scipy_within_resampling_noise():
+    import numpy as np
+    from scipy import stats
+
+    values = {f"t{i}": v for i, v in enumerate(SAMPLE)}
+    ours = mean_interval(values, method="bca", resamples=20000, confidence=0.9, seed=3)
+    reference = stats.bootstrap(
+        (np.array(SAMPLE),), np.mean, confidence_level=0.9, n_resamples=20000, method="BCa", random_state=7
+    ).confidence_interval
+    assert ours.low == pytest.approx(reference.low, abs=0.01) and ours.high == pytest.approx(reference.high, abs=0.01)
+
+
+def test_a_stratified_t_interval_pools_the_strata_variances():
+    import numpy as np
+    from scipy import stats
+
+    clf = [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]  # high level, classification
+    gen = [0.1, 0.15, 0.2, 0.12, 0.18, 0.1, 0.14, 0.2]  # low level, generation
+    values = {f"c{i}": v for i, v in enumerate(clf)} | {f"g{i}": v for i, v in enumerate(gen)}
+    strata = {k: ("classification" if k.startswith("c") else "generation") for k in values}
+    stratified = mean_interval(values, method="t", strata=strata, **BOOT)
+    plain = mean_interval(values, method="t", **BOOT)
+    n = len(values)
+    parts = [(len(g) / n) ** 2 * np.var(g, ddof=1) / len(g) for g in (clf, gen)]
+    dof = sum(parts) ** 2 / sum(p**2 / (len(g) - 1) for p, g in zip(parts, (clf, gen)))
+    half_width = stats.t.ppf(0.95, dof) * math.sqrt(sum(parts))
+    assert stratified.estimate == pytest.approx(plain.estimate)  # the same mean over tasks
+    assert stratified.high - stratified.estimate == pytest.approx(half_width)
+    assert stratified.high - stratified.low < plain.high - plain.low  # the level difference is not noise
+
+
+def test_the_length_controlled_difference_removes_a_pure_length_effect():
+    lengths_a = {f"t{i}": 20.0 + i for i in range(30)}
+    lengths_b = {t: n * (2.0 if i % 3 else 0.8) for i, (t, n) in enumerate(lengths_a.items())}
+    a = {t: 0.3 for t in lengths_a}
+    # B's score rises with how much longer its answer is, and not otherwise
+    b = {t: 0.3 + 0.4 * (math.log1p(lengths_b[t]) - math.log1p(lengths_a[t])) for t in lengths_a}
+    raw = paired_difference(a, b, method="t", **BOOT)
+    controlled = length_controlled_difference(a, b, lengths_a, lengths_b, confidence=0.9)
+    assert raw.estimate > 0.02
+    assert controlled.estimate == pytest.approx(0.0, abs=1e-9)
+
+
+def _metrics(scores: dict[str, float], nll: dict[str, float] | None = None) -> dict[str, TaskMetrics]:
+    nll = nll or {t: 1.0 for t in scores}
+    return {
+        t: TaskMetrics(s, nll[t], s, "classification" if i % 3 == 0 else "generation")
+        for i, (t, s) in enumerate(scores.items())
+    }
+
+
+GATE = {"method": "t", "confidence": 0.9, "resamples": 2000, "seed": 0, "stratify": True}
+
+
+def test_gate_on_score_promotes_better_and_refuses_worse():
     incumbent = {f"t{i}": 0.30 + 0.01 * (i % 5) for i in range(40)}
     better = {t: s + 0.05 for t, s in incumbent.items()}
     worse = {t: s - 0.05 for t, s in incumbent.items()}
     noisy = {t: s + (0.2 if i % 2 else -0.2) for i, (t, s) in enumerate(incumbent.items())}
-    gate = {"metric": "score", "confidence": 0.9, "resamples": 2000, "seed": 0}
-    assert decide(better, incumbent, margin=0.0, **gate).promoted
-    assert not decide(worse, incumbent, margin=0.0, **gate).promoted
-    assert not decide(noisy, incumbent, margin=0.0, **gate).promoted  # no confident gain
-    assert not decide(better, incumbent, margin=0.06, **gate).promoted  # under the margin
-    first = decide(better, None, margin=0.0, **gate)
-    assert first.promoted and first.reason == "no incumbent" and first.difference is None
+    gate = {"metric": "score", "score_margin": 0.0, **GATE}
+    against = {"incumbent": _metrics(incumbent)}
+    assert decide(_metrics(better), against, margin=0.0, **gate).promoted
+    assert not decide(_metrics(worse), against, margin=0.0, **gate).promoted
+    assert not decide(_metrics(noisy), against, margin=0.0, **gate).promoted  # no confident gain
+    assert not decide(_metrics(better), against, margin=0.06, **gate).promoted  # under the margin
+    first = decide(_metrics(better), {}, margin=0.0, **gate)
+    assert first.promoted and first.reason == "no incumbent" and first.comparisons == []
     assert first.candidate.low < first.candidate.estimate < first.candidate.high
     assert first.candidate.estimate == pytest.approx(sum(better.values()) / len(better))
+
+
+def test_the_nll_gate_needs_a_lower_nll_and_a_score_that_is_not_worse():
+    tasks = [f"t{i}" for i in range(40)]
+    score = {t: 0.3 + 0.01 * (i % 7) for i, t in enumerate(tasks)}
+    nll = {t: 2.0 + 0.05 * (i % 4) for i, t in enumerate(tasks)}
+    incumbent = _metrics(score, nll)
+    likelier = _metrics(score, {t: v - 0.1 for t, v in nll.items()})
+    likelier_but_worse = _metrics({t: v - 0.1 for t, v in score.items()}, {t: v - 0.1 for t, v in nll.items()})
+    gate = {"metric": "nll", "margin": 0.0, "score_margin": 0.05, **GATE}
+    decision = decide(likelier, {"incumbent": incumbent}, **gate)
+    assert decision.promoted and decision.comparisons[0].gain.estimate == pytest.approx(0.1)  # positive = better
+    refused = decide(likelier_but_worse, {"incumbent": incumbent}, **gate)
+    assert not refused.promoted and "score difference lower bound" in refused.reason
+    # it must beat every comparator: a control that is as likely as the candidate stops it
+    both = decide(likelier, {"incumbent": incumbent, "control": likelier}, **gate)
+    assert not both.promoted and [c.passed for c in both.comparisons] == [True, False]
 
 
 @pytest.mark.parametrize(
@@ -116,7 +210,13 @@ class ScriptedEngine(ModelSessions):
         self.loaded = model_uri
 
     def generate(self, prompts, params):
-        return [Completion(self.answers(self.loaded, p), "stop") for p in prompts]
+        self.params = params
+        out = []
+        for p in prompts:  # stop strings cut the answer, as every real engine does
+            text = self.answers(self.loaded, p)
+            cuts = [text.index(s) for s in params.stop if s in text]
+            out.append(Completion(text[: min(cuts)] if cuts else text, "stop", len(text.split())))
+        return out
 
     def score_nll(self, prompts, responses, max_len=0):
         return [1.0 for _ in prompts]
@@ -147,16 +247,39 @@ def test_evaluate_and_compare_with_judge():
     assert [t.task_id for t in good.tasks] == ["c", "g"]  # the prompt without reference is not scored
     assert good.score == 1.0 and good.exact_match == 1.0 and good.nll == 1.0
     assert len(good.predictions) == 4
-    comparison = service.compare(
-        "bad", "good", tasks, 0, SamplingParams(temperature=0), judge_model="judge", resamples=500, confidence=0.9
-    )
+    compare = {"resamples": 500, "confidence": 0.9, "method": "t", "stratify": False}
+    comparison = service.compare("bad", "good", tasks, 0, SamplingParams(temperature=0), judge_model="judge", **compare)
     assert comparison.a.score == pytest.approx((0.5 + 0.0) / 2)
     assert comparison.score_difference.estimate == pytest.approx(1.0 - 0.25)
     assert comparison.judged.pairs == 4 and comparison.judged.win > comparison.judged.loss
-    unjudged = service.compare(
-        "bad", "good", tasks, 0, SamplingParams(temperature=0), judge_model="", resamples=500, confidence=0.9
-    )
+    unjudged = service.compare("bad", "good", tasks, 0, SamplingParams(temperature=0), judge_model="", **compare)
     assert unjudged.judged is None  # no judge model: no judged comparison, not "all ties"
+
+
+LETTER = "Dear Ms Lee,\n\nThank you for the interview on Monday.\n\nI look forward to hearing from you.\n\nBest, Sam"
+
+
+def test_a_multi_paragraph_answer_is_scored_whole():
+    """A chat answer ends at its EOS, not at its first blank line: every paragraph counts, and its
+    length is recorded beside the score."""
+    from services.common.rouge import rouge_l
+
+    task = TaskRecord(id="letter", instruction="Write a thank-you note.", instances=[Instance("", LETTER)])
+    engine = ScriptedEngine(lambda model, prompt: LETTER)
+    result = EvaluatorService(engine).evaluate("m", [task], 0, SamplingParams(temperature=0, max_new_tokens=256))
+    assert result.score == pytest.approx(1.0) and result.score > rouge_l("Dear Ms Lee,", LETTER)
+    assert result.predictions[0].instances[0].output == LETTER.strip()
+    assert result.answer_words == len(LETTER.split()) and "\n\n" not in engine.params.stop
+    stopped = EvaluatorService(engine).evaluate("m", [task], 0, SamplingParams(temperature=0), stop=("\n\n",))
+    assert stopped.score < 0.5 and stopped.stops == (
+        "\n\nInput:",
+        "\n\nOutput:",
+        "\nTask:",
+        "\nInstruction:",
+        "\nContext:",
+        "\nAnswer:",
+        "\n\n",
+    )
 
 
 def test_report_has_every_section(tmp_path):
@@ -168,6 +291,9 @@ def test_report_has_every_section(tmp_path):
     assert page.count("data:image/png;base64,") == 7  # + the curation score histogram
     assert "kept previous" in page and "too_short: 3" in page
     assert "<td>1</td><td>0.1500</td><td>90%: [0.1000, 0.2000]</td>" in page  # the gate's own interval
+    assert "<td>vs incumbent</td><td>+0.3000 [-0.1000, +0.7000] (MDE 0.410)</td>" in page  # what the gate can see
+    assert "<td>control (seeds only)</td><td>c0</td><td>0.3100</td><td>1.7000</td><td>15</td>" in page  # test
+    assert "final minus control: score -0.0300 [-0.1000, +0.0400]" in page
     assert "Write a haiku about &lt;autumn&gt;." in page and "nearest pool entry: <i>Write a poem.</i>" in page
     assert "rejected:too_short" in page and "Leaves fall" in page  # kept and rejected, with instances
     assert "round 1 (8 of 8 pairs, best rated first)" in page and "curation score 5" in page

@@ -100,11 +100,11 @@ def test_filter_in_order_with_funnel():
         _task(2, "Summarize the article in two sentences."),  # kept
         _task(3, "Summarize the article in two short sentences."),  # similar to candidate 2, kept earlier
         _task(4, "Draw a picture of a horse."),  # blacklist
-        _task(5, "Translate the sentence into Spanish.", [Instance("x", "")]),  # no valid instances
+        _task(5, "Translate the sentence into Spanish.", [Instance("x", "")]),  # no valid instance left
     ]
     result = filter_tasks(candidates, pool, FilterSettings())
     assert [v.kept for v in result.verdicts] == [False, True, False, False, False]
-    assert result.funnel == {"rouge_l_too_similar": 2, "blacklisted": 1, "no_valid_instances": 1}
+    assert result.funnel == {"rouge_l_too_similar": 2, "blacklisted": 1, "empty_output": 1}  # what emptied it
     assert result.verdicts[2].nearest_instruction == "Summarize the article in two sentences."
     assert result.kept[0].lineage.verdicts[-1] == "kept"
     assert result.rejected[0].lineage.verdicts[-1] == "rejected:rouge_l_too_similar"
@@ -196,10 +196,9 @@ def test_zero_and_false_are_answers_not_unset(tmp_path):
     from services.trainer.deployment import _given
 
     replica = FilterDeployment.func_or_class({"store": {"root": str(tmp_path)}})  # near_duplicate_threshold 0.9
+    same = "The same long answer, word for word, long enough for its shingles to say something."
     twins = [
-        TaskRecord(
-            id=f"t{i}", instruction=f"Describe {topic} in one short paragraph.", instances=[Instance("", "Same.")]
-        )
+        TaskRecord(id=f"t{i}", instruction=f"Describe {topic} in one short paragraph.", instances=[Instance("", same)])
         for i, topic in enumerate(["the moon landing", "photosynthesis in plants"])
     ]
     ctx = common_pb2.RunContext(run_id="r", round=1)
@@ -215,3 +214,127 @@ def test_zero_and_false_are_answers_not_unset(tmp_path):
     assert _given(trainer_pb2.TrainingParams(use_gpu=False), "use_gpu", True) is False
     assert _given(trainer_pb2.TrainingParams(), "use_gpu", True) is True
     assert _given(trainer_pb2.LoraParams(dropout=0.0), "dropout", 0.05) == 0.0
+
+
+def test_short_label_answers_are_not_near_duplicates():
+    """'no' = 'No.' and 'positive' = 'Positive' as shingles; distinct yes/no tasks are not duplicates."""
+    tasks = [
+        ("Tell whether the given number is prime.", "91", "no"),
+        ("Is the given year a leap year?", "1900", "No."),
+        ("Was the customer happy with the delivery?", "", "positive"),
+        ("Classify the tone of the last message you wrote.", "", "Positive"),
+        ("Does the sentence contain a question?", "Is it? Yes", "yes"),
+    ]
+    candidates = [_task(i, text, [Instance(given, output)]) for i, (text, given, output) in enumerate(tasks)]
+    before = filter_tasks(candidates, [], FilterSettings(near_duplicate_threshold=None))
+    assert all(v.kept for v in before.verdicts)  # no other rule stands in the way
+    result = filter_tasks(candidates, [], FilterSettings())
+    assert all(v.kept for v in result.verdicts) and result.funnel == {}
+
+
+def test_near_duplicates_compare_input_and_output():
+    output = "The answer is forty two, as the question above asks for the product of six and seven."
+    first = _task(
+        1, "Compute the product of the two numbers.", [Instance("six and seven, multiplied together", output)]
+    )
+    other_input = _task(
+        2, "Explain the given sum step by step.", [Instance("a completely different input text", output)]
+    )
+    same = _task(3, "Say what the numbers below make.", [Instance("six and seven, multiplied together", output)])
+    result = filter_tasks([first, other_input, same], [], FilterSettings())
+    assert [v.kept for v in result.verdicts] == [True, True, False]
+    assert result.verdicts[2].reasons[0] == "near_duplicate_response"
+
+
+def test_near_duplicates_against_the_pool():
+    text = "Rivers carry water from the hills to the sea, and on the way they shape the valleys they run through."
+    pool = [_task(0, "Describe how rivers shape a landscape.", [Instance("", text)])]
+    again = _task(1, "Write one sentence about water.", [Instance("", text)])
+    result = filter_tasks([again], pool, FilterSettings())
+    assert not result.verdicts[0].kept and result.funnel == {"near_duplicate_response": 1}
+
+
+def _demo(task_id, pairs, clf=False):
+    return TaskRecord(
+        id=task_id, instruction="A seed task.", is_classification=clf, instances=[Instance(i, o) for i, o in pairs]
+    )
+
+
+def _shown(task, *demo_ids, instruction_context=("seed-9",)):
+    """The lineage the instance stage leaves: the instruction prompt's tasks, then the demonstrations."""
+    task.lineage.context_task_ids = [*instruction_context, *demo_ids]
+    task.lineage.scores["demonstrations"] = float(len(demo_ids))
+    return task
+
+
+def test_an_instance_copying_a_demonstration_is_removed():
+    demo = _demo("seed-1", [("The weather today", "It is sunny and warm, a good day for a walk.")])
+    task = _shown(_task(1, "Write a short note to a friend about your weekend."), "seed-1")
+    task.instances = [
+        Instance("", "It is sunny and warm, a good day for a walk."),
+        Instance("", "We went hiking and saw a deer near the lake."),
+    ]
+    result = filter_tasks([task], [demo], FilterSettings(near_duplicate_threshold=None))
+    assert result.verdicts[0].kept and result.verdicts[0].reasons == ["copies_demonstration"]
+    assert result.kept[0].instances == [Instance("", "We went hiking and saw a deer near the lake.")]
+    only_copies = _shown(_task(2, "Describe the weather in one sentence please.", [task.instances[0]]), "seed-1")
+    rejected = filter_tasks([only_copies], [demo], FilterSettings(near_duplicate_threshold=None))
+    assert rejected.funnel == {"copies_demonstration": 1}  # the round's funnel names the rule
+    # a task the instruction prompt showed was not a demonstration: its outputs were never in a prompt
+    not_shown = _shown(_task(3, "Describe the weather in one sentence please."), instruction_context=["seed-1"])
+    not_shown.instances = [task.instances[0]]
+    assert filter_tasks([not_shown], [demo], FilterSettings(near_duplicate_threshold=None)).verdicts[0].kept
+
+
+def test_a_classification_instance_may_share_a_label_but_not_an_input():
+    demo = _demo("seed-c", [("I loved this film.", "positive"), ("Dull and slow.", "negative")], clf=True)
+    task = TaskRecord(
+        id="c",
+        instruction="Is the restaurant review positive or negative?",
+        is_classification=True,
+        instances=[Instance("The soup was cold.", "negative"), Instance("I loved this film.", "positive")],
+    )
+    result = filter_tasks([_shown(task, "seed-c")], [demo], FilterSettings(near_duplicate_threshold=None))
+    assert result.kept[0].instances == [Instance("The soup was cold.", "negative")]
+    assert result.verdicts[0].reasons == ["copies_demonstration"]
+
+
+def test_an_input_repeating_the_instruction_is_removed():
+    instruction = "Translate the sentence into French."
+    kept, reasons = clean_instances(
+        [
+            Instance("Translate the sentence into French.", "Traduisez la phrase."),
+            Instance("I am tired.", "Je suis fatigué."),
+        ],
+        instruction=instruction,
+    )
+    assert kept == [Instance("I am tired.", "Je suis fatigué.")] and reasons == ["input_repeats_instruction"]
+    echo = _task(1, instruction, [Instance("translate the sentence into french: Hello", "Bonjour")])
+    assert filter_tasks([echo], [], FilterSettings()).funnel == {"input_repeats_instruction": 1}
+
+
+def test_a_task_without_instances_is_rejected_as_such():
+    result = filter_tasks([TaskRecord(id="n", instruction="Name three rivers of Europe.")], [], FilterSettings())
+    assert result.funnel == {"no_valid_instances": 1}
+
+
+def test_the_pool_serves_dedup_and_demonstrations_when_its_scores_come_from_elsewhere():
+    """With pool_scores (the driver's sharded path) the pool still answers the rules that need its
+    records, so both paths decide alike."""
+    from services.filter.service import novelty_scores
+
+    text = "Rivers carry water from the hills to the sea, and on the way they shape the valleys they run through."
+    demo = _demo("seed-1", [("", "It is sunny and warm, a good day for a walk.")])
+    pool = [demo, _task(0, "Describe how rivers shape a landscape.", [Instance("", text)])]
+    candidates = [
+        _task(1, "Write one sentence about water.", [Instance("", text)]),
+        _shown(
+            _task(2, "Tell me about your day.", [Instance("", "It is sunny and warm, a good day for a walk.")]),
+            "seed-1",
+        ),
+        _task(3, "Name three animals that live in the sea.", [Instance("", "Whales, dolphins and octopuses.")]),
+    ]
+    whole = filter_tasks(candidates, pool, FilterSettings())
+    split = filter_tasks(candidates, pool, FilterSettings(), pool_scores=novelty_scores(candidates, pool))
+    assert whole.funnel == split.funnel == {"near_duplicate_response": 1, "copies_demonstration": 1}
+    assert [v.reasons for v in whole.verdicts] == [v.reasons for v in split.verdicts]

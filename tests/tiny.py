@@ -26,6 +26,7 @@ def tiny_settings(store_root: str, builtin_cache: str, grpc_port: int = 9000, ht
         "backtranslation": {"segments_per_round": 6, "backward_epochs": 2, "max_new_tokens": 16},
         "loop": {"rounds": 1, "bootstrap": True},
         "fanout": {"tasks_per_shard": 2, "max_in_flight": 2},  # several shards per stage, two at once
+        "tracking": {"enabled": False},  # tests/test_tracking.py runs the tracker against a real server
     }
 
 
@@ -38,7 +39,15 @@ def fill_example_run(store, run_id: str = "r") -> None:
     ]
     store.write_tasks(store.dataset_uri(run_id, 1, "instructions"), tasks)
     store.commit_stage(run_id, 0, "train", {"losses": [3.0, 2.0, 1.5]})
-    store.commit_stage(run_id, 0, "evaluate", {"per_task": {"a": 0.2, "b": 0.3}})
+    metrics = {"category": "generation", "answer_words": 30.0}
+    m0 = {
+        "a": {"score": 0.2, "nll": 2.0, "rouge_l": 0.2, **metrics},
+        "b": {"score": 0.3, "nll": 2.2, "rouge_l": 0.3, **metrics},
+    }
+    store.commit_stage(run_id, 0, "evaluate", {"task_metrics": m0, "score": 0.25, "nll": 2.1, "answer_words": 30.0})
+    store.commit_stage(
+        run_id, 0, "control_evaluate", {"task_metrics": m0, "score": 0.27, "nll": 1.9, "answer_words": 12.0}
+    )
     store.commit_stage(
         run_id,
         0,
@@ -96,17 +105,52 @@ def fill_example_run(store, run_id: str = "r") -> None:
     )
     store.commit_stage(run_id, 1, "filter_augmented", {"candidates": 8, "kept_count": 1, "curation_threshold": 5})
     store.commit_stage(run_id, 1, "train", {"losses": [2.0, 1.0]})
-    store.commit_stage(run_id, 1, "evaluate", {"per_task": {"a": 0.1, "b": 0.2}})
+    store.commit_stage(run_id, 1, "evaluate", {"score": 0.15, "nll": 1.8, "answer_words": 14.0})
+    gate = {"gain": [0.3, -0.1, 0.7], "gain_mde": 0.41, "score_difference": [-0.1, -0.2, 0.0], "score_mde": 0.12}
     store.commit_stage(
         run_id,
         1,
         "promote",
         {
             "promoted": False,
-            "reason": "lower bound -0.1 <= margin 0",
+            "metric": "nll",
+            "interval": "t",
+            "reason": "vs incumbent: nll gain lower bound -0.1000 <= margin +0.0000",
             "model_uri": "m0",
             "candidate": 0.15,
             "candidate_interval": [0.1, 0.2],
             "confidence": 0.9,
+            "comparisons": [
+                {
+                    "against": "incumbent",
+                    "passed": False,
+                    "length_controlled_score_difference": [-0.05, -0.2, 0.1],
+                    **gate,
+                }
+            ],
+        },
+    )
+    store.commit_stage(
+        run_id,
+        1,
+        "test",
+        {
+            "model_0": "m0",
+            "final_model": "m0",
+            "control_model": "c0",
+            "model_0_score": 0.28,
+            "final_score": 0.28,
+            "control_score": 0.31,
+            "model_0_nll": 2.0,
+            "final_nll": 2.0,
+            "control_nll": 1.7,
+            "answer_words": {"model_0": 40.0, "final": 40.0, "control": 15.0},
+            "difference": [0.0, 0.0, 0.0],
+            "nll_gain": [0.0, 0.0, 0.0],
+            "over_control": [-0.03, -0.1, 0.04],
+            "nll_gain_over_control": [-0.3, -0.4, -0.2],
+            "confidence": 0.9,
+            "interval": "t",
+            "num_tasks": 2,
         },
     )

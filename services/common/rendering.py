@@ -61,6 +61,12 @@ class Renderer:
     def style(self) -> str:
         return "chat" if self.chat_tokenizer is not None else "plain"
 
+    @property
+    def answer_ends(self) -> tuple[str, ...]:
+        """Stop strings that end an answer as the format ends it: none for chat (the model's EOS),
+        the plain templates' next part otherwise."""
+        return () if self.chat_tokenizer is not None else prompts.PLAIN_ANSWER_ENDS
+
     def render(
         self, task: TaskRecord, instance: Instance, rng: random.Random | None = None, shots: list[Instance] = ()
     ) -> Example:

@@ -73,11 +73,27 @@ class Filtered(StageResult):
     candidates: int = 0
     funnel: dict[str, int] = field(default_factory=dict)
     max_rouge_l: list[float] = field(default_factory=list)
-    curation_threshold: float | None = None  # backtranslated pairs only
+    curation_threshold: float | None = None  # backtranslated pairs only: the min_curation_score applied
     scores: dict[str, int] = field(default_factory=dict)  # curation score histogram (backtranslated pairs)
+    rater: str = ""  # backtranslation.curation: rubric or likelihood
+    rater_auc: float | None = None  # the rater's ROC AUC on the round's control pairs
+    selection: str = ""  # threshold (score >= k), rank (the best kept_share) or rater_below_floor (none kept)
+    kept_share: float | None = None
 
     def kept(self, store: RunStore) -> list[TaskRecord]:
         return store.read_tasks(self.kept_uri) if self.kept_uri and self.kept_count else []
+
+
+@dataclass
+class CurationControl(Dataset):
+    """The rater scored matched seed pairs and their shuffled twins (another task's instruction)."""
+
+    rater: str = ""
+    auc: float | None = None  # ROC AUC of matched over shuffled; None without control pairs
+    matched: int = 0
+    shuffled: int = 0
+    matched_mean: float = 0.0  # mean curation score of each kind
+    shuffled_mean: float = 0.0
 
 
 @dataclass
@@ -110,7 +126,7 @@ class Trained(StageResult):
 @dataclass
 class Evaluated(StageResult):
     model_uri: str = ""
-    metric: str = "score"
+    metric: str = "nll"  # the gate's metric
     score: float = 0.0
     rouge_l: float = 0.0
     exact_match: float = 0.0
@@ -118,9 +134,33 @@ class Evaluated(StageResult):
     num_tasks: int = 0
     num_instances: int = 0
     categories: dict[str, float] = field(default_factory=dict)
-    per_task: dict[str, float] = field(default_factory=dict)
+    # task id -> {"score", "nll", "rouge_l", "category", "answer_words"}: what the gate pairs
+    task_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     predictions_uri: str = ""
     shards: int = 0
+    answer_words: float = 0.0  # mean over tasks: a length or format effect shows here
+    answer_tokens: float = 0.0
+    truncated: float = 0.0  # share of answers cut by evaluation.max_new_tokens
+    stops: list[str] = field(default_factory=list)  # what ended answers besides EOS
+
+    def per_task(self, metric: str) -> dict[str, float]:
+        return {t: m[metric] for t, m in self.task_metrics.items()}
+
+
+@dataclass
+class Gate(StageResult):
+    """One comparison of the gate: the candidate against the incumbent or the control."""
+
+    against: str = ""
+    against_model_uri: str = ""
+    against_mean: float = 0.0
+    gain: list[float] = field(default_factory=list)  # estimate, low, high (positive: the candidate is better)
+    gain_mde: float = 0.0  # minimum detectable gain at 80% power, on this data
+    score_difference: list[float] = field(default_factory=list)  # estimate, low, high
+    score_mde: float = 0.0
+    length_controlled_score_difference: list[float] = field(default_factory=list)  # at equal answer length
+    passed: bool = False
+    reason: str = ""
 
 
 @dataclass
@@ -128,19 +168,27 @@ class Decision(StageResult):
     """The gate's decision, and the model the loop stands on afterwards."""
 
     promoted: bool = False
-    metric: str = "score"
+    metric: str = "nll"
     candidate: float = 0.0
     candidate_interval: list[float] = field(default_factory=list)  # low, high of the candidate's mean
+    candidate_score: float = 0.0
+    candidate_score_interval: list[float] = field(default_factory=list)
     incumbent: float | None = None
-    difference: float = 0.0  # candidate minus incumbent, its interval low..high (no incumbent: the mean)
+    difference: float = 0.0  # the gain over the incumbent, its interval low..high (no incumbent: the mean)
     low: float = 0.0
     high: float = 0.0
     confidence: float = 0.0
+    interval: str = ""  # t, bca or percentile
     margin: float = 0.0
+    score_margin: float = 0.0
     reason: str = ""
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # Gate.to_dict() each
     model_uri: str = ""  # the promoted model: the candidate if promoted, else the incumbent
-    per_task: dict[str, float] = field(default_factory=dict)  # the promoted model's scores
+    task_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # the promoted model's
     candidate_model_uri: str = ""
+
+    def gates(self) -> list[Gate]:
+        return [Gate.from_dict(c) for c in self.comparisons]
 
 
 @dataclass
@@ -154,12 +202,25 @@ class Judged(StageResult):
 
 @dataclass
 class Tested(StageResult):
+    """The test stage: model 0, the control and the final model on test tasks that chose nothing."""
+
     model_0: str = ""
     final_model: str = ""
+    control_model: str = ""
     model_0_score: float = 0.0
     final_score: float = 0.0
-    difference: list[float] = field(default_factory=list)  # estimate, low, high
+    control_score: float | None = None
+    model_0_nll: float = 0.0
+    final_nll: float = 0.0
+    control_nll: float | None = None
+    answer_words: dict[str, float] = field(default_factory=dict)  # "model_0", "control", "final"
+    difference: list[float] = field(default_factory=list)  # final minus model 0, score: estimate, low, high
+    nll_gain: list[float] = field(default_factory=list)  # model 0's NLL minus the final model's
+    length_controlled_difference: list[float] = field(default_factory=list)
+    over_control: list[float] = field(default_factory=list)  # final minus control, score
+    nll_gain_over_control: list[float] = field(default_factory=list)
     confidence: float = 0.0
+    interval: str = ""
     num_tasks: int = 0
 
 
@@ -169,6 +230,9 @@ STAGE_KINDS: dict[str, type[StageResult]] = {
     "train_data": TrainMix,
     "train": Trained,
     "evaluate": Evaluated,
+    "control_data": TrainMix,
+    "control_train": Trained,
+    "control_evaluate": Evaluated,
     "judge": Judged,
     "promote": Decision,
     "test": Tested,
@@ -182,6 +246,7 @@ STAGE_KINDS: dict[str, type[StageResult]] = {
     "backtranslate": Dataset,
     "rating_pool": RatingPool,
     "curate": Dataset,
+    "curation_control": CurationControl,
     "filter_augmented": Filtered,
 }
 

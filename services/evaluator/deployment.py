@@ -23,7 +23,8 @@ from ..common.validation import (
     check_text,
     resolve_tasks,
 )
-from .gate import decide
+from .gate import METRICS, TaskMetrics, decide
+from .intervals import METHODS
 from .service import Evaluation, EvaluatorService
 
 
@@ -48,9 +49,16 @@ def _response(evaluation: Evaluation) -> evaluator_pb2.EvaluateModelResponse:
                 score=t.score,
                 nll=t.mean("nll"),
                 category=t.category,
+                answer_words=t.mean("answer_words"),
+                answer_tokens=t.mean("answer_tokens"),
+                truncated=t.mean("truncated"),
             )
             for t in evaluation.tasks
         ],
+        answer_words=evaluation.answer_words,
+        answer_tokens=evaluation.answer_tokens,
+        truncated=evaluation.truncated,
+        stops=list(evaluation.stops),
         categories=[
             evaluator_pb2.CategoryScore(category=name, score=score, tasks=n)
             for name, (score, n) in evaluation.categories().items()
@@ -60,7 +68,14 @@ def _response(evaluation: Evaluation) -> evaluator_pb2.EvaluateModelResponse:
 
 def _interval(interval) -> evaluator_pb2.Interval:
     return evaluator_pb2.Interval(
-        estimate=interval.estimate, low=interval.low, high=interval.high, confidence=interval.confidence
+        estimate=interval.estimate,
+        low=interval.low,
+        high=interval.high,
+        confidence=interval.confidence,
+        method=interval.method,
+        n=interval.n,
+        standard_error=interval.standard_error,
+        minimum_detectable=interval.minimum_detectable,
     )
 
 
@@ -87,10 +102,28 @@ class EvaluatorDeployment:
         check_range(request.max_instances_per_task, "max_instances_per_task", 0, 10_000)
         check_sampling(request.sampling)
         check_output_uri(request.predictions_uri, self.store, "predictions_uri", request.context.run_id)
+        self._stops(request.stop)
         tasks = resolve_tasks(request.eval_tasks, self.store, "eval_tasks", require_instances=True)
         per_task = request.max_instances_per_task or max(len(t.instances) for t in tasks)
         check_cost(len(tasks) * per_task, request.sampling.max_new_tokens, "eval_tasks")
+        if request.HasField("nll_instances_per_task"):
+            check_range(request.nll_instances_per_task, "nll_instances_per_task", 0, 10_000)
         return model_uri, tasks
+
+    def _nll_instances(self, request) -> int:
+        if request.HasField("nll_instances_per_task"):
+            return request.nll_instances_per_task
+        return self.evaluation.nll_instances_per_task
+
+    def _stops(self, stop) -> tuple[str, ...]:
+        """The request's stop strings (none: evaluation.stop), bounded: a stop string is checked
+        against the answer at every step."""
+        stops = tuple(stop) or tuple(self.evaluation.stop)
+        if len(stops) > MAX_STOPS:
+            raise RequestError("stop", f"{len(stops)} stop strings; the limit is {MAX_STOPS}")
+        for i, text in enumerate(stops):
+            check_text(text, f"stop[{i}]", required=True, limit=MAX_STOP_CHARS)
+        return stops
 
     def _finish(self, request, evaluation: Evaluation) -> evaluator_pb2.EvaluateModelResponse:
         response = _response(evaluation)
@@ -112,6 +145,8 @@ class EvaluatorDeployment:
             with_nll=request.with_nll,
             run_id=request.context.run_id,
             round_index=request.context.round,
+            stop=self._stops(request.stop),
+            nll_instances_per_task=self._nll_instances(request),
         )
         return self._finish(request, evaluation)
 
@@ -128,6 +163,8 @@ class EvaluatorDeployment:
                 on_progress=on_progress,
                 run_id=request.context.run_id,
                 round_index=request.context.round,
+                stop=self._stops(request.stop),
+                nll_instances_per_task=self._nll_instances(request),
             )
         ):
             if done != "result":
@@ -151,6 +188,7 @@ class EvaluatorDeployment:
         check_sampling(request.sampling)
         tasks = resolve_tasks(request.eval_tasks, self.store, "eval_tasks", require_instances=True)
         resamples, confidence = self._bootstrap(request, len(tasks))
+        method = self._method(request.interval)
         check_cost(2 * len(tasks), request.sampling.max_new_tokens, "eval_tasks")
         result = self.service.compare(
             model_a,
@@ -161,10 +199,17 @@ class EvaluatorDeployment:
             judge,
             resamples,
             confidence,
+            method,
+            self.evaluation.stratify,
+            with_nll=self.evaluation.with_nll,
+            stop=tuple(self.evaluation.stop),
+            nll_instances_per_task=self.evaluation.nll_instances_per_task,
         )
         response = evaluator_pb2.CompareModelsResponse(
             score_difference=_interval(result.score_difference),
             rouge_l_difference=_interval(result.rouge_l_difference),
+            length_controlled_score_difference=_interval(result.length_controlled_score_difference),
+            nll_gain=_interval(result.nll_gain),
             a=_response(result.a),
             b=_response(result.b),
         )
@@ -191,46 +236,90 @@ class EvaluatorDeployment:
             )
         return resamples, confidence
 
+    def _method(self, method: str) -> str:
+        method = method or self.evaluation.interval
+        if method not in METHODS:
+            raise RequestError("interval", f"{method!r}: expected one of {', '.join(METHODS)}")
+        return method
+
     @grpc_method(evaluator_pb2.PromotionDecision)
     def DecidePromotion(self, request: evaluator_pb2.DecidePromotionRequest):
         check_context(request.context)
-        candidate = _scores(request.candidate_scores, "candidate_scores")
+        candidate = _task_metrics(request.candidate, "candidate")
         if not candidate:
-            raise RequestError("candidate_scores", "empty: score the candidate on at least one task")
-        incumbent = _scores(request.incumbent_scores, "incumbent_scores") or None
-        if incumbent is not None and not set(incumbent) & set(candidate):
-            raise RequestError("incumbent_scores", "no task in common with candidate_scores: nothing to pair")
+            raise RequestError("candidate", "empty: score the candidate on at least one task")
+        against: dict[str, dict[str, TaskMetrics]] = {}
+        for i, other in enumerate(request.against):
+            name = check_text(other.name, f"against[{i}].name", required=True, limit=MAX_ID_CHARS)
+            if name in against:
+                raise RequestError(f"against[{i}].name", f"{name!r} is named twice")
+            tasks = _task_metrics(other.tasks, f"against[{i}].tasks")
+            if not set(tasks) & set(candidate):
+                raise RequestError(f"against[{i}].tasks", "no task in common with candidate: nothing to pair")
+            against[name] = tasks
+        metric = check_text(request.metric, "metric", limit=MAX_ID_CHARS) or self.evaluation.promotion_metric
+        if metric not in METRICS:
+            raise RequestError("metric", f"{metric!r}: expected one of {', '.join(METRICS)}")
         margin = request.margin if request.HasField("margin") else self.evaluation.promote_margin
-        check_range(margin, "margin", -1.0, 1.0)
-        resamples, confidence = self._bootstrap(request, len(candidate))
+        check_range(margin, "margin", -100.0, 100.0)
+        score_margin = request.score_margin if request.HasField("score_margin") else self.evaluation.score_margin
+        check_range(score_margin, "score_margin", 0.0, 1.0)
+        if request.seed < 0:
+            raise RequestError("seed", f"{request.seed} is negative")
+        cells = len(candidate) * (1 + len(against))
+        resamples, confidence = self._bootstrap(request, cells)
         decision = decide(
             candidate,
-            incumbent,
-            metric=check_text(request.metric, "metric", limit=MAX_ID_CHARS) or self.evaluation.promotion_metric,
+            against,
+            metric=metric,
             margin=margin,
+            score_margin=score_margin,
+            method=self._method(request.interval),
             confidence=confidence,
             resamples=resamples,
             seed=request.seed,
+            stratify=request.stratify if request.HasField("stratify") else self.evaluation.stratify,
         )
-        response = evaluator_pb2.PromotionDecision(
+        return evaluator_pb2.PromotionDecision(
             promoted=decision.promoted,
             metric=decision.metric,
             candidate=_interval(decision.candidate),
+            candidate_score=_interval(decision.candidate_score),
+            comparisons=[
+                evaluator_pb2.Comparison(
+                    against=c.against,
+                    against_mean=c.against_mean,
+                    gain=_interval(c.gain),
+                    score_difference=_interval(c.score_difference),
+                    passed=c.passed,
+                    reason=c.reason,
+                    length_controlled_score_difference=_interval(c.length_controlled_score_difference),
+                )
+                for c in decision.comparisons
+            ],
             margin=decision.margin,
+            score_margin=decision.score_margin,
             reason=decision.reason,
         )
-        if decision.difference is not None:
-            response.incumbent = decision.incumbent
-            response.difference.CopyFrom(_interval(decision.difference))
-        return response
 
 
-def _scores(scores, field: str) -> dict[str, float]:
-    """Per-task scores of the promotion metric: task ids as elsewhere, values in [0, 1]."""
-    for task_id, value in scores.items():
+MAX_STOPS = 16
+MAX_STOP_CHARS = 64
+MAX_NLL = 1000.0  # nats per token: far above any real model's; bounds what a client can send
+
+
+def _task_metrics(tasks, field: str) -> dict[str, TaskMetrics]:
+    """Per-task metrics: task ids as elsewhere, score and ROUGE-L in [0, 1], NLL in [0, MAX_NLL]."""
+    out = {}
+    for task_id, m in tasks.items():
         check_text(task_id, f"{field} key", required=True, limit=MAX_ID_CHARS)
-        check_range(value, f"{field}[{task_id!r}]", 0.0, 1.0)
-    return dict(scores)
+        check_range(m.score, f"{field}[{task_id!r}].score", 0.0, 1.0)
+        check_range(m.rouge_l, f"{field}[{task_id!r}].rouge_l", 0.0, 1.0)
+        check_range(m.nll, f"{field}[{task_id!r}].nll", 0.0, MAX_NLL)
+        check_text(m.category, f"{field}[{task_id!r}].category", limit=MAX_ID_CHARS)
+        check_range(m.answer_words, f"{field}[{task_id!r}].answer_words", 0.0, 1e6)
+        out[task_id] = TaskMetrics(m.score, m.nll, m.rouge_l, m.category, m.answer_words)
+    return out
 
 
 def build_app(args: dict | None = None):

@@ -31,6 +31,9 @@ class TaskResult:
     rouge_l: list[float] = field(default_factory=list)
     exact_match: list[float] = field(default_factory=list)
     nll: list[float] = field(default_factory=list)
+    answer_words: list[float] = field(default_factory=list)  # every answer, with a reference or not
+    answer_tokens: list[float] = field(default_factory=list)
+    truncated: list[float] = field(default_factory=list)  # 1.0 where max_new_tokens cut the answer
 
     @property
     def score(self) -> float:

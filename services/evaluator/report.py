@@ -21,9 +21,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ..common.config import ReinstructConfig  # noqa: E402
 from ..common.prompts import CURATION_SCORES  # noqa: E402
-from ..common.stages import Dataset, Decision, Filtered, Instructions, RoundRecord, Trained, rounds_of  # noqa: E402
+from ..common.stages import (  # noqa: E402
+    Dataset,
+    Decision,
+    Evaluated,
+    Filtered,
+    Instructions,
+    RoundRecord,
+    Tested,
+    Trained,
+    rounds_of,
+)
 from ..common.store import RunStore  # noqa: E402
-from .bootstrap import Interval  # noqa: E402
+from .intervals import Interval  # noqa: E402
 
 SECTIONS = (
     "funnel",
@@ -35,6 +45,7 @@ SECTIONS = (
     "loss",
     "scores",
     "promotion",
+    "test",
     "timing",
 )
 SAMPLE_SIZE = 25  # tasks shown per round and verdict
@@ -228,43 +239,111 @@ def _loss(rounds: list[RoundRecord]) -> str:
 
 
 def _scores(rounds: list[RoundRecord]) -> str:
-    """Each model's score with the interval the gate computed for it (the promote stage's)."""
+    """Each model's gate metric with the interval the gate computed for it (the promote stage's),
+    beside its task score and answer length, so a length or format effect is visible."""
     points = [
-        (k, Interval(d.candidate, *d.candidate_interval, d.confidence), d.confidence)
+        (k, Interval(d.candidate, *d.candidate_interval, d.confidence), d)
         for k, d in _each(rounds, "promote", Decision)
         if len(d.candidate_interval) == 2
     ]
     if not points:
         return "<p>No evaluations yet.</p>"
+    evaluations = dict(_each(rounds, "evaluate", Evaluated))
+    control = next((c for _, c in _each(rounds, "control_evaluate", Evaluated)), None)
+    metric = points[-1][2].metric
     figure, axis = plt.subplots(figsize=(7, 3))
     xs = [k for k, _, _ in points]
     ys = [i.estimate for _, i, _ in points]
     errors = [[i.estimate - i.low for _, i, _ in points], [i.high - i.estimate for _, i, _ in points]]
-    axis.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4)
+    axis.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=4, label="round's model")
+    if control is not None and metric in ("nll", "score", "rouge_l"):
+        axis.axhline(getattr(control, metric), color="#c60", linestyle="--", label="seeds-only control")
+        axis.legend(fontsize=8)
     axis.set_xticks(xs)
     axis.set_xlabel("model (round)")
-    axis.set_ylabel("held-out score (bootstrap CI)")
-    rows = "".join(
-        f"<tr><td>{k}</td><td>{i.estimate:.4f}</td><td>{c:.0%}: [{i.low:.4f}, {i.high:.4f}]</td></tr>"
-        for k, i, c in points
+    axis.set_ylabel(f"dev {metric} ({points[-1][2].interval or 'bootstrap'} CI)")
+    rows = []
+    for k, i, d in points:
+        ev = evaluations.get(k)
+        extra = (
+            f"<td>{ev.score:.4f}</td><td>{ev.nll:.4f}</td><td>{ev.answer_words:.0f}</td>" if ev else "<td>-</td>" * 3
+        )
+        rows.append(
+            f"<tr><td>{k}</td><td>{i.estimate:.4f}</td>"
+            f"<td>{d.confidence:.0%}: [{i.low:.4f}, {i.high:.4f}]</td>{extra}</tr>"
+        )
+    if control is not None:
+        rows.append(
+            f"<tr><td>control (seeds only)</td><td>-</td><td>-</td><td>{control.score:.4f}</td>"
+            f"<td>{control.nll:.4f}</td><td>{control.answer_words:.0f}</td></tr>"
+        )
+    stops = next((ev.stops for ev in evaluations.values()), [])
+    note = (
+        f"<p class='facts'>Answers end at the model's EOS{' or at ' + html.escape(repr(stops)) if stops else ''}"
+        "; words: mean answer length.</p>"
     )
-    return _png(figure) + f"<table><tr><th>model</th><th>score</th><th>interval</th></tr>{rows}</table>"
+    head = f"<tr><th>model</th><th>{metric}</th><th>interval</th><th>score</th><th>NLL</th><th>words</th></tr>"
+    return _png(figure) + f"<table>{head}{''.join(rows)}</table>" + note
+
+
+def _bounds(values: list[float]) -> str:
+    return f"{values[0]:+.4f} [{values[1]:+.4f}, {values[2]:+.4f}]" if len(values) == 3 else "-"
 
 
 def _promotion(rounds: list[RoundRecord]) -> str:
     rows = []
     for k, decision in _each(rounds, "promote", Decision):
         verdict = "promoted" if decision.promoted else "kept previous"
+        gates = "".join(
+            f"<tr><td></td><td>vs {html.escape(g.against)}</td><td>{_bounds(g.gain)} (MDE {g.gain_mde:.3f})</td>"
+            f"<td>{_bounds(g.score_difference)} (MDE {g.score_mde:.3f})</td>"
+            f"<td>{_bounds(g.length_controlled_score_difference)}</td>"
+            f"<td>{'passed' if g.passed else 'failed'}</td></tr>"
+            for g in decision.gates()
+        )
         rows.append(
-            f"<tr><td>{k}</td><td>{verdict}</td><td>{html.escape(decision.reason)}</td>"
-            f"<td>{html.escape(decision.model_uri)}</td></tr>"
+            f"<tr><td>{k}</td><td><b>{verdict}</b></td><td colspan='4'>{html.escape(decision.reason)}<br>"
+            f"model used next: {html.escape(decision.model_uri)}</td></tr>{gates}"
         )
     if not rows:
         return "<p>No decisions yet.</p>"
     return (
-        "<table><tr><th>round</th><th>decision</th><th>why</th><th>model used next</th></tr>"
-        + "".join(rows)
-        + "</table>"
+        "<p class='facts'>Gains are positive when the candidate is better; MDE: the smallest true effect "
+        "the gate detects at 80% power on these tasks.</p>"
+        "<table><tr><th>round</th><th>decision</th><th>metric gain</th><th>score difference</th>"
+        "<th>score at equal length</th><th>check</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _test(rounds: list[RoundRecord]) -> str:
+    tests = _each(rounds, "test", Tested)
+    if not tests:
+        return "<p>No test stage yet.</p>"
+    _, t = tests[-1]
+    models = [("model 0", t.model_0, t.model_0_score, t.model_0_nll, t.answer_words.get("model_0"))]
+    if t.control_model:
+        models.append(
+            ("control (seeds only)", t.control_model, t.control_score, t.control_nll, t.answer_words.get("control"))
+        )
+    models.append(("final", t.final_model, t.final_score, t.final_nll, t.answer_words.get("final")))
+    rows = "".join(
+        f"<tr><td>{name}</td><td>{html.escape(uri)}</td><td>{score:.4f}</td><td>{nll:.4f}</td>"
+        f"<td>{(words or 0):.0f}</td></tr>"
+        for name, uri, score, nll, words in models
+    )
+    facts = [
+        f"final minus model 0: score {_bounds(t.difference)}",
+        f"NLL gain {_bounds(t.nll_gain)}",
+        f"score at equal length {_bounds(t.length_controlled_difference)}",
+    ]
+    if t.over_control:
+        facts.append(
+            f"final minus control: score {_bounds(t.over_control)}, NLL gain {_bounds(t.nll_gain_over_control)}"
+        )
+    return (
+        f"<p>{t.num_tasks} test tasks that chose nothing; {t.confidence:.0%} {t.interval} intervals.</p>"
+        "<table><tr><th>model</th><th>uri</th><th>score</th><th>NLL</th><th>words</th></tr>"
+        f"{rows}</table><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in facts) + "</ul>"
     )
 
 
@@ -298,6 +377,7 @@ def build_report(store: RunStore, run_id: str) -> str:
         "loss": ("Training loss", _loss(rounds)),
         "scores": ("Held-out evaluation by round", _scores(rounds)),
         "promotion": ("Promotion decisions", _promotion(rounds)),
+        "test": ("Test: model 0, the seeds-only control and the final model", _test(rounds)),
         "timing": ("Time per stage", _timing(rounds)),
     }
     body = "".join(

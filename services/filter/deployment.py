@@ -27,8 +27,6 @@ from .service import FilterSettings, PoolScore, filter_tasks, novelty_scores
 def _pool_scores(request: filter_pb2.FilterTasksRequest, candidates) -> list[PoolScore] | None:
     if not request.pool_scores:
         return None
-    if request.pool.WhichOneof("source"):
-        raise RequestError("pool_scores", "give the pool or its scores (pool_scores), not both")
     if len(request.pool_scores) != len(candidates):
         raise RequestError(
             "pool_scores",
@@ -112,6 +110,7 @@ class FilterDeployment:
             if request.HasField("reject_only_above_threshold")
             else defaults.reject_only_above_threshold,
             near_duplicate_threshold=near if near > 0 else None,
+            near_duplicate_min_tokens=defaults.near_duplicate_min_tokens,
             decontamination_ngram=ngram,
             min_curation_score=request.min_curation_score,
             max_instances_per_task=defaults.max_instances_per_task,

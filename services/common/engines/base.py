@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..rendering import IGNORE_INDEX, NO_LIMIT, Example, tokenize
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -40,6 +42,29 @@ class GenerationEngine(Protocol):
     def score_nll(self, prompts: list[str], responses: list[str], max_len: int = 0) -> list[float]:
         """Mean negative log-likelihood per response token (EOS included), given its prompt, tokenized
         exactly as training tokenizes (max_len: training's max_seq_len; 0: no limit)."""
+
+    def logprob_of_continuations(self, prompt: str, continuations: list[str]) -> list[float]:
+        """For each continuation, the sum of log p of its tokens after `prompt` (already rendered), no
+        EOS, tokenized as score_nll tokenizes a (prompt, response) pair: `continuation_tokens` below.
+        Reading a rating from probabilities ("Score: " then "1".."5") needs no generated text."""
+
+
+def continuation_tokens(tokenizer, prompt: str, continuation: str, encoder_decoder: bool = False) -> dict:
+    """input_ids and labels of prompt + continuation as rendering.tokenize makes them for score_nll and
+    training (the text tokenized once, the continuation's tokens found by character offsets, so a
+    token spanning the boundary, " 5" after "Score:", counts as the continuation's), without the EOS
+    that tokenize appends. Then sum(log p) over the labelled positions is exactly the part of
+    score_nll's sum that belongs to the continuation's own tokens. Every engine calls this."""
+    features = tokenize(Example(prompt, continuation, "", ""), tokenizer, NO_LIMIT, encoder_decoder)
+    if encoder_decoder:  # labels are the decoder's target: drop its EOS
+        return {"input_ids": features["input_ids"], "labels": features["labels"][:-1]}
+    ids, labels = features["input_ids"][:-1], features["labels"][:-1]
+    return {"input_ids": ids, "labels": labels}
+
+
+def labelled_sum(labels: list[int], logprobs: list[float | None]) -> float:
+    """Sum of log p over the labelled positions, given each position's log-prob of its own token."""
+    return float(sum(lp for lp, label in zip(logprobs, labels) if label != IGNORE_INDEX and lp is not None))
 
 
 class ModelSessions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import torch
@@ -9,8 +10,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 
 from .. import deadline
 from ..models import DEFAULT_CACHE_DIR, load_model
-from ..rendering import NO_LIMIT, Example, encode_prompt, tokenize
-from .base import Completion, ModelSessions, SamplingParams
+from ..rendering import IGNORE_INDEX, NO_LIMIT, Example, encode_prompt, tokenize
+from .base import Completion, ModelSessions, SamplingParams, continuation_tokens, labelled_sum
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -142,3 +143,55 @@ class HFEngine(ModelSessions):
                 )
                 losses.append(float(out.loss))
             return losses
+
+    def logprob_of_continuations(self, prompt: str, continuations: list[str]) -> list[float]:
+        with self._lock, torch.no_grad():
+            deadline.check()
+            features = [continuation_tokens(self.tokenizer, prompt, c, self.is_encoder_decoder) for c in continuations]
+            if self.is_encoder_decoder:
+                return [self._decoder_logprob(f) for f in features]
+            return self._shared_prefix_logprobs(features)
+
+    def _decoder_logprob(self, features: dict) -> float:
+        if not features["labels"]:
+            return 0.0
+        out = self.model(
+            input_ids=torch.tensor([features["input_ids"]], device=self.device),
+            labels=torch.tensor([features["labels"]], device=self.device),
+        )
+        logprobs = torch.log_softmax(out.logits[0].float(), -1)
+        return float(sum(logprobs[j, token] for j, token in enumerate(features["labels"])))
+
+    def _shared_prefix_logprobs(self, features: list[dict]) -> list[float]:
+        """The tokens all continuations share before their first own token (the rendered prompt, a long
+        rubric) run once; each continuation's own tokens then run on a copy of that cache. A rating's
+        five one-token continuations cost one forward pass of the prompt."""
+        ids = [f["input_ids"] for f in features]
+        if not ids or not all(ids):
+            return [0.0 for _ in features]
+        starts = [
+            next((j for j, label in enumerate(f["labels"]) if label != IGNORE_INDEX), len(f["labels"]))
+            for f in features
+        ]
+        shared = 0
+        while shared < min(starts) and all(len(i) > shared and i[shared] == ids[0][shared] for i in ids):
+            shared += 1
+        shared = max(shared, 1)  # the first token has no log-prob (nothing before it)
+        prefix = self.model(input_ids=torch.tensor([ids[0][:shared]], device=self.device), use_cache=True)
+        after_prefix = torch.log_softmax(prefix.logits[0, -1].float(), -1)
+        sums = []
+        for f in features:
+            rest = f["input_ids"][shared:]
+            logprobs: list[float | None] = [None] * shared
+            if rest:
+                logprobs.append(float(after_prefix[rest[0]]))
+            if len(rest) > 1:
+                step = self.model(
+                    input_ids=torch.tensor([rest[:-1]], device=self.device),
+                    past_key_values=copy.deepcopy(prefix.past_key_values),
+                    use_cache=True,
+                )
+                step_logprobs = torch.log_softmax(step.logits[0].float(), -1)
+                logprobs += [float(step_logprobs[j, token]) for j, token in enumerate(rest[1:])]
+            sums.append(labelled_sum(f["labels"], logprobs))
+        return sums

@@ -3,12 +3,14 @@ app): async requests with a concurrency limit, retries with backoff on 429/5xx, 
 
 Where the model is a local checkpoint (a round's model in the run store, a preset), its tokenizer is
 loaded here and prompts travel as token ids (the completions API takes them), tokenized by the rule
-training uses; score_nll asks for the prompt's own log-probs (`echo` with `logprobs`, as vLLM's
-server gives them). A remote model without a local tokenizer gets text prompts."""
+training uses; score_nll and logprob_of_continuations ask for the prompt's own log-probs (`echo` with
+`logprobs`, as vLLM's server gives them). A remote model without a local tokenizer gets text prompts,
+and logprob_of_continuations reads the first answer token's top log-probs instead."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import threading
@@ -17,9 +19,10 @@ import aiohttp
 
 from ..models import DEFAULT_CACHE_DIR, load_tokenizer, resolve_model
 from ..rendering import NO_LIMIT, Example, encode_prompt, mean_response_nll, tokenize
-from .base import Completion, ModelSessions, SamplingParams
+from .base import Completion, ModelSessions, SamplingParams, continuation_tokens, labelled_sum
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
+TOP_LOGPROBS = 5  # the most OpenAI's completions API returns (vLLM's server allows more)
 
 
 class OpenAIError(RuntimeError):
@@ -112,6 +115,41 @@ class OpenAIEngine(ModelSessions):
             mean_response_nll(f["input_ids"], f["labels"], c["logprobs"]["token_logprobs"][: len(f["input_ids"])])
             for f, c in zip(features, choices)
         ]
+
+    def logprob_of_continuations(self, prompt: str, continuations: list[str]) -> list[float]:
+        with self._lock:
+            if self.tokenizer is None:
+                return self._first_token_logprobs(prompt, continuations)
+            features = [continuation_tokens(self.tokenizer, prompt, c) for c in continuations]
+            choices = asyncio.run(
+                self._post_all(
+                    [
+                        {"prompt": f["input_ids"], "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 0}
+                        for f in features
+                    ]
+                )
+            )
+            return [
+                labelled_sum(f["labels"], c["logprobs"]["token_logprobs"][: len(f["input_ids"])])
+                for f, c in zip(features, choices)
+            ]
+
+    def _first_token_logprobs(self, prompt: str, continuations: list[str]) -> list[float]:
+        """A remote model (no local tokenizer, no echo): the top log-probs of the first token it would
+        write, each continuation matched by its text (leading spaces aside). Exact only for one-token
+        continuations (a rating's digit); one not among the top tokens gets the lowest log-prob listed,
+        an upper bound of its own."""
+        body = {"prompt": prompt, "max_tokens": 1, "temperature": 0.0, "logprobs": TOP_LOGPROBS}
+        choice = asyncio.run(self._post_all([body]))[0]
+        top = (choice.get("logprobs") or {}).get("top_logprobs") or [{}]
+        by_text: dict[str, float] = {}
+        for text, logprob in (top[0] or {}).items():
+            key = text.strip()
+            by_text[key] = logprob if key not in by_text else math.log(math.exp(by_text[key]) + math.exp(logprob))
+        if not by_text:
+            raise OpenAIError(f"{self.base_url}/completions gave no top_logprobs (logprobs={TOP_LOGPROBS} was asked)")
+        floor = min(by_text.values())
+        return [by_text.get(c.strip(), floor) for c in continuations]
 
     async def _post_all(self, bodies: list[dict]) -> list[dict]:
         semaphore = asyncio.Semaphore(self.concurrency)
