@@ -22,9 +22,12 @@ from . import parse_args
 
 
 def _replica_rss_mb() -> float:
+    import ray
     from ray.util.state import list_actors
 
-    for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+    # this cluster's own address: without it the state API asks RAY_ADDRESS or a `ray start` cluster
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+    for actor in alive:
         if "Filter" in (actor.class_name or "") and actor.pid:
             with open(f"/proc/{actor.pid}/status") as handle:
                 for line in handle:

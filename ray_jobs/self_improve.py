@@ -53,7 +53,14 @@ __all__ = ["LoopDriver", "Reporter", "main", "stage_count", "summarize"]
 log = logging.getLogger("reinstruct.loop")
 
 SELF_INSTRUCT_STAGES = ("generate_instructions", "classify", "generate_instances", "filter")
-BACKTRANSLATION_STAGES = ("segments", "backtranslate", "rating_pool", "curate", "filter_augmented")
+BACKTRANSLATION_STAGES = (
+    "segments",
+    "backtranslate",
+    "rating_pool",
+    "curate",
+    "curation_control",
+    "filter_augmented",
+)
 TRAIN_STAGES = ("train_data", "train", "evaluate", "promote")  # plus "judge" when evaluation.judge is on
 BOOTSTRAP_STAGES = ("split", "train_data", "train", "evaluate", "promote")
 BASE_MODEL_STAGES = ("split", "evaluate", "promote")  # no bootstrap: the base model is model 0

@@ -49,7 +49,11 @@ def run(store_root: str, spec: dict) -> int:
                 "tracking": training_target(store, spec),  # None: rank 0 logs no loss to MLflow
                 **params,
             },
-            scaling_config=ScalingConfig(num_workers=params["num_workers"], use_gpu=params["use_gpu"]),
+            scaling_config=ScalingConfig(
+                num_workers=params["num_workers"],
+                use_gpu=params["use_gpu"],
+                resources_per_worker=_worker_resources(params),
+            ),
             run_config=RunConfig(
                 name=f"{spec['job_id']}-{uuid.uuid4().hex[:6]}",
                 storage_path=store.uri(spec["run_id"], "ray_train"),
@@ -65,6 +69,15 @@ def run(store_root: str, spec: dict) -> int:
             print("training cancelled by request", file=sys.stderr)
             return EXIT_CANCELLED  # the service reads the cancel file and reports CANCELLED
         raise
+
+
+def _worker_resources(params: dict) -> dict | None:
+    """A worker's CPU (or GPU), plus the custom resources that place it (training.worker_resources);
+    None leaves Ray Train's own default, the same CPU or GPU."""
+    custom = params.get("worker_resources") or {}
+    if not custom:
+        return None
+    return {("GPU" if params["use_gpu"] else "CPU"): 1, **custom}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from ray_jobs.self_improve import LoopDriver, Reporter, stage_count, summarize
 
 from .common.config import ConfigError, ReinstructConfig, load_config
 from .common.stages import Decision, Filtered, Tested, rounds_of
+from .generator.corpus import BUILTIN_CORPORA
 
 app = typer.Typer(help="reinstruct: a model that improves by training on data it made itself.", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -289,10 +290,11 @@ def run(
         f"[green]apps up[/green]: gRPC {cfg.serve.host}:{cfg.serve.grpc_port} "
         f"(reflection on; metadata application=generator|filter|trainer|evaluator)"
     )
-    if cfg.backtranslation.enabled and cfg.backtranslation.corpus == "stdlib-docstrings":
+    corpus = cfg.backtranslation.corpus
+    if cfg.backtranslation.enabled and isinstance(corpus, str) and corpus in BUILTIN_CORPORA:
         console.print(
-            "backtranslation corpus: the Python standard library's docstrings (the offline default; "
-            "set backtranslation.corpus to your own text)"
+            f"backtranslation corpus: {BUILTIN_CORPORA[corpus]} (offline everywhere; "
+            "set backtranslation.corpus to your own prose for data that fits the method best)"
         )
     clients = ServiceClients(f"{cfg.serve.host}:{cfg.serve.grpc_port}", cfg.serve.request_timeout_s)
     total = stage_count(cfg)

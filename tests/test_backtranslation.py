@@ -91,6 +91,12 @@ def test_backtranslate_and_curate_service():
         2,
         "backward",
     )
+    # an "instruction" that is the segment's own text is no instruction (and PMI's favourite): dropped
+    segment = "Traceback objects. Special read-only attributes point to the execution frame of the current level."
+    copying = GeneratorService(EchoEngine(lambda p: " " + segment[:80]))
+    assert copying.backtranslate(ctx, "backward", [("s2", segment)], SamplingParams()) == []
+    quoting = GeneratorService(EchoEngine(lambda p: ' Explain "Special read-only attributes point to" in Python.'))
+    assert len(quoting.backtranslate(ctx, "backward", [("s2", segment)], SamplingParams())) == 1
     by_likelihood = service.curate(ctx, "forward", augmented, "likelihood")
     pmi = 1.0 - 0.5  # NLL after "N/A" minus NLL after the instruction
     assert [t.lineage.scores["curation_pmi"] for t in by_likelihood] == [pmi, pmi]

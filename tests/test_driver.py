@@ -61,7 +61,10 @@ class ScriptedEngine(ModelSessions):
         return [Completion(self._answer(p), "stop") for p in prompts]
 
     def score_nll(self, prompts, responses, max_len=0):
-        return [0.5 if self._trained() else 1.0 for _ in prompts]  # trained models find references likelier
+        # trained models find references likelier; every model finds a seed response likelier after its own
+        # instruction than after another (what the likelihood rater's control measures)
+        own = [REFERENCES.get(p.split("\n\n")[0].strip()) == r.strip() for p, r in zip(prompts, responses)]
+        return [(0.5 if self._trained() else 1.0) - 0.25 * o for o in own]
 
 
 class InProcessClients:
@@ -163,16 +166,17 @@ def test_a_round_follows_the_method(run):
     assert later and first_half, "later prompts of the round must see the round's earlier instructions"
     assert rounds["1"]["stages"]["generate_instructions"]["in_context_pool"] > 0
 
-    # instances are decoded greedily with presence penalty 1.5; curation is greedy too
+    # instances are decoded greedily with presence penalty 1.5; curation generates nothing (it reads the
+    # model's probabilities) and its rater passed the round's control
     instance_params = [p for prompts, p in engine.calls if prompts[0].startswith("Come up with examples")]
     assert instance_params and all(p.temperature == 0.0 and p.presence_penalty == 1.5 for p in instance_params)
-    rating_params = [p for prompts, p in engine.calls if "5-point scale" in prompts[0]]
-    assert rating_params and all(p.temperature == 0.0 and p.max_new_tokens == 96 for p in rating_params)
+    assert not [p for prompts, p in engine.calls if "5-point scale" in prompts[0]]
+    assert [rounds[k]["stages"]["curation_control"]["auc"] for k in "12"] == [1.0, 1.0]
 
     # every round fine-tunes the base model; the backward model is trained once
     assert [t.base_model_uri for t in clients.trainings] == ["scripted-base"] * 4  # + the seeds-only control
     assert rounds["2"]["stages"]["train"]["base_model"] == "scripted-base"  # recorded in the manifest
-    assert [rounds[k]["stages"]["filter_augmented"]["curation_threshold"] for k in "12"] == [5, 5]  # k=5 both
+    assert [rounds[k]["stages"]["filter_augmented"]["selection"] for k in "12"] == ["rank", "rank"]  # likelihood
 
     # rescoring: round 2 rates round 1's pairs again, and only its own ratings choose the kept set
     backtranslated = {k: {t.id for t in store.read_tasks(rounds[k]["stages"]["backtranslate"]["uri"])} for k in "12"}
@@ -180,7 +184,7 @@ def test_a_round_follows_the_method(run):
     assert rated == backtranslated["1"] | backtranslated["2"] and len(rated) == 6
     mix = store.read_tasks(rounds["2"]["stages"]["train_data"]["uri"])
     assert rounds["2"]["stages"]["train_data"]["augmented"] == rounds["2"]["stages"]["filter_augmented"]["kept_count"]
-    assert len([t for t in mix if t.lineage.stage == "backtranslate"]) == len(rated)  # all scored 5, no doubles
+    assert len([t for t in mix if t.lineage.stage == "backtranslate"]) == len(rated)  # all tie at the cut-off
 
     # the gate decides on dev; the test stage scores model 0 and the final model once on test
     split = rounds["0"]["stages"]["split"]

@@ -831,6 +831,7 @@ def test_one_round_end_to_end_over_grpc(deployed):
         "backtranslate",
         "rating_pool",
         "curate",
+        "curation_control",
         "filter_augmented",
         "train_data",
         "train",
@@ -846,7 +847,7 @@ def test_one_round_end_to_end_over_grpc(deployed):
     assert test["difference"][1] <= test["difference"][0] <= test["difference"][2]
     assert stages["generate_instructions"]["prompts"] == config.generation.num_prompts
     assert {"backward_data", "backward_train"} <= set(manifest["rounds"]["0"]["stages"])
-    assert stages["segments"]["count"] == 6 and stages["filter_augmented"]["curation_threshold"] == 5
+    assert stages["segments"]["count"] == 6 and stages["filter_augmented"]["rater"] == "likelihood"
     if stages["backtranslate"]["count"]:
         augmented = store.read_tasks(stages["backtranslate"]["uri"])
         assert augmented[0].lineage.stage == "backtranslate"

@@ -155,3 +155,24 @@ def test_a_request_past_its_budget_stops_mid_batch(builtin_cache):
     assert time.monotonic() - started < 30
     assert not engine.llm.llm_engine.has_unfinished_requests()
     assert len(engine.generate(["Hi"], SamplingParams(temperature=0.0, max_new_tokens=4))) == 1
+
+
+def test_the_engines_benchmark_quick_mode_runs_both_engines():
+    """tests/test_benchmarks.py runs every benchmark's quick mode in the main venv, where vLLM is not
+    installed; here its vllm half runs too (no figure is asserted beyond its being there)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_benchmarks import REPO, TIMEOUT_S
+
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.engines", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["vllm_fp32"]["tokens"] > 0 and result["stages"]["vllm"]["total_s"] > 0

@@ -61,6 +61,12 @@ class Autoscaling(_Section):
 class AppScaling(_Section):
     replicas: int = Field(1, ge=1, description="Replicas of this app's deployment (when autoscaling is off)")
     autoscaling: Autoscaling | None = Field(None, description="Set: Serve scales replicas between min and max")
+    resources: dict[str, float] = Field(
+        {},
+        description="Custom Ray resources each replica needs, e.g. {serving: 1}: its replicas go only to nodes "
+        "that advertise them (a KubeRay worker group's rayStartParams resources), so placement is chosen, not left "
+        "to chance",
+    )
 
 
 class ServeConfig(_Section):
@@ -244,6 +250,17 @@ class TrainingConfig(_Section):
     max_seq_len: int = Field(384, ge=16)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How the workers share the model: ddp (each holds a full copy, gradients are averaged) or fsdp "
+        "(FSDP2's fully_shard: parameters, gradients and optimizer state split over the workers, each transformer "
+        "block gathered only for its own forward and backward); either way the checkpoint is an ordinary full HF one",
+    )
+    worker_resources: dict[str, float] = Field(
+        {},
+        description="Custom Ray resources each training worker needs besides its CPU (or GPU), e.g. {training: 1}: "
+        "workers go only to nodes that advertise them (a KubeRay worker group's rayStartParams resources)",
+    )
     packing: bool = Field(True, description="Pack several examples per sequence (decoder-only; no leakage)")
     checkpoint_every: int = Field(50, ge=1, description="Steps between Ray Train checkpoints")
     max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (FailureConfig)")
@@ -362,13 +379,6 @@ class BacktranslationConfig(_Section):
     segments_per_round: int = Field(32, ge=1)
     backward_epochs: int = Field(6, ge=1, description="Backward model (output -> instruction) training epochs")
     max_new_tokens: int = Field(48, ge=1, le=4096, description="Backward model: the instruction it writes")
-    curation_max_new_tokens: int = Field(
-        96,
-        ge=1,
-        le=4096,
-        description="Unused: ratings are read from the model's probabilities, nothing is generated "
-        "(backtranslation.curation); kept so configs that set it still load",
-    )
     curation: Literal["rubric", "likelihood"] = Field(
         "likelihood",
         description="Self-curation rater, both read from probabilities: rubric (Humpback's 5-point "
@@ -578,6 +588,8 @@ def replica_options(
     actor = {"num_cpus": config.serve.replica_num_cpus if num_cpus is None else num_cpus, "num_gpus": num_gpus}
     if app in ("generator", "evaluator") and num_cpus is None:
         actor.update(engine_resources(config))
+    if scaling.resources:
+        actor["resources"] = dict(scaling.resources)
     options = {
         "ray_actor_options": actor,
         "max_ongoing_requests": config.serve.max_ongoing_requests,

@@ -179,7 +179,7 @@ def _backtranslation(store: RunStore, rounds: list[RoundRecord]) -> str:
     figure, axis = plt.subplots(figsize=(7, 2.8))
     width = 0.8 / len(curated)
     for n, (k, tasks) in enumerate(curated):
-        counts = Counter(int(t.lineage.scores.get("curation", 0)) for t in tasks)
+        counts = Counter(round(t.lineage.scores.get("curation", 0)) for t in tasks)
         axis.bar(
             [score + n * width for score in CURATION_SCORES],
             [counts.get(score, 0) for score in CURATION_SCORES],
@@ -199,7 +199,11 @@ def _backtranslation(store: RunStore, rounds: list[RoundRecord]) -> str:
         for k, tasks in curated
     )
     thresholds = "".join(
-        f"<li>round {k}: kept score &ge; {f.curation_threshold:g}: {f.kept_count} of {f.candidates}</li>"
+        f"<li>round {k}: kept score &ge; {f.curation_threshold:g}: {f.kept_count} of {f.candidates}"
+        + (f" (rater {html.escape(f.rater)}, selection {html.escape(f.selection)}" if f.rater else "")
+        + (f", control AUC {f.rater_auc:.3f}" if f.rater_auc is not None else "")
+        + (")" if f.rater else "")
+        + "</li>"
         for k, f in _each(rounds, "filter_augmented", Filtered)
         if f.candidates
     )

@@ -49,6 +49,19 @@ def parse_backward(completion: str) -> str:
     return "\n\n".join(p for p in paragraphs[:2] if p)
 
 
+def _ngrams(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def repeats_segment(instruction: str, segment: str) -> bool:
+    """True when the instruction is the segment's own text (80% of its word 5-grams or more, a quoted
+    sentence inside a question is not): no instruction a user would write, and the likelihood rater's
+    favourite (a response its own text predicts has the highest PMI there is)."""
+    grams = _ngrams(instruction)
+    return bool(grams) and len(grams & _ngrams(segment)) >= 0.8 * len(grams)
+
+
 def seed_prompt(task: TaskRecord, instance: Instance) -> str:
     """The whole prompt side of a seed example: instruction, and its input when it has one."""
     return task.instruction.strip() + (f"\n\n{instance.input.strip()}" if instance.input.strip() else "")

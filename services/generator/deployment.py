@@ -6,7 +6,6 @@ from ray import serve
 
 from ..api import common_pb2, generator_pb2
 from ..common.config import (
-    BacktranslationConfig,
     ReinstructConfig,
     config_from_app_args,
     engine_options,
@@ -72,6 +71,7 @@ class GeneratorDeployment:
         engine = create_engine(config.generation.engine, **engine_options(config))
         self.service = GeneratorService(engine)
         self.default_model = config.model.base
+        self.curation_rater = config.backtranslation.curation  # a request without a rater gets this one
         self.demonstration_limits = {
             "demonstration_instances": config.generation.demonstration_instances,
             "demonstration_labels": config.generation.demonstration_labels,
@@ -259,7 +259,7 @@ class GeneratorDeployment:
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
-        rater = request.rater or BacktranslationConfig.model_fields["curation"].default
+        rater = request.rater or self.curation_rater
         if rater not in RATERS:
             raise RequestError("rater", f"is {rater!r}; expected one of {', '.join(RATERS)} (or empty: the default)")
         tasks = resolve_tasks(request.tasks, self.store, "tasks", require_instances=True)

@@ -163,7 +163,7 @@ class GeneratorService:
         self, ctx: RunContext, backward_model: str, segments: list[tuple[str, str]], sampling: SamplingParams
     ) -> list[TaskRecord]:
         """One instruction per (segment id, text) from the backward model; segments it wrote nothing
-        for are dropped."""
+        for, or only the segment's own text, are dropped."""
         with self.engine.using(backward_model):
             completions = self.engine.generate(
                 [bt.build_backward_prompt(text) for _, text in segments], replace(sampling, stop=bt.BACKWARD_STOPS)
@@ -171,7 +171,7 @@ class GeneratorService:
             out = []
             for (segment_id, text), completion in zip(segments, completions):
                 instruction = bt.parse_backward(completion.text)
-                if instruction:
+                if instruction and not bt.repeats_segment(instruction, text):
                     out.append(bt.augmented_task(ctx.run_id, ctx.round, backward_model, segment_id, text, instruction))
             return out
 

@@ -62,6 +62,13 @@ def _check_placement(params: TrainingParams) -> None:
             f"{params.num_workers} training workers need {params.num_workers} {kind}s; "
             f"the cluster has {total.get(kind, 0):g}",
         )
+    for name, amount in params.worker_resources.items():  # training.worker_resources: a name no node advertises
+        if total.get(name, 0) < amount * params.num_workers:
+            raise RequestError(
+                "params.num_workers",
+                f"{params.num_workers} training workers need {amount * params.num_workers:g} of resource {name!r} "
+                f"(training.worker_resources); the cluster has {total.get(name, 0):g}",
+            )
 
 
 def _given(message, name: str, default):
@@ -106,6 +113,8 @@ class TrainerDeployment:
             max_seq_len=int(check_range(p.max_seq_len or d.max_seq_len, "params.max_seq_len", 16, 65_536)),
             num_workers=int(check_range(p.num_workers or d.num_workers, "params.num_workers", 1, 1024)),
             use_gpu=_given(p, "use_gpu", d.use_gpu),
+            strategy=d.strategy,  # how and where training runs is the cluster's choice, not a request's
+            worker_resources=dict(d.worker_resources),
             seed=p.seed,
             augmented_tag=check_text(p.augmented_tag, "params.augmented_tag", limit=200),
             packing=not p.no_packing and d.packing,

@@ -44,6 +44,8 @@ class TrainingParams:
     max_seq_len: int = _DEFAULTS.max_seq_len
     num_workers: int = _DEFAULTS.num_workers
     use_gpu: bool = _DEFAULTS.use_gpu
+    strategy: str = _DEFAULTS.strategy
+    worker_resources: dict = field(default_factory=lambda: dict(_DEFAULTS.worker_resources))
     seed: int = 0
     augmented_tag: str = ""
     packing: bool = _DEFAULTS.packing

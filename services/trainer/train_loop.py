@@ -5,6 +5,12 @@ steps; when a worker dies, Ray Train (FailureConfig) restarts the group and the 
 last one. Progress goes to a small JSON file beside the checkpoint (written atomically, through the run store)
 so the trainer service can answer status calls while fit() runs; a 'cancel' file beside it stops the
 run. Rank 0 saves the final checkpoint into the store's staging URI; the job commits it.
+
+training.strategy picks how the workers hold the model: ddp (Ray Train's prepare_model: a full copy
+each) or fsdp (FSDP2's fully_shard: one shard each, every transformer block its own group, gathered
+only for its forward and backward). Under fsdp every checkpoint is the full state dict gathered onto
+rank 0, so Ray Train's checkpoints resume any worker count and the final one is an ordinary HF
+checkpoint; LoRA is merged after the gather, on an unsharded copy (peft cannot merge a sharded model).
 """
 
 from __future__ import annotations
@@ -60,6 +66,73 @@ def _apply_lora(model, config: dict):
     return get_peft_model(model, peft_config)
 
 
+def _shard(model, device: torch.device):
+    """FSDP2 over every worker: each transformer block (the model's _no_split_modules, which is also
+    what peft's and accelerate's FSDP wrap policy wraps) is sharded as one group, the rest in the root.
+    Parameters become DTensors; frozen base weights and trainable LoRA weights may share a group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    model.to(device)
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _held_share(model) -> float:
+    """The share of the model's parameters this worker holds: 1 under ddp, about 1/n under fsdp."""
+    params = list(model.parameters())
+    held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
+    return held / max(sum(p.numel() for p in params), 1)
+
+
+def _gathered(model, optimizer=None) -> tuple[dict, dict]:
+    """fsdp: the full model (and optimizer) state dicts, on rank 0's CPU. A collective: every rank
+    calls it; the other ranks get empty dicts."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    return weights, (get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else {})
+
+
+def _restore_sharded(model, optimizer, directory: str) -> None:
+    """fsdp: every rank loads the full state dicts of a checkpoint and keeps its own shard of them."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    weights = torch.load(os.path.join(directory, "weights.pt"), weights_only=True)
+    set_model_state_dict(model, weights, options=options)
+    state = torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+def _unsharded(weights: dict, config: dict):
+    """rank 0, fsdp: the trained weights in an ordinary module (base model, plus LoRA when on), which
+    save_pretrained and merge_and_unload take as they are. It holds a second copy of the model in
+    CPU memory while the checkpoint is written; the accelerators never hold a full one."""
+    model, _ = load_model(
+        config["base_model"], trust_remote_code=config["trust_remote_code"], cache_dir=config["builtin_cache_dir"]
+    )
+    if config.get("lora", {}).get("enabled"):
+        model = _apply_lora(model, config)
+    model.load_state_dict(weights)
+    return model
+
+
 def _save_final(model, tokenizer, config: dict, store: RunStore) -> None:
     """Saves into the staging URI: directly on a local (or shared) store, else into a local temporary
     that is then uploaded, so rank 0 may run on any node."""
@@ -113,7 +186,10 @@ def train_loop_per_worker(config: dict) -> None:
     if config.get("lora", {}).get("enabled"):
         model = _apply_lora(model, config)
     model.train()
-    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    sharded = config.get("strategy", "ddp") == "fsdp"
+    model = _shard(model, device) if sharded else ray.train.torch.prepare_model(model)
+    held_share = _held_share(model)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"], weight_decay=0.0
     )
@@ -129,14 +205,16 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group: go on where the last checkpoint left off
         with checkpoint.as_directory() as directory:
-            unwrapped = model.module if hasattr(model, "module") else model
-            load_weights(unwrapped, os.path.join(directory, "weights.safetensors"), strict=False)
-            optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
+            if sharded:
+                _restore_sharded(model, optimizer, directory)
+            else:
+                unwrapped = model.module if hasattr(model, "module") else model
+                load_weights(unwrapped, os.path.join(directory, "weights.safetensors"), strict=False)
+                optimizer.load_state_dict(torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True))
             schedule.load_state_dict(torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True))
             with open(os.path.join(directory, "state.json")) as handle:
                 state = json.load(handle)
             step, losses, resumed_from = state["step"], state["losses"], state["step"]
-    device = ray.train.torch.get_device()
     precision = config.get("precision", "fp32")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
@@ -158,6 +236,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "losses": losses,
                     "examples": len(features),
                     "real_token_share": share,
+                    "held_parameter_share": held_share,
                     "resumed_from_step": resumed_from,
                     "pid": os.getpid(),
                     "elapsed_s": time.time() - started,
@@ -205,11 +284,16 @@ def train_loop_per_worker(config: dict) -> None:
             every = config.get("checkpoint_every") or 0
             if every and step % every == 0 and step < total:
                 metrics = {"loss": losses[-1], "step": step}
+                weights, optimizer_state = _gathered(model, optimizer) if sharded else ({}, {})
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as directory:
-                        unwrapped = model.module if hasattr(model, "module") else model
-                        save_weights(unwrapped, os.path.join(directory, "weights.safetensors"))  # tied weights ok
-                        torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
+                        if sharded:
+                            torch.save(weights, os.path.join(directory, "weights.pt"))
+                            torch.save(optimizer_state, os.path.join(directory, "optimizer.pt"))
+                        else:
+                            unwrapped = model.module if hasattr(model, "module") else model
+                            save_weights(unwrapped, os.path.join(directory, "weights.safetensors"))  # tied ok
+                            torch.save(optimizer.state_dict(), os.path.join(directory, "optimizer.pt"))
                         torch.save(schedule.state_dict(), os.path.join(directory, "scheduler.pt"))
                         with open(os.path.join(directory, "state.json"), "w") as handle:
                             json.dump({"step": step, "losses": losses}, handle)
@@ -218,8 +302,12 @@ def train_loop_per_worker(config: dict) -> None:
                     ray.train.report(metrics)
             if step >= total:
                 break
+    weights = _gathered(model)[0] if sharded else {}
     if rank == 0:
-        unwrapped = model.module if hasattr(model, "module") else model
+        if sharded:
+            unwrapped = _unsharded(weights, config)
+        else:
+            unwrapped = model.module if hasattr(model, "module") else model
         unwrapped.eval()
         _save_final(unwrapped, tokenizer, config, store)
         progress(done=True)
