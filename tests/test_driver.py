@@ -291,6 +291,8 @@ def test_the_shard_count_changes_nothing(run):
     )  # parallel part
     records = _stage_records(whole, whole_clients.store)
     assert records == _stage_records(sharded, sharded_clients.store)
+    words = [m["rounds"]["1"]["stages"]["evaluate"]["answer_words"] for m in (whole, sharded)]
+    assert words[0] == pytest.approx(words[1]) and words[0] > 0  # the shards' answer lengths combine too
     assert all(records[k, name] for k in "12" for name in DATASET_STAGES)
     for k in "12":
         ids = [r[0] for r in records[k, "generate_instances"]]

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from services.client import ServiceClients
 from services.common.config import parse_config
@@ -76,7 +77,6 @@ class _CountingClients(ServiceClients):
 def _cluster(worker_resources: list[dict]):
     """A head with no CPUs (only the driver, Serve's controller and the job supervisors, which need
     none, run there) and one worker node per entry, with 4 CPUs and those custom resources."""
-    import ray
     from ray import serve
     from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
     from ray.cluster_utils import Cluster
@@ -133,17 +133,35 @@ def _deploy_and_run(config, on_the_way=None) -> tuple[dict, _CountingClients]:
     if on_the_way is not None:
         watcher.join(60)
         assert not errors, errors
+        assert not watcher.is_alive(), "the run ended before the watcher was done"
     return manifest, clients
 
 
+def _this_cluster() -> str:
+    """The connected cluster's address: without one, Ray's state API takes the newest cluster started
+    on this machine, which is another one wherever several run side by side."""
+    return ray.get_runtime_context().gcs_address
+
+
 def _actors(class_prefix: str, state: str | None = None) -> list:
+    """Actors of the class, alive or dead (the GCS keeps dead actors with the node they ran on)."""
     from ray.util.state import list_actors
 
     return [
         a
-        for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)
+        for a in list_actors(address=_this_cluster(), detail=True, limit=10_000, raise_on_missing_output=False)
         if a.class_name.startswith(class_prefix) and (state is None or a.state == state)
     ]
+
+
+def _training_workers(store_root: str, state: str | None = None) -> list:
+    """The Ray Train workers of this run's training jobs. Only of those: a trainer of another local
+    cluster that finds no address of its own submits to the newest one, which may be this."""
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient(_this_cluster()).list_jobs()
+    ours = {job.job_id for job in jobs if f"--store-root {store_root} " in job.entrypoint}
+    return [a for a in _actors("RayTrainWorker", state) if a.job_id in ours]
 
 
 def _nodes() -> dict[str, str]:
@@ -151,13 +169,16 @@ def _nodes() -> dict[str, str]:
     from ray.util.state import list_nodes
 
     names = {}
-    for node in list_nodes(detail=True):
+    for node in list_nodes(address=_this_cluster(), detail=True):
         custom = sorted(k for k in node.resources_total if k in ("serving", "training"))
         names[node.node_id] = "head" if node.is_head_node else "+".join(custom)
     return names
 
 
 VOLATILE = {"elapsed_s", "committed_at", "job_id", "resumed_from_step"}
+# DecidePromotion's comparator mean sums over a set of task ids (services/evaluator/gate.py), in an
+# order that differs per process (string hashing): the last bit of that one float differs run to run.
+SIGNIFICANT = 12
 
 
 def _records(store_root: str, manifest: dict) -> dict:
@@ -170,6 +191,8 @@ def _records(store_root: str, manifest: dict) -> dict:
             return {k: visit(v) for k, v in sorted(value.items()) if k not in VOLATILE}
         if isinstance(value, list):
             return [visit(v) for v in value]
+        if isinstance(value, float):
+            return float(f"{value:.{SIGNIFICANT}g}")
         if isinstance(value, str) and value.startswith(store_root):
             relative = value[len(store_root) :]
             if value.endswith(".parquet") and Path(value).exists():
@@ -206,8 +229,6 @@ def undisturbed(tmp_path_factory, builtin_cache):
     only on node B (training), the driver on the head. Its records are what a disturbed run must give."""
     store_root = str(tmp_path_factory.mktemp("placed"))
     config = parse_config(_settings(store_root, builtin_cache))
-    import ray
-
     with _cluster(PLACED):
         started = time.time()
         manifest, _ = _deploy_and_run(config)
@@ -216,8 +237,8 @@ def undisturbed(tmp_path_factory, builtin_cache):
         placed = {
             "driver": names[ray.get_runtime_context().get_node_id()],
             **{app: {names[a.node_id] for a in _actors(f"ServeReplica:{app}:")} for app in ("generator", "evaluator")},
-            "training workers": {names[a.node_id] for a in _actors("RayTrainWorker")},
-            "training worker pids": {a.pid: names[a.node_id] for a in _actors("RayTrainWorker")},
+            "training workers": {names[a.node_id] for a in _training_workers(store_root)},
+            "training worker pids": {a.pid: names[a.node_id] for a in _training_workers(store_root)},
             # the training jobs' drivers and Ray Train's controllers: a lost worker node takes none of them
             "training drivers": {names[a.node_id] for a in _actors("JobSupervisor") + _actors("TrainController")},
         }
@@ -269,14 +290,12 @@ def disturbed(tmp_path_factory, builtin_cache):
     config = parse_config(_settings(str(store_root), builtin_cache))
     timings: dict[str, float] = {}
     lost: dict[str, str] = {}
-    import ray
-
     with _cluster(EITHER) as (cluster, _):
 
         def lose_two_nodes(store_root: Path):
             # a checkpoint in, and time for Ray Train's controller to register it (it does so asynchronously)
             _wait(lambda: _progress(store_root, "0").get("step", 0) >= 15, 300, "round 0's training")
-            worker = _wait(lambda: _actors("RayTrainWorker", "ALIVE"), 30, "the training worker")[0]
+            worker = _wait(lambda: _training_workers(str(store_root), "ALIVE"), 30, "the training worker")[0]
             lost["training"], timings["training lost"] = worker.node_id, time.time()
             _lose_node(cluster, worker.node_id)
             _wait(
@@ -307,7 +326,7 @@ def disturbed(tmp_path_factory, builtin_cache):
         after = {
             "head": ray.get_runtime_context().get_node_id(),
             "replicas": _replicas_once_running(),
-            "training workers": {a.node_id for a in _actors("RayTrainWorker", "ALIVE")},
+            "training workers": {a.node_id for a in _training_workers(str(store_root), "ALIVE")},
         }
     return str(store_root), manifest, clients.failures, lost, survivors, after
 
@@ -324,6 +343,7 @@ def _replicas_once_running() -> dict[str, set[str]]:
     return placed
 
 
+@pytest.mark.slow
 def test_losing_the_training_node_mid_training(disturbed):
     """Ray Train restarts the worker on another node from the last checkpoint."""
     _, manifest, _, lost, survivors, _ = disturbed
@@ -334,6 +354,7 @@ def test_losing_the_training_node_mid_training(disturbed):
     assert manifest["rounds"]["1"]["stages"]["train"]["resumed_from_step"] == 0
 
 
+@pytest.mark.slow
 def test_losing_the_generator_node_mid_stage(disturbed):
     """The shards the lost replica held are sent again; nothing is lost or doubled."""
     _, manifest, failures, lost, survivors, _ = disturbed
@@ -345,6 +366,7 @@ def test_losing_the_generator_node_mid_stage(disturbed):
     assert len({r["id"] for r in generated}) == len(generated) == stage["count"] > 0
 
 
+@pytest.mark.slow
 def test_the_disturbed_run_has_the_undisturbed_runs_records(disturbed, undisturbed):
     store_root, manifest, _, _, survivors, after = disturbed
     assert set(after["replicas"]) == {"generator", "filter", "trainer", "evaluator"}

@@ -18,6 +18,10 @@ def combine(parts: list[evaluator_pb2.EvaluateModelResponse]) -> evaluator_pb2.E
         score=_mean([t.score for t in tasks]),
         exact_match=_mean([t.exact_match for t in tasks if t.category == "classification"]),
         nll=_mean([t.nll for t in tasks]),
+        answer_words=_mean([t.answer_words for t in tasks]),
+        answer_tokens=_mean([t.answer_tokens for t in tasks]),
+        truncated=_mean([t.truncated for t in tasks]),
+        stops=parts[0].stops if parts else [],  # one request's choice: every shard gets the same
         num_tasks=len(tasks),
         num_instances=sum(part.num_instances for part in parts),
         tasks=tasks,

@@ -98,9 +98,15 @@ class TrainerService:
     @property
     def client(self):
         if self._client is None:
+            import ray
             from ray.job_submission import JobSubmissionClient
 
-            self._client = JobSubmissionClient(self.job_address)
+            address = self.job_address
+            if address is None and ray.is_initialized():
+                # this process's own cluster: with no address Ray takes the newest cluster started on this
+                # machine (/tmp/ray), which is another one wherever several run side by side
+                address = ray.get_runtime_context().gcs_address
+            self._client = JobSubmissionClient(address)
         return self._client
 
     def _uris(self, job_id: str, model_uri: str) -> tuple[str, str, str]:
