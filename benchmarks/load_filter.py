@@ -25,7 +25,7 @@ def _replica_rss_mb() -> float:
     import ray
     from ray.util.state import list_actors
 
-    # this cluster's own address: without it the state API asks RAY_ADDRESS or a `ray start` cluster
+    # this cluster's address: without it the state API asks a `ray start` cluster (RAY_ADDRESS still wins)
     alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
     for actor in alive:
         if "Filter" in (actor.class_name or "") and actor.pid:
