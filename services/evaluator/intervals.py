@@ -57,6 +57,12 @@ def _t_parts(values: np.ndarray, groups: list[np.ndarray]) -> tuple[float, float
     return float(np.sqrt(variance)), float(dof)
 
 
+def _t_interval(estimate: float, se: float, dof: float, confidence: float, n: int) -> Interval:
+    q = stats.t.ppf(1 - (1 - confidence) / 2, dof)
+    mde = (q + stats.t.ppf(POWER, dof)) * se
+    return Interval(estimate, estimate - q * se, estimate + q * se, confidence, "t", n, se, float(mde))
+
+
 def _bootstrap_means(values: np.ndarray, groups: list[np.ndarray], resamples: int, seed: int) -> np.ndarray:
     """Means of stratified resamples (each stratum resampled within itself, its size kept)."""
     rng = np.random.default_rng(seed)
@@ -99,10 +105,7 @@ def mean_interval(
     groups = _strata(keys, strata)
     tail = (1 - confidence) / 2
     if method == "t":
-        se, dof = _t_parts(values, groups)
-        q = stats.t.ppf(1 - tail, dof)
-        mde = (q + stats.t.ppf(POWER, dof)) * se
-        return Interval(estimate, estimate - q * se, estimate + q * se, confidence, method, n, se, float(mde))
+        return _t_interval(estimate, *_t_parts(values, groups), confidence, n)
     means = _bootstrap_means(values, groups, resamples, seed)
     se = float(means.std(ddof=1))
     mde = float((stats.norm.ppf(1 - tail) + stats.norm.ppf(POWER)) * se)
@@ -167,7 +170,4 @@ def length_controlled_difference(
     dof = n - 2
     sigma2 = float(residual @ residual) / dof
     se = float(np.sqrt(sigma2 * np.linalg.inv(design.T @ design)[0, 0]))
-    q = stats.t.ppf(1 - (1 - confidence) / 2, dof)
-    mde = (q + stats.t.ppf(POWER, dof)) * se
-    estimate = float(coef[0])
-    return Interval(estimate, estimate - q * se, estimate + q * se, confidence, "t", n, se, float(mde))
+    return _t_interval(float(coef[0]), se, dof, confidence, n)
