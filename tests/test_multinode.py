@@ -5,11 +5,11 @@ mid-training and another mid-generation: it finishes with the undisturbed run's 
 is a local process, so a tmp dir is what a shared volume is on a real cluster: the one store root
 every node reads and writes.
 
-    pytest -m multinode      # these alone: two runs, about five minutes on 2 busy cores
+    pytest -m multinode                  # both runs: about 7 minutes on 2 shared cores
+    pytest -m "multinode and not slow"   # the placed run alone: about 3.5 minutes
 """
 
 import json
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -22,6 +22,7 @@ import ray
 
 from services.client import ServiceClients
 from services.common.config import parse_config
+from tests.ray_cluster import free_port, local_cluster, this_cluster
 from tests.tiny import tiny_settings
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode]
@@ -31,17 +32,10 @@ PLACED = [{"serving": 100}, {"training": 100}]  # node A: generation and evaluat
 EITHER = [{"serving": 100, "training": 100}] * 3  # any node takes anything: one survives two losses
 
 
-def _free_port() -> int:
-    """Other local Ray clusters (other test sessions on this machine) hold Ray's default ports."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _settings(store_root: str, builtin_cache: str) -> dict:
     """The tiny preset, one round, without backtranslation, the control or the test stage: two
     trainings (round 0's bootstrap and round 1's) around one round of Self-Instruct."""
-    s = tiny_settings(store_root, builtin_cache, _free_port(), _free_port())
+    s = tiny_settings(store_root, builtin_cache, free_port(), free_port())
     s["seeds"] = {"heldout_fraction": 0.1}
     s["backtranslation"] = {"enabled": False}
     s["loop"]["control"] = False
@@ -74,37 +68,14 @@ class _CountingClients(ServiceClients):
 
 
 @contextmanager
-def _cluster(worker_resources: list[dict]):
-    """A head with no CPUs (only the driver, Serve's controller and the job supervisors, which need
-    none, run there) and one worker node per entry, with 4 CPUs and those custom resources."""
-    from ray import serve
-    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
-    from ray.cluster_utils import Cluster
+def _cluster(worker_resources: list[dict], builtin_cache: str):
+    """A head with no CPUs (only the driver, Serve's controller and the training jobs' drivers, which
+    need none, run there) and one worker node per entry."""
+    from services.common.models import ensure_builtin
 
-    from services.serving import limit_proxy_messages
-
-    ensure_token_if_auth_enabled(None, create_token_if_missing=True)  # what ray.init does for a local cluster
-    limit_proxy_messages()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "include_dashboard": True,  # Ray's job API, which the trainer submits training runs to
-            "dashboard_port": _free_port(),
-            "dashboard_agent_listen_port": _free_port(),  # the job API's agent: 52365 may be another's
-            # a lost node is declared dead after ~3 s instead of ~30 s
-            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
-        },
-    )
-    workers = [cluster.add_node(num_cpus=4, resources=resources) for resources in worker_resources]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield cluster, workers
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
+    ensure_builtin("tiny-llama", builtin_cache)  # once, before replicas and workers all want it at once
+    with local_cluster(0, worker_resources) as nodes:
+        yield nodes
 
 
 def _deploy_and_run(config, on_the_way=None) -> tuple[dict, _CountingClients]:
@@ -137,19 +108,13 @@ def _deploy_and_run(config, on_the_way=None) -> tuple[dict, _CountingClients]:
     return manifest, clients
 
 
-def _this_cluster() -> str:
-    """The connected cluster's address: without one, Ray's state API takes the newest cluster started
-    on this machine, which is another one wherever several run side by side."""
-    return ray.get_runtime_context().gcs_address
-
-
 def _actors(class_prefix: str, state: str | None = None) -> list:
     """Actors of the class, alive or dead (the GCS keeps dead actors with the node they ran on)."""
     from ray.util.state import list_actors
 
     return [
         a
-        for a in list_actors(address=_this_cluster(), detail=True, limit=10_000, raise_on_missing_output=False)
+        for a in list_actors(address=this_cluster(), detail=True, limit=10_000, raise_on_missing_output=False)
         if a.class_name.startswith(class_prefix) and (state is None or a.state == state)
     ]
 
@@ -159,7 +124,7 @@ def _training_workers(store_root: str, state: str | None = None) -> list:
     cluster that finds no address of its own submits to the newest one, which may be this."""
     from ray.job_submission import JobSubmissionClient
 
-    jobs = JobSubmissionClient(_this_cluster()).list_jobs()
+    jobs = JobSubmissionClient(this_cluster()).list_jobs()
     ours = {job.job_id for job in jobs if f"--store-root {store_root} " in job.entrypoint}
     return [a for a in _actors("RayTrainWorker", state) if a.job_id in ours]
 
@@ -169,7 +134,7 @@ def _nodes() -> dict[str, str]:
     from ray.util.state import list_nodes
 
     names = {}
-    for node in list_nodes(address=_this_cluster(), detail=True):
+    for node in list_nodes(address=this_cluster(), detail=True):
         custom = sorted(k for k in node.resources_total if k in ("serving", "training"))
         names[node.node_id] = "head" if node.is_head_node else "+".join(custom)
     return names
@@ -229,7 +194,7 @@ def undisturbed(tmp_path_factory, builtin_cache):
     only on node B (training), the driver on the head. Its records are what a disturbed run must give."""
     store_root = str(tmp_path_factory.mktemp("placed"))
     config = parse_config(_settings(store_root, builtin_cache))
-    with _cluster(PLACED):
+    with _cluster(PLACED, builtin_cache):
         started = time.time()
         manifest, _ = _deploy_and_run(config)
         print(f"\nundisturbed run: {time.time() - started:.0f} s")
@@ -252,6 +217,7 @@ def test_a_run_placed_across_nodes(undisturbed):
     assert placed["driver"] == "head"
     assert placed["generator"] == placed["evaluator"] == {"serving"}
     assert placed["training workers"] == {"training"}  # two runs, one worker each, both on node B
+    assert len(placed["training worker pids"]) == 2
     assert placed["training drivers"] == {"head"}
     round_0, round_1 = (manifest["rounds"][k]["stages"] for k in ("0", "1"))
     for trained in (round_0["train"], round_1["train"]):
@@ -290,7 +256,7 @@ def disturbed(tmp_path_factory, builtin_cache):
     config = parse_config(_settings(str(store_root), builtin_cache))
     timings: dict[str, float] = {}
     lost: dict[str, str] = {}
-    with _cluster(EITHER) as (cluster, _):
+    with _cluster(EITHER, builtin_cache) as (cluster, _):
 
         def lose_two_nodes(store_root: Path):
             # a checkpoint in, and time for Ray Train's controller to register it (it does so asynchronously)

@@ -13,20 +13,18 @@ from services.common.formats import load_seed_tasks
 from services.common.models import resolve_model
 from services.common.store import RunStore
 from services.trainer.service import TrainerService, TrainingParams
+from tests.ray_cluster import local_cluster
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    from services.serving import wait_for_previous_cluster
-
-    wait_for_previous_cluster()  # a killed cluster's agent may still hold its port
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False)  # the job API for training
-    yield
-    ray.shutdown()
+def local_ray(builtin_cache):
+    # built here once: two workers building the preset at once into an empty cache have left it
+    # half-written (services.common.models._commit_checkpoint: ENOTEMPTY, then no model.safetensors)
+    resolve_model("builtin:tiny-llama", builtin_cache)
+    with local_cluster(4):  # one node; its own ports (the job API's agent too)
+        yield
 
 
 def _progress(store: RunStore, job) -> dict:

@@ -74,9 +74,11 @@ def _shard(model, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the mesh's device is the current one
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     blocks = set(getattr(model, "_no_split_modules", None) or ())
-    model.to(device)
+    # no model.to(device): fully_shard moves each group as it shards it, so no device holds it all
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, mesh=mesh)
