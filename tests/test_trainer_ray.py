@@ -46,9 +46,7 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tmp_path, builtin_cach
 
     store = RunStore(str(tmp_path))
     data = store.dataset_uri("kill", 1, "train")
-    store.write_tasks(
-        data, [replace(t, instances=t.instances[:1]) for t in load_seed_tasks()[:64]]
-    )  # 64 examples, as sized
+    store.write_tasks(data, [replace(t, instances=t.instances[:1]) for t in load_seed_tasks()[:64]])
     service = TrainerService(store, builtin_cache_dir=builtin_cache)
     params = TrainingParams(epochs=12, batch_size=4, max_seq_len=128, packing=False, checkpoint_every=5, max_failures=2)
     job = service.start("kill", 1, "builtin:tiny-llama", data, store.model_uri("kill", 1), params)
