@@ -246,11 +246,12 @@ def export_chat_parquet(tasks: list[TaskRecord], path: str | Path) -> int:
     """One row per instance: {messages: [{role: user, content}, {role: assistant, content}]}."""
     rows = []
     for t in tasks:
-        for inst in t.instances:
+        for number, inst in enumerate(t.instances):
             prompt = t.instruction if not inst.input.strip() else f"{t.instruction}\n\n{inst.input}"
             rows.append(
                 {
-                    "id": t.id,
+                    # a row is one instance: a task with several keeps its id, numbered, so rows stay unique
+                    "id": t.id if len(t.instances) == 1 else f"{t.id}/{number}",
                     "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": inst.output}],
                 }
             )
