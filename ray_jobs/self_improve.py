@@ -115,6 +115,8 @@ class LoopDriver:
         seeds = load_seed_tasks(self.config.seeds.path)  # a malformed file fails here, before any stage
         for path in self.config.evaluation.extra_sets:
             load_tasks(path)
+        if self.config.evaluation.benchmarks:  # the test stage runs them: a wrong task fails now, not then
+            model_stages.check_benchmarks(run)
         split = run.stage(0, "split", lambda: self._split(seeds), Split)
         promoted = self._model_0(split)
         control = self._control(split) if self.config.loop.control else None

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from services.common.config import ReinstructConfig, TrackingConfig, parse_config
-from services.common.stages import STAGE_KINDS, Decision, Filtered, StageResult, Trained
+from services.common.stages import STAGE_KINDS, Decision, Filtered, StageResult, Tested, Trained
 from services.common.store import RunStore
 
 from .run import Reporter
@@ -157,6 +157,7 @@ def stage_values(name: str, result: StageResult) -> tuple[dict[str, float], dict
     data = result.to_dict()
     comparisons = data.pop("comparisons", [])
     funnel = data.pop("funnel", None)
+    data.pop("benchmarks", None)
     visit((name,), data)
     for gate in comparisons:
         gate = {k: v for k, v in gate.items() if k != "elapsed_s"}
@@ -168,6 +169,12 @@ def stage_values(name: str, result: StageResult) -> tuple[dict[str, float], dict
                 metrics[_key(name, "removed_share", rule)] = removed / result.candidates
         if result.candidates:
             metrics[_key(name, "kept_of_candidates")] = result.kept_count / result.candidates
+    if isinstance(result, Tested):  # standard benchmarks: benchmark/<task>/<metric>/<model>
+        for b in result.benchmark_results():
+            for metric, value in b.metrics.items():
+                metrics[_key(f"benchmark/{b.task}/{metric}/{b.model}")] = value
+                if metric in b.stderrs:
+                    metrics[_key(f"benchmark/{b.task}/{metric}_stderr/{b.model}")] = b.stderrs[metric]
     return metrics, tags
 
 

@@ -223,6 +223,15 @@ def _test_line(manifest: dict) -> str | None:
             line += f", NLL gain {_bounds(test.nll_gain_over_control)}"
         if test.final_model == test.model_0:
             line += " (no round was promoted: the machine data added nothing the gate could see)"
+    results = test.benchmark_results()
+    for task in dict.fromkeys(b.task for b in results):  # standard benchmarks: each metric, each model
+        for metric in next(b for b in results if b.task == task).metrics:
+            values = [
+                f"{b.model} {b.metrics[metric]:.4f}" + (f" ± {b.stderrs[metric]:.4f}" if metric in b.stderrs else "")
+                for b in results
+                if b.task == task and metric in b.metrics
+            ]
+            line += f"\n  benchmark {task} {metric}: " + ", ".join(values)
     return line
 
 

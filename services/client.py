@@ -135,3 +135,6 @@ class ServiceClients:
 
     def decide_promotion(self, request):
         return self._call("evaluator", self._evaluator.DecidePromotion, request)
+
+    def run_benchmarks(self, request):
+        return self._call("evaluator", self._evaluator.RunBenchmarks, request)

@@ -50,9 +50,20 @@ def connect_ray(local_num_cpus: int | None = None) -> bool:
         ray.init(log_to_driver=False)
         return False
     wait_for_previous_cluster()
+    if _port_busy(AGENT_PORT):
+        raise RuntimeError(
+            "another Ray cluster is running on this machine (its dashboard agent holds port "
+            f"{AGENT_PORT}); run on it with RAY_ADDRESS=auto, or stop it with `ray stop`"
+        )
     limit_proxy_messages()
-    # The dashboard hosts Ray's job API, which the trainer submits training runs to.
-    ray.init(num_cpus=local_num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=True, log_to_driver=False)
+    # The dashboard hosts Ray's job API, which the trainer submits training runs to. address="local":
+    # never join whatever cluster ray_current_cluster names; RAY_ADDRESS says so when that is wanted.
+    ray.init(
+        address="local",
+        num_cpus=local_num_cpus or max(os.cpu_count() or 1, 4),
+        include_dashboard=True,
+        log_to_driver=False,
+    )
     return True
 
 

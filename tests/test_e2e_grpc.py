@@ -28,7 +28,9 @@ def deployed(tmp_path_factory, builtin_cache):
     from services.serving import deploy_apps
 
     store_root = str(tmp_path_factory.mktemp("store"))
-    config = parse_config(tiny_settings(store_root, builtin_cache))
+    settings = tiny_settings(store_root, builtin_cache)
+    settings["loop"]["control"] = True  # this round is the one that also trains and tests the seeds-only control
+    config = parse_config(settings)
     from services.serving import wait_for_previous_cluster
 
     wait_for_previous_cluster()  # a killed cluster's agent may still hold its port
@@ -812,12 +814,43 @@ def test_training_beyond_the_cap_and_extra_streams_are_refused(deployed):
     quick.close()
 
 
+def test_standard_benchmarks_through_the_evaluator(deployed):
+    """RunBenchmarks through Serve's proxy: real lm-eval on the tiny model in the evaluator replica, and the
+    statuses a bad request or data that cannot be fetched get (tests/test_standard_benchmarks.py: the rest)."""
+    pytest.importorskip("lm_eval")
+    _, clients = deployed
+    task = "reinstruct_ifformat"
+    response = clients.run_benchmarks(
+        evaluator_pb2.RunBenchmarksRequest(context=CTX, model_uri="builtin:tiny-llama", tasks=[task], limit=2)
+    )
+    assert [t.task for t in response.tasks] == [task] and response.tasks[0].samples == 2
+    assert {m.name for m in response.tasks[0].metrics} == {"prompt_acc", "check_acc"}
+    assert all(0 <= m.value <= 1 and m.HasField("stderr") for m in response.tasks[0].metrics)
+    assert response.lm_eval_version == "0.4.13" and response.prompt_style == "plain"
+    request = evaluator_pb2.RunBenchmarksRequest
+    _expect_invalid(
+        clients.run_benchmarks, request(context=CTX, model_uri="builtin:tiny-llama", tasks=["no_such"]), "tasks[0]"
+    )
+    _expect_invalid(
+        clients.run_benchmarks, request(context=CTX, model_uri="builtin:tiny-llama", tasks=[task], limit=-1), "limit"
+    )
+    _expect_invalid(clients.run_benchmarks, request(context=CTX, model_uri="/etc", tasks=[task]), "model_uri")
+    _expect_invalid(  # a task file runs code: only those the replica's config lists
+        clients.run_benchmarks, request(context=CTX, model_uri="builtin:tiny-llama", tasks=["/tmp/t.yaml"]), "tasks[0]"
+    )
+    with pytest.raises(grpc.RpcError) as info:  # lm-eval's IFEval: its data is on the Hub, downloads are off
+        clients.run_benchmarks(request(context=CTX, tasks=["ifeval"], validate_only=True))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "google/IFEval" in info.value.details()
+
+
 def test_one_round_end_to_end_over_grpc(deployed):
     from ray_jobs.self_improve import LoopDriver
 
     config, clients = deployed
     started = time.time()
-    manifest = LoopDriver(config, clients, "loop").run()
+    # the test stage also runs the shipped lm-eval task on model 0, the control and the final model
+    benchmarks = config.evaluation.model_copy(update={"benchmarks": ["reinstruct_ifformat"], "benchmark_limit": 2})
+    manifest = LoopDriver(config.model_copy(update={"evaluation": benchmarks}), clients, "loop").run()
     store = RunStore(config.store.root)
     assert manifest["status"] == "succeeded"
     assert set(manifest["rounds"]) == {"0", "1"}
@@ -845,6 +878,10 @@ def test_one_round_end_to_end_over_grpc(deployed):
     test = stages["test"]
     assert test["num_tasks"] == split["test_tasks"] and test["final_model"] == manifest["final_model"]
     assert test["difference"][1] <= test["difference"][0] <= test["difference"][2]
+    benchmarked = {(b["model"], b["task"]) for b in test["benchmarks"]}
+    assert {"model_0", "final"} <= {m for m, _ in benchmarked}
+    assert {t for _, t in benchmarked} == {"reinstruct_ifformat"}
+    assert all(b["samples"] == 2 and set(b["stderrs"]) == set(b["metrics"]) for b in test["benchmarks"])
     assert stages["generate_instructions"]["prompts"] == config.generation.num_prompts
     assert {"backward_data", "backward_train"} <= set(manifest["rounds"]["0"]["stages"])
     assert stages["segments"]["count"] == 6 and stages["filter_augmented"]["rater"] == "likelihood"
@@ -986,6 +1023,7 @@ _METHODS = [
     ("evaluator", "/reinstruct.v1.Evaluator/StreamEvaluation", True),
     ("evaluator", "/reinstruct.v1.Evaluator/CompareModels", False),
     ("evaluator", "/reinstruct.v1.Evaluator/DecidePromotion", False),
+    ("evaluator", "/reinstruct.v1.Evaluator/RunBenchmarks", False),
 ]
 FUZZ_OUTCOMES: dict = {}
 

@@ -1,10 +1,18 @@
 """Settings that make a whole round run in a minute or two on 2 CPU cores (tests only)."""
 
+from pathlib import Path
+
+# Every third built-in seed task with at most two instances (one per label for classification): the
+# same mix of categories at a sixth of the training examples, so each of a tiny run's training jobs
+# takes seconds, not minutes. The built-in set itself is what the default run and the unit tests use.
+TINY_SEEDS = str(Path(__file__).resolve().parent / "data" / "tiny_seed_tasks.jsonl")
+
 
 def tiny_settings(store_root: str, builtin_cache: str, grpc_port: int = 9000, http_port: int = 8000) -> dict:
     return {
         "model": {"base": "builtin:tiny-llama", "builtin_cache_dir": builtin_cache},
         "store": {"root": store_root},
+        "seeds": {"path": TINY_SEEDS},
         "serve": {"grpc_port": grpc_port, "http_port": http_port, "request_timeout_s": 300},
         "generation": {
             "num_prompts": 4,
@@ -24,7 +32,8 @@ def tiny_settings(store_root: str, builtin_cache: str, grpc_port: int = 9000, ht
         },
         "evaluation": {"max_instances_per_task": 1, "max_new_tokens": 16},
         "backtranslation": {"segments_per_round": 6, "backward_epochs": 2, "max_new_tokens": 16},
-        "loop": {"rounds": 1, "bootstrap": True},
+        # the seeds-only control is one more training job per run: test_e2e_grpc's round turns it on
+        "loop": {"rounds": 1, "bootstrap": True, "control": False},
         "fanout": {"tasks_per_shard": 2, "max_in_flight": 2},  # several shards per stage, two at once
         "tracking": {"enabled": False},  # tests/test_tracking.py runs the tracker against a real server
     }

@@ -55,6 +55,11 @@ class EvaluatorStub:
                 request_serializer=reinstruct_dot_v1_dot_evaluator__pb2.DecidePromotionRequest.SerializeToString,
                 response_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.PromotionDecision.FromString,
                 _registered_method=True)
+        self.RunBenchmarks = channel.unary_unary(
+                '/reinstruct.v1.Evaluator/RunBenchmarks',
+                request_serializer=reinstruct_dot_v1_dot_evaluator__pb2.RunBenchmarksRequest.SerializeToString,
+                response_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.RunBenchmarksResponse.FromString,
+                _registered_method=True)
 
 
 class EvaluatorServicer:
@@ -91,6 +96,14 @@ class EvaluatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunBenchmarks(self, request, context):
+        """Standard benchmarks: lm-evaluation-harness tasks on one model, through lm-eval's HF adapter (the
+        optional extra reinstruct[benchmarks]). A task whose data cannot be had is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvaluatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +126,11 @@ def add_EvaluatorServicer_to_server(servicer, server):
                     servicer.DecidePromotion,
                     request_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.DecidePromotionRequest.FromString,
                     response_serializer=reinstruct_dot_v1_dot_evaluator__pb2.PromotionDecision.SerializeToString,
+            ),
+            'RunBenchmarks': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunBenchmarks,
+                    request_deserializer=reinstruct_dot_v1_dot_evaluator__pb2.RunBenchmarksRequest.FromString,
+                    response_serializer=reinstruct_dot_v1_dot_evaluator__pb2.RunBenchmarksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +242,33 @@ class Evaluator:
             '/reinstruct.v1.Evaluator/DecidePromotion',
             reinstruct_dot_v1_dot_evaluator__pb2.DecidePromotionRequest.SerializeToString,
             reinstruct_dot_v1_dot_evaluator__pb2.PromotionDecision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunBenchmarks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reinstruct.v1.Evaluator/RunBenchmarks',
+            reinstruct_dot_v1_dot_evaluator__pb2.RunBenchmarksRequest.SerializeToString,
+            reinstruct_dot_v1_dot_evaluator__pb2.RunBenchmarksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -341,7 +341,12 @@ class EvaluationConfig(_Section):
     )
     stratify: bool = Field(True, description="Stratify intervals by category (classification / generation)")
     confidence: float = Field(0.9, gt=0.5, lt=1, description="Of the two-sided intervals (the gate is one-sided)")
-    bootstrap_resamples: int = Field(2000, ge=100, description="For the bca and percentile intervals")
+    bootstrap_resamples: int = Field(
+        2000,
+        ge=100,
+        description="For the bca and percentile intervals, and lm-eval's bootstrapped standard errors "
+        "(benchmark metrics not aggregated by a mean)",
+    )
     judge: bool = Field(False, description="Also judge model k+1 against model k pairwise, in both orders")
     judge_model: str | None = Field(
         None,
@@ -355,6 +360,19 @@ class EvaluationConfig(_Section):
         "the gate decides on the rest (dev); only the run's end evaluates model 0, the control and the "
         "final model on test, so the reported test score is chosen by nothing",
     )
+    benchmarks: list[str] = Field(
+        [],
+        description="Standard benchmarks (lm-evaluation-harness; the optional extra reinstruct[benchmarks]) "
+        "the test stage runs on model 0, the control and the final model: lm-eval task names "
+        "(reinstruct_ifformat ships with reinstruct and runs offline; lm-eval's built-in tasks fetch their "
+        "data from the Hugging Face Hub) or paths to task YAML files with local data; empty: none",
+    )
+    benchmark_limit: int = Field(0, ge=0, description="Examples per benchmark task (0: all)")
+    benchmark_downloads: bool = Field(
+        False,
+        description="Let lm-eval download benchmark data from the Hugging Face Hub (needs internet); off: "
+        "task files with local data and what the HF cache holds only (models too load local files only)",
+    )
 
     @model_validator(mode="after")
     def _judge_needs_a_model(self) -> EvaluationConfig:
@@ -362,6 +380,8 @@ class EvaluationConfig(_Section):
             raise ValueError("judge: true needs judge_model (a model judging itself is biased; there is no default)")
         if self.promotion_metric == "nll" and not self.with_nll:
             raise ValueError("promotion_metric: nll needs with_nll: true")
+        if any(not b.strip() for b in self.benchmarks) or len(set(self.benchmarks)) < len(self.benchmarks):
+            raise ValueError("benchmarks: each entry once, none empty")
         return self
 
 

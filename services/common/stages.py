@@ -201,6 +201,21 @@ class Judged(StageResult):
 
 
 @dataclass
+class Benchmarked(StageResult):
+    """One standard benchmark (an lm-evaluation-harness task) on one model of the test stage."""
+
+    model: str = ""  # "model_0", "control" or "final"
+    model_uri: str = ""
+    task: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)  # lm-eval's metric name -> value
+    stderrs: dict[str, float] = field(default_factory=dict)  # lm-eval's standard errors (where it gives one)
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+    samples: int = 0  # examples scored (after evaluation.benchmark_limit)
+    version: str = ""  # the task's version
+    source: str = ""  # "reinstruct" (shipped), "lm-eval" (built-in) or the task file
+
+
+@dataclass
 class Tested(StageResult):
     """The test stage: model 0, the control and the final model on test tasks that chose nothing."""
 
@@ -222,6 +237,13 @@ class Tested(StageResult):
     confidence: float = 0.0
     interval: str = ""
     num_tasks: int = 0
+    benchmarks: list[dict[str, Any]] = field(default_factory=list)  # Benchmarked.to_dict() each
+    lm_eval_version: str = ""  # of the benchmarks ("": none ran)
+    benchmark_limit: int = 0  # examples per benchmark task (0: all)
+    benchmark_prompt_style: str = ""  # chat or plain
+
+    def benchmark_results(self) -> list[Benchmarked]:
+        return [Benchmarked.from_dict(b) for b in self.benchmarks]
 
 
 # Every stage the loop commits, and what it commits: the one schema of a manifest's rounds.

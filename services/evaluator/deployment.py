@@ -23,6 +23,7 @@ from ..common.validation import (
     check_text,
     resolve_tasks,
 )
+from . import standard_benchmarks
 from .gate import METRICS, TaskMetrics, decide
 from .intervals import METHODS
 from .service import Evaluation, EvaluatorService
@@ -89,6 +90,9 @@ class EvaluatorDeployment:
         self.serve_host = config.serve.host  # without a token, gRPC answers loopback clients only
         self.trusted = TrustedModels.from_config(config)
         self.evaluation = config.evaluation
+        self.model = config.model
+        self.seed_tag = config.backtranslation.seed_tag
+        self.batch_size = config.generation.batch_size
         self.service = EvaluatorService(
             create_engine(config.generation.engine, **engine_options(config)),
             config.model.prompt_format,
@@ -302,7 +306,69 @@ class EvaluatorDeployment:
             reason=decision.reason,
         )
 
+    @grpc_method(evaluator_pb2.RunBenchmarksResponse)
+    def RunBenchmarks(self, request: evaluator_pb2.RunBenchmarksRequest):
+        check_context(request.context)
+        if not request.tasks:
+            raise RequestError("tasks", "must not be empty: name at least one lm-eval task")
+        if len(request.tasks) > MAX_BENCHMARK_TASKS:
+            raise RequestError("tasks", f"{len(request.tasks)} tasks; the limit is {MAX_BENCHMARK_TASKS}")
+        specs = [check_text(t, f"tasks[{i}]", required=True, limit=1024) for i, t in enumerate(request.tasks)]
+        limit = request.limit if request.HasField("limit") else self.evaluation.benchmark_limit
+        check_range(limit, "limit", 0, MAX_BENCHMARK_LIMIT)
+        model_uri = request.model_uri
+        if model_uri or not request.validate_only:
+            model_uri = check_model_uri(model_uri, self.store, trusted=self.trusted)
+        # task files run their own code: only those the operator listed
+        tasks = standard_benchmarks.resolve_tasks(specs, allowed_files=self.evaluation.benchmarks, field="tasks")
+        if request.validate_only:
+            standard_benchmarks.check_tasks(tasks, allow_downloads=self.evaluation.benchmark_downloads)
+            return evaluator_pb2.RunBenchmarksResponse(
+                tasks=[evaluator_pb2.BenchmarkTask(task=t.name, source=t.source) for t in tasks],
+                lm_eval_version=standard_benchmarks.lm_eval_version(),
+                limit=limit,
+            )
+        results = standard_benchmarks.run_benchmarks(
+            model_uri,
+            tasks,
+            limit=limit,
+            allow_downloads=self.evaluation.benchmark_downloads,
+            prompt_format=self.model.prompt_format,
+            system_prompt=self.seed_tag,
+            batch_size=self.batch_size,
+            bootstrap_iters=self.evaluation.bootstrap_resamples,
+            trust_remote_code=self.model.trust_remote_code,
+            cache_dir=self.model.builtin_cache_dir,
+        )
+        return _benchmarks_response(results)
 
+
+def _benchmarks_response(results: standard_benchmarks.BenchmarkResults) -> evaluator_pb2.RunBenchmarksResponse:
+    return evaluator_pb2.RunBenchmarksResponse(
+        tasks=[
+            evaluator_pb2.BenchmarkTask(
+                task=t.task,
+                metrics=[
+                    evaluator_pb2.BenchmarkMetric(
+                        name=m.name, value=m.value, stderr=m.stderr, higher_is_better=m.higher_is_better
+                    )
+                    for m in t.metrics
+                ],
+                samples=t.samples,
+                version=t.version,
+                source=t.source,
+            )
+            for t in results.tasks
+        ],
+        lm_eval_version=results.lm_eval_version,
+        prompt_style=results.prompt_style,
+        limit=results.limit,
+        elapsed_s=results.elapsed_s,
+    )
+
+
+MAX_BENCHMARK_TASKS = 64
+MAX_BENCHMARK_LIMIT = 100_000  # examples per task: lm-eval's largest tasks hold tens of thousands
 MAX_STOPS = 16
 MAX_STOP_CHARS = 64
 MAX_NLL = 1000.0  # nats per token: far above any real model's; bounds what a client can send

@@ -92,7 +92,7 @@ def decide(
         if metric != "score":
             sign = ">" if score_ok else "<="
             reasons.append(f"score difference lower bound {score.low:+.4f} {sign} -{score_margin:.4f}")
-        against_mean = sum(getattr(other[t], metric) for t in shared) / len(shared) if shared else 0.0
+        against_mean = sum(getattr(other[t], metric) for t in sorted(shared)) / len(shared) if shared else 0.0
         length_controlled = length_controlled_difference(
             _values(other, "score"),
             _values(candidate, "score"),

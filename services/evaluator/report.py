@@ -3,7 +3,8 @@
 Sections: funnel per round, max ROUGE-L against the pool (Self-Instruct's Figure 3), instruction
 lengths, leading verbs, a browsable sample of kept and rejected tasks (instances, reasons, nearest
 pool entry), the backtranslated pairs with their curation scores, training loss curves, evaluation
-scores by round with their intervals, the promotion decisions, and the time each stage took.
+scores by round with their intervals, the promotion decisions, the test stage and its standard benchmarks
+(lm-eval), and the time each stage took.
 Everything is read from the run store, each stage as its typed result; nothing is written by hand.
 """
 
@@ -46,6 +47,7 @@ SECTIONS = (
     "scores",
     "promotion",
     "test",
+    "benchmarks",
     "timing",
 )
 SAMPLE_SIZE = 25  # tasks shown per round and verdict
@@ -351,6 +353,49 @@ def _test(rounds: list[RoundRecord]) -> str:
     )
 
 
+_MODELS = (("model_0", "model 0"), ("control", "control (seeds only)"), ("final", "final"))
+
+
+def _benchmarks(rounds: list[RoundRecord]) -> str:
+    """The test stage's standard benchmarks (lm-eval): a table per task, a row per metric, a column per
+    model, each value with lm-eval's standard error."""
+    tests = _each(rounds, "test", Tested)
+    results = tests[-1][1].benchmark_results() if tests else []
+    if not results:
+        return "<p>No standard benchmarks (evaluation.benchmarks names none).</p>"
+    t = tests[-1][1]
+    models = [(key, label) for key, label in _MODELS if any(b.model == key for b in results)]
+    parts = [
+        f"<p class='facts'>lm-evaluation-harness {html.escape(t.lm_eval_version)}, through its HF adapter; "
+        f"prompts rendered {html.escape(t.benchmark_prompt_style)} (as every stage renders them); "
+        f"{'all examples' if not t.benchmark_limit else f'at most {t.benchmark_limit} examples per task'}; "
+        "&plusmn; lm-eval's standard error.</p>"
+    ]
+    for task in dict.fromkeys(b.task for b in results):
+        by_model = {b.model: b for b in results if b.task == task}
+        first = next(iter(by_model.values()))
+        head = "".join(f"<th>{html.escape(label)}</th>" for _, label in models)
+        rows = []
+        for metric in first.metrics:
+            better = first.higher_is_better.get(metric)
+            arrow = " &uarr;" if better else " &darr;" if better is False else ""
+            cells = []
+            for key, _ in models:
+                b = by_model.get(key)
+                if b is None or metric not in b.metrics:
+                    cells.append("<td>-</td>")
+                    continue
+                stderr = f" &plusmn; {b.stderrs[metric]:.4f}" if metric in b.stderrs else ""
+                cells.append(f"<td>{b.metrics[metric]:.4f}{stderr}</td>")
+            rows.append(f"<tr><td>{html.escape(metric)}{arrow}</td>{''.join(cells)}</tr>")
+        source = f"; {html.escape(first.source)}" if first.source else ""
+        parts.append(
+            f"<h3>{html.escape(task)} ({first.samples} examples{source})</h3>"
+            f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"
+        )
+    return "".join(parts)
+
+
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{font-size:1.2em;border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:.25em .6em}
@@ -382,6 +427,7 @@ def build_report(store: RunStore, run_id: str) -> str:
         "scores": ("Held-out evaluation by round", _scores(rounds)),
         "promotion": ("Promotion decisions", _promotion(rounds)),
         "test": ("Test: model 0, the seeds-only control and the final model", _test(rounds)),
+        "benchmarks": ("Standard benchmarks (lm-evaluation-harness): model 0 and the final model", _benchmarks(rounds)),
         "timing": ("Time per stage", _timing(rounds)),
     }
     body = "".join(
