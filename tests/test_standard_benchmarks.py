@@ -24,6 +24,8 @@ from services.evaluator import standard_benchmarks as sb  # noqa: E402
 from services.evaluator.benchmark_tasks.reinstruct_ifformat import checks  # noqa: E402
 
 SHIPPED = "reinstruct_ifformat"
+# what a replica passes from its config (evaluation.bootstrap_resamples, generation.batch_size), smaller
+RUN = {"batch_size": 4, "bootstrap_iters": 100}
 
 
 # ---- the shipped task's checking code ------------------------------------------------------------
@@ -45,6 +47,12 @@ PASS_FAIL = [
     ({"kind": "json"}, '```json\n{"title": "Dune", "author": "Herbert"}\n```', "title: Dune"),
     ({"kind": "quoted"}, '"Ride further."', "Ride further."),
     ({"kind": "title"}, "<<Rain>>\nDrops fall.", "Rain\nDrops fall."),
+    # near misses: a longer word is not the phrase, an email's line break is a space, a lone "-" line
+    # is no bullet, an empty object lacks the keys asked for
+    ({"kind": "starts_with", "phrase": "The"}, "The sun rose.", "There are three."),
+    ({"kind": "ends_with", "phrase": "Best regards, Sam"}, "Thanks again.\n\nBest regards,\nSam", "Best regards"),
+    ({"kind": "bullets", "n": 1}, "- one", "-\none"),
+    ({"kind": "json", "keys": ["title", "author"]}, '{"title": "Dune", "author": "Herbert"}', "{}"),
 ]
 
 
@@ -94,7 +102,7 @@ def _metric(task: sb.TaskScores, name: str) -> sb.Metric:
 
 
 def test_the_shipped_task_runs_on_the_tiny_model(tiny):
-    results = sb.run_benchmarks(tiny, [SHIPPED], limit=3, batch_size=4)
+    results = sb.run_benchmarks(tiny, [SHIPPED], limit=3, **RUN)
     (task,) = results.tasks
     assert task.task == SHIPPED and task.samples == 3 and task.source == "reinstruct" and task.version == "1.0"
     for name in ("prompt_acc", "check_acc"):
@@ -131,12 +139,33 @@ def _user_task(directory, name="my_capitals") -> str:
     return str(path)
 
 
+def test_a_plain_model_gets_the_prompt_and_stops_the_evaluator_gives_it(tiny):
+    """No chat template: lm-eval alone would send the bare instruction and stop nowhere; the model sees
+    the evaluation template with the seed tag and stops where the template's next part starts."""
+    from lm_eval.api.instance import Instance as Request
+
+    from services.common import prompts
+    from services.common.models import load_model
+    from services.common.records import Instance, TaskRecord
+    from services.common.rendering import Renderer
+
+    _, tokenizer = load_model(tiny)
+    renderer = Renderer.for_tokenizer(tokenizer, "auto", seed_tag="### Seed")
+    request = Request("generate_until", {}, ("Name a colour.", {"until": ["\n\n\n"]}), 0, ("t", 0, 1))
+    rendered = sb._rendered(request, renderer)
+    context, kwargs = rendered.args
+    expected = renderer.render(TaskRecord(id="x", instruction="Name a colour."), Instance("", "")).prompt
+    assert context == expected and context.startswith("### Seed\n") and context != "Name a colour."
+    assert kwargs["until"] == ["\n\n\n", *prompts.PLAIN_ANSWER_ENDS]
+    assert (rendered.task_name, rendered.doc_id) == ("t", 0) and request.args[0] == "Name a colour."
+
+
 def test_a_users_task_yaml_with_local_data_runs_wherever_the_replica_runs(tiny, tmp_path, monkeypatch):
     task_file = _user_task(tmp_path / "tasks")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the data path is relative to the YAML file, not to the working directory
-    results = sb.run_benchmarks(tiny, [task_file, SHIPPED], limit=2, allowed_files=[task_file])
+    results = sb.run_benchmarks(tiny, [task_file, SHIPPED], limit=2, allowed_files=[task_file], **RUN)
     by_name = {t.task: t for t in results.tasks}
     assert set(by_name) == {"my_capitals", SHIPPED}
     acc = _metric(by_name["my_capitals"], "acc")
@@ -169,7 +198,7 @@ def test_a_task_whose_data_needs_the_hub_fails_in_one_line_at_once(empty_hf_cach
     assert time.monotonic() - started < 20  # no retries against a host it cannot reach
     # the same from run_benchmarks, before any model is loaded
     with pytest.raises(sb.BenchmarkUnavailable, match="google/IFEval"):
-        sb.run_benchmarks("no-such-model-is-loaded", resolved)
+        sb.run_benchmarks("no-such-model-is-loaded", resolved, **RUN)
 
 
 def test_a_local_task_with_a_missing_data_file_says_which(tmp_path):
@@ -205,7 +234,7 @@ def test_smollm2_sees_the_chat_template_every_stage_renders(smollm2):
     from services.common.rendering import Renderer, encode_prompt
 
     model, tokenizer = load_model(smollm2)
-    lm = sb._adapter()(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    lm = sb._adapter(None)(pretrained=model, tokenizer=tokenizer, batch_size=1)
     prompt = checks.load_prompts()[0]["prompt"]
     for tag in ("", "Answer in the style of an AI Assistant."):
         renderer = Renderer.for_tokenizer(tokenizer, "auto", seed_tag=tag)
@@ -215,13 +244,15 @@ def test_smollm2_sees_the_chat_template_every_stage_renders(smollm2):
         theirs = lm.apply_chat_template(history)
         assert theirs == ours
         assert lm.tok_encode(theirs) == encode_prompt(tokenizer, ours)
+        # the ids generation gets (tok_batch_encode; tok_encode only sorts requests)
+        assert lm.tok_batch_encode([theirs])[0][0].tolist() == encode_prompt(tokenizer, ours)
 
 
 @pytest.mark.slow
 def test_smollm2_on_the_shipped_task(smollm2):
     """The real default model, two prompts (the whole task, 52 prompts, takes minutes on 2 cores): about
     a minute and a half on a busy 2-core machine, so marked slow."""
-    results = sb.run_benchmarks(smollm2, [SHIPPED], limit=2, batch_size=2)
+    results = sb.run_benchmarks(smollm2, [SHIPPED], limit=2, **{**RUN, "batch_size": 2})
     assert results.prompt_style == "chat"
     (task,) = results.tasks
     assert task.samples == 2 and all(0.0 <= m.value <= 1.0 and m.stderr is not None for m in task.metrics)
@@ -393,3 +424,13 @@ def test_benchmark_settings_are_typed_config():
     for bad in ({"benchmark_limit": -1}, {"benchmarks": [SHIPPED, SHIPPED]}, {"benchmarks": [""]}):
         with pytest.raises(ValueError):
             parse_config({"evaluation": bad})
+
+
+def test_a_run_waiting_for_another_gives_up_within_its_budget():
+    """One benchmark run per replica at a time; a second request waits only as long as its budget."""
+    from services.common import deadline
+
+    with sb._RUN_LOCK, deadline.budget(0.3), pytest.raises(deadline.WorkAbandoned):
+        started = time.monotonic()
+        sb.check_tasks(sb.resolve_tasks([SHIPPED]))
+    assert time.monotonic() - started < 5

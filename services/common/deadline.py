@@ -27,6 +27,12 @@ def budget(seconds: float | None) -> Iterator[None]:
         _deadline.reset(token)
 
 
+def remaining() -> float | None:
+    """Seconds left of the request's budget (None: no limit)."""
+    deadline = _deadline.get()
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def expired() -> bool:
     deadline = _deadline.get()
     return deadline is not None and time.monotonic() > deadline

@@ -35,6 +35,7 @@ from typing import Any
 
 from ..common import deadline
 from ..common.models import DEFAULT_CACHE_DIR, ModelUnavailable, load_model
+from ..common.records import Instance, TaskRecord
 from ..common.rendering import PromptFormat, Renderer
 from ..common.validation import RequestError
 
@@ -257,14 +258,30 @@ def _load(tasks: Sequence[ResolvedTask], allow_downloads: bool) -> dict[str, Any
     return loaded
 
 
+@contextlib.contextmanager
+def _one_run() -> Iterator[None]:
+    """The process's one benchmark run, waited for within the request's budget, not forever."""
+    left = deadline.remaining()
+    if not _RUN_LOCK.acquire(timeout=-1 if left is None else left):
+        deadline.check()
+        raise deadline.WorkAbandoned("another benchmark run held this replica for the whole request budget")
+    try:
+        yield
+    finally:
+        _RUN_LOCK.release()
+
+
 def check_tasks(tasks: Sequence[ResolvedTask], *, allow_downloads: bool = False) -> None:
     """Loads each task and its data, running no model: what a run checks before it starts."""
-    with _RUN_LOCK, _hub(allow_downloads):
+    with _one_run(), _hub(allow_downloads):
         _load(tasks, allow_downloads)
 
 
-def _adapter():
-    """lm-eval's HF adapter, checking the request's time budget before every batch (as the engines do)."""
+def _adapter(plain: Renderer | None):
+    """lm-eval's HF adapter, checking the request's time budget before every batch (as the engines do).
+    plain: a model without a chat template gets each generation prompt as the project renders an
+    instruction for it (its evaluation template, the seed tag, stops where the template's next part
+    starts), the text it was trained and is gated on; lm-eval alone would send the bare instruction."""
     from lm_eval.models.huggingface import HFLM
 
     class BudgetedHFLM(HFLM):
@@ -276,7 +293,22 @@ def _adapter():
             deadline.check()
             return super()._model_generate(*args, **kwargs)
 
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            if plain is not None:
+                requests = [_rendered(request, plain) for request in requests]
+            return super().generate_until(requests, disable_tqdm)
+
     return BudgetedHFLM
+
+
+def _rendered(request, renderer: Renderer):
+    """A generation request with its context rendered the way the evaluator renders an instruction."""
+    import dataclasses
+
+    context, kwargs = request.args
+    prompt = renderer.render(TaskRecord(id="lm-eval", instruction=context), Instance("", "")).prompt
+    until = [*(kwargs.get("until") or []), *renderer.answer_ends]
+    return dataclasses.replace(request, arguments=(prompt, {**kwargs, "until": until}))
 
 
 def run_benchmarks(
@@ -288,8 +320,8 @@ def run_benchmarks(
     allow_downloads: bool = False,
     prompt_format: PromptFormat = "auto",
     system_prompt: str = "",
-    batch_size: int = 8,
-    bootstrap_iters: int = 1000,
+    batch_size: int,
+    bootstrap_iters: int,
     trust_remote_code: bool = False,
     cache_dir: str = DEFAULT_CACHE_DIR,
     device: str | None = None,
@@ -301,16 +333,22 @@ def run_benchmarks(
 
     resolved = [t if isinstance(t, ResolvedTask) else resolve_tasks([t], allowed_files=allowed_files)[0] for t in tasks]
     started = time.monotonic()
-    with _RUN_LOCK, _hub(allow_downloads):
+    # lm-eval's bootstrapped stderrs fork a process pool per metric: not inside a Serve replica
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
+    with _one_run(), _hub(allow_downloads):
         loaded = _load(resolved, allow_downloads)
+        deadline.check()
         import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_model(
             model_uri, trust_remote_code=trust_remote_code, cache_dir=cache_dir, device=device
         )
-        style = Renderer.for_tokenizer(tokenizer, prompt_format).style
-        lm = _adapter()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        deadline.check()
+        renderer = Renderer.for_tokenizer(tokenizer, prompt_format, seed_tag=system_prompt)
+        style = renderer.style
+        adapter = _adapter(renderer if style == "plain" else None)
+        lm = adapter(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         raw = simple_evaluate(
             model=lm,
             tasks=list(loaded.values()),
@@ -319,7 +357,8 @@ def run_benchmarks(
             bootstrap_iters=bootstrap_iters,
             log_samples=False,
             apply_chat_template=style == "chat",
-            system_instruction=system_prompt or None,
+            # chat: the tag as the system turn, as the renderer puts it; plain: the renderer adds it
+            system_instruction=(system_prompt or None) if style == "chat" else None,
             confirm_run_unsafe_code=False,
         )
     sources = {t.name: t.source for t in resolved}

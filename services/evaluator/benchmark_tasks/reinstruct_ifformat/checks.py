@@ -10,10 +10,12 @@ Checks (`kind` and its arguments):
 - include (word) / exclude (word): the word appears / does not appear as a whole word (any case)
 - keyword_count (word, n): the word appears at least n times as a whole word (any case)
 - starts_with (phrase) / ends_with (phrase): the response, stripped of spaces and quotes (and, at the
-  start, of markdown markers), starts / ends with the phrase (any case)
+  start, of markdown markers), starts / ends with the phrase (any case; runs of white space count as
+  one space), and a phrase that ends in a letter or digit ends a word there ("The" is not "There")
 - no_commas: no comma anywhere
 - max_words (n) / min_words (n): at most / at least n words (runs of letters, digits, underscores)
-- json: the response is a JSON object or array (a ``` fence around it is allowed)
+- json (keys): the response is a JSON object holding every key named (a ``` fence around it is
+  allowed); without keys, any JSON object or array
 - quoted: the response is wrapped in double quotation marks
 - title: the response holds a title in double angular brackets, <<like this>>
 """
@@ -28,8 +30,9 @@ from typing import Any
 
 PROMPTS = Path(__file__).with_name("prompts.jsonl")
 
-_BULLET = re.compile(r"^\s*(?:[*\-•])\s+\S", re.MULTILINE)
-_NUMBERED = re.compile(r"^\s*\d+[.)]\s+\S", re.MULTILINE)
+# [ \t], not \s: a lone "-" line followed by text on the next line is not a bullet
+_BULLET = re.compile(r"^[ \t]*(?:[*\-•])[ \t]+\S", re.MULTILINE)
+_NUMBERED = re.compile(r"^[ \t]*\d+[.)][ \t]+\S", re.MULTILINE)
 _WORD = re.compile(r"\w+")
 _TITLE = re.compile(r"<<[^\n<>]+>>")
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n?(.*?)\n?```$", re.DOTALL)
@@ -47,15 +50,18 @@ def _has_letters(text: str) -> bool:
     return any(c.isalpha() for c in text)
 
 
-def _is_json(text: str) -> bool:
+def _is_json(text: str, keys: list[str] | None = None) -> bool:
     text = text.strip()
     fenced = _FENCE.match(text)
     if fenced:
         text = fenced.group(1).strip()
     try:
-        return isinstance(json.loads(text), (dict, list))
+        value = json.loads(text)
     except ValueError:
         return False
+    if keys:
+        return isinstance(value, dict) and all(key in value for key in keys)
+    return isinstance(value, (dict, list))
 
 
 def _quoted(text: str) -> bool:
@@ -63,12 +69,21 @@ def _quoted(text: str) -> bool:
     return len(text) >= 2 and text[0] in '"“' and text[-1] in '"”'
 
 
+def _flat(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
 def _starts_with(text: str, phrase: str) -> bool:
-    return text.strip().lstrip("\"'“‘*#> ").lower().startswith(phrase.strip().lower())
+    body, phrase = _flat(text.strip().lstrip("\"'“‘*#> \n\t")), _flat(phrase)
+    if not body.startswith(phrase):
+        return False
+    # a phrase ending in a letter or digit must end a word of the response too
+    rest = body[len(phrase) :]
+    return not (phrase[-1:].isalnum() and rest[:1].isalnum())
 
 
 def _ends_with(text: str, phrase: str) -> bool:
-    return text.strip().rstrip("\"'”’ ").lower().endswith(phrase.strip().lower())
+    return _flat(text.strip().rstrip("\"'”’ \n\t")).endswith(_flat(phrase))
 
 
 def _paragraphs(text: str) -> int:
