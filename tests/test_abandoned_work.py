@@ -67,7 +67,17 @@ def test_a_request_past_its_budget_stops_and_frees_the_replica(generator):
     # the client waits as long as the replica's budget: serve.request_timeout_s for both
     clients = ServiceClients(f"127.0.0.1:{GRPC_PORT}", timeout_s=BUDGET_S, retries=0)
     patient = ServiceClients(f"127.0.0.1:{GRPC_PORT}", timeout_s=120, retries=0)
-    patient.generate_instructions(_request(1, tokens=4))  # the model loads outside the measured request
+    # The model loads outside the measured request. Loading can itself outlast the 5 s budget on a busy or
+    # cold machine (CI's first test builds the preset): the load completes and stays, so ask again.
+    for _ in range(6):
+        try:
+            patient.generate_instructions(_request(1, tokens=4))
+            break
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+    else:
+        pytest.fail("the replica never answered a 4-token request within its budget")
     with pytest.raises(grpc.RpcError) as info:
         clients.generate_instructions(_request(2000))  # 500 batches of 256 tokens: many minutes of work
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
