@@ -318,5 +318,5 @@ def _benchmarks(run: Run, k: int, models: dict[str, str]) -> tuple[list[Benchmar
             )
             for task in response.tasks
         ]
-    last = next(iter(responses.values()))
-    return results, last.lm_eval_version, last.prompt_style
+    first = next(iter(responses.values()))
+    return results, first.lm_eval_version, first.prompt_style  # every response of a run has the same

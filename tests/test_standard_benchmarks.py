@@ -24,8 +24,9 @@ from services.evaluator import standard_benchmarks as sb  # noqa: E402
 from services.evaluator.benchmark_tasks.reinstruct_ifformat import checks  # noqa: E402
 
 SHIPPED = "reinstruct_ifformat"
-# what a replica passes from its config (evaluation.bootstrap_resamples, generation.batch_size), smaller
-RUN = {"batch_size": 4, "bootstrap_iters": 100}
+# what a replica passes from its config (evaluation.bootstrap_resamples, generation.batch_size, smaller;
+# evaluation.benchmark_downloads)
+RUN = {"batch_size": 4, "bootstrap_iters": 100, "allow_downloads": False}
 
 
 # ---- the shipped task's checking code ------------------------------------------------------------
@@ -191,7 +192,7 @@ def test_a_task_whose_data_needs_the_hub_fails_in_one_line_at_once(empty_hf_cach
     assert resolved[0].source == "lm-eval"
     started = time.monotonic()
     with pytest.raises(sb.BenchmarkUnavailable) as info:
-        sb.check_tasks(resolved)
+        sb.check_tasks(resolved, allow_downloads=False)
     message = str(info.value)
     assert "\n" not in message and "'ifeval'" in message and "google/IFEval" in message, message
     assert "Hugging Face Hub" in message and "benchmark_downloads" in message
@@ -205,7 +206,7 @@ def test_a_local_task_with_a_missing_data_file_says_which(tmp_path):
     task_file = _user_task(tmp_path)
     (tmp_path / "data" / "capitals.jsonl").unlink()
     with pytest.raises(sb.BenchmarkUnavailable) as info:
-        sb.check_tasks(sb.resolve_tasks([task_file]))
+        sb.check_tasks(sb.resolve_tasks([task_file]), allow_downloads=False)
     assert "\n" not in str(info.value) and "my_capitals" in str(info.value)
 
 
@@ -432,5 +433,5 @@ def test_a_run_waiting_for_another_gives_up_within_its_budget():
 
     with sb._RUN_LOCK, deadline.budget(0.3), pytest.raises(deadline.WorkAbandoned):
         started = time.monotonic()
-        sb.check_tasks(sb.resolve_tasks([SHIPPED]))
+        sb.check_tasks(sb.resolve_tasks([SHIPPED]), allow_downloads=False)
     assert time.monotonic() - started < 5

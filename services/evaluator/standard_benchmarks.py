@@ -271,7 +271,7 @@ def _one_run() -> Iterator[None]:
         _RUN_LOCK.release()
 
 
-def check_tasks(tasks: Sequence[ResolvedTask], *, allow_downloads: bool = False) -> None:
+def check_tasks(tasks: Sequence[ResolvedTask], *, allow_downloads: bool) -> None:
     """Loads each task and its data, running no model: what a run checks before it starts."""
     with _one_run(), _hub(allow_downloads):
         _load(tasks, allow_downloads)
@@ -317,7 +317,7 @@ def run_benchmarks(
     *,
     limit: int = 0,
     allowed_files: Collection[str] | None = None,
-    allow_downloads: bool = False,
+    allow_downloads: bool,
     prompt_format: PromptFormat = "auto",
     system_prompt: str = "",
     batch_size: int,
