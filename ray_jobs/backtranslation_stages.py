@@ -26,7 +26,7 @@ def backward_model(run: Run, split: Split) -> str:
     data = run.stage(
         0,
         "backward_data",
-        lambda: run.write(0, "backward_train", backward_tasks(run.store.read_tasks(split.seed_train_uri))),
+        lambda: run.write(0, "backward_train", backward_tasks(run.seed_training_tasks(split))),
         Dataset,
     )
     trained = run.stage(

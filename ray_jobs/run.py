@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from services.api import common_pb2, generator_pb2
 from services.client import ServiceClients
 from services.common.config import ReinstructConfig
 from services.common.records import TaskRecord
-from services.common.stages import STAGE_KINDS, Dataset, Result
+from services.common.stages import STAGE_KINDS, Dataset, Result, Split
 from services.common.store import RunStore
 
 from .fanout import ShardedStage
@@ -95,6 +95,13 @@ class Run:
         self.store.write_tasks(uri, tasks)
         return Dataset(uri=uri, count=len(tasks))
 
+    def seed_training_tasks(self, split: Split) -> list[TaskRecord]:
+        """The seed tasks every training mix takes (the control's, the rounds', the backward model's):
+        each train task with at most training.seed_instances_per_task instances, one per label first."""
+        tasks = self.store.read_tasks(split.seed_train_uri)
+        cap = self.config.training.seed_instances_per_task
+        return [replace(t, instances=_labels_first(t.instances)[:cap]) for t in tasks] if cap else tasks
+
     def sampling(
         self, max_new_tokens: int, seed: int, temperature: float | None = None, presence_penalty: float = 0.0
     ) -> common_pb2.Sampling:
@@ -139,3 +146,13 @@ class Run:
         uri = self.uri(k, name)
         count = sharded.join([r.output.uri for r in responses], uri)
         return Dataset(uri=uri, count=count, shards=len(shards))
+
+
+def _labels_first(instances: list) -> list:
+    """The instances with the first of each distinct output first, so a capped classification task
+    keeps one instance per label before it keeps a second of any."""
+    seen, first, rest = set(), [], []
+    for instance in instances:
+        (rest if instance.output in seen else first).append(instance)
+        seen.add(instance.output)
+    return first + rest

@@ -266,7 +266,7 @@ class LoopDriver:
     def _train_mix(
         self, k: int, split: Split, machine: list[TaskRecord], augmented: list[TaskRecord], name: str = "train_mix"
     ) -> TrainMix:
-        human = self.store.read_tasks(split.seed_train_uri)
+        human = self.run_state.seed_training_tasks(split)
         meta = []
         if self.config.training.meta_tasks:  # teach the Self-Instruct and rating formats themselves
             meta = build_meta_tasks(

@@ -250,6 +250,18 @@ class TrainingConfig(_Section):
     max_seq_len: int = Field(384, ge=16)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Torch threads of each training worker (0: the CPUs it reserves, Ray's OMP_NUM_THREADS). A round "
+        "never trains while it generates, so on a small machine training may use the cores the idle engines reserve",
+    )
+    seed_instances_per_task: int = Field(
+        0,
+        ge=0,
+        description="Instances of each seed task in a training mix (0: all); the held-out tasks keep all theirs, and "
+        "generation still shows every instance as a demonstration. On CPU, training tokens are the run's main cost",
+    )
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="How the workers share the model: ddp (each holds a full copy, gradients are averaged) or fsdp "

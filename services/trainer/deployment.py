@@ -114,6 +114,7 @@ class TrainerDeployment:
             num_workers=int(check_range(p.num_workers or d.num_workers, "params.num_workers", 1, 1024)),
             use_gpu=_given(p, "use_gpu", d.use_gpu),
             strategy=d.strategy,  # how and where training runs is the cluster's choice, not a request's
+            torch_threads=d.torch_threads,
             worker_resources=dict(d.worker_resources),
             seed=p.seed,
             augmented_tag=check_text(p.augmented_tag, "params.augmented_tag", limit=200),

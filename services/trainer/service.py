@@ -44,6 +44,7 @@ class TrainingParams:
     max_seq_len: int = _DEFAULTS.max_seq_len
     num_workers: int = _DEFAULTS.num_workers
     use_gpu: bool = _DEFAULTS.use_gpu
+    torch_threads: int = _DEFAULTS.torch_threads
     strategy: str = _DEFAULTS.strategy
     worker_resources: dict = field(default_factory=lambda: dict(_DEFAULTS.worker_resources))
     seed: int = 0

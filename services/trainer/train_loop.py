@@ -165,6 +165,8 @@ def train_loop_per_worker(config: dict) -> None:
     from safetensors.torch import load_model as load_weights
     from safetensors.torch import save_model as save_weights
 
+    if config.get("torch_threads"):  # else Ray's OMP_NUM_THREADS: the CPUs the worker reserved
+        torch.set_num_threads(config["torch_threads"])
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
     context = ray.train.get_context()
