@@ -112,7 +112,10 @@ class PlainReporter(Reporter):
         every = max(total // 10, 1)
         if step != self._last_training[0] and (step % every == 0 or step == total):
             self._last_training = (step, loss)
-            self._line(f"round {round_index}: training step {step}/{total}, loss {loss:.4f}")
+            if total:
+                self._line(f"round {round_index}: training step {step}/{total}, loss {loss:.4f}")
+            else:  # the job is queued or its workers are loading the model and the data: no steps known yet
+                self._line(f"round {round_index}: training job starting")
 
     def evaluation(self, round_index: int, done: int, total: int) -> None:
         if (round_index, done) != self._last_evaluation:  # shards report their sums; a line per new count

@@ -56,11 +56,13 @@ def test_plain_output_when_stdout_is_no_terminal(capsys):
     reporter = PlainReporter(3, echo=lambda text, flush: lines.append(text))
     reporter.stage(1, "filter", resumed=False)
     reporter.stage_done(1, "filter", {"kept_count": 7, "funnel": {"too_short": 2}, "kept_uri": "x"})
+    reporter.training(1, 0, 0, 0.0)  # the job's first status: no steps known yet
     for step in range(0, 21):
         reporter.training(1, step, 20, 1.5)
     assert lines[0].endswith("round 1: filter ...")
     assert "filter done (1/3 stages): kept_count=7" in lines[1] and "kept_uri" not in lines[1]
-    assert [line.split("training step ")[1].split(",")[0] for line in lines[2:]] == [f"{s}/20" for s in range(0, 21, 2)]
+    assert lines[2].endswith("round 1: training job starting")
+    assert [line.split("training step ")[1].split(",")[0] for line in lines[3:]] == [f"{s}/20" for s in range(2, 21, 2)]
     manifest = {
         "run_id": "r",
         "rounds": {

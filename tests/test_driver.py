@@ -462,3 +462,26 @@ def _no_control(settings):
         return out
 
     return without
+
+
+def test_training_mixes_cap_each_seed_task_one_label_first(run):
+    manifest, clients, _ = run(seed_instances_per_task=1)
+    store, rounds = clients.store, manifest["rounds"]
+    seeds = {t.id: t for t in store.read_tasks(rounds["0"]["stages"]["split"]["seed_train_uri"])}
+    assert max(len(t.instances) for t in seeds.values()) > 1, "the built-in seeds carry several instances"
+    for name, stage in (("control_mix", "control_data"), ("train_mix", "train_data")):
+        k = "0" if stage == "control_data" else "2"
+        mixed = [t for t in store.read_tasks(rounds[k]["stages"][stage]["uri"]) if t.id in seeds]
+        assert len(mixed) == len(seeds) and all(len(t.instances) == 1 for t in mixed), name
+    backward = store.read_tasks(rounds["0"]["stages"]["backward_data"]["uri"])
+    assert len(backward) == len(seeds) and all(len(t.instances) == 1 for t in backward)
+    # generation still shows every instance: the split itself is not capped
+    assert sum(len(t.instances) for t in seeds.values()) > len(seeds)
+
+
+def test_a_capped_classification_task_keeps_a_second_label_before_a_second_of_any():
+    from ray_jobs.run import _labels_first
+    from services.common.records import Instance
+
+    instances = [Instance("a", "yes"), Instance("b", "yes"), Instance("c", "no"), Instance("d", "no")]
+    assert [i.input for i in _labels_first(instances)] == ["a", "c", "b", "d"]
