@@ -84,10 +84,11 @@ def _generation(args, clients, store, settings: dict, label: str) -> float:
     seeds_uri = store.dataset_uri("bench", 0, "seeds")
     store.write_tasks(seeds_uri, load_seed_tasks())
     g = settings["generation"]
+    key = store.claim_run("bench")  # the run's key, as a driver holds it
 
     def request(first: int, count: int, output_uri: str = "") -> generator_pb2.GenerateInstructionsRequest:
         return generator_pb2.GenerateInstructionsRequest(
-            context=common_pb2.RunContext(run_id="bench", round=1),
+            context=common_pb2.RunContext(run_id="bench", round=1, run_key=key),
             model_uri=settings["model"]["base"],
             seed_tasks=uri_source(seeds_uri),
             num_prompts=count,
@@ -133,7 +134,7 @@ def _filter(args, clients, store, replicas: int, label: str) -> tuple[float, flo
 
     from .rouge_filter import synthetic_instructions
 
-    ctx = common_pb2.RunContext(run_id="bench", round=2)
+    ctx = common_pb2.RunContext(run_id="bench", round=2, run_key=store.claim_run("bench"))
     pool_uri, candidates_uri = store.dataset_uri("bench", 2, "pool"), store.dataset_uri("bench", 2, "candidates")
     if not store.exists(pool_uri):
         pool = synthetic_instructions(args.pool, seed=1)
@@ -229,7 +230,7 @@ def main() -> None:
         started = time.perf_counter()
         whole = clients.filter_tasks(
             filter_pb2.FilterTasksRequest(
-                context=common_pb2.RunContext(run_id="bench", round=2),
+                context=common_pb2.RunContext(run_id="bench", round=2, run_key=store.claim_run("bench")),
                 candidates=uri_source(store.dataset_uri("bench", 2, "candidates")),
                 pool=uri_source(store.dataset_uri("bench", 2, "pool")),
                 instructions_only=True,

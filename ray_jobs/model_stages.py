@@ -45,6 +45,7 @@ def train(run: Run, k: int, base_model: str, dataset_uri: str, epochs: int, outp
         losses=list(status.losses),
         examples=status.train_examples,
         resumed_from_step=status.resumed_from_step,
+        model_digest=status.model_digest,
     )
 
 

@@ -1,8 +1,9 @@
-"""What every stage of a run needs: the config, the service clients, the run store, and the rule that
-a stage committed in the manifest is never redone (that is how a rerun resumes)."""
+"""What every stage of a run needs: the config, the service clients, the run store, the run's key, and
+the rule that a stage committed in the manifest is never redone (that is how a rerun resumes)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -84,8 +85,18 @@ class Run:
         done = self.store.stage_output(self.run_id, k, name)
         return kind.from_dict(done) if done is not None else None
 
+    @functools.cached_property
+    def run_key(self) -> str:
+        """The run's capability: made when this driver creates the run, read back when it resumes it
+        (RunStore.claim_run: NotRunOwner if the run is another driver's); every request carries it."""
+        return self.store.claim_run(self.run_id)
+
+    def claim(self) -> None:
+        """Creates the run, or proves this driver owns it: before the driver touches anything."""
+        self.run_key  # noqa: B018 - the property claims once
+
     def ctx(self, k: int) -> common_pb2.RunContext:
-        return common_pb2.RunContext(run_id=self.run_id, round=k)
+        return common_pb2.RunContext(run_id=self.run_id, round=k, run_key=self.run_key)
 
     def uri(self, k: int, name: str) -> str:
         return self.store.dataset_uri(self.run_id, k, name)

@@ -36,7 +36,7 @@ from services.common.stages import (
     TrainMix,
     rounds_of,
 )
-from services.common.store import RunStore
+from services.common.store import RunStore, StoreError
 from services.evaluator.report import write_report
 from services.evaluator.split import split_by_task
 from services.generator.backtranslation import curation_meta_tasks
@@ -107,6 +107,7 @@ class LoopDriver:
 
     def _run(self) -> None:
         run = self.run_state
+        run.claim()  # the run's owner and key, before anything else
         if self.store.remove_stale_temporaries(self.run_id):
             log.info("removed temporary files a killed run left behind")
         started = self.store.load_manifest(self.run_id).get("started_at") or time.time()
@@ -204,6 +205,8 @@ class LoopDriver:
         start_from = self.config.model.base if self.config.training.from_base else model
         epochs = self.config.training.epochs
         trained = run.stage(k, "train", lambda: model_stages.train(run, k, start_from, data.uri, epochs), Trained)
+        if run.committed(k, "promote", Decision) is None:
+            self._check_checkpoint(k, trained)
         score = run.stage(
             k, "evaluate", lambda: model_stages.evaluate(run, k, trained.model_uri, split.seed_dev_uri), Evaluated
         )
@@ -286,6 +289,15 @@ class LoopDriver:
             augmented=len(augmented),
             meta=len(meta),
         )
+
+    def _check_checkpoint(self, k: int, trained: Trained) -> None:
+        """Before a trained model is evaluated and can be promoted: it is the checkpoint whose digest
+        the train stage recorded (the trainer's, from the job that committed it)."""
+        if trained.model_digest and self.store.tree_digest(trained.model_uri) != trained.model_digest:
+            raise StoreError(
+                f"{trained.model_uri} is not the checkpoint round {k}'s training committed (its digest is in "
+                "the manifest): it is never evaluated or promoted"
+            )
 
     def _promoted(self, decision: Decision) -> None:
         """The model the loop stands on now, for `reinstruct status` and the OpenAI endpoint's run:<id>."""

@@ -44,7 +44,7 @@ def generate_instructions(run: Run, k: int, model: str, split: Split, machine: l
             generator_pb2.GenerateInstructionsResponse,
             on_shard=lambda done, total: run.reporter.shards(k, "generate_instructions", done, total),
         )
-        new = [t for r in responses for t in run.store.read_tasks(r.output.uri)]
+        new = sharded.parts_tasks([r.output.uri for r in responses])
         written += new
         truncated += sum(r.completions_truncated for r in responses)
         if new and batch[-1] + 1 < g.num_prompts:

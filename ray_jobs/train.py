@@ -4,8 +4,9 @@
 
 A job outlives the Serve replica that submitted it, so a redeployed trainer attaches to it again by
 its submission id. The spec names the dataset, the base model, where the checkpoint goes, and every
-training parameter; the job commits the checkpoint atomically when fit() succeeds. Every file goes
-through the run store (a local root or an object-store URI alike)."""
+training parameter; the job commits the checkpoint atomically when fit() succeeds, then records its
+digest (the trainer adopts no checkpoint without it). Every file goes through the run store (a local
+root or an object-store URI alike)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def run(store_root: str, spec: dict) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from services.trainer.service import commit_record_uri
     from services.trainer.train_loop import train_loop_per_worker
 
     from .tracking import training_target
@@ -62,6 +64,11 @@ def run(store_root: str, spec: dict) -> int:
         )
         trainer.fit()
         store.commit_directory(staging, spec["model_uri"])
+        # the checkpoint's digest, for whoever adopts it later (services.trainer.service: never without)
+        store.write_json(
+            spec.get("commit_uri") or commit_record_uri(store, spec["job_id"], spec["model_uri"]),
+            {"job_id": spec["job_id"], "model_uri": spec["model_uri"], "digest": store.tree_digest(spec["model_uri"])},
+        )
         return 0
     except Exception:
         store.remove_staging(spec["model_uri"])

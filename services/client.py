@@ -96,18 +96,18 @@ class ServiceClients:
     def start_training(self, request):
         return self._call("trainer", self._trainer.StartTraining, request, 60)
 
-    def training_status(self, job_id: str):
-        return self._call(
-            "trainer", self._trainer.GetTrainingStatus, trainer_pb2.GetTrainingStatusRequest(job_id=job_id), 30
-        )
+    def training_status(self, job_id: str, context):
+        """context: the job's run (RunContext with its run_key): only the run's owner sees its jobs."""
+        request = trainer_pb2.GetTrainingStatusRequest(job_id=job_id, context=context)
+        return self._call("trainer", self._trainer.GetTrainingStatus, request, 30)
 
-    def stream_training(self, job_id: str):
-        return self._call("trainer", self._trainer.StreamTraining, trainer_pb2.GetTrainingStatusRequest(job_id=job_id))
+    def stream_training(self, job_id: str, context):
+        request = trainer_pb2.GetTrainingStatusRequest(job_id=job_id, context=context)
+        return self._call("trainer", self._trainer.StreamTraining, request)
 
-    def cancel_training(self, job_id: str):
-        return self._call(
-            "trainer", self._trainer.CancelTraining, trainer_pb2.GetTrainingStatusRequest(job_id=job_id), 30
-        )
+    def cancel_training(self, job_id: str, context):
+        request = trainer_pb2.GetTrainingStatusRequest(job_id=job_id, context=context)
+        return self._call("trainer", self._trainer.CancelTraining, request, 30)
 
     def wait_for_training(self, request, poll_s: float = 2.0, on_progress=None):
         """Starts (or re-attaches to) a training job and polls until it ends."""
@@ -116,7 +116,7 @@ class ServiceClients:
             if on_progress:
                 on_progress(status)
             time.sleep(poll_s)
-            status = self.training_status(status.job_id)
+            status = self.training_status(status.job_id, request.context)
         if on_progress:
             on_progress(status)
         if status.state != trainer_pb2.TrainingStatus.SUCCEEDED:

@@ -15,7 +15,7 @@ from services.common.convert import tasks_to_source
 from services.common.formats import load_seed_tasks
 from services.common.grpc_handler import ANSWERED_KEY
 from services.common.store import RunStore
-from tests.tiny import tiny_settings
+from tests.tiny import owned_context, tiny_settings
 
 pytestmark = pytest.mark.ray
 
@@ -31,6 +31,7 @@ def deployed(tmp_path_factory, builtin_cache):
     settings = tiny_settings(store_root, builtin_cache)
     settings["loop"]["control"] = True  # this round is the one that also trains and tests the seeds-only control
     config = parse_config(settings)
+    CTX.CopyFrom(owned_context(store_root, CTX.run_id, CTX.round))  # the tests' run, with its key
     from services.serving import wait_for_previous_cluster
 
     wait_for_previous_cluster()  # a killed cluster's agent may still hold its port
@@ -45,7 +46,7 @@ def deployed(tmp_path_factory, builtin_cache):
         ray.shutdown()
 
 
-CTX = common_pb2.RunContext(run_id="e2e", round=1)
+CTX = common_pb2.RunContext(run_id="e2e", round=1)  # the key is added once the store exists (deployed)
 SAMPLING = common_pb2.Sampling(temperature=0.7, top_p=0.9, max_new_tokens=24, seed=1)
 
 
@@ -385,7 +386,7 @@ def test_malformed_requests_get_invalid_argument(deployed):
         ),
         "model_uri",
     )
-    _expect_invalid(clients.training_status, "no-such-job", "job_id")
+    _expect_invalid(lambda job_id: clients.training_status(job_id, CTX), "no-such-job", "job_id")
     _expect_invalid(
         clients.backtranslate,
         generator_pb2.BacktranslateRequest(
@@ -428,7 +429,7 @@ def test_a_request_cannot_touch_another_run(deployed):
     _expect_invalid(
         clients.filter_tasks,
         filter_pb2.FilterTasksRequest(
-            context=common_pb2.RunContext(run_id="victim", round=1),
+            context=owned_context(config.store.root, "victim"),
             candidates=tasks_to_source(seeds),
             kept_uri=kept_uri,
         ),
@@ -465,6 +466,116 @@ def test_a_request_cannot_touch_another_run(deployed):
         "model_uri",
     )  # no hub, no file probing
     assert before == {path: open(store.resolve(path), "rb").read() for path in before}
+
+
+def test_a_client_cannot_plant_what_another_run_promotes(deployed):
+    """Issue 22's attack through Serve's proxy: once the victim's driver has created its run, another
+    client (no key, a guessed key, or the key of a run of its own) tries to write forged evaluation
+    shard inputs into the victim's round folder (FilterTasks), to train the victim's round-1 model
+    before the victim does (StartTraining), to turn the victim's manifest (and a future run's) into a
+    folder with a lock path, and to read the victim's data. Every call is refused and the victim's run
+    is byte for byte as it was; then the victim's own driver runs its round, and what it trains,
+    evaluates and promotes is its own job's checkpoint (the digest its job committed). Afterwards the
+    victim's training job is neither seen nor cancelled with another run's key."""
+    from ray_jobs.self_improve import LoopDriver
+
+    config, clients = deployed
+    store = RunStore(config.store.root)
+    victim = "victim-run"
+    settings = config.model_dump()
+    settings["backtranslation"]["enabled"] = False  # the stages the attack aims at, and a quicker round
+    settings["loop"].update(bootstrap=False, control=False)
+    victim_config = parse_config(settings)
+    victim_key = store.claim_run(victim)  # what the victim's driver does first (LoopDriver resumes it below)
+    attacker = owned_context(config.store.root, "attacker")
+    contexts = {
+        "no key": common_pb2.RunContext(run_id=victim, round=1),
+        "a guessed key": common_pb2.RunContext(run_id=victim, round=1, run_key=victim_key[:-2] + "xx"),
+        "the attacker's own key": attacker,
+    }
+    before = {name: _files(store, name) for name in (victim, "demo")}
+    seeds = load_seed_tasks()[:3]
+    forged_input = store.uri(victim, "round-001", "shards", "evaluate", "2x-0000000000", "00000.input.parquet")
+    for how, context in contexts.items():
+        attempts = [
+            (
+                clients.filter_tasks,
+                filter_pb2.FilterTasksRequest(
+                    context=context, candidates=tasks_to_source(seeds), kept_uri=forged_input
+                ),
+            ),
+            (
+                clients.start_training,
+                trainer_pb2.StartTrainingRequest(
+                    context=context,
+                    base_model_uri="builtin:tiny-llama",
+                    train_tasks=tasks_to_source(seeds),
+                    output_model_uri=store.model_uri(victim, 1),
+                    params=trainer_pb2.TrainingParams(epochs=1, batch_size=4),
+                ),
+            ),
+            *[
+                (
+                    clients.filter_tasks,
+                    filter_pb2.FilterTasksRequest(
+                        context=context, candidates=tasks_to_source(seeds), kept_uri=store.uri(run, *path)
+                    ),
+                )
+                for run in (victim, "demo")
+                for path in (("manifest.json", "x.parquet"), ("stop-requested", "x.parquet"))
+            ],
+            (
+                clients.filter_tasks,
+                filter_pb2.FilterTasksRequest(
+                    context=context, candidates=common_pb2.TaskSource(uri=store.owner_uri(victim))
+                ),
+            ),
+        ]
+        for call, request in attempts:
+            with pytest.raises(grpc.RpcError) as info:
+                call(request)
+            expected = grpc.StatusCode.PERMISSION_DENIED if how == "a guessed key" else grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.code() == expected, (how, info.value.details())
+            assert "Traceback" not in info.value.details()
+    assert {name: _files(store, name) for name in before} == before  # untouched; no folder, no lock made
+
+    manifest = LoopDriver(victim_config, clients, victim).run()
+    assert manifest["status"] == "succeeded"
+    stages = manifest["rounds"]["1"]["stages"]
+    trained = stages["train"]
+    assert trained["model_uri"] == store.model_uri(victim, 1) and trained["steps"] > 0  # trained here, not adopted
+    assert trained["model_digest"] == store.tree_digest(trained["model_uri"])
+    committed = store.read_json(store.beside(trained["model_uri"], f".{trained['job_id']}.commit.json"))
+    assert committed == {
+        "job_id": trained["job_id"],
+        "model_uri": trained["model_uri"],
+        "digest": trained["model_digest"],
+    }
+    assert stages["evaluate"]["model_uri"] == trained["model_uri"]
+    assert manifest["promoted_model"] in ("builtin:tiny-llama", trained["model_uri"])  # model 0 or its own model 1
+    for shard in store.fs.glob(
+        store.resolve(store.uri(victim, "round-001", "shards", "evaluate")) + "/*/*.input.parquet"
+    ):
+        assert not {t.id for t in store.read_tasks(shard)} - set(
+            manifest["rounds"]["0"]["stages"]["split"]["dev_task_ids"]
+        )
+    for ask in (clients.training_status, clients.cancel_training):
+        with pytest.raises(grpc.RpcError) as info:
+            ask(trained["job_id"], attacker)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no training job" in info.value.details()
+    assert len(trained["job_id"]) > 30  # random: not computable from run, round and output
+
+
+def _files(store: RunStore, run_id: str) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) of a run."""
+    root = store.resolve(store.uri(run_id))
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        out.update({os.path.relpath(os.path.join(folder, d), root): None for d in dirs})
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                out[os.path.relpath(os.path.join(folder, name), root)] = handle.read()
+    return out
 
 
 def test_a_filter_request_too_costly_in_the_worst_case_is_refused(deployed):
@@ -599,7 +710,7 @@ def test_model_uris_from_clients_stay_in_the_store_and_never_unpickle(deployed, 
 
     climbing = evaluate(os.path.relpath(outside, os.getcwd()))  # ../../tmp/...: never leaves the store
     assert climbing.code() == grpc.StatusCode.INVALID_ARGUMENT and "'..' is not allowed" in climbing.details()
-    relative = evaluate("outside/model")  # a path in the store, not one relative to a replica's directory
+    relative = evaluate("e2e/outside/model")  # a path in the store, not one relative to a replica's directory
     assert relative.code() == grpc.StatusCode.INVALID_ARGUMENT and "in the run store" in relative.details()
     linked = evaluate("e2e/round-060/model")
     assert linked.code() == grpc.StatusCode.INVALID_ARGUMENT and "outside the run store" in linked.details()
@@ -761,11 +872,12 @@ def test_training_beyond_the_cap_and_extra_streams_are_refused(deployed):
     config, clients = deployed
     store = RunStore(config.store.root)
     quick = ServiceClients(f"127.0.0.1:{config.serve.grpc_port}", 30, retries=0)
+    cap = owned_context(config.store.root, "cap")
 
     def start(n: int):
         return clients.start_training(
             trainer_pb2.StartTrainingRequest(
-                context=common_pb2.RunContext(run_id="cap", round=n),
+                context=common_pb2.RunContext(run_id="cap", round=n, run_key=cap.run_key),
                 base_model_uri="builtin:tiny-llama",
                 train_tasks=tasks_to_source(load_seed_tasks()[:16]),
                 output_model_uri=store.model_uri("cap", n),
@@ -787,28 +899,28 @@ def test_training_beyond_the_cap_and_extra_streams_are_refused(deployed):
         allowed = config.serve.max_ongoing_requests // 2
 
         def follow(job_id: str) -> None:
-            ended.append([status.state for status in clients.stream_training(job_id)][-1])
+            ended.append([status.state for status in clients.stream_training(job_id, cap)][-1])
 
         streams = [threading.Thread(target=follow, args=(jobs[i % len(jobs)].job_id,)) for i in range(allowed)]
         for thread in streams:
             thread.start()
         time.sleep(3)  # the streams are open on the replica
         with pytest.raises(grpc.RpcError) as info:
-            next(iter(quick.stream_training(jobs[0].job_id)))
+            next(iter(quick.stream_training(jobs[0].job_id, cap)))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "GetTrainingStatus" in info.value.details()
         started = time.monotonic()
-        assert quick.training_status(jobs[0].job_id).job_id == jobs[0].job_id
+        assert quick.training_status(jobs[0].job_id, cap).job_id == jobs[0].job_id
         assert time.monotonic() - started < 10
     finally:
         for job in jobs:
-            clients.cancel_training(job.job_id)
+            clients.cancel_training(job.job_id, cap)
         for thread in streams:
             thread.join(180)
     final = {trainer_pb2.TrainingStatus.CANCELLED, trainer_pb2.TrainingStatus.FAILED}
     assert len(ended) == len(streams) and set(ended) <= final  # every stream ended with its run
     for job in jobs:  # no run left in progress for the tests after this one
         deadline = time.time() + 120
-        while clients.training_status(job.job_id).state not in final:
+        while clients.training_status(job.job_id, cap).state not in final:
             assert time.time() < deadline, "a cancelled run did not end"
             time.sleep(1)
     quick.close()

@@ -166,17 +166,18 @@ def test_curation_score_threshold():
 
 
 def test_score_novelty_keeps_a_pool_index_until_the_pool_file_changes(tmp_path):
-    from services.api import common_pb2, filter_pb2
+    from services.api import filter_pb2
     from services.common.convert import uri_source
     from services.common.store import RunStore
     from services.filter.deployment import FilterDeployment
+    from tests.tiny import owned_context
 
     replica = FilterDeployment.func_or_class({"store": {"root": str(tmp_path)}})
     store = RunStore(str(tmp_path))
     pool_uri, candidates_uri = store.dataset_uri("r", 1, "pool"), store.dataset_uri("r", 1, "candidates")
     store.write_tasks(candidates_uri, [TaskRecord(id="c", instruction="Write a poem about the sea.")])
     request = filter_pb2.ScoreNoveltyRequest(
-        context=common_pb2.RunContext(run_id="r", round=1),
+        context=owned_context(str(tmp_path), "r"),
         candidates=uri_source(candidates_uri),
         pool=uri_source(pool_uri),
     )

@@ -56,17 +56,19 @@ def test_open_training_streams_cannot_starve_other_calls(tmp_path):
     streams are open on a replica; the next is refused at once, and GetTrainingStatus still answers."""
     from services.api import trainer_pb2
     from services.trainer.deployment import TrainerDeployment
+    from tests.tiny import owned_context
 
     replica = TrainerDeployment.func_or_class(
         {"store": {"root": str(tmp_path)}, "serve": {"max_ongoing_requests": 4}, "training": {"poll_interval_s": 0.01}}
     )
     api = JobApi(0)
     api.submitted.append("train-long")
+    model_uri = str(tmp_path / "r" / "round-001" / "model")
     api.get_job_info = lambda job_id: SimpleNamespace(
-        status="RUNNING", metadata={"model_uri": str(tmp_path / "m")}, message=""
+        status="RUNNING", metadata={"model_uri": model_uri, "run_id": "r"}, message=""
     )
     replica.service._client = api
-    request = trainer_pb2.GetTrainingStatusRequest(job_id="train-long")
+    request = trainer_pb2.GetTrainingStatusRequest(job_id="train-long", context=owned_context(str(tmp_path), "r"))
     open_streams = [replica.StreamTraining(request) for _ in range(2)]
     assert [next(s).state for s in open_streams] == [trainer_pb2.TrainingStatus.RUNNING] * 2
     with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED.*poll GetTrainingStatus"):
@@ -119,3 +121,64 @@ def test_the_trainer_keeps_its_files_in_the_run_store_not_on_local_disk():
     api.state = "FAILED"  # the loop raised Cancelled
     job = service.status(job.job_id)
     assert (job.state, job.error) == ("CANCELLED", "cancelled by request")
+
+
+def test_a_training_job_is_seen_and_controlled_by_its_own_run_only(tmp_path):
+    """GetTrainingStatus, StreamTraining and CancelTraining answer the key of the job's run only:
+    without a key INVALID_ARGUMENT naming context.run_key, with another run's key the job is no job
+    at all (nothing of it read, nothing cancelled), with a wrong key PERMISSION_DENIED."""
+    from services.api import common_pb2, trainer_pb2
+    from services.trainer.deployment import TrainerDeployment
+    from tests.tiny import owned_context
+
+    replica = TrainerDeployment.func_or_class({"store": {"root": str(tmp_path)}})
+    replica.service._client = api = RecordingJobApi()
+    model_uri = str(tmp_path / "victim" / "round-001" / "model")
+    job = replica.service.start("victim", 1, "builtin:tiny-llama", "x.parquet", model_uri, TrainingParams())
+    assert len(job.job_id) > 30  # random: nobody computes another run's job id
+    victim = owned_context(str(tmp_path), "victim")
+    other = owned_context(str(tmp_path), "attacker")
+    ask = trainer_pb2.GetTrainingStatusRequest
+    for method in (replica.GetTrainingStatus, replica.CancelTraining):
+        with pytest.raises(RuntimeError, match="INVALID_ARGUMENT: context.run_key"):
+            method(ask(job_id=job.job_id, context=common_pb2.RunContext(run_id="victim")))
+        with pytest.raises(RuntimeError, match="PERMISSION_DENIED"):
+            method(ask(job_id=job.job_id, context=common_pb2.RunContext(run_id="victim", run_key="guess")))
+        with pytest.raises(RuntimeError, match="INVALID_ARGUMENT: job_id: no training job"):
+            method(ask(job_id=job.job_id, context=other))
+    with pytest.raises(RuntimeError, match="no training job"):
+        next(replica.StreamTraining(ask(job_id=job.job_id, context=other)))
+    assert api.state == "RUNNING" and not (tmp_path / "victim" / "round-001" / f".{job.job_id}.cancel").exists()
+    assert replica.GetTrainingStatus(ask(job_id=job.job_id, context=victim)).job_id == job.job_id
+    replica.CancelTraining(ask(job_id=job.job_id, context=victim))
+    assert api.state == "FAILED"  # step 0: stopped
+
+
+def test_a_checkpoint_its_run_did_not_train_is_never_adopted(tmp_path):
+    """A checkpoint found at the output is reported as trained only with the commit record its own
+    job wrote, and only while the checkpoint is what that job committed; a planted one is refused."""
+    from services.common.validation import RequestError
+    from services.trainer.service import commit_record_uri
+
+    store = RunStore(str(tmp_path))
+    model_uri = store.model_uri("r", 1)
+    service = TrainerService(store)
+    service._client = api = RecordingJobApi()
+    planted = tmp_path / "r" / "round-001" / "model"
+    planted.mkdir(parents=True)
+    (planted / "config.json").write_text("{}")
+    start = lambda: service.start("r", 1, "builtin:tiny-llama", "x.parquet", model_uri, TrainingParams())  # noqa: E731
+    with pytest.raises(RequestError, match="no training job of this run committed"):
+        start()
+    assert api.submitted == []
+    (planted / "config.json").unlink()
+    job = start()  # trains; its job commits and records the checkpoint (ray_jobs.train)
+    (planted / "config.json").write_text('{"trained": true}')
+    record = {"job_id": job.job_id, "model_uri": model_uri, "digest": store.tree_digest(model_uri)}
+    store.write_json(commit_record_uri(store, job.job_id, model_uri), record)
+    api.submitted.clear()  # Ray forgot the job (a new cluster): the commit record speaks for it
+    adopted = start()
+    assert (adopted.job_id, adopted.state, adopted.model_digest) == (job.job_id, "SUCCEEDED", record["digest"])
+    (planted / "config.json").write_text('{"trained": "by someone else"}')
+    with pytest.raises(RequestError, match="changed since"):
+        start()

@@ -19,7 +19,7 @@ from services.common.formats import load_seed_tasks
 from services.common.models import ensure_builtin
 from services.common.store import RunStore
 from services.evaluator.service import EvaluatorService
-from tests.tiny import tiny_settings
+from tests.tiny import owned_context, tiny_settings
 from tests.vllm_engines import AVAILABLE, TEST_OPTIONS
 
 pytestmark = [
@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not AVAILABLE, reason="vLLM is not installed here: `make test` runs this in .venv-vllm"),
 ]
 GRPC_PORT, HTTP_PORT = 9310, 8310
-CTX = common_pb2.RunContext(run_id="vllm", round=1)
+CTX = common_pb2.RunContext(run_id="vllm", round=1)  # the key is added once the store exists (deployed)
 SMOLLM2 = "builtin:smollm2-135m"
 
 
@@ -40,6 +40,7 @@ def deployed(tmp_path_factory, builtin_cache, smollm2):
     from services.serving import deploy_apps
 
     settings = tiny_settings(str(tmp_path_factory.mktemp("store")), builtin_cache, GRPC_PORT, HTTP_PORT)
+    CTX.CopyFrom(owned_context(settings["store"]["root"], CTX.run_id, CTX.round))  # the tests' run, with its key
     settings["generation"].update(
         engine="vllm",
         vllm_dtype="float32",

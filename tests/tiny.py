@@ -39,6 +39,16 @@ def tiny_settings(store_root: str, builtin_cache: str, grpc_port: int = 9000, ht
     }
 
 
+def owned_context(store_root: str, run_id: str, round_index: int = 1):
+    """A RunContext with the run's key, as the run's driver sends it: the run is created (its owner
+    file and key, RunStore.claim_run) when it is new, and its key read back when it is not."""
+    from services.api import common_pb2
+    from services.common.store import RunStore
+
+    key = RunStore(store_root).claim_run(run_id)
+    return common_pb2.RunContext(run_id=run_id, round=round_index, run_key=key)
+
+
 def fill_example_run(store, run_id: str = "r") -> None:
     """A small run in the store with every kind of stage output the report draws on."""
     from services.common.records import TaskRecord

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hmac
 import ipaddress
@@ -12,8 +13,8 @@ import grpc
 
 from . import deadline
 from .models import ModelUnavailable
-from .store import StoreBusy, StoreError, UriNotAllowed, output_claims
-from .validation import Overloaded, RequestError
+from .store import NotRunOwner, StoreBusy, StoreError, UriNotAllowed, output_claims, request_run
+from .validation import Overloaded, RequestError, authorize_run
 
 logger = logging.getLogger("reinstruct")
 
@@ -83,9 +84,22 @@ def _admit(request, grpc_context, serve_host: str | None = None) -> None:
         )
 
 
+def _authorized_run(deployment, method, request) -> str | None:
+    """The run this request may read and write: the one whose key its context carries (checked here,
+    for every method, before the method touches anything), else None (store paths inside runs are
+    then refused: RunStore.resolve). A method that refuses every request (refuse_other_services)
+    checks nothing."""
+    store = getattr(deployment, "store", None)
+    if store is None or getattr(method, "refuses_all", False) or "context" not in request.DESCRIPTOR.fields_by_name:
+        return None
+    return authorize_run(request.context, store)
+
+
 def _status_for(exc: BaseException, name: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, Unauthenticated):
         return grpc.StatusCode.UNAUTHENTICATED, str(exc)
+    if isinstance(exc, NotRunOwner):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc)
     if isinstance(exc, Unimplemented):
         return grpc.StatusCode.UNIMPLEMENTED, str(exc)
     if isinstance(exc, (RequestTooLarge, Overloaded)):
@@ -118,12 +132,28 @@ def _answer(grpc_context, code: grpc.StatusCode, details: str) -> None:
 
 
 def grpc_stream_method(method):
-    """Like grpc_method, for server-streaming methods (generators of response messages)."""
+    """Like grpc_method, for server-streaming methods (generators of response messages). The stream
+    runs in a context of its own: the request's scope (its run, its output claims, its budget) never
+    stays behind in the thread that iterates it between messages."""
 
     def wrapper(self, request, grpc_context=None):
+        context = contextvars.copy_context()
+        stream = scoped(self, request, grpc_context)
+        try:
+            while True:
+                try:
+                    message = context.run(next, stream)
+                except StopIteration:
+                    return
+                yield message
+        finally:
+            context.run(stream.close)
+
+    def scoped(self, request, grpc_context):
         try:
             _admit(request, grpc_context, getattr(self, "serve_host", None))
-            with deadline.budget(getattr(self, "request_budget_s", None)), output_claims():
+            run = _authorized_run(self, method, request)
+            with deadline.budget(getattr(self, "request_budget_s", None)), output_claims(), request_run(run):
                 yield from method(self, request)
         except Exception as exc:  # reported as the stream's status, the replica keeps serving
             code, details = _status_for(exc, method.__name__)
@@ -146,7 +176,8 @@ def grpc_method(response_type):
         def wrapper(self, request, grpc_context=None):
             try:
                 _admit(request, grpc_context, getattr(self, "serve_host", None))
-                with deadline.budget(getattr(self, "request_budget_s", None)), output_claims():
+                run = _authorized_run(self, method, request)
+                with deadline.budget(getattr(self, "request_budget_s", None)), output_claims(), request_run(run):
                     return method(self, request)
             except Exception as exc:  # every failure becomes a status; the replica keeps serving
                 code, details = _status_for(exc, method.__name__)
@@ -218,12 +249,14 @@ def _unimplemented(message: str, streaming: bool):
     def refuse(self, request):
         raise Unimplemented(message)
 
+    refuse.refuses_all = True
     if streaming:
 
         def refuse_stream(self, request):
             raise Unimplemented(message)
             yield  # a generator, as streaming methods are
 
+        refuse_stream.refuses_all = True
         return grpc_stream_method(refuse_stream)
     from ..api import common_pb2
 

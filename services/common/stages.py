@@ -121,6 +121,7 @@ class Trained(StageResult):
     losses: list[float] = field(default_factory=list)
     examples: int = 0
     resumed_from_step: int = 0
+    model_digest: str = ""  # the checkpoint's digest as its training job committed it (checked before use)
 
 
 @dataclass

@@ -1,12 +1,20 @@
 """The run store: datasets (Parquet) and checkpoints per run and round, and a manifest per run.
 
 Layout under the root:
+    <run_id>/owner                           SHA-256 of the run's key (written once, by its driver)
     <run_id>/manifest.json                   what each stage of each round committed
     <run_id>/round-<k>/<name>.parquet         datasets
     <run_id>/round-<k>/model/                 HF checkpoint (safetensors)
+    <run_id>/.locks/                          the output locks of requests writing into the run
+    .keys/<run_id>                            the run's key itself (0600, in a 0700 folder): its driver's
 Writes are atomic (write a temporary, then rename), so a reader never sees a partial file and a
 crash leaves either the old state or the new one. A stage whose output is committed in the manifest
 is never redone: that is how a rerun resumes.
+
+A run belongs to whoever created it: its driver makes a secret key (claim_run), the store keeps only
+its hash, and a request proves it may touch the run by sending the key (context.run_key; checked by
+verify_run_key, once per request, in services.common.grpc_handler). Inside a request (request_run)
+every store path resolves only inside the run the request proved it owns.
 """
 
 from __future__ import annotations
@@ -14,9 +22,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import posixpath
+import secrets
 import threading
 import time
 import uuid
@@ -40,6 +51,11 @@ class StoreBusy(RuntimeError):
     """Another request is writing the same output right now."""
 
 
+class NotRunOwner(PermissionError):
+    """A request's context.run_key is not the key of its run, or the run has no owner yet
+    (PERMISSION_DENIED); for the driver: the run belongs to another driver."""
+
+
 class UriNotAllowed(ValueError):
     """A URI from a client that points outside the store root or uses a scheme not configured;
     field names the request field, reason says why (without the field)."""
@@ -47,6 +63,56 @@ class UriNotAllowed(ValueError):
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")
         self.field, self.reason = field, reason
+
+
+OWNER_FILE = "owner"
+KEYS_DIR = ".keys"
+LOCKS_DIR = ".locks"
+# what the store and the driver write at the top of a run: never a request's output (nor a folder on
+# the way to one, which would break `status`, `stop` and the driver)
+RUN_FILES = frozenset({"manifest.json", OWNER_FILE, "stop-requested", "report.html", "inline", "ray_train"})
+MAX_RUN_ID_CHARS = 256
+
+
+def check_run_id(run_id: str) -> str | None:
+    """Why run_id cannot name a run (None: it can): letters, digits, '-', '_' and '.', not starting
+    with '.' (which would name the store root, its parent or the key folder)."""
+    if not run_id.strip():
+        return "must not be empty"
+    if len(run_id) > MAX_RUN_ID_CHARS:
+        return f"is {len(run_id)} characters; the limit is {MAX_RUN_ID_CHARS}"
+    if not all(c.isascii() and (c.isalnum() or c in "-_.") for c in run_id):
+        return "may hold only letters, digits, '-', '_' and '.'"
+    if run_id.startswith("."):
+        return "must not start with '.'"
+    return None
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# The run the current request proved it owns (request_run): None, it proved none; _NO_REQUEST, this
+# is no request (the driver, the CLI, a training job), whose paths are not confined to one run.
+_NO_REQUEST = object()
+_REQUEST_RUN: contextvars.ContextVar[object] = contextvars.ContextVar("request_run", default=_NO_REQUEST)
+
+
+@contextlib.contextmanager
+def request_run(run_id: str | None):
+    """The scope of one request (grpc_handler): a store path inside a run resolves only when it is
+    inside run_id, the run whose key the request carried; with None, no path inside any run does."""
+    token = _REQUEST_RUN.set(run_id)
+    try:
+        yield
+    finally:
+        _REQUEST_RUN.reset(token)
+
+
+def current_request_run() -> str | None:
+    """The run the current request proved it owns; None for none (and outside a request)."""
+    run = _REQUEST_RUN.get()
+    return None if run is _NO_REQUEST else run
 
 
 def _split_scheme(uri: str) -> tuple[str, str]:
@@ -123,16 +189,41 @@ class RunStore:
             real = os.path.realpath(path)
             if real != self.root and not real.startswith(self.root + os.sep):
                 raise UriNotAllowed(field, f"{uri!r} is outside the run store root {self.root}")
-            return real
+            return self._confined_to_request_run(real, uri, field)
         normalized = posixpath.normpath(path)
         if normalized != self.root and not normalized.startswith(self.root + "/"):
             raise UriNotAllowed(field, f"{uri!r} is outside the run store root")
-        return normalized
+        return self._confined_to_request_run(normalized, uri, field)
+
+    def run_of(self, path: str) -> str:
+        """The run a resolved store path lies in (its first folder under the root; '' for the root)."""
+        return path[len(self.root) :].lstrip("/").split("/", 1)[0]
+
+    def _confined_to_request_run(self, path: str, uri: str, field: str) -> str:
+        """Inside a request, a path (symlinks resolved) must lie in the run whose key it carried."""
+        run = _REQUEST_RUN.get()
+        if run is _NO_REQUEST:
+            return path
+        if run is None:
+            raise UriNotAllowed(
+                field,
+                f"{uri!r} is in the run store: a request that reads or writes a run sends that run's key "
+                "(context.run_key, which the run's driver holds)",
+            )
+        if self.run_of(path) != run:
+            raise UriNotAllowed(
+                field,
+                f"{uri!r} is outside this request's run {run!r} (context.run_id): a request reads and "
+                "writes only its own run",
+            )
+        return path
 
     def output_path(self, uri: str, run_id: str, field: str = "uri", *, dataset: bool = True) -> str:
-        """Where a client may write: only under its own run (<root>/<run_id>/), never the manifest, never
-        a file a committed stage names, never inside a checkpoint; datasets are .parquet files. Raises
-        UriNotAllowed naming field."""
+        """Where a client may write: only under its own run (<root>/<run_id>/), never the manifest or
+        another file the store or the driver keeps at the top of a run (RUN_FILES), never a hidden
+        name, never through a file (manifest.json/x.parquet), never a file a committed stage names,
+        never inside a checkpoint; datasets are .parquet files. Checked before anything is created.
+        Raises UriNotAllowed naming field."""
         path = self.resolve(uri, field)
         run_dir = self.resolve(self.uri(run_id), field)
         if not path.startswith(run_dir + "/"):
@@ -143,13 +234,26 @@ class RunStore:
             )
         if dataset and not path.endswith(".parquet"):
             raise UriNotAllowed(field, f"{uri!r}: dataset outputs are .parquet files")
-        if path == self.resolve(self.manifest_uri(run_id)):
+        parts = path[len(run_dir) + 1 :].split("/")
+        if parts[0] == "manifest.json":
             raise UriNotAllowed(field, "the run's manifest is written by the run store only")
-        parent = posixpath.dirname(path)
-        while parent.startswith(run_dir + "/"):
+        if parts[0] in RUN_FILES:
+            raise UriNotAllowed(field, f"{uri!r}: {parts[0]!r} in a run is the run store's, never a request's output")
+        if any(part.startswith(".") for part in parts):
+            raise UriNotAllowed(field, f"{uri!r}: hidden names (locks, job files) are never a request's output")
+        parent = run_dir
+        for part in parts[:-1]:  # every folder on the way that exists already: a folder, not a checkpoint
+            parent = posixpath.join(parent, part)
+            if not self.fs.exists(parent):
+                break
+            if not self.fs.isdir(parent):
+                raise UriNotAllowed(field, f"{uri!r} passes through the file {part!r}")
             if self.fs.exists(posixpath.join(parent, "config.json")):
                 raise UriNotAllowed(field, f"{uri!r} is inside a checkpoint")
-            parent = posixpath.dirname(parent)
+        if dataset and self.fs.isdir(path):
+            raise UriNotAllowed(field, f"{uri!r} is a folder")
+        if not dataset and self.fs.isfile(path):
+            raise UriNotAllowed(field, f"{uri!r} is a file")
         if path in self.committed_paths(run_id):
             raise UriNotAllowed(field, f"{uri!r} belongs to a committed stage and is never replaced")
         return path
@@ -186,9 +290,11 @@ class RunStore:
         if not self.is_local or (scope is not None and path in scope[1]):  # this request holds it already
             yield
             return
-        locks = os.path.join(os.path.dirname(path), ".locks")
+        # one folder of the run's own holds its locks, named by the output's hash: taking a lock never
+        # creates a folder on the output's path (output_path checked that path before)
+        locks = os.path.join(self.root, self.run_of(path), LOCKS_DIR)
         os.makedirs(locks, exist_ok=True)
-        with open(os.path.join(locks, os.path.basename(path) + ".lock"), "a") as handle:
+        with open(os.path.join(locks, hashlib.sha256(path.encode()).hexdigest()[:32] + ".lock"), "a") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -292,6 +398,19 @@ class RunStore:
         else:
             self.fs.mv(staging, path, recursive=True)
 
+    def tree_digest(self, uri: str) -> str:
+        """SHA-256 over a directory's files (their paths inside it and their contents' SHA-256): what
+        a checkpoint's training job committed, checked before anyone adopts it."""
+        root = self.resolve(uri)
+        digest = hashlib.sha256()
+        for path in sorted(self.fs.find(root)):
+            content = hashlib.sha256()
+            with self.fs.open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    content.update(chunk)
+            digest.update(f"{posixpath.relpath(path, root)}\0{content.hexdigest()}\n".encode())
+        return digest.hexdigest()
+
     def remove_staging(self, uri: str) -> int:
         """Deletes the staging directories ('<uri>.tmp-*') a crashed training run left for uri: they
         were never visible as a model."""
@@ -312,6 +431,88 @@ class RunStore:
                     os.remove(os.path.join(dirpath, name))
                     removed += 1
         return removed
+
+    # ---- ownership -----------------------------------------------------------------------------
+    def owner_uri(self, run_id: str) -> str:
+        return self.uri(run_id, OWNER_FILE)
+
+    def key_uri(self, run_id: str) -> str:
+        """Where the run's driver keeps the run's key: outside the run (no request resolves there), in
+        the store root, so a driver resumed on another node of a cluster finds it."""
+        return self.uri(KEYS_DIR, run_id)
+
+    def run_owner(self, run_id: str) -> str | None:
+        """The SHA-256 of the run's key; None while nobody has created the run."""
+        try:
+            with self.fs.open(posixpath.join(self.root, run_id, OWNER_FILE), "rb") as handle:
+                return handle.read().decode().strip()
+        except (FileNotFoundError, NotADirectoryError):  # no such run (or run_id names a file)
+            return None
+        except OSError as exc:
+            raise StoreError(f"could not read the owner of run {run_id!r}: {exc}") from exc
+
+    def verify_run_key(self, run_id: str, key: str) -> None:
+        """Raises NotRunOwner unless key is run_id's (its hash is the one in <run>/owner). Reads one
+        file; creates nothing."""
+        reason = check_run_id(run_id)
+        if reason:
+            raise UriNotAllowed("context.run_id", reason)
+        stored = self.run_owner(run_id)
+        if stored is None:
+            raise NotRunOwner(f"run {run_id!r} has no owner: a run is created by its driver, never by a request")
+        if not hmac.compare_digest(stored.encode(), key_digest(key).encode()):
+            raise NotRunOwner(f"context.run_key is not the key of run {run_id!r}")
+
+    def claim_run(self, run_id: str) -> str:
+        """The driver's side: the run's key. Creating the run makes one (secrets.token_urlsafe), keeps
+        it in key_uri (0600) and writes its hash to <run>/owner, once; a resumed driver reads it back.
+        A run whose owner file names another key (its key file lost, or another driver's) raises
+        NotRunOwner. A run made before runs had owners is claimed by the first driver that resumes it."""
+        reason = check_run_id(run_id)
+        if reason:
+            raise UriNotAllowed("run_id", reason)
+        key_path = posixpath.join(self.root, KEYS_DIR, run_id)
+        key = self._read_key(run_id) or self._create_once(key_path, secrets.token_urlsafe(32), private=True)
+        owner_path = posixpath.join(self.root, run_id, OWNER_FILE)
+        owner = self.run_owner(run_id) or self._create_once(owner_path, key_digest(key))
+        if not hmac.compare_digest(owner.encode(), key_digest(key).encode()):
+            raise NotRunOwner(
+                f"run {run_id!r} belongs to another driver: {self.key_uri(run_id)} does not hold the key "
+                f"whose hash is in {self.owner_uri(run_id)}"
+            )
+        return key
+
+    def _read_key(self, run_id: str) -> str | None:
+        try:
+            with self.fs.open(posixpath.join(self.root, KEYS_DIR, run_id), "rb") as handle:
+                return handle.read().decode().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _create_once(self, path: str, text: str, *, private: bool = False) -> str:
+        """Writes text to path unless it exists (locally: atomically and exclusively, a hard link of a
+        complete temporary); returns what path holds afterwards (another writer's text if it won)."""
+        if not self.is_local:
+            if not self.fs.exists(path):
+                self._write_atomic(path, lambda handle: handle.write(text.encode()))
+            with self.fs.open(path, "rb") as handle:
+                return handle.read().decode().strip()
+        os.makedirs(os.path.dirname(path), mode=0o700 if private else 0o777, exist_ok=True)
+        if private:
+            os.chmod(os.path.dirname(path), 0o700)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(text.encode())
+                handle.flush()
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)  # never replaces: the first writer's file stays
+        finally:
+            os.remove(tmp)
+        with open(path, "rb") as handle:
+            return handle.read().decode().strip()
 
     # ---- manifest ------------------------------------------------------------------------------
     def manifest_uri(self, run_id: str) -> str:

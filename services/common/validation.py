@@ -14,7 +14,7 @@ from ..api import common_pb2
 from .convert import task_from_proto
 from .models import BUILTIN_PREFIX, BUILTIN_PRESETS
 from .records import TaskRecord
-from .store import RunStore, UriNotAllowed
+from .store import RunStore, UriNotAllowed, check_run_id
 
 MAX_TEXT_CHARS = 20_000
 MAX_INLINE_TASKS = 10_000
@@ -91,9 +91,24 @@ def check_range(value: float, field: str, low: float, high: float) -> float:
 
 def check_context(context: common_pb2.RunContext, field: str = "context") -> None:
     check_text(context.run_id, f"{field}.run_id", required=True, limit=MAX_ID_CHARS)
-    if not all(c.isalnum() or c in "-_." for c in context.run_id):
-        raise RequestError(f"{field}.run_id", "may hold only letters, digits, '-', '_' and '.'")
+    reason = check_run_id(context.run_id)
+    if reason:
+        raise RequestError(f"{field}.run_id", reason)
     check_range(context.round, f"{field}.round", 0, 100_000)
+    check_text(context.run_key, f"{field}.run_key", limit=MAX_ID_CHARS)
+
+
+def authorize_run(context: common_pb2.RunContext, store: RunStore) -> str | None:
+    """The one check of a run's key (grpc_handler, before the method runs): the run the request may
+    read and write (its context.run_id when context.run_key is that run's key: NotRunOwner,
+    PERMISSION_DENIED, otherwise), or None for a request without a key, which may then name no path
+    inside any run (RunStore.resolve refuses it, naming context.run_key). Reads <run>/owner, creates
+    nothing."""
+    if not context.run_key:
+        return None
+    check_context(context)
+    store.verify_run_key(context.run_id, context.run_key)
+    return context.run_id
 
 
 def check_sampling(sampling: common_pb2.Sampling, field: str = "sampling") -> None:

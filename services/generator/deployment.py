@@ -20,6 +20,7 @@ from ..common.grpc_handler import (
     run_with_progress,
     token_matches,
 )
+from ..common.models import BUILTIN_PREFIX
 from ..common.store import RunStore
 from ..common.validation import (
     MAX_INLINE_TASKS,
@@ -81,7 +82,10 @@ class GeneratorDeployment:
     # ---- OpenAI-compatible HTTP (route prefix /generator) ---------------------------------------
     def _openai_model(self, name: str) -> str:
         """'' / 'current': the model loaded now; 'run:<run id>': the model that run stands on now (its
-        latest promoted model, so a continuous loop is served without a restart); else a checkpoint."""
+        latest promoted model, so a continuous loop is served without a restart); else a preset or a
+        model the config allows. HTTP calls carry no run key, so they read no run's checkpoint by path:
+        a run's model is served only once its own driver has promoted it (the manifest, which no
+        request can write)."""
         if name in ("", "current"):
             return self.service.engine.model_uri or self.default_model
         if name.startswith("run:"):
@@ -93,6 +97,12 @@ class GeneratorDeployment:
             if not promoted:
                 raise HTTPException(404, f"model: run {name[4:]!r} has no promoted model yet")
             return promoted
+        if not (name.startswith(BUILTIN_PREFIX) or self.trusted.allows(name)):
+            raise HTTPException(
+                400,
+                f"model: {name[:200]!r} is no preset and no model the config allows (model.base, "
+                "model.allowed_dirs); a run's model is served as run:<run id>, once its driver promoted it",
+            )
         try:
             return check_model_uri(name, self.store, "model", trusted=self.trusted)
         except RequestError as exc:

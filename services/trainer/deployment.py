@@ -11,7 +11,7 @@ from ray import serve
 from ..api import trainer_pb2
 from ..common.config import ReinstructConfig, config_from_app_args, replica_options
 from ..common.grpc_handler import grpc_method, grpc_stream_method, refuse_other_services
-from ..common.store import RunStore
+from ..common.store import RunStore, current_request_run
 from ..common.validation import (
     Overloaded,
     RequestError,
@@ -45,6 +45,7 @@ def _status(job: TrainingJob) -> trainer_pb2.TrainingStatus:
         train_examples=job.examples,
         real_token_share=job.real_token_share,
         resumed_from_step=job.resumed_from_step,
+        model_digest=job.model_digest if job.state == "SUCCEEDED" else "",
     )
 
 
@@ -159,10 +160,17 @@ class TrainerDeployment:
         return _status(job)
 
     def _job(self, request: trainer_pb2.GetTrainingStatusRequest):
+        """The job, if it is one of the request's run (whose key the handler checked): another run's
+        job is answered as no job at all, before any of its files is read."""
         check_text(request.job_id, "job_id", required=True, limit=128)
-        job = self.service.status(request.job_id)
+        run_id = current_request_run()
+        if run_id is None:
+            raise RequestError(
+                "context.run_key", "is needed to see or control a training job: the key of the job's run"
+            )
+        job = self.service.status(request.job_id, run_id)
         if job is None:
-            raise RequestError("job_id", f"no training job {request.job_id!r} on this replica")
+            raise RequestError("job_id", f"no training job {request.job_id!r} of run {run_id!r}")
         return job
 
     @grpc_method(trainer_pb2.TrainingStatus)
@@ -183,7 +191,7 @@ class TrainerDeployment:
         try:
             ends, last = time.monotonic() + self.config.serve.request_timeout_s, None
             while True:
-                job = self.service.status(job.job_id)
+                job = self.service.status(job.job_id, job.run_id) or job
                 current = (job.state, job.step, len(job.losses))
                 if current != last:
                     yield _status(job)
@@ -197,7 +205,7 @@ class TrainerDeployment:
     @grpc_method(trainer_pb2.TrainingStatus)
     def CancelTraining(self, request: trainer_pb2.GetTrainingStatusRequest):
         job = self._job(request)
-        self.service.cancel(job.job_id)
+        self.service.cancel(job.job_id, job.run_id)
         return _status(job)
 
 

@@ -1,14 +1,20 @@
 """The trainer's logic: one Ray Train run per (run, round), submitted as a Ray job.
 
-The job's submission id is derived from run, round and output URI, so a repeated StartTraining call
-(a client retry, a resumed loop driver, a redeployed trainer replica) attaches to the job already
-running or finished instead of starting a twin. Status comes from Ray's job API plus a progress file
-the training loop writes beside the checkpoint; a cancel file asks the loop to stop. Every file goes
-through the run store, so a store on an object-store URI works as a local one does.
+A job's submission id is random (nobody can name another run's job), and the trainer records it
+beside the output (`.<output>.job.json`), so a repeated StartTraining call (a client retry, a resumed
+loop driver, a redeployed trainer replica) attaches to the job already running or finished instead of
+starting a twin (the request holds the output's lock meanwhile: check_output_uri). Status comes from
+Ray's job API plus a progress file the training loop writes beside the checkpoint; a cancel file asks
+the loop to stop. When the job commits the checkpoint it records the checkpoint's digest
+(`.<job>.commit.json`); a checkpoint found at an output without that record, or that no longer
+matches it, is never reported as trained (nobody adopts a model its run did not train). Every file
+goes through the run store, so a store on an object-store URI works as a local one does.
 """
 
 from __future__ import annotations
 
+import posixpath
+import secrets
 import shlex
 import sys
 import time
@@ -17,9 +23,8 @@ from dataclasses import asdict, dataclass, field
 from ..common.config import ModelConfig, ServeConfig, TrainingConfig
 from ..common.grpc_handler import API_TOKEN_ENV
 from ..common.models import DEFAULT_CACHE_DIR
-from ..common.records import stable_id
 from ..common.store import RunStore
-from ..common.validation import Overloaded
+from ..common.validation import Overloaded, RequestError
 
 _JOB_STATES = {
     "PENDING": "PENDING",
@@ -73,6 +78,8 @@ class TrainingJob:
     cancel_uri: str = ""
     real_token_share: float = 0.0
     resumed_from_step: int = 0
+    run_id: str = ""  # the run the job trains for: only that run's key sees or cancels it
+    model_digest: str = ""  # set once SUCCEEDED: the checkpoint's digest its job committed
 
 
 class TrainerService:
@@ -116,16 +123,42 @@ class TrainerService:
             self.store.beside(model_uri, f".{job_id}.{kind}") for kind in ("spec.json", "progress.json", "cancel")
         )
 
+    def _job_record_uri(self, model_uri: str) -> str:
+        """Which job trains model_uri now (written before it is submitted)."""
+        return self.store.beside(model_uri, f".{posixpath.basename(self.store.resolve(model_uri))}.job.json")
+
+    def _committed(self, model_uri: str) -> TrainingJob | None:
+        """The job that committed the checkpoint at model_uri (its commit record, written by the job
+        after the commit), if the checkpoint is still what it committed; else None."""
+        try:
+            job_id = self.store.read_json(self._job_record_uri(model_uri))["job_id"]
+            record = self.store.read_json(commit_record_uri(self.store, job_id, model_uri))
+        except (OSError, ValueError, KeyError):
+            return None
+        if record.get("model_uri") != model_uri or record.get("digest") != self.store.tree_digest(model_uri):
+            return None
+        job = TrainingJob(job_id, model_uri, state="SUCCEEDED", model_digest=record["digest"])
+        job.run_id = self._run_of_uri(model_uri)
+        self._read_progress(job, self._uris(job_id, model_uri)[1])
+        return job
+
     def start(
         self, run_id: str, round_index: int, base_model: str, dataset_uri: str, model_uri: str, params: TrainingParams
     ) -> TrainingJob:
-        job_id = f"train-{stable_id(run_id, round_index, model_uri)}"
-        self._models[job_id] = model_uri
-        existing = self.status(job_id)
-        if existing is not None and existing.state in ("PENDING", "RUNNING", "SUCCEEDED"):
-            return existing  # a retry, a resumed driver or a redeployed replica attaches to the same job
-        if self.store.exists(model_uri + "/config.json"):
-            return TrainingJob(job_id, model_uri, state="SUCCEEDED")  # committed earlier
+        record_uri = self._job_record_uri(model_uri)
+        if self.store.exists(record_uri):
+            existing = self.status(self.store.read_json(record_uri).get("job_id", ""), run_id)
+            if existing is not None and existing.state in ("PENDING", "RUNNING", "SUCCEEDED"):
+                return existing  # a retry, a resumed driver or a redeployed replica attaches to the same job
+        if any(self.store.exists(f"{model_uri}/{name}") for name in ("config.json", "adapter_config.json")):
+            committed = self._committed(model_uri)
+            if committed is None:
+                raise RequestError(
+                    "output_model_uri",
+                    f"{model_uri!r} holds a checkpoint that no training job of this run committed (or one "
+                    "changed since): it is never adopted; remove it to train there",
+                )
+            return committed  # committed earlier by this run's own job (Ray forgot the job since)
         running = self.active_jobs()
         if len(running) >= self.max_active_jobs:
             raise Overloaded(
@@ -133,9 +166,8 @@ class TrainerService:
                 "serve.max_training_jobs); try again when one ends"
             )
         self.store.remove_staging(model_uri)  # a crash mid-training left it; it was never a model
+        job_id = f"train-{secrets.token_hex(16)}"  # unguessable: a job is seen and controlled by its run only
         spec_uri, progress_uri, cancel_uri = self._uris(job_id, model_uri)
-        for stale in (progress_uri, cancel_uri):
-            self.store.remove(stale)
         spec = {
             "job_id": job_id,
             "run_id": run_id,
@@ -144,6 +176,7 @@ class TrainerService:
             "model_uri": model_uri,
             "progress_uri": progress_uri,
             "cancel_uri": cancel_uri,
+            "commit_uri": commit_record_uri(self.store, job_id, model_uri),
             "trust_remote_code": self.trust_remote_code,
             "builtin_cache_dir": self.builtin_cache_dir,
             "prompt_format": self.prompt_format,
@@ -151,11 +184,10 @@ class TrainerService:
             "params": asdict(params),
         }
         self.store.write_json(spec_uri, spec)
-        submission_id = job_id if existing is None else f"{job_id}-retry-{int(time.time())}"
-        self._submit(submission_id, spec_uri, model_uri)
-        if submission_id != job_id:
-            self._models[submission_id] = model_uri
-        return self.status(submission_id) or TrainingJob(submission_id, model_uri)
+        self.store.write_json(record_uri, {"job_id": job_id})
+        self._models[job_id] = model_uri
+        self._submit(job_id, spec_uri, model_uri, run_id)
+        return self.status(job_id) or TrainingJob(job_id, model_uri, run_id=run_id)
 
     def active_jobs(self) -> list[str]:
         """Training jobs of this cluster that are pending or running."""
@@ -166,7 +198,7 @@ class TrainerService:
             and str(getattr(job.status, "value", job.status)) in ("PENDING", "RUNNING")
         ]
 
-    def _submit(self, submission_id: str, spec_uri: str, model_uri: str) -> None:
+    def _submit(self, submission_id: str, spec_uri: str, model_uri: str, run_id: str) -> None:
         for attempt in range(24):  # the head's job agent can take a few seconds to come up
             try:
                 # this interpreter (the one Ray runs) rather than whatever `python` is on the job's PATH
@@ -177,7 +209,7 @@ class TrainerService:
                     ),
                     submission_id=submission_id,
                     entrypoint_num_cpus=0,
-                    metadata={"model_uri": model_uri},
+                    metadata={"model_uri": model_uri, "run_id": run_id},
                     # training needs no API token; one inherited from the head would be readable by the
                     # job's code (a checkpoint's remote code) and anything it logs
                     runtime_env={"env_vars": {API_TOKEN_ENV: ""}},
@@ -196,19 +228,45 @@ class TrainerService:
         except RuntimeError:  # no such job, or the job agent is not up yet
             return False
 
-    def status(self, job_id: str) -> TrainingJob | None:
+    def status(self, job_id: str, run_id: str | None = None) -> TrainingJob | None:
+        """The job's state; None for no training job of ours, or (with run_id) none of that run, told
+        before any of the job's files is looked at."""
         try:
             info = self.client.get_job_info(job_id)
         except RuntimeError:  # unknown submission id
             return None
-        model_uri = self._models.get(job_id) or (info.metadata or {}).get("model_uri", "")
+        metadata = info.metadata or {}
+        model_uri = self._models.get(job_id) or metadata.get("model_uri", "")
         if not model_uri:
             return None  # not a training job of ours
-        _, progress_uri, cancel_uri = self._uris(job_id.split("-retry-")[0], model_uri)
+        job_run = metadata.get("run_id") or self._run_of_uri(model_uri)
+        if run_id is not None and job_run != run_id:
+            return None
+        _, progress_uri, cancel_uri = self._uris(job_id, model_uri)
         state = _JOB_STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), "FAILED")
         if state == "FAILED" and self.store.exists(cancel_uri):
             state = "CANCELLED"
         job = TrainingJob(job_id, model_uri, state=state, progress_uri=progress_uri, cancel_uri=cancel_uri)
+        job.run_id = job_run
+        self._read_progress(job, progress_uri)
+        if state == "SUCCEEDED":
+            try:
+                job.model_digest = self.store.read_json(commit_record_uri(self.store, job_id, model_uri))["digest"]
+            except (OSError, ValueError, KeyError):
+                job.state, job.error = "FAILED", "the job ended without recording the checkpoint it committed"
+        if job.state == "CANCELLED":
+            job.error = "cancelled by request"
+        elif job.state == "FAILED" and not job.error:
+            job.error = (info.message or "") + "\n" + self._log_tail(job_id)
+        return job
+
+    def _run_of_uri(self, uri: str) -> str:
+        try:
+            return self.store.run_of(self.store.resolve(uri))
+        except ValueError:  # UriNotAllowed: not in the store (or, inside a request, not in its run)
+            return ""
+
+    def _read_progress(self, job: TrainingJob, progress_uri: str) -> None:
         try:
             progress = self.store.read_json(progress_uri)
             job.step, job.total_steps = progress["step"], progress["total_steps"]
@@ -217,11 +275,6 @@ class TrainerService:
             job.resumed_from_step = progress.get("resumed_from_step", 0)
         except (OSError, ValueError, KeyError):
             pass  # replaced atomically; a failed read only means no news yet
-        if state == "CANCELLED":
-            job.error = "cancelled by request"
-        elif state == "FAILED":
-            job.error = (info.message or "") + "\n" + self._log_tail(job_id)
-        return job
 
     def _log_tail(self, job_id: str) -> str:
         try:
@@ -229,11 +282,16 @@ class TrainerService:
         except RuntimeError:
             return ""
 
-    def cancel(self, job_id: str) -> TrainingJob | None:
+    def cancel(self, job_id: str, run_id: str | None = None) -> TrainingJob | None:
         """Asks the run to stop at its next step (a file the workers look for), then stops the job."""
-        job = self.status(job_id)
+        job = self.status(job_id, run_id)
         if job and job.state in ("PENDING", "RUNNING"):
             self.store.write_bytes(job.cancel_uri, b"cancel\n")
             if job.step == 0:  # not training yet: no loop will see the file
                 self.client.stop_job(job_id)
         return job
+
+
+def commit_record_uri(store: RunStore, job_id: str, model_uri: str) -> str:
+    """What a training job writes once it has committed its checkpoint: the checkpoint's digest."""
+    return store.beside(model_uri, f".{job_id}.commit.json")
