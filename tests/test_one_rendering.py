@@ -252,3 +252,17 @@ def test_vllm_engine_evaluates_like_the_hf_engine(builtin_cache, smollm2):
     assert [p.instances[0].output for p in by_vllm.predictions] == [p.instances[0].output for p in by_hf.predictions]
     assert by_vllm.nll == pytest.approx(by_hf.nll, rel=1e-4) and by_hf.nll > 0
     assert by_vllm.score == pytest.approx(by_hf.score)
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "plain"])
+def test_the_chat_endpoint_ends_answers_where_the_evaluator_does(prompt_format, builtin_cache, smollm2):
+    """/v1/chat/completions without `stop`: a chat model answers until its EOS (never cut at a blank
+    line, as the endpoint once did), a plain one at its template's next part: the answer the gate scored."""
+    from services.generator.openai_api import ChatMessage, chat_prompt
+
+    _, tokenizer = load_model(smollm2, cache_dir=builtin_cache)
+    renderer = Renderer.for_tokenizer(tokenizer, prompt_format)
+    prompt, ends = chat_prompt(tokenizer, [ChatMessage(role="user", content="Name a colour.")], prompt_format)
+    assert prompt == renderer.chat([{"role": "user", "content": "Name a colour."}])
+    assert ends == renderer.answer_ends and "\n\n" not in ends
+    assert (ends == ()) is (prompt_format == "chat")

@@ -248,3 +248,21 @@ def test_the_driver_joins_only_parts_its_ledger_recorded(tmp_path):
         resumed.join([r.output.uri for r in again], store.dataset_uri("r", 1, "classified"))
     with pytest.raises(StoreError, match="not the part"):  # a part no shard of the ledger wrote
         resumed.join([store.dataset_uri("r", 1, "elsewhere")], store.dataset_uri("r", 1, "classified"))
+
+
+@pytest.mark.parametrize(
+    "peer, host, loopback",
+    [
+        ("ipv4:127.0.0.1:5000", "127.0.0.1", True),
+        ("ipv6:[::1]:5000", "::1", True),
+        ("ipv6:%5B::1%5D:5000", "::1", True),  # what gRPC reports for a client on localhost over IPv6
+        ("ipv6:%5B::ffff:127.0.0.1%5D:5000", "::ffff:127.0.0.1", True),
+        ("ipv4:10.1.2.3:5000", "10.1.2.3", False),
+        ("ipv6:%5B2001:db8::1%5D:5000", "2001:db8::1", False),
+    ],
+)
+def test_loopback_admission_reads_the_peer_as_grpc_writes_it(peer, host, loopback):
+    from services.common.grpc_handler import _peer_host, is_loopback
+
+    assert _peer_host(peer) == host
+    assert is_loopback(_peer_host(peer)) is loopback

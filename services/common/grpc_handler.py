@@ -8,6 +8,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import urllib.parse
 
 import grpc
 
@@ -54,11 +55,12 @@ def is_loopback(host: str) -> bool:
 
 
 def _peer_host(peer: str) -> str:
-    """'ipv4:127.0.0.1:5000' -> '127.0.0.1', 'ipv6:[::1]:5000' -> '::1'; '' for unix sockets and the like."""
+    """'ipv4:127.0.0.1:5000' -> '127.0.0.1', 'ipv6:[::1]:5000' -> '::1' (gRPC writes that one
+    percent-encoded: 'ipv6:%5B::1%5D:5000'); '' for unix sockets and the like."""
     kind, _, address = peer.partition(":")
     if kind not in ("ipv4", "ipv6"):
         return ""
-    return address.rsplit(":", 1)[0].strip("[]")
+    return urllib.parse.unquote(address).rsplit(":", 1)[0].strip("[]")
 
 
 def _admit(request, grpc_context, serve_host: str | None = None) -> None:

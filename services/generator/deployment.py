@@ -125,7 +125,7 @@ class GeneratorDeployment:
     def chat_completions(self, body: ChatRequest):
         model = self._openai_model(body.model)
         with self.service.engine.using(model):
-            prompt = chat_prompt(self.service.engine.tokenizer, body.messages, self.prompt_format)
+            prompt, answer_ends = chat_prompt(self.service.engine.tokenizer, body.messages, self.prompt_format)
             sampling = body.sampling()
             out = self.service.engine.generate(
                 [prompt],
@@ -134,7 +134,7 @@ class GeneratorDeployment:
                     sampling.top_p,
                     sampling.max_new_tokens,
                     sampling.seed,
-                    sampling.stop or ("\n\n",),
+                    sampling.stop or answer_ends,
                     sampling.presence_penalty,
                 ),
             )

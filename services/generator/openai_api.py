@@ -74,11 +74,15 @@ class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=256)
 
 
-def chat_prompt(tokenizer, messages: list[ChatMessage], prompt_format: PromptFormat) -> str:
+def chat_prompt(tokenizer, messages: list[ChatMessage], prompt_format: PromptFormat) -> tuple[str, tuple[str, ...]]:
+    """The conversation rendered as training renders it, and where the answer ends unless the request
+    says otherwise: at the model's EOS with a chat template (nothing else), at the plain template's
+    next part without one (the evaluator's rule: a user gets the answer the gate scored)."""
     if tokenizer is None:
         raise HTTPException(400, "model: chat needs the model's tokenizer; this engine has none for it")
     try:
-        return Renderer.for_tokenizer(tokenizer, prompt_format).chat([m.model_dump() for m in messages])
+        renderer = Renderer.for_tokenizer(tokenizer, prompt_format)
+        return renderer.chat([m.model_dump() for m in messages]), renderer.answer_ends
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
 
