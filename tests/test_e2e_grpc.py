@@ -218,7 +218,11 @@ def test_every_method_answers(deployed):
         ),
         on_progress=lambda done, total: progress.append((done, total)),
     )
-    assert progress[-1] == (3, 3) and streamed.num_tasks == 3 and streamed.nll > 0
+    # answers and reference NLLs count alike, up to the last message (which once counted answers alone)
+    cap = config.evaluation.nll_instances_per_task or None
+    references = sum(len([i for i in t.instances[:cap] if i.output.strip()]) for t in seeds[:3])
+    assert progress[-1] == (3 + references, 3 + references) and streamed.num_tasks == 3 and streamed.nll > 0
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
     compared = clients.compare_models(
         evaluator_pb2.CompareModelsRequest(
             context=CTX,

@@ -157,6 +157,7 @@ class EvaluatorDeployment:
     @grpc_stream_method
     def StreamEvaluation(self, request: evaluator_pb2.EvaluateModelRequest):
         model_uri, tasks = self._checked(request)
+        last_total = 0  # the last message counts answers and reference NLLs alike, as every one before it
         for done, value in run_with_progress(
             lambda on_progress: self.service.evaluate(
                 model_uri,
@@ -172,11 +173,11 @@ class EvaluatorDeployment:
             )
         ):
             if done != "result":
+                last_total = value
                 yield evaluator_pb2.EvaluationProgress(done=done, total=value)
             else:
-                yield evaluator_pb2.EvaluationProgress(
-                    done=value.num_instances, total=value.num_instances, result=self._finish(request, value)
-                )
+                total = last_total or value.num_instances
+                yield evaluator_pb2.EvaluationProgress(done=total, total=total, result=self._finish(request, value))
 
     @grpc_method(evaluator_pb2.CompareModelsResponse)
     def CompareModels(self, request: evaluator_pb2.CompareModelsRequest):
