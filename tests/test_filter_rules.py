@@ -152,6 +152,81 @@ def test_decontamination_against_eval_set():
     assert result.funnel == {"contaminated": 1}
 
 
+def _contaminated_by_brute_force(task, eval_tasks, n):
+    """The rule spelled out: a shared n-gram with a long eval text, or a shorter one (8+ tokens) whole."""
+    from services.common.rouge import tokenize
+    from services.filter.decontamination import _task_text
+
+    def grams(tokens, k):
+        return {tuple(tokens[i : i + k]) for i in range(len(tokens) - k + 1)}
+
+    texts = [tokenize(t) for e in eval_tasks for t in _task_text(e)]
+    for candidate in map(tokenize, _task_text(task)):
+        for tokens in texts:
+            if len(tokens) >= n and grams(candidate, n) & grams(tokens, n):
+                return True
+            if 8 <= len(tokens) < n and tuple(tokens) in grams(candidate, len(tokens)):
+                return True
+    return False
+
+
+def test_decontamination_finds_short_eval_texts_whole_and_agrees_with_the_rule():
+    import random
+
+    from services.filter.decontamination import ContaminationIndex
+
+    rng = random.Random(0)
+    words = "red blue green cat dog fish runs jumps over under the a one two".split()
+    eval_tasks = [
+        TaskRecord(
+            id=f"e{i}",
+            instruction=" ".join(rng.choices(words, k=rng.randint(3, 20))),
+            instances=[Instance(" ".join(rng.choices(words, k=rng.randint(0, 16))), "")],
+        )
+        for i in range(40)
+    ]
+    short = "one two red cat runs over the blue dog"  # 9 tokens: below the 13-gram, copied whole counts
+    eval_tasks.append(TaskRecord(id="short", instruction=short))
+    index = ContaminationIndex(eval_tasks, 13)
+    copied = _task(1, "Continue the text.", [Instance(f"so {short.upper()} and more", "ok")])
+    assert index.contaminated(copied) and _contaminated_by_brute_force(copied, eval_tasks, 13)
+    for i in range(200):
+        candidate = _task(i, " ".join(rng.choices(words, k=rng.randint(4, 30))))
+        assert index.contaminated(candidate) == _contaminated_by_brute_force(candidate, eval_tasks, 13), i
+
+
+def test_decontamination_is_linear_and_stops_when_the_budget_ends():
+    """The issue's shape: a few candidates with long inputs against many short eval texts (it once
+    compared every short text at every position: 173 s). Counted, not timed: index lookups."""
+    from services.common import deadline
+    from services.filter import decontamination
+    from services.filter.decontamination import ContaminationIndex
+
+    eval_tasks = [
+        TaskRecord(id=f"e{i}", instruction=f"alpha beta gamma delta epsilon zeta eta w{i}") for i in range(5000)
+    ]
+    index = ContaminationIndex(eval_tasks, 13)
+    long_input = " ".join(f"word{i}" for i in range(20_000))
+    candidates = [_task(i, "Summarize this.", [Instance(long_input, "ok")]) for i in range(3)]
+    lookups = 0
+
+    class Counting(dict):
+        def get(self, key, default=None):
+            nonlocal lookups
+            lookups += 1
+            return super().get(key, default)
+
+    index._short_texts = Counting(index._short_texts)
+    assert not any(index.contaminated(c) for c in candidates)
+    assert lookups <= 3 * 20_010, "one lookup per position, whatever the number of short eval texts"
+    with deadline.budget(1e-9):
+        with pytest.raises(deadline.WorkAbandoned):
+            ContaminationIndex(eval_tasks, 13)
+        with pytest.raises(deadline.WorkAbandoned):
+            index.contaminated(candidates[0])
+    assert decontamination.SHORT_TEXT_MIN_TOKENS == 8
+
+
 def test_curation_score_threshold():
     low = _task(1, "Explain how rainbows are formed in the sky.")
     low.lineage.scores["curation"] = 3.0

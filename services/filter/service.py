@@ -73,9 +73,8 @@ def novelty_scores(candidates: list[TaskRecord], pool: list[TaskRecord] | Novelt
     (a replica keeps the index of a pool file for the stage's next shard)."""
     index = pool if isinstance(pool, NoveltyIndex) else NoveltyIndex([t.instruction for t in pool])
     out = []
-    for position, task in enumerate(candidates):
-        if position % 64 == 0:
-            deadline.check()
+    for task in candidates:
+        deadline.check()  # per candidate: one can be long
         score, nearest = index.nearest(task.instruction)
         out.append(PoolScore(score, index.texts[nearest] if nearest >= 0 else ""))
     return out
@@ -118,8 +117,7 @@ def filter_tasks(
     funnel: Counter[str] = Counter()
     kept, rejected, verdicts = [], [], []
     for position, task in enumerate(candidates):
-        if position % 64 == 0:
-            deadline.check()  # a quadratic batch nobody waits for any more stops
+        deadline.check()  # per candidate: a quadratic batch nobody waits for any more stops at once
         reason = (
             instruction_rejection(
                 task.instruction, settings.min_instruction_words, settings.max_instruction_words, settings.blacklist
