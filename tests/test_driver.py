@@ -172,6 +172,11 @@ def test_a_round_follows_the_method(run):
     assert instance_params and all(p.temperature == 0.0 and p.presence_penalty == 1.5 for p in instance_params)
     assert not [p for prompts, p in engine.calls if "5-point scale" in prompts[0]]
     assert [rounds[k]["stages"]["curation_control"]["auc"] for k in "12"] == [1.0, 1.0]
+    # every prompt's pass is bounded: the generator cuts prompts to generation.max_prompt_tokens, the
+    # evaluator to training.max_seq_len (what training saw)
+    generator_kinds = ("Come up with", "Given the classification task", "Below is a response")
+    limits = {p.max_prompt_tokens for prompts, p in engine.calls if prompts[0].startswith(generator_kinds)}
+    assert limits == {2048} and {p.max_prompt_tokens for _, p in engine.calls} == {2048, 384}
 
     # every round fine-tunes the base model; the backward model is trained once
     assert [t.base_model_uri for t in clients.trainings] == ["scripted-base"] * 4  # + the seeds-only control

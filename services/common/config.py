@@ -203,6 +203,12 @@ class GenerationConfig(_Section):
         description="A classification seed task shows one instance per label, for at most this many "
         "labels, so output-first generation sees the labels side by side (the reference's templates: 2-4)",
     )
+    max_prompt_tokens: int = Field(
+        2048,
+        ge=16,
+        description="Longest prompt a generator request runs, in tokens (Self-Instruct's are 300-900): a longer one "
+        "keeps its last tokens, as the evaluator's do, so a request's prompt pass costs at most this much",
+    )
     batch_size: int = Field(16, ge=1)
 
 

@@ -1,6 +1,8 @@
 """Ray Serve deployment of the generator (gRPC). Validation and proto conversion only."""
 
 # No `from __future__ import annotations` here: FastAPI must see the request models as real types.
+from dataclasses import replace
+
 from fastapi import Depends, Header, HTTPException
 from ray import serve
 
@@ -41,13 +43,14 @@ from .openai_api import ChatRequest, CompletionRequest, chat_prompt, completion_
 from .service import GeneratorService, RunContext
 
 
-def _sampling(message: common_pb2.Sampling) -> SamplingParams:
+def _sampling(message: common_pb2.Sampling, max_prompt_tokens: int) -> SamplingParams:
     return SamplingParams(
         temperature=message.temperature,
         top_p=message.top_p or 1.0,
         max_new_tokens=message.max_new_tokens,
         seed=message.seed,
         presence_penalty=message.presence_penalty,
+        max_prompt_tokens=max_prompt_tokens,
     )
 
 
@@ -78,6 +81,7 @@ class GeneratorDeployment:
             "demonstration_labels": config.generation.demonstration_labels,
         }
         self.prompt_format = config.model.prompt_format
+        self.max_prompt_tokens = config.generation.max_prompt_tokens  # every prompt's pass is bounded
 
     # ---- OpenAI-compatible HTTP (route prefix /generator) ---------------------------------------
     def _openai_model(self, name: str) -> str:
@@ -118,7 +122,9 @@ class GeneratorDeployment:
         model = self._openai_model(body.model)
         with self.service.engine.using(model):
             prompts = body.texts(self.service.engine.tokenizer)
-            out = self.service.engine.generate(prompts, body.sampling())
+            out = self.service.engine.generate(
+                prompts, replace(body.sampling(), max_prompt_tokens=self.max_prompt_tokens)
+            )
             return completion_response(model, [(c.text, c.finish_reason) for c in out], "text")
 
     @openai_app.post("/v1/chat/completions")
@@ -136,6 +142,7 @@ class GeneratorDeployment:
                     sampling.seed,
                     sampling.stop or answer_ends,
                     sampling.presence_penalty,
+                    max_prompt_tokens=self.max_prompt_tokens,
                 ),
             )
             return completion_response(model, [(c.text.strip(), c.finish_reason) for c in out], "chat")
@@ -156,7 +163,7 @@ class GeneratorDeployment:
         check_range(request.num_machine_in_context, "num_machine_in_context", 0, 8)
         if request.num_human_in_context + request.num_machine_in_context == 0:
             raise RequestError("num_human_in_context", "at least one in-context task is needed")
-        check_sampling(request.sampling)
+        check_sampling(request.sampling, self.max_prompt_tokens)
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         human = resolve_tasks(request.seed_tasks, self.store, "seed_tasks")
         machine = resolve_tasks(request.machine_tasks, self.store, "machine_tasks", required=False)
@@ -167,7 +174,7 @@ class GeneratorDeployment:
             human,
             machine,
             request.num_prompts,
-            _sampling(request.sampling),
+            _sampling(request.sampling, self.max_prompt_tokens),
             request.num_human_in_context,
             request.num_machine_in_context,
             request.classification_only,
@@ -188,13 +195,15 @@ class GeneratorDeployment:
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         tasks = resolve_tasks(request.tasks, self.store, "tasks")
         ctx = RunContext(request.context.run_id, request.context.round)
-        return self._respond(request, self.service.classify(ctx, model_uri, tasks), generator_pb2.TasksResponse)
+        return self._respond(
+            request, self.service.classify(ctx, model_uri, tasks, self.max_prompt_tokens), generator_pb2.TasksResponse
+        )
 
     def _instances_request(self, request: generator_pb2.GenerateInstancesRequest):
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_range(request.num_demonstrations, "num_demonstrations", 0, 8)
-        check_sampling(request.sampling)
+        check_sampling(request.sampling, self.max_prompt_tokens)
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         tasks = resolve_tasks(request.tasks, self.store, "tasks")
         check_cost(len(tasks), request.sampling.max_new_tokens, "tasks")
@@ -212,7 +221,7 @@ class GeneratorDeployment:
             tasks,
             demos,
             request.num_demonstrations,
-            _sampling(request.sampling),
+            _sampling(request.sampling, self.max_prompt_tokens),
             **self.demonstration_limits,
         )
         return self._respond(request, out, generator_pb2.TasksResponse)
@@ -227,7 +236,7 @@ class GeneratorDeployment:
                 tasks,
                 demos,
                 request.num_demonstrations,
-                _sampling(request.sampling),
+                _sampling(request.sampling, self.max_prompt_tokens),
                 on_progress=on_progress,
                 **self.demonstration_limits,
             )
@@ -243,7 +252,7 @@ class GeneratorDeployment:
     def Backtranslate(self, request: generator_pb2.BacktranslateRequest):
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
-        check_sampling(request.sampling)
+        check_sampling(request.sampling, self.max_prompt_tokens)
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         if request.segments and request.segment_tasks.WhichOneof("source"):
             raise RequestError("segments", "give segments inline or segment_tasks, not both")
@@ -261,7 +270,7 @@ class GeneratorDeployment:
             if not segments:
                 raise RequestError("segment_tasks", "no task carries a non-empty segment in instances[0].output")
         ctx = RunContext(request.context.run_id, request.context.round)
-        out = self.service.backtranslate(ctx, model_uri, segments, _sampling(request.sampling))
+        out = self.service.backtranslate(ctx, model_uri, segments, _sampling(request.sampling, self.max_prompt_tokens))
         return self._respond(request, out, generator_pb2.TasksResponse)
 
     @grpc_method(generator_pb2.TasksResponse)

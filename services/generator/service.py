@@ -87,10 +87,14 @@ class GeneratorService:
                     )
             return InstructionBatch(tasks, len(built), truncated)
 
-    def classify(self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord]) -> list[TaskRecord]:
+    def classify(
+        self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], max_prompt_tokens: int = 0
+    ) -> list[TaskRecord]:
         with self.engine.using(model_uri):
             built = [si.build_classification_prompt(t.instruction) for t in tasks]
-            params = SamplingParams(temperature=0.0, max_new_tokens=3, stop=("\n",))
+            params = SamplingParams(
+                temperature=0.0, max_new_tokens=3, stop=("\n",), max_prompt_tokens=max_prompt_tokens
+            )
             completions = self.engine.generate([text for text, _ in built], params)
             out = []
             for task, (_, template_id), completion in zip(tasks, built, completions):
