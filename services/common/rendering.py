@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import prompts
+from .config import ModelConfig, TrainingConfig
 from .records import Instance, TaskRecord
 
 IGNORE_INDEX = -100
 NO_LIMIT = 1 << 30  # max_len for "no truncation"
 PromptFormat = Literal["auto", "chat", "plain"]
+DEFAULT_PROMPT_FORMAT: PromptFormat = ModelConfig().prompt_format  # the config's, never a second one
+_TRAINING = TrainingConfig()
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,11 @@ class Renderer:
 
     @classmethod
     def for_tokenizer(
-        cls, tokenizer, prompt_format: PromptFormat = "auto", augmented_tag: str = "", seed_tag: str = ""
+        cls,
+        tokenizer,
+        prompt_format: PromptFormat = DEFAULT_PROMPT_FORMAT,
+        augmented_tag: str = "",
+        seed_tag: str = "",
     ) -> Renderer:
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if prompt_format == "chat" and not has_template:
@@ -113,7 +120,11 @@ class Renderer:
         return self.render(TaskRecord(id="chat", instruction=users[-1]), Instance("", "")).prompt
 
     def render_all(
-        self, tasks: list[TaskRecord], seed: int, fewshot_fraction: float = 0.0, fewshot_k: int = 2
+        self,
+        tasks: list[TaskRecord],
+        seed: int,
+        fewshot_fraction: float = _TRAINING.fewshot_fraction,
+        fewshot_k: int = _TRAINING.fewshot_k,
     ) -> list[Example]:
         """Every instance of every task, each with a template drawn from seed. A fewshot_fraction of
         the instances of tasks with more than fewshot_k instances are shown after k exemplars of the

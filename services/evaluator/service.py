@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from ..common.engines import GenerationEngine, SamplingParams
 from ..common.records import Instance, Lineage, TaskRecord
-from ..common.rendering import NO_LIMIT, PromptFormat, Renderer
+from ..common.rendering import DEFAULT_PROMPT_FORMAT, NO_LIMIT, PromptFormat, Renderer
 from . import judge as judging
 from .intervals import Interval, length_controlled_difference, paired_difference
 from .metrics import TaskResult, category, mean_over_tasks, score_instance
@@ -86,7 +86,7 @@ class EvaluatorService:
     def __init__(
         self,
         engine: GenerationEngine,
-        prompt_format: PromptFormat = "auto",
+        prompt_format: PromptFormat = DEFAULT_PROMPT_FORMAT,
         max_seq_len: int = NO_LIMIT,
         chunk_size: int = 16,
         seed_tag: str = "",

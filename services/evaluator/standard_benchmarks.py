@@ -36,7 +36,7 @@ from typing import Any
 from ..common import deadline
 from ..common.models import DEFAULT_CACHE_DIR, ModelUnavailable, load_model
 from ..common.records import Instance, TaskRecord
-from ..common.rendering import PromptFormat, Renderer
+from ..common.rendering import DEFAULT_PROMPT_FORMAT, PromptFormat, Renderer
 from ..common.validation import RequestError
 
 SHIPPED_TASKS_DIR = Path(__file__).with_name("benchmark_tasks")
@@ -318,7 +318,7 @@ def run_benchmarks(
     limit: int = 0,
     allowed_files: Collection[str] | None = None,
     allow_downloads: bool,
-    prompt_format: PromptFormat = "auto",
+    prompt_format: PromptFormat = DEFAULT_PROMPT_FORMAT,
     system_prompt: str = "",
     batch_size: int,
     bootstrap_iters: int,

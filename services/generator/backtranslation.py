@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..common import prompts
 from ..common.engines import GenerationEngine
 from ..common.records import Instance, Lineage, TaskRecord, stable_id
-from ..common.rendering import PromptFormat, Renderer
+from ..common.rendering import DEFAULT_PROMPT_FORMAT, PromptFormat, Renderer
 
 BACKWARD_STOPS = ("\n\n\n", "\nResponse:")  # an instruction may carry a context paragraph
 RATERS = ("rubric", "likelihood")
@@ -202,7 +202,7 @@ def pmi_to_score(pmi: float) -> float:
 
 
 def rate(
-    engine: GenerationEngine, tasks: list[TaskRecord], rater: str, prompt_format: PromptFormat = "auto"
+    engine: GenerationEngine, tasks: list[TaskRecord], rater: str, prompt_format: PromptFormat = DEFAULT_PROMPT_FORMAT
 ) -> list[dict[str, float]]:
     """The lineage scores each task gets from the engine's current model: 'curation' (1-5, higher is
     better; 0: unreadable) and the rater's raw figure ('curation_uncalibrated' for rubric,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from ..common.config import GenerationConfig
 from ..common.engines import GenerationEngine, SamplingParams
 from ..common.records import Instance, Lineage, TaskRecord, stable_id
+from ..common.rendering import DEFAULT_PROMPT_FORMAT
 from ..common.validation import MAX_INSTANCES_PER_TASK
 from . import backtranslation as bt
 from . import self_instruct as si
@@ -180,7 +181,12 @@ class GeneratorService:
             return out
 
     def curate(
-        self, ctx: RunContext, model_uri: str, tasks: list[TaskRecord], rater: str, prompt_format: str = "auto"
+        self,
+        ctx: RunContext,
+        model_uri: str,
+        tasks: list[TaskRecord],
+        rater: str,
+        prompt_format: str = DEFAULT_PROMPT_FORMAT,
     ) -> list[TaskRecord]:
         """Adds lineage score 'curation' (1-5, higher is better; 0 when no rating could be read) to every
         task, read from the model's probabilities by the rater (backtranslation.RATERS), with the

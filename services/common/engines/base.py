@@ -9,13 +9,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..config import GenerationConfig
 from ..rendering import IGNORE_INDEX, NO_LIMIT, Example, tokenize
+
+_GENERATION = GenerationConfig()  # the defaults live in the config alone
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.7  # 0: greedy
-    top_p: float = 0.5
+    temperature: float = _GENERATION.temperature  # 0: greedy
+    top_p: float = _GENERATION.top_p
     max_new_tokens: int = 128
     seed: int = 0
     stop: tuple[str, ...] = field(default_factory=tuple)

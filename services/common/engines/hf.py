@@ -9,6 +9,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from .. import deadline
+from ..config import GenerationConfig
 from ..models import DEFAULT_CACHE_DIR, load_model
 from ..rendering import IGNORE_INDEX, NO_LIMIT, Example, encode_prompt, tokenize
 from .base import Completion, ModelSessions, SamplingParams, continuation_tokens, labelled_sum
@@ -48,7 +49,7 @@ class HFEngine(ModelSessions):
     def __init__(
         self,
         *,
-        batch_size: int = 16,
+        batch_size: int = GenerationConfig().batch_size,
         device: str | None = None,
         trust_remote_code: bool = False,
         cache_dir: str = DEFAULT_CACHE_DIR,
