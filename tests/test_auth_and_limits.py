@@ -109,6 +109,32 @@ def test_openai_http_api_needs_the_token(secured):
         assert json.loads(response.read())["object"] == "list"
 
 
+def test_the_openai_endpoint_checks_the_token_and_size_before_reading_the_body(secured):
+    """Through Serve's HTTP proxy: a body over 8 MiB is refused (401 without the token, 413 with it),
+    a stop list over OpenAI's 4 or a stream request is 422, and the replica answers the next request."""
+    url = "http://127.0.0.1:8400/generator/v1/completions"
+    body = json.dumps({"prompt": "x" * (8 * 2**20 + 1024)}).encode()
+    token = {"Authorization": f"Bearer {TOKEN}"}
+    for headers, status in (({}, 401), (token, 413)):
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **headers})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=60)
+        assert info.value.code == status
+    for payload, field in (
+        ({"prompt": "x", "stop": list("abcde")}, "stop"),
+        ({"prompt": "x", "stream": True}, "stream"),
+    ):
+        request = urllib.request.Request(
+            url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json", **token}
+        )
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=60)
+        assert info.value.code == 422 and field in info.value.read().decode()
+    request = urllib.request.Request("http://127.0.0.1:8400/generator/v1/models", headers=token)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert json.loads(response.read())["object"] == "list"
+
+
 def test_overload_is_refused_quickly(secured):
     """Past max_ongoing_requests + max_queued_requests, callers get RESOURCE_EXHAUSTED at once."""
     import threading

@@ -1,12 +1,14 @@
 """Ray Serve deployment of the generator (gRPC). Validation and proto conversion only."""
 
 # No `from __future__ import annotations` here: FastAPI must see the request models as real types.
+import contextlib
 from dataclasses import replace
 
-from fastapi import Depends, Header, HTTPException
+from fastapi import HTTPException
 from ray import serve
 
 from ..api import common_pb2, generator_pb2
+from ..common import deadline
 from ..common.config import (
     ReinstructConfig,
     config_from_app_args,
@@ -20,7 +22,6 @@ from ..common.grpc_handler import (
     grpc_stream_method,
     refuse_other_services,
     run_with_progress,
-    token_matches,
 )
 from ..common.models import BUILTIN_PREFIX
 from ..common.store import RunStore
@@ -52,14 +53,6 @@ def _sampling(message: common_pb2.Sampling, max_prompt_tokens: int) -> SamplingP
         presence_penalty=message.presence_penalty,
         max_prompt_tokens=max_prompt_tokens,
     )
-
-
-def _http_auth(authorization: str | None = Header(default=None)) -> None:
-    if not token_matches(authorization):
-        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-
-openai_app.router.dependencies.append(Depends(_http_auth))
 
 
 @serve.deployment(name="Generator")
@@ -117,11 +110,24 @@ class GeneratorDeployment:
         current = self.service.engine.model_uri or self.default_model
         return {"object": "list", "data": [{"id": current, "object": "model", "owned_by": "reinstruct"}]}
 
+    @contextlib.contextmanager
+    def _http_budget(self):
+        """An HTTP request gets the gRPC methods' budget (serve.request_timeout_s): past it the engine
+        stops and the answer is 504, so an abandoned request never keeps the replica busy."""
+        try:
+            with deadline.budget(self.request_budget_s):
+                yield
+        except deadline.WorkAbandoned as exc:
+            raise HTTPException(504, str(exc)) from None
+        except RequestError as exc:
+            raise HTTPException(400, str(exc)) from None
+
     @openai_app.post("/v1/completions")
     def completions(self, body: CompletionRequest):
         model = self._openai_model(body.model)
-        with self.service.engine.using(model):
+        with self._http_budget(), self.service.engine.using(model):
             prompts = body.texts(self.service.engine.tokenizer)
+            check_cost(len(prompts), body.max_tokens, "prompt")
             out = self.service.engine.generate(
                 prompts, replace(body.sampling(), max_prompt_tokens=self.max_prompt_tokens)
             )
@@ -130,7 +136,7 @@ class GeneratorDeployment:
     @openai_app.post("/v1/chat/completions")
     def chat_completions(self, body: ChatRequest):
         model = self._openai_model(body.model)
-        with self.service.engine.using(model):
+        with self._http_budget(), self.service.engine.using(model):
             prompt, answer_ends = chat_prompt(self.service.engine.tokenizer, body.messages, self.prompt_format)
             sampling = body.sampling()
             out = self.service.engine.generate(

@@ -10,29 +10,98 @@ renders them (the chat template, or the plain instruction template, per `model.p
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..common.engines import SamplingParams
+from ..common.grpc_handler import token_matches
 from ..common.rendering import PromptFormat, Renderer
+
+MAX_HTTP_BODY_BYTES = 8 * 1024 * 1024  # 256 prompts of 20,000 characters fit; nothing else here is large
+MAX_TEXT_CHARS = 20_000  # a prompt or a message, as gRPC's text fields
+MAX_STOP_CHARS = 64  # every stop string is matched against the answer's tail at every step
+MAX_PROMPT_IDS = 8192
 
 openai_app = FastAPI(title="reinstruct generator", description="OpenAI-compatible completions for each round's model")
 
 
+class AdmitBeforeTheBody:
+    """ASGI middleware: the bearer token and the body's size are checked before the body is read
+    (FastAPI reads and parses a whole body before any dependency runs: a 256 MiB POST without a token
+    once grew the replica by 1.2 GB). 401 without the token, 413 past MAX_HTTP_BODY_BYTES, whether
+    Content-Length says so at once or the chunks add up to it."""
+
+    def __init__(self, app, limit: int = MAX_HTTP_BODY_BYTES) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if not token_matches(headers.get("authorization")):
+            await _reply(send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            await _reply(send, 413, f"the body is {declared} bytes; the limit is {self.limit}")
+            return
+        received, replied = 0, False
+
+        async def counted():
+            nonlocal received, replied
+            message = await receive()
+            if message["type"] == "http.request" and not replied:
+                received += len(message.get("body", b""))
+                if received > self.limit:  # answer now; the app reads a disconnect and its reply is dropped
+                    replied = True
+                    await _reply(send, 413, f"the body is over the limit of {self.limit} bytes")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def unless_replied(message) -> None:
+            if not replied:
+                await send(message)
+
+        await self.app(scope, counted, unless_replied)
+
+
+async def _reply(send, status: int, detail: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+openai_app.add_middleware(AdmitBeforeTheBody)
+
+_Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+_Stop = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = "current"
+    model: str = Field("current", max_length=4096)
     max_tokens: int = Field(128, ge=1, le=4096)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: _Stop | Annotated[list[_Stop], Field(max_length=4)] | None = None  # OpenAI's "up to 4"
     seed: int = 0
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     n: int = Field(1, ge=1, le=1)
+    stream: bool = False
+
+    @field_validator("stream")
+    @classmethod
+    def _no_streaming(cls, stream: bool) -> bool:
+        if stream:  # never ignored silently: a client waiting for events would get one JSON body
+            raise ValueError("not supported here: ask without it (vLLM's OpenAI server streams)")
+        return stream
 
     def sampling(self) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -41,14 +110,18 @@ class _Request(BaseModel):
             top_p=self.top_p,
             max_new_tokens=self.max_tokens,
             seed=self.seed,
-            stop=tuple(stop[:4]),
+            stop=tuple(stop),
             presence_penalty=self.presence_penalty,
         )
 
 
 class CompletionRequest(_Request):
     # text, a batch of texts, or one prompt as token ids (what reinstruct's openai engine sends)
-    prompt: str | list[str] | list[int] = Field(..., max_length=256)
+    prompt: (
+        _Text
+        | Annotated[list[_Text], Field(min_length=1, max_length=256)]
+        | Annotated[list[int], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+    )
     echo: bool = False
 
     def texts(self, tokenizer) -> list[str]:
@@ -67,7 +140,7 @@ class CompletionRequest(_Request):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str = Field(..., max_length=20_000)
+    content: str = Field(..., max_length=MAX_TEXT_CHARS)
 
 
 class ChatRequest(_Request):
