@@ -47,14 +47,15 @@ def test_hf_engine_encoder_decoder(builtin_cache):
 class _ScriptedServer(LoopbackServer):
     """An OpenAI-like server on loopback that fails the first `failures` calls with 429/503."""
 
-    def __init__(self, failures: int, status: int = 429):
+    def __init__(self, failures: int, status: int = 429, headers: dict | None = None):
         self.failures, self.status, self.calls, self.bodies = failures, status, 0, []
+        self.headers = {"Retry-After": "0.01", **(headers or {})}
 
     async def completions(self, request):
         self.calls += 1
         self.bodies.append(await request.json())
         if self.calls <= self.failures:
-            return web.Response(status=self.status, text="slow down", headers={"Retry-After": "0.01"})
+            return web.Response(status=self.status, text="slow down", headers=self.headers)
         body = self.bodies[-1]
         return web.json_response({"choices": [{"text": f" echo:{body['prompt']}", "finish_reason": "stop"}]})
 
@@ -80,6 +81,13 @@ def test_openai_engine_gives_up_with_a_clear_error():
         engine = create_engine("openai", base_url=f"http://127.0.0.1:{server.port}/v1", backoff_s=0.001)
         engine.load("m")
         with pytest.raises(OpenAIError, match="400"):
+            engine.generate(["a"], SamplingParams())
+    assert server.calls == 1
+    # a 504 that says a retry would fail the same way (reinstruct's generator past its request budget)
+    with _ScriptedServer(failures=100, status=504, headers={"x-should-retry": "false"}) as server:
+        engine = create_engine("openai", base_url=f"http://127.0.0.1:{server.port}/v1", backoff_s=0.001)
+        engine.load("m")
+        with pytest.raises(OpenAIError, match="504"):
             engine.generate(["a"], SamplingParams())
     assert server.calls == 1
 

@@ -69,3 +69,24 @@ def test_what_a_request_costs_is_bounded_field_by_field():
     with pytest.raises(ValidationError, match="stream"):
         ChatRequest(messages=[{"role": "user", "content": "hi"}], stream=True)
     assert ChatRequest(messages=[{"role": "user", "content": "hi"}]).sampling().max_new_tokens == 128
+
+
+def test_token_ids_and_odd_scopes_are_refused(monkeypatch):
+    for ids in ([-1], [1 << 40]):
+        with pytest.raises(ValidationError, match="prompt"):
+            CompletionRequest(prompt=ids)
+    monkeypatch.setenv(API_TOKEN_ENV, "secret")
+    sent, reached = [], []
+
+    async def app(scope, receive, send):
+        reached.append(scope["type"])
+
+    async def send(message):
+        sent.append(message)
+
+    import asyncio
+
+    admit = AdmitBeforeTheBody(app)
+    asyncio.run(admit({"type": "websocket", "headers": []}, None, send))
+    asyncio.run(admit({"type": "lifespan"}, None, send))
+    assert sent == [{"type": "websocket.close", "code": 1008}] and reached == ["lifespan"]

@@ -118,7 +118,8 @@ class GeneratorDeployment:
             with deadline.budget(self.request_budget_s):
                 yield
         except deadline.WorkAbandoned as exc:
-            raise HTTPException(504, str(exc)) from None
+            # past the budget a retry fails the same way: say so to clients that retry 5xx (OpenAI's do)
+            raise HTTPException(504, str(exc), headers={"x-should-retry": "false"}) from None
         except RequestError as exc:
             raise HTTPException(400, str(exc)) from None
 
@@ -169,7 +170,7 @@ class GeneratorDeployment:
         check_range(request.num_machine_in_context, "num_machine_in_context", 0, 8)
         if request.num_human_in_context + request.num_machine_in_context == 0:
             raise RequestError("num_human_in_context", "at least one in-context task is needed")
-        check_sampling(request.sampling, self.max_prompt_tokens)
+        check_sampling(request.sampling)
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         human = resolve_tasks(request.seed_tasks, self.store, "seed_tasks")
         machine = resolve_tasks(request.machine_tasks, self.store, "machine_tasks", required=False)
@@ -209,7 +210,7 @@ class GeneratorDeployment:
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_range(request.num_demonstrations, "num_demonstrations", 0, 8)
-        check_sampling(request.sampling, self.max_prompt_tokens)
+        check_sampling(request.sampling)
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         tasks = resolve_tasks(request.tasks, self.store, "tasks")
         check_cost(len(tasks), request.sampling.max_new_tokens, "tasks")
@@ -258,7 +259,7 @@ class GeneratorDeployment:
     def Backtranslate(self, request: generator_pb2.BacktranslateRequest):
         check_context(request.context)
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
-        check_sampling(request.sampling, self.max_prompt_tokens)
+        check_sampling(request.sampling)
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         if request.segments and request.segment_tasks.WhichOneof("source"):
             raise RequestError("segments", "give segments inline or segment_tasks, not both")

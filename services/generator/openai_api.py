@@ -2,11 +2,13 @@
 /v1/chat/completions), so any OpenAI client can try each round's model:
 
     client = openai.OpenAI(base_url="http://localhost:8000/generator/v1", api_key="unused")
-    client.completions.create(model="runs/demo/round-002/model", prompt="...")
+    client.completions.create(model="run:demo", prompt="...")
 
-`model` is a checkpoint the generator may load (a run-store path or builtin:<preset>), or "current"
-for whatever it has loaded. Chat requests are rendered by services/common/rendering.py, as training
-renders them (the chat template, or the plain instruction template, per `model.prompt_format`)."""
+`model` is `run:<run id>` (the model that run's driver promoted last), a preset (builtin:<preset>) or a
+model the config allows (model.base, model.allowed_dirs), or "current" for whatever it has loaded; a
+checkpoint is never named by its run-store path (HTTP calls carry no run key). Chat requests are
+rendered by services/common/rendering.py, as training renders them (the chat template, or the plain
+instruction template, per `model.prompt_format`)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from ..common.engines import SamplingParams
 from ..common.grpc_handler import token_matches
 from ..common.rendering import PromptFormat, Renderer
 
-MAX_HTTP_BODY_BYTES = 8 * 1024 * 1024  # 256 prompts of 20,000 characters fit; nothing else here is large
+MAX_HTTP_BODY_BYTES = 8 * 1024 * 1024  # 256 ASCII prompts of 20,000 characters fit; JSON-escaped text takes more
 MAX_TEXT_CHARS = 20_000  # a prompt or a message, as gRPC's text fields
 MAX_STOP_CHARS = 64  # every stop string is matched against the answer's tail at every step
 MAX_PROMPT_IDS = 8192
@@ -40,32 +42,39 @@ class AdmitBeforeTheBody:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":  # no websocket routes here: nothing else passes without a check
+            await send({"type": "websocket.close", "code": 1008})
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if not token_matches(headers.get("authorization")):
             await _reply(send, 401, "missing or wrong bearer token", [(b"www-authenticate", b"Bearer")])
             return
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.limit:
+        if declared.isascii() and declared.isdigit() and len(declared) < 20 and int(declared) > self.limit:
             await _reply(send, 413, f"the body is {declared} bytes; the limit is {self.limit}")
             return
-        received, replied = 0, False
+        received, replied, started = 0, False, False
 
         async def counted():
             nonlocal received, replied
+            if replied:  # the app reads nothing more once the 413 went out
+                return {"type": "http.disconnect"}
             message = await receive()
-            if message["type"] == "http.request" and not replied:
+            if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:  # answer now; the app reads a disconnect and its reply is dropped
+                if received > self.limit and not started:  # answer now; the app's own reply is dropped
                     replied = True
                     await _reply(send, 413, f"the body is over the limit of {self.limit} bytes")
                     return {"type": "http.disconnect"}
             return message
 
         async def unless_replied(message) -> None:
+            nonlocal started
             if not replied:
+                started = started or message["type"] == "http.response.start"
                 await send(message)
 
         await self.app(scope, counted, unless_replied)
@@ -120,7 +129,7 @@ class CompletionRequest(_Request):
     prompt: (
         _Text
         | Annotated[list[_Text], Field(min_length=1, max_length=256)]
-        | Annotated[list[int], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
+        | Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(min_length=1, max_length=MAX_PROMPT_IDS)]
     )
     echo: bool = False
 
@@ -134,6 +143,8 @@ class CompletionRequest(_Request):
                 raise HTTPException(400, "prompt: token ids need the model's tokenizer; this engine has none")
             # ids made by rendering.encode_prompt decode to the text they came from; the engine encodes
             # that text by the same rule again
+            if max(self.prompt) >= len(tokenizer):
+                raise HTTPException(400, f"prompt: token id {max(self.prompt)} is not in the model's vocabulary")
             return [tokenizer.decode(self.prompt)]
         return list(self.prompt)
 

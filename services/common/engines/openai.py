@@ -166,7 +166,10 @@ class OpenAIEngine(ModelSessions):
                         if response.status == 200:
                             return (await response.json())["choices"][0]
                         text = await response.text()
-                        if response.status not in RETRYABLE or attempt == self.max_retries:
+                        # x-should-retry: false (OpenAI's own header): the server says a retry would fail
+                        # the same way, e.g. reinstruct's generator past its request budget
+                        final = response.headers.get("x-should-retry", "").lower() == "false"
+                        if response.status not in RETRYABLE or final or attempt == self.max_retries:
                             raise OpenAIError(f"{response.status} from {self.base_url}/completions: {text[:300]}")
                         delay = float(response.headers.get("Retry-After") or self.backoff_s * 2**attempt)
                 except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
