@@ -23,9 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..common.engines import SamplingParams
 from ..common.grpc_handler import token_matches
 from ..common.rendering import PromptFormat, Renderer
+from ..common.validation import MAX_TEXT_CHARS  # a prompt or a message: gRPC's text limit
 
 MAX_HTTP_BODY_BYTES = 8 * 1024 * 1024  # 256 ASCII prompts of 20,000 characters fit; JSON-escaped text takes more
-MAX_TEXT_CHARS = 20_000  # a prompt or a message, as gRPC's text fields
 MAX_STOP_CHARS = 64  # every stop string is matched against the answer's tail at every step
 MAX_PROMPT_IDS = 8192
 
