@@ -34,6 +34,7 @@ def train(run: Run, k: int, base_model: str, dataset_uri: str, epochs: int, outp
     status = run.clients.wait_for_training(
         request,
         poll_s=t.poll_interval_s,
+        stall_timeout_s=t.stall_timeout_s,
         on_progress=lambda s: run.reporter.training(k, s.step, s.total_steps, s.loss),
     )
     return Trained(

@@ -109,14 +109,24 @@ class ServiceClients:
         request = trainer_pb2.GetTrainingStatusRequest(job_id=job_id, context=context)
         return self._call("trainer", self._trainer.CancelTraining, request, 30)
 
-    def wait_for_training(self, request, poll_s: float = 2.0, on_progress=None):
-        """Starts (or re-attaches to) a training job and polls until it ends."""
+    def wait_for_training(self, request, poll_s: float = 2.0, on_progress=None, stall_timeout_s: float = 0.0):
+        """Starts (or re-attaches to) a training job and polls until it ends. A job that reports no new
+        step for stall_timeout_s (0: no bound) is cancelled and the wait fails."""
         status = self.start_training(request)
+        last, moved = (status.state, status.step), time.monotonic()
         while status.state in (trainer_pb2.TrainingStatus.PENDING, trainer_pb2.TrainingStatus.RUNNING):
             if on_progress:
                 on_progress(status)
             time.sleep(poll_s)
             status = self.training_status(status.job_id, request.context)
+            if (status.state, status.step) != last:
+                last, moved = (status.state, status.step), time.monotonic()
+            elif stall_timeout_s and time.monotonic() - moved > stall_timeout_s:
+                self.cancel_training(status.job_id, request.context)
+                raise RuntimeError(
+                    f"training job {status.job_id} reported no new step in {stall_timeout_s:g} s "
+                    f"(training.stall_timeout_s; last at step {status.step} of {status.total_steps}): cancelled"
+                )
         if on_progress:
             on_progress(status)
         if status.state != trainer_pb2.TrainingStatus.SUCCEEDED:

@@ -40,6 +40,7 @@ KNOWN = (
     "benchmarks.packing",
     "benchmarks.rouge_filter",
     "benchmarks.scale_out",
+    "benchmarks.training_step",
 )
 
 

@@ -110,7 +110,7 @@ class InProcessClients:
     def decide_promotion(self, request):
         return self.evaluator.DecidePromotion(request)
 
-    def wait_for_training(self, request, poll_s=0.0, on_progress=None):
+    def wait_for_training(self, request, poll_s=0.0, on_progress=None, stall_timeout_s=0.0):
         self.trainings.append(request)
         path = self.store.resolve(request.output_model_uri)
         os.makedirs(path, exist_ok=True)

@@ -324,8 +324,8 @@ def test_the_test_stage_benchmarks_model_0_the_control_and_the_final_model(tmp_p
             super().__init__(*args)
             self.benchmark_requests = []
 
-        def wait_for_training(self, request, poll_s=0.0, on_progress=None):
-            status = super().wait_for_training(request, poll_s, on_progress)
+        def wait_for_training(self, request, poll_s=0.0, on_progress=None, stall_timeout_s=0.0):
+            status = super().wait_for_training(request, poll_s, on_progress, stall_timeout_s)
             shutil.copytree(tiny, self.store.resolve(request.output_model_uri), dirs_exist_ok=True)
             return status
 

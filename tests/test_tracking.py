@@ -192,10 +192,10 @@ def test_a_run_and_its_rounds_read_back_as_the_manifest(server, tmp_path, monkey
 
 
 class _TrainerDiesInRound2(InProcessClients):
-    def wait_for_training(self, request, poll_s=0.0, on_progress=None):
+    def wait_for_training(self, request, poll_s=0.0, on_progress=None, stall_timeout_s=0.0):
         if request.context.round == 2:
             raise RuntimeError("the trainer died")
-        return super().wait_for_training(request, poll_s, on_progress)
+        return super().wait_for_training(request, poll_s, on_progress, stall_timeout_s)
 
 
 def test_a_resumed_run_continues_the_same_mlflow_run(server, tmp_path, monkeypatch):
@@ -231,12 +231,12 @@ def _killing_clients(server: MlflowServer, restart_in_round: int | None):
     class Clients(InProcessClients):
         """Kills the tracking server as round 1 trains; starts it again as round `restart_in_round` trains."""
 
-        def wait_for_training(self, request, poll_s=0.0, on_progress=None):
+        def wait_for_training(self, request, poll_s=0.0, on_progress=None, stall_timeout_s=0.0):
             if request.context.round == 1:
                 server.stop()
             if request.context.round == restart_in_round:
                 server.start()
-            return super().wait_for_training(request, poll_s, on_progress)
+            return super().wait_for_training(request, poll_s, on_progress, stall_timeout_s)
 
     return Clients
 

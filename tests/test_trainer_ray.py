@@ -104,7 +104,10 @@ def test_a_store_given_as_a_uri_trains_end_to_end(local_ray, tmp_path, builtin_c
     _wait(lambda: service.status(job.job_id).state in ("SUCCEEDED", "FAILED"), 300, "the run to end")
     job = service.status(job.job_id)
     assert job.state == "SUCCEEDED", job.error
-    assert job.step == job.total_steps > 2 and _progress(store, job)["done"] is True
+    progress = _progress(store, job)
+    assert job.step == job.total_steps > 2 and progress["done"] is True
+    # the worker ran with OpenMP's passive wait policy (training.omp_wait_policy) and response-only logits
+    assert progress["omp_wait_policy"] == "PASSIVE" and progress["response_only_logits"] is True
     assert store.exists(job.model_uri + "/model.safetensors") and store.exists(job.model_uri + "/config.json")
     assert store.fs.glob(store.resolve(job.model_uri) + ".tmp-*") == []  # the staging directory was moved
     assert store.fs.glob(store.resolve(store.uri("uri", "ray_train")) + "/*")  # Ray Train's own checkpoints

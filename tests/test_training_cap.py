@@ -182,3 +182,83 @@ def test_a_checkpoint_its_run_did_not_train_is_never_adopted(tmp_path):
     (planted / "config.json").write_text('{"trained": "by someone else"}')
     with pytest.raises(RequestError, match="changed since"):
         start()
+
+
+def test_a_job_whose_workers_never_start_is_stopped_after_the_start_timeout(tmp_path):
+    """training.start_timeout_s: a job with no progress (no worker started: no room for it) that long
+    after Ray started it is stopped, and every later status says why; a job that reports progress is
+    left alone however long it runs."""
+    import time
+
+    store = RunStore(str(tmp_path))
+    service = TrainerService(store, start_timeout_s=30)
+    service._client = api = RecordingJobApi()
+    job = service.start("r", 1, "builtin:tiny-llama", "x.parquet", store.model_uri("r", 1), TrainingParams())
+    started = time.time() * 1000
+    info = api.get_job_info
+    api.get_job_info = lambda job_id: SimpleNamespace(**{**vars(info(job_id)), "start_time": started})
+    assert service.status(job.job_id).state == "RUNNING" and api.state == "RUNNING"  # within the timeout
+    started -= 60_000  # a minute ago
+    stopped = service.status(job.job_id)
+    assert stopped.state == "FAILED" and api.state == "FAILED"  # stop_job was called
+    assert "no training worker started within 30 s (training.start_timeout_s)" in stopped.error
+    assert "1 workers need 1 CPU each" in stopped.error
+    api.state = "STOPPED"  # Ray's own state for a stopped job, which otherwise reads as CANCELLED
+    assert (service.status(job.job_id).state, service.status(job.job_id).error) == ("FAILED", stopped.error)
+
+    other = service.start("r", 2, "builtin:tiny-llama", "x.parquet", store.model_uri("r", 2), TrainingParams())
+    api.state = "RUNNING"
+    store.write_json(other.progress_uri, {"step": 0, "total_steps": 9, "losses": [], "examples": 3})
+    assert service.status(other.job_id).state == "RUNNING" and api.state == "RUNNING"  # started: not stopped
+
+
+def test_a_refused_start_training_leaves_no_inline_training_set_behind(tmp_path, monkeypatch):
+    from services.api import common_pb2, trainer_pb2
+    from services.trainer import deployment
+    from tests.tiny import owned_context
+
+    monkeypatch.setattr(deployment, "_check_placement", lambda params: None)  # no Ray cluster here
+    replica = deployment.TrainerDeployment.func_or_class(
+        {"store": {"root": str(tmp_path)}, "serve": {"max_training_jobs": 1}}
+    )
+    replica.service._client = JobApi(running=1)  # the one training slot is taken
+    task = common_pb2.Task(id="t", instruction="Say hi.", instances=[common_pb2.Instance(output="hi")])
+    request = trainer_pb2.StartTrainingRequest(
+        context=owned_context(str(tmp_path), "r"),
+        base_model_uri="builtin:tiny-llama",
+        train_tasks=common_pb2.TaskSource(inline=common_pb2.TaskBatch(tasks=[task] * 50)),
+        output_model_uri=str(tmp_path / "r" / "round-001" / "model"),
+    )
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+            replica.StartTraining(request)
+    assert not (tmp_path / "r" / "inline").exists() or not list((tmp_path / "r" / "inline").iterdir())
+    replica.service._client = api = RecordingJobApi()  # room again: the set is written and trained on
+    job = replica.StartTraining(request)
+    written = list((tmp_path / "r" / "inline").iterdir())
+    assert len(written) == 1 and api.submitted == [job.job_id]
+    assert replica.StartTraining(request).job_id == job.job_id  # a retry attaches and writes nothing more
+    assert list((tmp_path / "r" / "inline").iterdir()) == written
+
+
+def test_the_drivers_wait_for_a_training_job_that_stalls_is_bounded():
+    """training.stall_timeout_s: no new step for that long cancels the job and fails the wait."""
+    from services.api import trainer_pb2
+    from services.client import ServiceClients
+
+    class Stalled(ServiceClients):
+        cancelled: list = []
+
+        def start_training(self, request):
+            return trainer_pb2.TrainingStatus(job_id="train-x", state=trainer_pb2.TrainingStatus.RUNNING, step=3)
+
+        def training_status(self, job_id, context):
+            return trainer_pb2.TrainingStatus(job_id=job_id, state=trainer_pb2.TrainingStatus.RUNNING, step=3)
+
+        def cancel_training(self, job_id, context):
+            self.cancelled.append(job_id)
+
+    clients = Stalled("127.0.0.1:1", 1.0)
+    with pytest.raises(RuntimeError, match=r"no new step in 0.2 s \(training.stall_timeout_s; last at step 3"):
+        clients.wait_for_training(trainer_pb2.StartTrainingRequest(), poll_s=0.01, stall_timeout_s=0.2)
+    assert clients.cancelled == ["train-x"]

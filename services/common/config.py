@@ -262,6 +262,12 @@ class TrainingConfig(_Section):
         description="Torch threads of each training worker (0: the CPUs it reserves, Ray's OMP_NUM_THREADS). A round "
         "never trains while it generates, so on a small machine training may use the cores the idle engines reserve",
     )
+    omp_wait_policy: Literal["passive", "active"] = Field(
+        "passive",
+        description="OpenMP's wait policy in every training worker (OMP_WAIT_POLICY): passive threads sleep at a "
+        "barrier instead of spinning, so on CPUs shared with Ray's own processes one descheduled thread does not "
+        "stall the others (benchmarks.training_step measures both); active may win a little on a dedicated node",
+    )
     seed_instances_per_task: int = Field(
         0,
         ge=0,
@@ -301,6 +307,19 @@ class TrainingConfig(_Section):
     bootstrap_epochs: int = Field(12, ge=1, description="Round 0: epochs on the seed tasks")
     bootstrap_examples_per_task: int = Field(4, ge=1, description="Round 0: meta-task examples per seed task")
     poll_interval_s: float = Field(2.0, gt=0)
+    start_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="A job none of whose workers started this long after it was submitted (no room for them on "
+        "the cluster, an image that never pulls) is stopped and fails, naming what it waited for: it would hold "
+        "a training slot (serve.max_training_jobs) and its driver forever",
+    )
+    stall_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="The driver stops a training job that reports no new step for this long and fails the stage "
+        "(its wait is bounded; a resumed run attaches to nothing stale)",
+    )
 
 
 class EvaluationConfig(_Section):

@@ -92,6 +92,7 @@ class TrainerDeployment:
             prompt_format=self.config.model.prompt_format,
             seed_tag=self.config.backtranslation.seed_tag,
             max_active_jobs=self.config.serve.max_training_jobs,
+            start_timeout_s=self.config.training.start_timeout_s,
         )
         self._max_streams = max(1, self.config.serve.max_ongoing_requests // 2)
         self._streams = threading.BoundedSemaphore(self._max_streams)
@@ -116,6 +117,7 @@ class TrainerDeployment:
             use_gpu=_given(p, "use_gpu", d.use_gpu),
             strategy=d.strategy,  # how and where training runs is the cluster's choice, not a request's
             torch_threads=d.torch_threads,
+            omp_wait_policy=d.omp_wait_policy,
             worker_resources=dict(d.worker_resources),
             seed=p.seed,
             augmented_tag=check_text(p.augmented_tag, "params.augmented_tag", limit=200),
@@ -145,18 +147,25 @@ class TrainerDeployment:
         check_range(params.lora["r"], "params.lora.r", 1, 1024)
         _check_placement(params)
         source = request.train_tasks
-        if source.WhichOneof("source") == "inline":
-            tasks = resolve_tasks(source, self.store, "train_tasks", require_instances=True)
-            dataset_uri = self.store.uri(request.context.run_id, "inline", f"train-{uuid.uuid4().hex[:12]}.parquet")
-            self.store.write_tasks(dataset_uri, tasks)
-        elif source.WhichOneof("source") == "uri":
-            resolve_tasks(source, self.store, "train_tasks")  # confinement + existence check
-            dataset_uri = source.uri
-        else:
+        kind = source.WhichOneof("source")
+        if kind not in ("inline", "uri"):
             raise RequestError("train_tasks", "give tasks inline or a dataset uri")
-        job = self.service.start(
-            request.context.run_id, request.context.round, base, dataset_uri, request.output_model_uri, params
-        )
+        tasks = resolve_tasks(source, self.store, "train_tasks", require_instances=kind == "inline")
+        run_id, output = request.context.run_id, request.output_model_uri
+        admitted = self.service.admit(run_id, output)  # a retry attaches, a refusal raises: nothing written yet
+        if admitted is not None:
+            return _status(admitted)
+        if kind == "uri":
+            return _status(self.service.start(run_id, request.context.round, base, source.uri, output, params))
+        dataset_uri = self.store.uri(run_id, "inline", f"train-{uuid.uuid4().hex[:12]}.parquet")
+        self.store.write_tasks(dataset_uri, tasks)
+        try:
+            job = self.service.start(run_id, request.context.round, base, dataset_uri, output, params)
+        except Exception:
+            self.store.remove(dataset_uri)  # refused after all (a job started meanwhile): no file left behind
+            raise
+        if self.service.dataset_of(job) != dataset_uri:
+            self.store.remove(dataset_uri)  # attached to a job another request started meanwhile
         return _status(job)
 
     def _job(self, request: trainer_pb2.GetTrainingStatusRequest):

@@ -38,6 +38,10 @@ _JOB_STATES = {
 _DEFAULTS = TrainingConfig()  # the one set of defaults (services/common/config.py)
 
 
+def _amounts(resources: dict) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in resources.items())
+
+
 @dataclass
 class TrainingParams:
     """What one training run uses: TrainingConfig's values, or a request's overrides of them."""
@@ -50,6 +54,7 @@ class TrainingParams:
     num_workers: int = _DEFAULTS.num_workers
     use_gpu: bool = _DEFAULTS.use_gpu
     torch_threads: int = _DEFAULTS.torch_threads
+    omp_wait_policy: str = _DEFAULTS.omp_wait_policy
     strategy: str = _DEFAULTS.strategy
     worker_resources: dict = field(default_factory=lambda: dict(_DEFAULTS.worker_resources))
     seed: int = 0
@@ -92,8 +97,10 @@ class TrainerService:
         prompt_format: str = ModelConfig().prompt_format,
         seed_tag: str = "",
         max_active_jobs: int = ServeConfig().max_training_jobs,
+        start_timeout_s: float = _DEFAULTS.start_timeout_s,
     ) -> None:
         self.store = store
+        self.start_timeout_s = start_timeout_s
         self.max_active_jobs = max_active_jobs
         self.prompt_format = prompt_format
         self.seed_tag = seed_tag
@@ -142,9 +149,9 @@ class TrainerService:
         self._read_progress(job, self._uris(job_id, model_uri)[1])
         return job
 
-    def start(
-        self, run_id: str, round_index: int, base_model: str, dataset_uri: str, model_uri: str, params: TrainingParams
-    ) -> TrainingJob:
+    def admit(self, run_id: str, model_uri: str) -> TrainingJob | None:
+        """Before anything is written for a new job: the job that already trains (or trained) model_uri
+        for this run, which a retry attaches to; None when a new one may start; refusals raise."""
         record_uri = self._job_record_uri(model_uri)
         if self.store.exists(record_uri):
             existing = self.status(self.store.read_json(record_uri).get("job_id", ""), run_id)
@@ -165,6 +172,15 @@ class TrainerService:
                 f"{len(running)} training runs are in progress (limit {self.max_active_jobs}, "
                 "serve.max_training_jobs); try again when one ends"
             )
+        return None
+
+    def start(
+        self, run_id: str, round_index: int, base_model: str, dataset_uri: str, model_uri: str, params: TrainingParams
+    ) -> TrainingJob:
+        admitted = self.admit(run_id, model_uri)
+        if admitted is not None:
+            return admitted
+        record_uri = self._job_record_uri(model_uri)
         self.store.remove_staging(model_uri)  # a crash mid-training left it; it was never a model
         job_id = f"train-{secrets.token_hex(16)}"  # unguessable: a job is seen and controlled by its run only
         spec_uri, progress_uri, cancel_uri = self._uris(job_id, model_uri)
@@ -186,8 +202,15 @@ class TrainerService:
         self.store.write_json(spec_uri, spec)
         self.store.write_json(record_uri, {"job_id": job_id})
         self._models[job_id] = model_uri
-        self._submit(job_id, spec_uri, model_uri, run_id)
+        self._submit(job_id, spec_uri, model_uri, run_id, params)
         return self.status(job_id) or TrainingJob(job_id, model_uri, run_id=run_id)
+
+    def dataset_of(self, job: TrainingJob) -> str:
+        """The dataset the job trains on ("" when its spec cannot be read)."""
+        try:
+            return self.store.read_json(self._uris(job.job_id, job.model_uri)[0])["dataset_uri"]
+        except (OSError, ValueError, KeyError):
+            return ""
 
     def active_jobs(self) -> list[str]:
         """Training jobs of this cluster that are pending or running."""
@@ -198,7 +221,9 @@ class TrainerService:
             and str(getattr(job.status, "value", job.status)) in ("PENDING", "RUNNING")
         ]
 
-    def _submit(self, submission_id: str, spec_uri: str, model_uri: str, run_id: str) -> None:
+    def _submit(self, submission_id: str, spec_uri: str, model_uri: str, run_id: str, params: TrainingParams) -> None:
+        # OpenMP reads its wait policy once, as torch loads it: it must be in the workers' environment
+        env = {"OMP_WAIT_POLICY": params.omp_wait_policy.upper()}
         for attempt in range(24):  # the head's job agent can take a few seconds to come up
             try:
                 # this interpreter (the one Ray runs) rather than whatever `python` is on the job's PATH
@@ -212,7 +237,7 @@ class TrainerService:
                     metadata={"model_uri": model_uri, "run_id": run_id},
                     # training needs no API token; one inherited from the head would be readable by the
                     # job's code (a checkpoint's remote code) and anything it logs
-                    runtime_env={"env_vars": {API_TOKEN_ENV: ""}},
+                    runtime_env={"env_vars": {API_TOKEN_ENV: "", **env}},
                 )
                 return
             except RuntimeError as exc:
@@ -242,13 +267,19 @@ class TrainerService:
         job_run = metadata.get("run_id") or self._run_of_uri(model_uri)
         if run_id is not None and job_run != run_id:
             return None
-        _, progress_uri, cancel_uri = self._uris(job_id, model_uri)
+        spec_uri, progress_uri, cancel_uri = self._uris(job_id, model_uri)
         state = _JOB_STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), "FAILED")
         if state == "FAILED" and self.store.exists(cancel_uri):
             state = "CANCELLED"
         job = TrainingJob(job_id, model_uri, state=state, progress_uri=progress_uri, cancel_uri=cancel_uri)
         job.run_id = job_run
-        self._read_progress(job, progress_uri)
+        started = self._read_progress(job, progress_uri)
+        unplaced_uri = self.store.beside(model_uri, f".{job_id}.unplaced.json")
+        if state in ("PENDING", "RUNNING") and not started and self._past_start_timeout(info):
+            self._stop_unplaced(job_id, unplaced_uri, self.store.read_json(spec_uri)["params"])
+        if self.store.exists(unplaced_uri):
+            job.state, job.error = "FAILED", self.store.read_json(unplaced_uri)["error"]
+            return job
         if state == "SUCCEEDED":
             try:
                 job.model_digest = self.store.read_json(commit_record_uri(self.store, job_id, model_uri))["digest"]
@@ -266,15 +297,42 @@ class TrainerService:
         except ValueError:  # UriNotAllowed: not in the store (or, inside a request, not in its run)
             return ""
 
-    def _read_progress(self, job: TrainingJob, progress_uri: str) -> None:
+    def _read_progress(self, job: TrainingJob, progress_uri: str) -> bool:
+        """Fills in the job's progress; False while its rank 0 has written none (no worker started)."""
         try:
             progress = self.store.read_json(progress_uri)
             job.step, job.total_steps = progress["step"], progress["total_steps"]
             job.losses, job.examples = progress["losses"], progress["examples"]
             job.real_token_share = progress.get("real_token_share", 0.0)
             job.resumed_from_step = progress.get("resumed_from_step", 0)
+            return True
         except (OSError, ValueError, KeyError):
-            pass  # replaced atomically; a failed read only means no news yet
+            # replaced atomically: a failed read only means no news yet, unless there never was any
+            return self.store.exists(progress_uri)
+
+    def _past_start_timeout(self, info) -> bool:
+        submitted = (getattr(info, "start_time", None) or 0) / 1000  # Ray's job start, in ms
+        return bool(submitted) and time.time() - submitted > self.start_timeout_s
+
+    def _stop_unplaced(self, job_id: str, unplaced_uri: str, params: dict) -> None:
+        """A job whose workers never started holds a training slot and its driver forever: it is
+        stopped, and why is recorded for every later status call."""
+        import ray
+
+        kind = "GPU" if params["use_gpu"] else "CPU"
+        need = {kind: 1, **params.get("worker_resources", {})}
+        available = ray.available_resources() if ray.is_initialized() else {}
+        free = f", and the cluster has {_amounts({n: available.get(n, 0) for n in need})} free now" if available else ""
+        error = (
+            f"no training worker started within {self.start_timeout_s:g} s (training.start_timeout_s): "
+            f"{params['num_workers']} workers need {_amounts(need)} each{free}; the job was stopped. Free room "
+            "(fewer replicas, more nodes) or ask for fewer workers"
+        )
+        self.store.write_json(unplaced_uri, {"job_id": job_id, "error": error})
+        try:
+            self.client.stop_job(job_id)
+        except RuntimeError:
+            pass  # it ended meanwhile
 
     def _log_tail(self, job_id: str) -> str:
         try:

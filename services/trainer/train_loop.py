@@ -28,6 +28,7 @@ from ..common.models import load_model
 from ..common.rendering import Renderer, tokenize
 from ..common.store import RunStore
 from .formatting import collate, collate_packed, pack
+from .loss import TrainingLoss
 
 PROGRESS_EVERY = 5
 
@@ -194,6 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
     sharded = config.get("strategy", "ddp") == "fsdp"
     model = _shard(model, device) if sharded else ray.train.torch.prepare_model(model)
     held_share = _held_share(model)
+    loss_of = TrainingLoss(model, encoder_decoder=encoder_decoder, sharded=sharded)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"], weight_decay=0.0
     )
@@ -241,8 +243,12 @@ def train_loop_per_worker(config: dict) -> None:
                     "examples": len(features),
                     "real_token_share": share,
                     "held_parameter_share": held_share,
+                    "response_only_logits": loss_of.fast,
+                    "loss_note": loss_of.mismatch,
                     "resumed_from_step": resumed_from,
                     "pid": os.getpid(),
+                    "threads": torch.get_num_threads(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
                     "elapsed_s": time.time() - started,
                     "done": done,
                 },
@@ -263,7 +269,7 @@ def train_loop_per_worker(config: dict) -> None:
             if store.exists(cancel_uri):
                 raise Cancelled("training cancelled by request")
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = model(**batch).loss
+                loss = loss_of(batch)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
