@@ -455,8 +455,11 @@ def report(
 
 
 def _store_and_manifest(run_id: str, config: Path | None, store_root: str | None):
-    from .common.store import RunStore
+    from .common.store import RunStore, check_run_id
 
+    if (why := check_run_id(run_id)) is not None:
+        console.print(f"[red]{run_id!r} is no run id: it {why}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
     cfg = _load(config if config and config.exists() else None, store_root)
     store = RunStore(cfg.store.root)
     manifest = store.load_manifest(run_id)
@@ -498,7 +501,10 @@ def stop(
 ):
     """Ask a running loop (continuous or not) to end after the round in progress; it then runs the
     test stage and writes its report. `reinstruct run` with the same id goes on from there."""
-    store, _ = _store_and_manifest(run_id, config, store_root)
+    store, manifest = _store_and_manifest(run_id, config, store_root)
+    if manifest.get("status") != "running":
+        console.print(f"run {run_id} is not running ({manifest.get('status', 'unknown')}): nothing to stop")
+        raise typer.Exit(1)
     store.request_stop(run_id)  # a file of its own: the driver alone writes the manifest
     console.print(f"asked run {run_id} to stop after its current round")
 

@@ -226,6 +226,11 @@ def test_a_finished_run_reads_back_as_typed_results(run, tmp_path):
     status = CliRunner().invoke(app, ["status", "r", *flags])
     assert status.exit_code == 0 and "r: succeeded" in status.output, status.output
     assert f"final model {stages[2]['test']['final_score']:.4f}" in status.output
+    stop = CliRunner().invoke(app, ["stop", "r", *flags])  # a finished run has nothing to stop
+    assert stop.exit_code == 1 and "is not running (succeeded): nothing to stop" in stop.output, stop.output
+    for bad in ("..", "/etc", "a/b"):  # a run id that names no run: one line, no traceback
+        out = CliRunner().invoke(app, ["status", bad, *flags])
+        assert out.exit_code == 2 and "is no run id" in out.output and "Traceback" not in out.output, out.output
 
     exported = tmp_path / "kept.jsonl"
     result = CliRunner().invoke(app, ["export", "r", "-o", str(exported), *flags])

@@ -53,37 +53,54 @@ def test_response_only_loss_and_gradients_equal_the_models_own(builtin_cache, lo
     assert model(**batch).logits.shape[-1] == model.config.vocab_size
 
 
-def test_training_loss_checks_the_first_batch_and_falls_back_on_a_mismatch(builtin_cache):
+class _Wrapped(torch.nn.Module):
+    """A causal LM whose forward does something to the logits after the head."""
+
+    def __init__(self, inner, after_head):
+        super().__init__()
+        self.inner, self.after_head, self.config = inner, after_head, inner.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def set_output_embeddings(self, head):
+        self.inner.set_output_embeddings(head)
+
+    def forward(self, labels=None, **inputs):
+        out = self.inner(**inputs)
+        out.logits = self.after_head(self.inner, out.logits)
+        if labels is not None:
+            out.loss = self.inner.loss_function(out.logits, labels, self.inner.config.vocab_size)
+        return out
+
+
+def test_training_loss_checks_the_first_batch_and_falls_back_where_it_differs(builtin_cache):
     model, tokenizer = load_model("builtin:tiny-llama", cache_dir=builtin_cache)
     batch = _batches(tokenizer)["packed"]
+    model.train()
     loss_of = TrainingLoss(model, encoder_decoder=False, sharded=False)
-    assert loss_of.fast
+    assert loss_of.fast and not loss_of.checked
     assert torch.allclose(loss_of(batch), model(**batch).loss, rtol=1e-5)
-    assert loss_of.fast and loss_of.mismatch is None
+    assert loss_of.fast and loss_of.mismatch is None and model.training  # the check left train mode on
 
-    # a model whose forward transforms the logits after the head (like Gemma 2's soft-capping)
-    class Capped(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def get_output_embeddings(self):
-            return self.inner.get_output_embeddings()
-
-        def set_output_embeddings(self, head):
-            self.inner.set_output_embeddings(head)
-
-        def forward(self, labels=None, **inputs):
-            out = self.inner(**inputs)
-            out.logits = 30 * torch.tanh(out.logits / 30) + 1.0
-            if labels is not None:
-                out.loss = self.inner.loss_function(out.logits, labels, self.inner.config.vocab_size)
-            return out
-
-    capped = Capped(model)
+    # logits soft-capped after the head (as Gemma 2's are; a cap near the logits' size): the loss differs
+    capped = _Wrapped(model, lambda inner, logits: torch.tanh(logits))
     loss_of = TrainingLoss(capped, encoder_decoder=False, sharded=False)
     assert torch.allclose(loss_of(batch), capped(**batch).loss)
     assert not loss_of.fast and "using the model's" in loss_of.mismatch
+
+    # a forward that reads its head's weight (as Mamba's does) fails with the head set aside
+    reads_head = _Wrapped(model, lambda inner, logits: logits.to(inner.lm_head.weight.dtype))
+    loss_of = TrainingLoss(reads_head, encoder_decoder=False, sharded=False)
+    assert torch.allclose(loss_of(batch), reads_head(**batch).loss)
+    assert not loss_of.fast and "failed (AttributeError" in loss_of.mismatch
+    assert model.get_output_embeddings() is model.lm_head and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_models_whose_loss_is_more_than_the_heads_keep_their_own(builtin_cache):
+    model, _ = load_model("builtin:tiny-llama", cache_dir=builtin_cache)
+    model.config.output_router_logits = True  # a mixture of experts adds its router loss
+    assert not TrainingLoss(model, encoder_decoder=False, sharded=False).fast
 
 
 def test_encoder_decoder_and_sharded_models_keep_their_own_loss(builtin_cache):

@@ -243,7 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "examples": len(features),
                     "real_token_share": share,
                     "held_parameter_share": held_share,
-                    "response_only_logits": loss_of.fast,
+                    "response_only_logits": loss_of.fast if loss_of.checked else None,
                     "loss_note": loss_of.mismatch,
                     "resumed_from_step": resumed_from,
                     "pid": os.getpid(),
