@@ -6,10 +6,11 @@ The control's training mix (each seed train task's first instance, as training.s
 configs/local.yaml sets it. Every measurement is forward + backward + optimizer step on the same
 batches, a fresh model each, in a process of its own; figures are real (non-pad) tokens per second.
 
-1. Recipes (OMP_WAIT_POLICY=PASSIVE, nothing else running):
-   - full logits, fp32: the model's own loss, every position through the vocabulary head;
-   - response-only logits, fp32: services/trainer/loss.py, the head only on the response tokens;
-   - response-only logits, bf16 autocast (AMX on recent Xeons).
+1. Recipes (OMP_WAIT_POLICY=PASSIVE, nothing else running), one lever at a time:
+   - full logits, fp32, LoRA dropout 0.05 (the peft-style default): every position through the head;
+   - response-only logits (services/trainer/loss.py): the head only on the response tokens;
+   - no LoRA dropout: on CPU, drawing a dropout mask for every LoRA layer's input is a quarter of a step;
+   - bf16 autocast (AMX on recent Xeons).
 2. Wait policy (training.omp_wait_policy) with the last recipe: ACTIVE (libgomp spins at barriers)
    against PASSIVE, alone and beside a background process that keeps --load of one core busy in short
    bursts, as Ray's own processes and idle Serve replicas do beside a training worker on a small node.
@@ -31,10 +32,12 @@ from dataclasses import replace
 
 from . import parse_args
 
+# name: (response-only logits, precision, LoRA dropout); the first is the recipe before these levers
 RECIPES = {
-    "full_logits_fp32": (False, "fp32"),
-    "response_only_fp32": (True, "fp32"),
-    "response_only_bf16": (True, "bf16"),
+    "full_logits_fp32_dropout_0.05": (False, "fp32", 0.05),
+    "response_only_fp32_dropout_0.05": (True, "fp32", 0.05),
+    "response_only_fp32_no_dropout": (True, "fp32", 0.0),
+    "response_only_bf16_no_dropout": (True, "bf16", 0.0),
 }
 
 
@@ -64,6 +67,8 @@ def measure(model_id: str, config_path: str, recipe: str, steps: int, threads: i
     torch.manual_seed(0)
     config = load_config(config_path)
     training = config.training.model_dump()
+    fast, precision, dropout = RECIPES[recipe]
+    training["lora"]["dropout"] = dropout
     model, tokenizer = load_model(model_id, cache_dir=config.model.builtin_cache_dir)
     packs, collate_fn, per_step, share = _batches(_features(config, tokenizer), training, False, tokenizer.pad_token_id)
     groups = [packs[i : i + per_step] for i in range(0, len(packs), per_step)]
@@ -72,7 +77,6 @@ def measure(model_id: str, config_path: str, recipe: str, steps: int, threads: i
         model = _apply_lora(model, training)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    fast, precision = RECIPES[recipe]
     checked = TrainingLoss(model, encoder_decoder=False, sharded=False)
     loss_of = checked if fast else (lambda batch: model(**batch).loss)
     tokens, seconds = 0, 0.0
@@ -145,7 +149,7 @@ def main() -> None:
     result = {"model": args.model, "threads": args.threads, "steps": args.steps, "recipes": {}, "wait_policy": {}}
     for recipe in RECIPES:
         result["recipes"][recipe] = _child(args, recipe, "PASSIVE", 0.0)
-    base = result["recipes"]["full_logits_fp32"]["tokens_per_s"]
+    base = result["recipes"][next(iter(RECIPES))]["tokens_per_s"]
     for figures in result["recipes"].values():
         figures["speedup"] = round(figures["tokens_per_s"] / base, 2)
     recipe = list(RECIPES)[-1]
