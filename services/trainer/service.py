@@ -205,12 +205,16 @@ class TrainerService:
         self._submit(job_id, spec_uri, model_uri, run_id, params)
         return self.status(job_id) or TrainingJob(job_id, model_uri, run_id=run_id)
 
+    def _spec(self, job_id: str, model_uri: str) -> dict:
+        """The job's spec as start() wrote it ({} when it cannot be read)."""
+        try:
+            return self.store.read_json(self._uris(job_id, model_uri)[0])
+        except (OSError, ValueError):
+            return {}
+
     def dataset_of(self, job: TrainingJob) -> str:
         """The dataset the job trains on ("" when its spec cannot be read)."""
-        try:
-            return self.store.read_json(self._uris(job.job_id, job.model_uri)[0])["dataset_uri"]
-        except (OSError, ValueError, KeyError):
-            return ""
+        return self._spec(job.job_id, job.model_uri).get("dataset_uri", "")
 
     def active_jobs(self) -> list[str]:
         """Training jobs of this cluster that are pending or running."""
@@ -267,7 +271,7 @@ class TrainerService:
         job_run = metadata.get("run_id") or self._run_of_uri(model_uri)
         if run_id is not None and job_run != run_id:
             return None
-        spec_uri, progress_uri, cancel_uri = self._uris(job_id, model_uri)
+        _, progress_uri, cancel_uri = self._uris(job_id, model_uri)
         state = _JOB_STATES.get(str(info.status.value if hasattr(info.status, "value") else info.status), "FAILED")
         if state == "FAILED" and self.store.exists(cancel_uri):
             state = "CANCELLED"
@@ -276,7 +280,8 @@ class TrainerService:
         started = self._read_progress(job, progress_uri)
         unplaced_uri = self.store.beside(model_uri, f".{job_id}.unplaced.json")
         if state in ("PENDING", "RUNNING") and not started and self._past_start_timeout(info):
-            self._stop_unplaced(job_id, unplaced_uri, self.store.read_json(spec_uri)["params"])
+            params = self._spec(job_id, model_uri).get("params") or asdict(TrainingParams())
+            self._stop_unplaced(job_id, unplaced_uri, params)
         if self.store.exists(unplaced_uri):
             job.state, job.error = "FAILED", self.store.read_json(unplaced_uri)["error"]
             return job
