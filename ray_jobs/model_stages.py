@@ -253,7 +253,9 @@ def test(run: Run, k: int, split: Split, first_model: str, final_model: str, con
     by_name = {c.against: c for c in decision.comparisons}
     versus_0, versus_control = by_name["model_0"], by_name.get("control")
     control = evaluated.get("control")
-    benchmarks, lm_eval_version, prompt_style = _benchmarks(run, k, models) if e.benchmarks else ([], "", "")
+    benchmarks, lm_eval_version, prompt_style, adapter = (
+        _benchmarks(run, k, models) if e.benchmarks else ([], "", "", "")
+    )
     return Tested(
         model_0=first_model,
         final_model=final_model,
@@ -277,6 +279,7 @@ def test(run: Run, k: int, split: Split, first_model: str, final_model: str, con
         lm_eval_version=lm_eval_version,
         benchmark_limit=e.benchmark_limit,
         benchmark_prompt_style=prompt_style,
+        benchmark_adapter=adapter,
     )
 
 
@@ -321,4 +324,4 @@ def _benchmarks(run: Run, k: int, models: dict[str, str]) -> tuple[list[Benchmar
             for task in response.tasks
         ]
     first = next(iter(responses.values()))
-    return results, first.lm_eval_version, first.prompt_style  # every response of a run has the same
+    return results, first.lm_eval_version, first.prompt_style, first.adapter  # every response of a run has the same

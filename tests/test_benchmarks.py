@@ -25,7 +25,9 @@ def _benchmarks() -> list:
     for path in sorted((REPO / "benchmarks").glob("*.py")):
         if path.stem == "__init__":
             continue
-        starts_ray = "ray.init(" in path.read_text()  # so that `-m "not ray"` leaves it out, as the others
+        text = path.read_text()
+        # so that `-m "not ray"` leaves it out, as the others
+        starts_ray = "ray.init(" in text or "local_cluster(" in text
         params.append(pytest.param(path.stem, marks=[pytest.mark.ray] if starts_ray else [], id=path.stem))
     return params
 

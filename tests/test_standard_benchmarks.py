@@ -222,6 +222,9 @@ def test_unknown_tasks_and_files_not_listed_are_refused_naming_the_field(tmp_pat
         sb.resolve_tasks([SHIPPED, SHIPPED])
     with pytest.raises(RequestError, match="executes code the model writes"):
         sb.resolve_tasks(["humaneval"])
+    # a group of such tasks is refused before anything runs, naming the task that would run code
+    with pytest.raises(RequestError, match=r"tasks\[0\]: 'humaneval_infilling' \(its task 'humaneval_.*infilling"):
+        sb.resolve_tasks(["humaneval_infilling"])
     (tmp_path / "broken.yaml").write_text("task: [unclosed\n")
     with pytest.raises(RequestError, match=r"tasks\[0\]: .*no valid lm-eval task file"):
         sb.resolve_tasks([str(tmp_path / "broken.yaml")])
@@ -247,6 +250,36 @@ def test_smollm2_sees_the_chat_template_every_stage_renders(smollm2):
         assert lm.tok_encode(theirs) == encode_prompt(tokenizer, ours)
         # the ids generation gets (tok_batch_encode; tok_encode only sorts requests)
         assert lm.tok_batch_encode([theirs])[0][0].tolist() == encode_prompt(tokenizer, ours)
+
+
+@pytest.mark.vllm
+def test_the_vllm_adapter_runs_on_the_replicas_engine_as_hflm_does(smollm2, builtin_cache):
+    """generation.engine vllm: lm-eval's vLLM adapter on the evaluator's own engine (no second engine),
+    the chat template every stage renders, and in float32 the same scores as HFLM on the same examples."""
+    from tests.vllm_engines import AVAILABLE, vllm_engine
+
+    if not AVAILABLE:
+        pytest.skip("vLLM is not installed here: `make test` runs this in .venv-vllm")
+    from services.common.records import Instance, TaskRecord
+    from services.common.rendering import Renderer, encode_prompt
+
+    engine = vllm_engine(smollm2, builtin_cache)
+    lm = sb._vllm_adapter(engine, smollm2, None, batch_size=4)
+    assert lm.model is engine.llm
+    prompt = checks.load_prompts()[0]["prompt"]
+    renderer = Renderer.for_tokenizer(engine.tokenizer, "auto")
+    ours = renderer.render(TaskRecord(id="t", instruction=prompt), Instance("", "")).prompt
+    theirs = lm.apply_chat_template([{"role": "user", "content": prompt}])
+    assert theirs == ours and lm.tok_encode(theirs) == encode_prompt(engine.tokenizer, ours)
+
+    common = dict(limit=6, allow_downloads=False, batch_size=4, bootstrap_iters=0, cache_dir=builtin_cache)
+    by_vllm = sb.run_benchmarks(smollm2, [SHIPPED], engine=engine, **common)
+    by_hf = sb.run_benchmarks(smollm2, [SHIPPED], **common)
+    assert (by_vllm.adapter, by_hf.adapter) == ("vllm", "hf")
+    assert by_vllm.prompt_style == by_hf.prompt_style == "chat"
+    values = lambda r: {(t.task, m.name): m.value for t in r.tasks for m in t.metrics}  # noqa: E731
+    assert values(by_vllm) == values(by_hf) and values(by_vllm)
+    assert engine.model_uri == smollm2  # the engine still serves what it served
 
 
 @pytest.mark.slow

@@ -242,6 +242,7 @@ class Tested(StageResult):
     lm_eval_version: str = ""  # of the benchmarks ("": none ran)
     benchmark_limit: int = 0  # examples per benchmark task (0: all)
     benchmark_prompt_style: str = ""  # chat or plain
+    benchmark_adapter: str = ""  # lm-eval's model adapter: hf or vllm
 
     def benchmark_results(self) -> list[Benchmarked]:
         return [Benchmarked.from_dict(b) for b in self.benchmarks]

