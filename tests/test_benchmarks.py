@@ -42,6 +42,7 @@ KNOWN = (
     "benchmarks.packing",
     "benchmarks.rouge_filter",
     "benchmarks.scale_out",
+    "benchmarks.scale_out_nodes",
     "benchmarks.training_step",
 )
 

@@ -391,6 +391,7 @@ def test_the_test_stage_benchmarks_model_0_the_control_and_the_final_model(tmp_p
     page = build_report(RunStore(settings["store"]["root"]), "r")
     section = page.split('<section id="benchmarks">')[1].split("</section>")[0]
     assert SHIPPED in section and "model 0" in section and "control (seeds only)" in section
+    assert "(lm-evaluation-harness): model 0, control (seeds only) and final</h2>" in section
     assert (
         f"{by_model['final'].metrics['prompt_acc']:.4f} &plusmn; {by_model['final'].stderrs['prompt_acc']:.4f}"
         in section
@@ -433,6 +434,7 @@ def test_the_report_shows_a_table_per_task_with_stderr(tmp_path):
     section = page.split('<section id="benchmarks">')[1].split("</section>")[0]
     assert "<h3>reinstruct_ifformat (52 examples; reinstruct)</h3>" in section
     assert "<th>model 0</th><th>final</th>" in section and "control" not in section
+    assert "Standard benchmarks (lm-evaluation-harness): model 0 and final</h2>" in section
     assert "<td>0.2500 &plusmn; 0.0500</td><td>0.5000 &plusmn; 0.0500</td>" in section
     assert "<td>0.3500</td><td>0.6000</td>" in section  # no stderr: the value alone
     assert "lm-evaluation-harness 0.4.13" in section and "rendered chat" in section

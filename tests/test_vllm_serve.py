@@ -192,3 +192,20 @@ def test_a_new_rounds_model_is_swapped_in_without_a_restart(deployed):
     assert per_task[0] == per_task[2] and per_task[0] != per_task[1]
     for answer, model in zip(answers[:2], (model_0, model_1)):
         assert answer.nll == pytest.approx(_hf_evaluation(config, model, tasks).nll, rel=1e-4)
+
+
+def test_benchmarks_run_through_lm_evals_vllm_adapter_on_the_replicas_engine(deployed):
+    """RunBenchmarks on a vllm evaluator replica: lm-eval's vLLM adapter on the replica's one engine
+    (the response says which adapter ran), in the same process as the evaluations."""
+    _, clients = deployed
+    pid, _ = _replica("evaluator")
+    response = clients.run_benchmarks(
+        evaluator_pb2.RunBenchmarksRequest(
+            context=CTX, model_uri="builtin:tiny-llama", tasks=["reinstruct_ifformat"], limit=2
+        )
+    )
+    assert response.adapter == "vllm" and response.lm_eval_version == "0.4.13"
+    (task,) = response.tasks
+    assert task.task == "reinstruct_ifformat" and task.samples == 2
+    assert {m.name for m in task.metrics} >= {"prompt_acc", "check_acc"}
+    assert _replica("evaluator")[0] == pid

@@ -356,6 +356,15 @@ def _test(rounds: list[RoundRecord]) -> str:
 _MODELS = (("model_0", "model 0"), ("control", "control (seeds only)"), ("final", "final"))
 
 
+def _benchmarks_heading(rounds: list[RoundRecord]) -> str:
+    """The section's heading names the models the test stage benchmarked (the control only if it ran)."""
+    tests = _each(rounds, "test", Tested)
+    results = tests[-1][1].benchmark_results() if tests else []
+    labels = [label for key, label in _MODELS if any(b.model == key for b in results)]
+    named = ", ".join(labels[:-1]) + f" and {labels[-1]}" if len(labels) > 1 else "".join(labels)
+    return "Standard benchmarks (lm-evaluation-harness)" + (f": {named}" if named else "")
+
+
 def _benchmarks(rounds: list[RoundRecord]) -> str:
     """The test stage's standard benchmarks (lm-eval): a table per task, a row per metric, a column per
     model, each value with lm-eval's standard error."""
@@ -428,10 +437,7 @@ def build_report(store: RunStore, run_id: str) -> str:
         "scores": ("Held-out evaluation by round", _scores(rounds)),
         "promotion": ("Promotion decisions", _promotion(rounds)),
         "test": ("Test: model 0, the seeds-only control and the final model", _test(rounds)),
-        "benchmarks": (
-            "Standard benchmarks (lm-evaluation-harness): model 0, the control and the final model",
-            _benchmarks(rounds),
-        ),
+        "benchmarks": (_benchmarks_heading(rounds), _benchmarks(rounds)),
         "timing": ("Time per stage", _timing(rounds)),
     }
     body = "".join(
