@@ -33,6 +33,8 @@ def _workers(gpu: bool) -> dict:
         "minReplicas": {"type": "integer", "minimum": 0},
         "maxReplicas": {"type": "integer", "minimum": 0},
         "resources": _RESOURCES,
+        # custom Ray resources the group's workers advertise (rayStartParams resources)
+        "rayResources": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
     }
     if gpu:
         properties.update(

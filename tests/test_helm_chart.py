@@ -135,6 +135,14 @@ def test_rendered_objects_validate(helm, values, monkeypatch):
         ("loop:\n  mode: sideways\n", "loop.mode"),
         ("serve:\n  grpcPort: 70000\n", "grpcPort"),
         ("image:\n  tag: 5\n", "tag"),
+        ("cpuWorkers:\n  rayResources: {serving: many}\n", "rayResources"),
+        # a placement no enabled worker group can give would wait forever for a node
+        ("reinstruct:\n  training:\n    worker_resources: {training: 1}\n", 'Ray resource "training"'),
+        (
+            "gpuWorkers:\n  rayResources: {serving: 100}\nreinstruct:\n  serve:\n    generator:\n"
+            "      resources: {serving: 1}\n",
+            'reinstruct.serve.generator.resources asks for Ray resource "serving"',
+        ),
     ],
 )
 def test_broken_values_fail_at_install_time(helm, tmp_path, broken, message):
@@ -143,6 +151,27 @@ def test_broken_values_fail_at_install_time(helm, tmp_path, broken, message):
     done = _template(helm, bad)
     assert done.returncode != 0
     assert message in done.stderr
+
+
+def test_worker_groups_advertise_the_resources_that_place_replicas_and_training(helm, tmp_path):
+    """Serving on the CPU group, training on the GPU group, by custom Ray resources: each group's
+    rayStartParams carry them in KubeRay's form, and the objects still validate against the CRDs."""
+    values = tmp_path / "placed.yaml"
+    values.write_text(
+        "cpuWorkers:\n  rayResources: {serving: 100}\n"
+        "gpuWorkers:\n  enabled: true\n  replicas: 1\n  rayResources: {training: 100}\n"
+        "reinstruct:\n  serve:\n    generator: {resources: {serving: 1}}\n    evaluator: {resources: {serving: 1}}\n"
+        "  training: {worker_resources: {training: 1}}\n"
+    )
+    done = _template(helm, values)
+    assert done.returncode == 0, done.stderr
+    service = next(o for o in yaml.safe_load_all(done.stdout) if o and o["kind"] == "RayService")
+    jsonschema.validate(service, _strict(_crd_schema("RayService")))
+    groups = {g["groupName"]: g["rayStartParams"] for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    # KubeRay passes the value to `ray start --resources`: a JSON object inside double quotes
+    assert groups["cpu"]["resources"] == '"{\\"serving\\":100}"'
+    assert json.loads(json.loads(groups["gpu"]["resources"])) == {"training": 100}
+    assert groups["gpu"]["num-gpus"] == "1"
 
 
 def test_crd_validation_catches_a_broken_object(helm):

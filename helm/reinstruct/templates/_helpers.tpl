@@ -111,7 +111,33 @@ volumeMounts:
 {{- end -}}
 
 {{/* The Ray cluster: head (exposes 9000 as serve-grpc, 8000 as serve), CPU and GPU worker groups. */}}
+{{- /* Custom Ray resources that replicas (reinstruct.serve.<app>.resources) and training workers
+(reinstruct.training.worker_resources) ask for must be advertised by an enabled worker group, or they
+would wait forever for a node: the chart refuses to render instead. */ -}}
+{{- define "reinstruct.checkPlacement" -}}
+{{- $advertised := keys .Values.cpuWorkers.rayResources -}}
+{{- if .Values.gpuWorkers.enabled -}}
+{{- $advertised = concat $advertised (keys .Values.gpuWorkers.rayResources) -}}
+{{- end -}}
+{{- $serve := .Values.reinstruct.serve | default dict -}}
+{{- range $app := list "generator" "filter" "trainer" "evaluator" -}}
+{{- $section := index $serve $app | default dict -}}
+{{- range $name, $_ := ($section.resources | default dict) -}}
+{{- if not (has $name $advertised) -}}
+{{- fail (printf "reinstruct.serve.%s.resources asks for Ray resource %q, which no enabled worker group advertises (cpuWorkers.rayResources, gpuWorkers.rayResources)" $app $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $training := .Values.reinstruct.training | default dict -}}
+{{- range $name, $_ := ($training.worker_resources | default dict) -}}
+{{- if not (has $name $advertised) -}}
+{{- fail (printf "reinstruct.training.worker_resources asks for Ray resource %q, which no enabled worker group advertises (cpuWorkers.rayResources, gpuWorkers.rayResources)" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "reinstruct.rayCluster" -}}
+{{- include "reinstruct.checkPlacement" . -}}
 rayVersion: {{ .Values.rayVersion | quote }}
 enableInTreeAutoscaling: true
 {{- if .Values.rayAuth.enabled }}
@@ -148,7 +174,12 @@ workerGroupSpecs:
     replicas: {{ .Values.cpuWorkers.replicas }}
     minReplicas: {{ .Values.cpuWorkers.minReplicas }}
     maxReplicas: {{ .Values.cpuWorkers.maxReplicas }}
+    {{- if .Values.cpuWorkers.rayResources }}
+    rayStartParams:
+      resources: {{ toJson .Values.cpuWorkers.rayResources | quote | squote }}
+    {{- else }}
     rayStartParams: {}
+    {{- end }}
     template:
       metadata:
         labels:
@@ -170,6 +201,9 @@ workerGroupSpecs:
     maxReplicas: {{ .Values.gpuWorkers.maxReplicas }}
     rayStartParams:
       num-gpus: {{ .Values.gpuWorkers.gpusPerWorker | quote }}
+      {{- with .Values.gpuWorkers.rayResources }}
+      resources: {{ toJson . | quote | squote }}
+      {{- end }}
     template:
       metadata:
         labels:
