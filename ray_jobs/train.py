@@ -81,10 +81,10 @@ def run(store_root: str, spec: dict) -> int:
 def _worker_resources(params: dict) -> dict | None:
     """A worker's CPU (or GPU), plus the custom resources that place it (training.worker_resources);
     None leaves Ray Train's own default, the same CPU or GPU."""
+    from services.trainer.placement import worker_needs
+
     custom = params.get("worker_resources") or {}
-    if not custom:
-        return None
-    return {("GPU" if params["use_gpu"] else "CPU"): 1, **custom}
+    return worker_needs(params["use_gpu"], custom) if custom else None
 
 
 def main(argv: list[str] | None = None) -> int:

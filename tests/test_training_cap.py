@@ -2,6 +2,7 @@
 queued behind runs that may take hours; below it the run is submitted. Ray's job API is replaced by a
 stand-in that lists the cluster's jobs (the trainer asks it, so the cap holds across trainer replicas)."""
 
+import re
 from types import SimpleNamespace
 
 import grpc
@@ -262,3 +263,43 @@ def test_the_drivers_wait_for_a_training_job_that_stalls_is_bounded():
     with pytest.raises(RuntimeError, match=r"no new step in 0.2 s \(training.stall_timeout_s; last at step 3"):
         clients.wait_for_training(trainer_pb2.StartTrainingRequest(), poll_s=0.01, stall_timeout_s=0.2)
     assert clients.cancelled == ["train-x"]
+
+
+@pytest.mark.parametrize(
+    "params, field, message",
+    [
+        (dict(num_workers=5), "params.num_workers", "5 training workers need 5 CPUs; the cluster has 4"),
+        (dict(num_workers=1, use_gpu=True), "params.use_gpu", "1 training workers need 1 GPUs; the cluster has 0"),
+        (
+            dict(num_workers=2, worker_resources={"training": 1}),
+            "params.num_workers",
+            "2 training workers need 2 of resource 'training' (training.worker_resources); the cluster has 1",
+        ),
+        (
+            dict(num_workers=1, worker_resources={"serving": 1}),
+            "params.num_workers",
+            "need 1 of resource 'serving'",
+        ),
+    ],
+)
+def test_a_run_the_cluster_cannot_place_is_refused_naming_the_field(monkeypatch, params, field, message):
+    """What one worker needs (services/trainer/placement.py: the same rule the job's scaling config
+    and the unplaced-job message use), times the workers, against what the cluster has."""
+    import ray
+
+    from services.common.validation import RequestError
+    from services.trainer import deployment
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "training": 1.0})
+    deployment._check_placement(TrainingParams(num_workers=4))
+    deployment._check_placement(TrainingParams(num_workers=1, worker_resources={"training": 1}))
+    with pytest.raises(RequestError, match=re.escape(message)) as refused:
+        deployment._check_placement(TrainingParams(**params))
+    assert refused.value.field == field
+
+
+def test_the_job_asks_ray_for_what_the_check_counts():
+    from ray_jobs.train import _worker_resources
+
+    assert _worker_resources({"use_gpu": False, "worker_resources": {}}) is None  # Ray Train's own default
+    assert _worker_resources({"use_gpu": True, "worker_resources": {"training": 1}}) == {"GPU": 1, "training": 1}

@@ -23,6 +23,7 @@ from ..common.validation import (
     check_text,
     resolve_tasks,
 )
+from .placement import worker_needs
 from .service import TrainerService, TrainingJob, TrainingParams
 
 _STATES = {
@@ -55,21 +56,17 @@ def _check_placement(params: TrainingParams) -> None:
     import ray
 
     total = ray.cluster_resources()
-    kind = "GPU" if params.use_gpu else "CPU"
-    if total.get(kind, 0) < params.num_workers:
-        field = "params.use_gpu" if params.use_gpu else "params.num_workers"
+    for name, amount in worker_needs(params.use_gpu, params.worker_resources).items():
+        need = amount * params.num_workers
+        if total.get(name, 0) >= need:
+            continue
+        if name in ("CPU", "GPU"):
+            field, what = ("params.use_gpu" if name == "GPU" else "params.num_workers"), f"{need:g} {name}s"
+        else:  # training.worker_resources: a name no node advertises (enough of)
+            field, what = "params.num_workers", f"{need:g} of resource {name!r} (training.worker_resources)"
         raise RequestError(
-            field,
-            f"{params.num_workers} training workers need {params.num_workers} {kind}s; "
-            f"the cluster has {total.get(kind, 0):g}",
+            field, f"{params.num_workers} training workers need {what}; the cluster has {total.get(name, 0):g}"
         )
-    for name, amount in params.worker_resources.items():  # training.worker_resources: a name no node advertises
-        if total.get(name, 0) < amount * params.num_workers:
-            raise RequestError(
-                "params.num_workers",
-                f"{params.num_workers} training workers need {amount * params.num_workers:g} of resource {name!r} "
-                f"(training.worker_resources); the cluster has {total.get(name, 0):g}",
-            )
 
 
 def _given(message, name: str, default):

@@ -25,6 +25,7 @@ from ..common.grpc_handler import API_TOKEN_ENV
 from ..common.models import DEFAULT_CACHE_DIR
 from ..common.store import RunStore
 from ..common.validation import Overloaded, RequestError
+from .placement import worker_needs
 
 _JOB_STATES = {
     "PENDING": "PENDING",
@@ -324,8 +325,7 @@ class TrainerService:
         stopped, and why is recorded for every later status call."""
         import ray
 
-        kind = "GPU" if params["use_gpu"] else "CPU"
-        need = {kind: 1, **params.get("worker_resources", {})}
+        need = worker_needs(params["use_gpu"], params.get("worker_resources"))
         available = ray.available_resources() if ray.is_initialized() else {}
         free = f", and the cluster has {_amounts({n: available.get(n, 0) for n in need})} free now" if available else ""
         error = (
