@@ -113,3 +113,29 @@ def test_stale_temporaries_removed_but_not_directories(tmp_path):
     assert (run_dir / "round-001" / "model.tmp-cafe0000").is_dir()
     output = store.stage_output("run", 0, "split")
     assert output.pop("n") == 1 and isinstance(output.pop("committed_at"), float) and output == {}
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("a" * 300 + ".parquet", "holds a name of 308 bytes"),  # past NAME_MAX: ENAMETOOLONG, once INTERNAL
+        ("x\ny.parquet", "control characters"),
+        ("x\ty.parquet", "control characters"),
+        ("/".join(["d" * 200] * 30) + "/x.parquet", "characters; the limit is 4096"),
+    ],
+)
+def test_names_no_file_system_takes_are_refused_in_one_short_line(tmp_path, name, message):
+    store = RunStore(str(tmp_path))
+    store.claim_run("r")
+    with pytest.raises(UriNotAllowed, match=f"^output_uri: .*{message}") as refused:
+        store.output_path(f"{tmp_path}/r/round-001/{name}", "r", "output_uri")
+    assert len(str(refused.value)) < 250 and "\n" not in str(refused.value)
+
+
+def test_refusals_do_not_reveal_where_the_store_lives(tmp_path):
+    store = RunStore(str(tmp_path / "secret-root"))
+    store.claim_run("r")
+    for uri in ("/etc/x.parquet", "other/x.parquet"):
+        with pytest.raises(UriNotAllowed) as refused:
+            store.output_path(uri, "r", "output_uri")
+        assert "secret-root" not in str(refused.value)

@@ -72,6 +72,14 @@ LOCKS_DIR = ".locks"
 # the way to one, which would break `status`, `stop` and the driver)
 RUN_FILES = frozenset({"manifest.json", OWNER_FILE, "stop-requested", "report.html", "inline", "ray_train"})
 MAX_RUN_ID_CHARS = 256
+MAX_URI_CHARS = 4096
+MAX_NAME_BYTES = 255  # one file or folder name: NAME_MAX on Linux file systems (ENAMETOOLONG past it)
+
+
+def _shown(uri: str, limit: int = 160) -> str:
+    """A client's URI as an error message quotes it: repr, cut short (a message is one readable line)."""
+    text = repr(uri)
+    return text if len(text) <= limit else f"{text[: limit - 4]}...'"
 
 
 def check_run_id(run_id: str) -> str | None:
@@ -174,8 +182,14 @@ class RunStore:
         """
         if not uri:
             raise UriNotAllowed(field, "empty URI")
-        if "\x00" in uri:
-            raise UriNotAllowed(field, "NUL byte in URI")
+        if any(ord(c) < 32 or ord(c) == 127 for c in uri):  # NUL, a newline in a file name, ...
+            raise UriNotAllowed(field, "control characters (NUL, newline, tab, ...) are not allowed in store URIs")
+        if len(uri) > MAX_URI_CHARS:
+            raise UriNotAllowed(field, f"is {len(uri)} characters; the limit is {MAX_URI_CHARS}")
+        longest = max(uri.split("/"), key=lambda name: len(name.encode()))
+        if len(longest.encode()) > MAX_NAME_BYTES:
+            size, name = len(longest.encode()), _shown(longest, 60)
+            raise UriNotAllowed(field, f"holds a name of {size} bytes ({name}); the limit is {MAX_NAME_BYTES}")
         scheme, path = _split_scheme(uri)
         if "://" not in uri and not uri.startswith("/") and not self.is_local:
             scheme, path = self.scheme, posixpath.join(self.root, uri)  # relative: a path in the store
@@ -188,11 +202,12 @@ class RunStore:
                 path = os.path.join(self.root, path)
             real = os.path.realpath(path)
             if real != self.root and not real.startswith(self.root + os.sep):
-                raise UriNotAllowed(field, f"{uri!r} is outside the run store root {self.root}")
+                # the root's own path is the operator's, not for a client's messages
+                raise UriNotAllowed(field, f"{_shown(uri)} is outside the run store root")
             return self._confined_to_request_run(real, uri, field)
         normalized = posixpath.normpath(path)
         if normalized != self.root and not normalized.startswith(self.root + "/"):
-            raise UriNotAllowed(field, f"{uri!r} is outside the run store root")
+            raise UriNotAllowed(field, f"{_shown(uri)} is outside the run store root")
         return self._confined_to_request_run(normalized, uri, field)
 
     def run_of(self, path: str) -> str:
@@ -207,13 +222,13 @@ class RunStore:
         if run is None:
             raise UriNotAllowed(
                 field,
-                f"{uri!r} is in the run store: a request that reads or writes a run sends that run's key "
+                f"{_shown(uri)} is in the run store: a request that reads or writes a run sends that run's key "
                 "(context.run_key, which the run's driver holds)",
             )
         if self.run_of(path) != run:
             raise UriNotAllowed(
                 field,
-                f"{uri!r} is outside this request's run {run!r} (context.run_id): a request reads and "
+                f"{_shown(uri)} is outside this request's run {run!r} (context.run_id): a request reads and "
                 "writes only its own run",
             )
         return path
@@ -229,33 +244,35 @@ class RunStore:
         if not path.startswith(run_dir + "/"):
             raise UriNotAllowed(
                 field,
-                f"{uri!r} is outside this request's run directory {run_dir} "
+                f"{_shown(uri)} is outside this request's run {run_id!r} "
                 "(context.run_id): a request writes only into its own run",
             )
         if dataset and not path.endswith(".parquet"):
-            raise UriNotAllowed(field, f"{uri!r}: dataset outputs are .parquet files")
+            raise UriNotAllowed(field, f"{_shown(uri)}: dataset outputs are .parquet files")
         parts = path[len(run_dir) + 1 :].split("/")
         if parts[0] == "manifest.json":
             raise UriNotAllowed(field, "the run's manifest is written by the run store only")
         if parts[0] in RUN_FILES:
-            raise UriNotAllowed(field, f"{uri!r}: {parts[0]!r} in a run is the run store's, never a request's output")
+            raise UriNotAllowed(
+                field, f"{_shown(uri)}: {parts[0]!r} in a run is the run store's, never a request's output"
+            )
         if any(part.startswith(".") for part in parts):
-            raise UriNotAllowed(field, f"{uri!r}: hidden names (locks, job files) are never a request's output")
+            raise UriNotAllowed(field, f"{_shown(uri)}: hidden names (locks, job files) are never a request's output")
         parent = run_dir
         for part in parts[:-1]:  # every folder on the way that exists already: a folder, not a checkpoint
             parent = posixpath.join(parent, part)
             if not self.fs.exists(parent):
                 break
             if not self.fs.isdir(parent):
-                raise UriNotAllowed(field, f"{uri!r} passes through the file {part!r}")
+                raise UriNotAllowed(field, f"{_shown(uri)} passes through the file {part!r}")
             if self.fs.exists(posixpath.join(parent, "config.json")):
-                raise UriNotAllowed(field, f"{uri!r} is inside a checkpoint")
+                raise UriNotAllowed(field, f"{_shown(uri)} is inside a checkpoint")
         if dataset and self.fs.isdir(path):
-            raise UriNotAllowed(field, f"{uri!r} is a folder")
+            raise UriNotAllowed(field, f"{_shown(uri)} is a folder")
         if not dataset and self.fs.isfile(path):
-            raise UriNotAllowed(field, f"{uri!r} is a file")
+            raise UriNotAllowed(field, f"{_shown(uri)} is a file")
         if path in self.committed_paths(run_id):
-            raise UriNotAllowed(field, f"{uri!r} belongs to a committed stage and is never replaced")
+            raise UriNotAllowed(field, f"{_shown(uri)} belongs to a committed stage and is never replaced")
         return path
 
     def committed_paths(self, run_id: str) -> set[str]:
