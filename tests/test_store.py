@@ -139,3 +139,34 @@ def test_refusals_do_not_reveal_where_the_store_lives(tmp_path):
         with pytest.raises(UriNotAllowed) as refused:
             store.output_path(uri, "r", "output_uri")
         assert "secret-root" not in str(refused.value)
+
+
+def test_two_drivers_claiming_one_run_on_an_object_store_get_one_key(monkeypatch):
+    """On an object store (fsspec's in-memory filesystem here) the key is created with a conditional
+    write: a second driver that checked "no key yet" at the same moment does not replace the first's,
+    and its own claim then fails as another driver's."""
+    import uuid
+
+    from services.common.store import NotRunOwner
+
+    root = f"memory:///claims-{uuid.uuid4().hex[:8]}"
+    first, second = RunStore(root), RunStore(root)
+    key = first.claim_run("r")
+    # the second driver's write is a conditional create (S3's If-None-Match, checked by the server),
+    # never "does it exist? then write", which two drivers can both pass at once
+    modes, pipe_file = [], second.fs.pipe_file
+
+    def recorded(path, value, mode="overwrite", **kwargs):
+        modes.append(mode)
+        return pipe_file(path, value, mode=mode, **kwargs)
+
+    with monkeypatch.context() as race:
+        race.setattr(second.fs, "pipe_file", recorded)
+        assert second._create_once(f"{second.root}/.keys/r", "the second driver's key") == key
+    assert modes == ["create"]
+    assert first.claim_run("r") == key  # the first driver's key stands
+    other = RunStore(root)
+    other.fs.rm(f"{other.root}/.keys/r")
+    other.fs.pipe_file(f"{other.root}/.keys/r", b"not the key")
+    with pytest.raises(NotRunOwner, match="belongs to another driver"):
+        other.claim_run("r")

@@ -507,11 +507,19 @@ class RunStore:
             return None
 
     def _create_once(self, path: str, text: str, *, private: bool = False) -> str:
-        """Writes text to path unless it exists (locally: atomically and exclusively, a hard link of a
-        complete temporary); returns what path holds afterwards (another writer's text if it won)."""
+        """Writes text to path unless it exists, exclusively: locally a hard link of a complete
+        temporary; on an object store fsspec's create mode (a conditional PUT: S3 If-None-Match,
+        GCS ifGenerationMatch=0), so of two drivers claiming one run at once exactly one wins. Returns
+        what path holds afterwards (another writer's text if it won)."""
         if not self.is_local:
-            if not self.fs.exists(path):
-                self._write_atomic(path, lambda handle: handle.write(text.encode()))
+            try:
+                self.fs.pipe_file(path, text.encode(), mode="create")
+            except FileExistsError:
+                pass  # the first writer's stays
+            except (NotImplementedError, ValueError) as exc:  # a backend without exclusive create
+                raise StoreError(
+                    f"the store ({self.scheme}://) cannot create a file exclusively, which claiming a run needs: {exc}"
+                ) from None
             with self.fs.open(path, "rb") as handle:
                 return handle.read().decode().strip()
         os.makedirs(os.path.dirname(path), mode=0o700 if private else 0o777, exist_ok=True)
