@@ -3,6 +3,7 @@ import random
 import re
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -313,3 +314,23 @@ def test_instance_prompts_show_several_instances_of_a_generation_demonstration()
         "Example 2\n" in engine.prompts[0] and "Example 3\n" not in engine.prompts[0]
     )  # generation.demonstration_instances
     assert out[0].instances == [Instance("3 4", "7"), Instance("1 1", "2")]
+
+
+def test_in_context_counts_left_unset_are_the_replicas_config():
+    """GenerateInstructionsRequest's in-context counts: unset means the replica's generation config
+    (6 human + 2 machine by default), an explicit 0 stays 0, and none at all is refused naming the field."""
+    from services.api import generator_pb2
+    from services.common.config import GenerationConfig
+    from services.common.validation import RequestError
+    from services.generator.deployment import in_context_counts
+
+    g = GenerationConfig()
+    defaults = (g.num_human_in_context, g.num_machine_in_context)
+    request = generator_pb2.GenerateInstructionsRequest
+    assert in_context_counts(request(), defaults) == (6, 2)
+    assert in_context_counts(request(num_machine_in_context=0), defaults) == (6, 0)
+    assert in_context_counts(request(num_human_in_context=3), (4, 1)) == (3, 1)
+    with pytest.raises(RequestError, match="^num_human_in_context: at least one"):
+        in_context_counts(request(num_human_in_context=0, num_machine_in_context=0), defaults)
+    with pytest.raises(RequestError, match="^num_machine_in_context"):
+        in_context_counts(request(num_machine_in_context=9), defaults)

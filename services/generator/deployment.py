@@ -55,6 +55,20 @@ def _sampling(message: common_pb2.Sampling, max_prompt_tokens: int) -> SamplingP
     )
 
 
+def in_context_counts(request: generator_pb2.GenerateInstructionsRequest, defaults: tuple[int, int]) -> tuple[int, int]:
+    """Human and machine tasks per prompt: the request's, or for a field it left unset the replica's
+    config (generation.num_human_in_context / num_machine_in_context); 0 set explicitly stays 0."""
+    human, machine = (
+        getattr(request, name) if request.HasField(name) else default
+        for name, default in zip(("num_human_in_context", "num_machine_in_context"), defaults)
+    )
+    check_range(human, "num_human_in_context", 0, 8)
+    check_range(machine, "num_machine_in_context", 0, 8)
+    if human + machine == 0:
+        raise RequestError("num_human_in_context", "at least one in-context task is needed")
+    return int(human), int(machine)
+
+
 @serve.deployment(name="Generator")
 @serve.ingress(openai_app)
 @refuse_other_services("Generator")
@@ -75,6 +89,7 @@ class GeneratorDeployment:
         }
         self.prompt_format = config.model.prompt_format
         self.max_prompt_tokens = config.generation.max_prompt_tokens  # every prompt's pass is bounded
+        self.in_context_defaults = (config.generation.num_human_in_context, config.generation.num_machine_in_context)
 
     # ---- OpenAI-compatible HTTP (route prefix /generator) ---------------------------------------
     def _openai_model(self, name: str) -> str:
@@ -166,10 +181,7 @@ class GeneratorDeployment:
         model_uri = check_model_uri(request.model_uri, self.store, trusted=self.trusted)
         check_range(request.num_prompts, "num_prompts", 1, MAX_PROMPTS)
         check_cost(request.num_prompts, request.sampling.max_new_tokens, "num_prompts")
-        check_range(request.num_human_in_context, "num_human_in_context", 0, 8)
-        check_range(request.num_machine_in_context, "num_machine_in_context", 0, 8)
-        if request.num_human_in_context + request.num_machine_in_context == 0:
-            raise RequestError("num_human_in_context", "at least one in-context task is needed")
+        num_human, num_machine = in_context_counts(request, self.in_context_defaults)
         check_sampling(request.sampling)
         check_output_uri(request.output_uri, self.store, "output_uri", request.context.run_id)
         human = resolve_tasks(request.seed_tasks, self.store, "seed_tasks")
@@ -182,8 +194,8 @@ class GeneratorDeployment:
             machine,
             request.num_prompts,
             _sampling(request.sampling, self.max_prompt_tokens),
-            request.num_human_in_context,
-            request.num_machine_in_context,
+            num_human,
+            num_machine,
             request.classification_only,
             int(check_range(request.first_prompt_index, "first_prompt_index", 0, 10_000_000)),
         )
