@@ -9,7 +9,11 @@ import time
 import grpc
 
 from .api import evaluator_pb2_grpc, filter_pb2_grpc, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from .common.config import ServeConfig, TrainingConfig
 from .common.grpc_handler import ANSWERED_KEY, API_TOKEN_ENV
+
+_TIMEOUT_S = ServeConfig().request_timeout_s  # every default lives in config.py
+_POLL_S = TrainingConfig().poll_interval_s
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -35,7 +39,7 @@ def _retryable(exc: grpc.RpcError) -> bool:
 
 
 class ServiceClients:
-    def __init__(self, target: str, timeout_s: float = 900.0, token: str | None = None, retries: int = 3) -> None:
+    def __init__(self, target: str, timeout_s: float = _TIMEOUT_S, token: str | None = None, retries: int = 3) -> None:
         self.target = target
         self.timeout_s = timeout_s
         self.retries = retries
@@ -109,7 +113,7 @@ class ServiceClients:
         request = trainer_pb2.GetTrainingStatusRequest(job_id=job_id, context=context)
         return self._call("trainer", self._trainer.CancelTraining, request, 30)
 
-    def wait_for_training(self, request, poll_s: float = 2.0, on_progress=None, stall_timeout_s: float = 0.0):
+    def wait_for_training(self, request, poll_s: float = _POLL_S, on_progress=None, stall_timeout_s: float = 0.0):
         """Starts (or re-attaches to) a training job and polls until it ends. A job that reports no new
         step for stall_timeout_s (0: no bound) is cancelled and the wait fails."""
         status = self.start_training(request)

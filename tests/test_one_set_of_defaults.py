@@ -13,6 +13,15 @@ from services.common.config import ReinstructConfig
 
 REPO = Path(__file__).resolve().parent.parent
 NEUTRAL = (0, 0.0, "", False, None)
+# parameters that carry a setting under a shorter name of their own
+ALIASES = {
+    "num_human": "num_human_in_context",
+    "num_machine": "num_machine_in_context",
+    "concurrency": "openai_concurrency",
+    "examples_per_task": "bootstrap_examples_per_task",
+    "poll_s": "poll_interval_s",
+    "timeout_s": "request_timeout_s",
+}
 
 
 def _config_defaults(model: type[BaseModel], prefix: str = "") -> dict[str, list[tuple[str, object]]]:
@@ -53,7 +62,7 @@ def test_no_default_is_written_twice():
         for line, name, value in _literal_defaults(ast.parse(path.read_text())):
             if isinstance(value, bool) or value in NEUTRAL:
                 continue
-            for setting, default in defaults.get(name, ()):
+            for setting, default in [*defaults.get(name, ()), *defaults.get(ALIASES.get(name, ""), ())]:
                 if type(value) is type(default) and value == default:
                     copies.append(f"{path.relative_to(REPO)}:{line}: {name}={value!r} copies {setting}")
     assert not copies, "defaults written twice (refer to the config's instead):\n" + "\n".join(copies)

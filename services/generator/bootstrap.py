@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 
 from ..common import prompts
+from ..common.config import TrainingConfig
 from ..common.records import Instance, Lineage, TaskRecord, stable_id
 from . import self_instruct as si
 
@@ -29,7 +30,7 @@ def build_meta_tasks(
     human: list[TaskRecord],
     machine: list[TaskRecord],
     seed: int,
-    examples_per_task: int = 4,
+    examples_per_task: int = TrainingConfig().bootstrap_examples_per_task,
     targets_per_prompt: int = 4,
 ) -> list[TaskRecord]:
     rng = random.Random(seed)

@@ -10,7 +10,10 @@ import re
 from dataclasses import dataclass
 
 from ..common import prompts
+from ..common.config import GenerationConfig
 from ..common.records import Instance, TaskRecord
+
+_DEFAULTS = GenerationConfig()  # the one set of defaults (services/common/config.py)
 
 # The reference's stop sequences (bootstrap_instructions.py): a blank line ends the list, and so does
 # item 16, so a completion adds at most items 9-15 to a prompt of 8.
@@ -32,8 +35,8 @@ def build_instruction_prompt(
     human: list[TaskRecord],
     machine: list[TaskRecord],
     rng: random.Random,
-    num_human: int = 6,
-    num_machine: int = 2,
+    num_human: int = _DEFAULTS.num_human_in_context,
+    num_machine: int = _DEFAULTS.num_machine_in_context,
     classification_only: bool = False,
 ) -> InstructionPrompt:
     """8 in-context instructions: num_human seed tasks + num_machine pool tasks (fewer while the pool

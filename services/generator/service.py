@@ -41,8 +41,8 @@ class GeneratorService:
         machine: list[TaskRecord],
         num_prompts: int,
         sampling: SamplingParams,
-        num_human: int = 6,
-        num_machine: int = 2,
+        num_human: int = _DEFAULTS.num_human_in_context,
+        num_machine: int = _DEFAULTS.num_machine_in_context,
         classification_only: bool = False,
         first_prompt_index: int = 0,
     ) -> InstructionBatch:

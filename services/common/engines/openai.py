@@ -17,9 +17,12 @@ import threading
 
 import aiohttp
 
+from ..config import GenerationConfig
 from ..models import DEFAULT_CACHE_DIR, load_tokenizer, resolve_model
 from ..rendering import NO_LIMIT, Example, encode_prompt, mean_response_nll, tokenize
 from .base import Completion, ModelSessions, SamplingParams, continuation_tokens, labelled_sum
+
+_DEFAULTS = GenerationConfig()  # every default lives in config.py
 
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 TOP_LOGPROBS = 5  # the most OpenAI's completions API returns (vLLM's server allows more)
@@ -36,7 +39,7 @@ class OpenAIEngine(ModelSessions):
         base_url: str,
         api_key_env: str = "OPENAI_API_KEY",
         model: str | None = None,
-        concurrency: int = 8,
+        concurrency: int = _DEFAULTS.openai_concurrency,
         timeout_s: float = 120.0,
         max_retries: int = 5,
         backoff_s: float = 0.5,
