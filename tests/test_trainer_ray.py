@@ -117,3 +117,31 @@ def test_a_store_given_as_a_uri_trains_end_to_end(local_ray, tmp_path, builtin_c
     assert service.status(again.job_id).state == "SUCCEEDED", service.status(again.job_id).error
     fetched = [p for p in os.listdir(os.path.join(builtin_cache, "remote")) if p.startswith("model-")]
     assert fetched and store.exists(store.model_uri("uri", 2) + "/model.safetensors")
+
+
+def test_a_job_whose_workers_find_no_room_is_stopped_after_the_start_timeout(local_ray, tmp_path, builtin_cache):
+    """Ray for real: every CPU of the cluster is held (an actor reserves them, as idle replicas do), so
+    a job that fits the cluster's total is admitted and its worker waits; past training.start_timeout_s
+    the trainer stops it, and every later status says why, with what is free."""
+    import ray
+
+    @ray.remote(num_cpus=4)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote(), timeout=60)
+    try:
+        store = RunStore(str(tmp_path))
+        data = store.dataset_uri("full", 1, "train")
+        store.write_tasks(data, load_seed_tasks()[:4])
+        service = TrainerService(store, builtin_cache_dir=builtin_cache, start_timeout_s=20)
+        job = service.start("full", 1, "builtin:tiny-llama", data, store.model_uri("full", 1), TrainingParams())
+        _wait(lambda: service.status(job.job_id).state == "FAILED", 240, "the unplaced job to be stopped")
+        job = service.status(job.job_id)
+        assert "no training worker started within 20 s" in job.error
+        assert "1 workers need 1 CPU each, and the cluster has 0 CPU free now" in job.error, job.error
+        assert not store.exists(store.model_uri("full", 1))
+    finally:
+        ray.kill(holder)
