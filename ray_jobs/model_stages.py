@@ -294,9 +294,10 @@ def check_benchmarks(run: Run) -> None:
     )
 
 
-def _benchmarks(run: Run, k: int, models: dict[str, str]) -> tuple[list[Benchmarked], str, str]:
+def _benchmarks(run: Run, k: int, models: dict[str, str]) -> tuple[list[Benchmarked], str, str, str]:
     """evaluation.benchmarks (lm-eval) on each model of the test stage, each distinct model once;
-    with lm-eval's version and the prompt style (chat or plain) the evaluator rendered them in."""
+    with lm-eval's version, the prompt style (chat or plain) the evaluator rendered them in and the
+    adapter it ran them through (hf or vllm)."""
     e = run.config.evaluation
     responses: dict[str, evaluator_pb2.RunBenchmarksResponse] = {}
     results = []

@@ -136,7 +136,12 @@ def test_rendered_objects_validate(helm, values, monkeypatch):
         ("serve:\n  grpcPort: 70000\n", "grpcPort"),
         ("image:\n  tag: 5\n", "tag"),
         ("cpuWorkers:\n  rayResources: {serving: many}\n", "rayResources"),
-        # a placement no enabled worker group can give would wait forever for a node
+        # a placement no enabled worker group can give would wait forever for a node (0 of it gives nothing)
+        (
+            "cpuWorkers:\n  rayResources: {serving: 0}\nreinstruct:\n  serve:\n    generator:\n"
+            "      resources: {serving: 1}\n",
+            'asks for Ray resource "serving"',
+        ),
         ("reinstruct:\n  training:\n    worker_resources: {training: 1}\n", 'Ray resource "training"'),
         (
             "gpuWorkers:\n  rayResources: {serving: 100}\nreinstruct:\n  serve:\n    generator:\n"

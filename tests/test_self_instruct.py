@@ -334,3 +334,5 @@ def test_in_context_counts_left_unset_are_the_replicas_config():
         in_context_counts(request(num_human_in_context=0, num_machine_in_context=0), defaults)
     with pytest.raises(RequestError, match="^num_machine_in_context"):
         in_context_counts(request(num_machine_in_context=9), defaults)
+    with pytest.raises(RequestError, match=r"^num_human_in_context: 8 \+ 2 in-context tasks; at most 8"):
+        in_context_counts(request(num_human_in_context=8), defaults)  # the machine count left at its default

@@ -279,7 +279,6 @@ def test_the_vllm_adapter_runs_on_the_replicas_engine_as_hflm_does(smollm2, buil
     assert by_vllm.prompt_style == by_hf.prompt_style == "chat"
     values = lambda r: {(t.task, m.name): m.value for t in r.tasks for m in t.metrics}  # noqa: E731
     assert values(by_vllm) == values(by_hf) and values(by_vllm)
-    assert engine.model_uri == smollm2  # the engine still serves what it served
 
 
 @pytest.mark.slow

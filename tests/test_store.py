@@ -141,10 +141,10 @@ def test_refusals_do_not_reveal_where_the_store_lives(tmp_path):
         assert "secret-root" not in str(refused.value)
 
 
-def test_two_drivers_claiming_one_run_on_an_object_store_get_one_key(monkeypatch):
-    """On an object store (fsspec's in-memory filesystem here) the key is created with a conditional
-    write: a second driver that checked "no key yet" at the same moment does not replace the first's,
-    and its own claim then fails as another driver's."""
+def test_claiming_a_run_on_an_object_store_asks_for_a_conditional_create(monkeypatch):
+    """On an object store (fsspec's in-memory filesystem here) the key is written in fsspec's create
+    mode, which a backend with conditional writes makes exclusive: a second driver's write does not
+    replace the first's key, and a key that is not the owner's is refused as another driver's."""
     import uuid
 
     from services.common.store import NotRunOwner

@@ -210,6 +210,10 @@ class RunStore:
             raise UriNotAllowed(field, f"{_shown(uri)} is outside the run store root")
         return self._confined_to_request_run(normalized, uri, field)
 
+    def _in_store(self, path: str) -> str:
+        """A store path as messages show it: relative to the root, whose own path is the operator's."""
+        return "<store>" + path[len(self.root) :] if path.startswith(self.root) else _shown(path)
+
     def run_of(self, path: str) -> str:
         """The run a resolved store path lies in (its first folder under the root; '' for the root)."""
         return path[len(self.root) :].lstrip("/").split("/", 1)[0]
@@ -315,7 +319,7 @@ class RunStore:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StoreBusy(f"another request is writing {path} right now") from None
+                raise StoreBusy(f"another request is writing {self._in_store(path)} right now") from None
             try:
                 yield
             finally:
@@ -345,8 +349,8 @@ class RunStore:
             finally:
                 if self.fs.exists(tmp):
                     self.fs.rm(tmp)
-        except OSError as exc:
-            raise StoreError(f"could not write {path}: {exc}") from exc
+        except OSError as exc:  # the reason without the file name: a client may read this message
+            raise StoreError(f"could not write {self._in_store(path)}: {exc.strerror or type(exc).__name__}") from exc
 
     def write_tasks(self, uri: str, tasks: list[TaskRecord]) -> int:
         path = self.resolve(uri)
@@ -408,7 +412,7 @@ class RunStore:
         a move elsewhere. A checkpoint is never replaced."""
         staging, path = self.resolve(staging_uri), self.resolve(uri)
         if self.fs.exists(path):  # never replaced: a finished checkpoint is found by its job id first
-            raise StoreError(f"{path} exists already; a checkpoint is never replaced")
+            raise StoreError(f"{self._in_store(path)} exists already; a checkpoint is never replaced")
         if self.is_local:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             os.replace(staging, path)
@@ -466,7 +470,8 @@ class RunStore:
         except (FileNotFoundError, NotADirectoryError):  # no such run (or run_id names a file)
             return None
         except OSError as exc:
-            raise StoreError(f"could not read the owner of run {run_id!r}: {exc}") from exc
+            reason = exc.strerror or type(exc).__name__  # not the file's path: a client may read this
+            raise StoreError(f"could not read the owner of run {run_id!r}: {reason}") from exc
 
     def verify_run_key(self, run_id: str, key: str) -> None:
         """Raises NotRunOwner unless key is run_id's (its hash is the one in <run>/owner). Reads one
@@ -507,19 +512,21 @@ class RunStore:
             return None
 
     def _create_once(self, path: str, text: str, *, private: bool = False) -> str:
-        """Writes text to path unless it exists, exclusively: locally a hard link of a complete
-        temporary; on an object store fsspec's create mode (a conditional PUT: S3 If-None-Match,
-        GCS ifGenerationMatch=0), so of two drivers claiming one run at once exactly one wins. Returns
-        what path holds afterwards (another writer's text if it won)."""
+        """Writes text to path unless it exists; returns what path holds afterwards (another writer's
+        text if it won). Locally exclusive: a hard link of a complete temporary. On an object store
+        it asks fsspec for its create mode, which is exclusive only where the backend makes it so (a
+        conditional write, e.g. S3's If-None-Match; fsspec's own default is check-then-write, and this
+        project has not verified any cloud backend): where it is not, two drivers claiming one new run
+        id at the same instant can both write, and then neither holds the key the owner file names
+        (both get PERMISSION_DENIED: no run with two owners)."""
         if not self.is_local:
             try:
                 self.fs.pipe_file(path, text.encode(), mode="create")
             except FileExistsError:
                 pass  # the first writer's stays
-            except (NotImplementedError, ValueError) as exc:  # a backend without exclusive create
-                raise StoreError(
-                    f"the store ({self.scheme}://) cannot create a file exclusively, which claiming a run needs: {exc}"
-                ) from None
+            except TypeError:  # an fsspec without create mode
+                if not self.fs.exists(path):
+                    self._write_atomic(path, lambda handle: handle.write(text.encode()))
             with self.fs.open(path, "rb") as handle:
                 return handle.read().decode().strip()
         os.makedirs(os.path.dirname(path), mode=0o700 if private else 0o777, exist_ok=True)

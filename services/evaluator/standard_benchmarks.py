@@ -307,26 +307,35 @@ def check_tasks(tasks: Sequence[ResolvedTask], *, allow_downloads: bool) -> None
         _load(tasks, allow_downloads)
 
 
+class _Budgeted:
+    """Mixed into lm-eval's model adapters: the request's time budget is checked before every batch
+    (as the engines do), and a model without a chat template (`_plain`: its renderer) gets each
+    generation prompt as the project renders an instruction for it (its evaluation template, the seed
+    tag, stops where the template's next part starts), the text it was trained and is gated on;
+    lm-eval alone would send the bare instruction."""
+
+    _plain: Renderer | None = None
+
+    def _model_generate(self, *args, **kwargs):
+        deadline.check()
+        return super()._model_generate(*args, **kwargs)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        if self._plain is not None:
+            requests = [_rendered(request, self._plain) for request in requests]
+        return super().generate_until(requests, disable_tqdm)
+
+
 def _adapter(plain: Renderer | None):
-    """lm-eval's HF adapter, checking the request's time budget before every batch (as the engines do).
-    plain: a model without a chat template gets each generation prompt as the project renders an
-    instruction for it (its evaluation template, the seed tag, stops where the template's next part
-    starts), the text it was trained and is gated on; lm-eval alone would send the bare instruction."""
+    """lm-eval's HF adapter, budgeted and rendered as every stage renders (_Budgeted)."""
     from lm_eval.models.huggingface import HFLM
 
-    class BudgetedHFLM(HFLM):
-        def _model_call(self, *args, **kwargs):
+    class BudgetedHFLM(_Budgeted, HFLM):
+        _plain = plain
+
+        def _model_call(self, *args, **kwargs):  # log-likelihood batches
             deadline.check()
             return super()._model_call(*args, **kwargs)
-
-        def _model_generate(self, *args, **kwargs):
-            deadline.check()
-            return super()._model_generate(*args, **kwargs)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            if plain is not None:
-                requests = [_rendered(request, plain) for request in requests]
-            return super().generate_until(requests, disable_tqdm)
 
     return BudgetedHFLM
 
@@ -358,15 +367,8 @@ def _vllm_adapter(engine, path: str, plain: Renderer | None, batch_size: int):
     for nothing. While the adapter is built, its LLM(...) call is given the running engine."""
     vllm_causallms = _vllm_causallms()
 
-    class BudgetedVLLM(vllm_causallms.VLLM):
-        def _model_generate(self, *args, **kwargs):
-            deadline.check()
-            return super()._model_generate(*args, **kwargs)
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            if plain is not None:
-                requests = [_rendered(request, plain) for request in requests]
-            return super().generate_until(requests, disable_tqdm)
+    class BudgetedVLLM(_Budgeted, vllm_causallms.VLLM):  # its _model_generate serves both kinds of request
+        _plain = plain
 
     build = vllm_causallms.LLM
     vllm_causallms.LLM = lambda **_: engine.llm
@@ -379,6 +381,19 @@ def _vllm_adapter(engine, path: str, plain: Renderer | None, batch_size: int):
         )
     finally:
         vllm_causallms.LLM = build
+
+
+@contextlib.contextmanager
+def _engine_within_budget(engine) -> Iterator[None]:
+    """The engine's own lock, waited for within the request's budget (an evaluation may hold it)."""
+    left = deadline.remaining()
+    if not engine._lock.acquire(timeout=-1 if left is None else left):
+        deadline.check()
+        raise deadline.WorkAbandoned("the replica's engine was busy for the whole request budget")
+    try:
+        yield
+    finally:
+        engine._lock.release()
 
 
 def _is_vllm(engine) -> bool:
@@ -428,6 +443,7 @@ def run_benchmarks(
         deadline.check()
         with contextlib.ExitStack() as held:
             if engine is not None and _is_vllm(engine):
+                held.enter_context(_engine_within_budget(engine))  # evaluations wait for the run, bounded
                 held.enter_context(engine.using(model_uri))  # no other request swaps its model meanwhile
                 renderer = Renderer.for_tokenizer(engine.tokenizer, prompt_format, seed_tag=system_prompt)
                 plain = renderer if renderer.style == "plain" else None

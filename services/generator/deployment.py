@@ -66,6 +66,8 @@ def in_context_counts(request: generator_pb2.GenerateInstructionsRequest, defaul
     check_range(machine, "num_machine_in_context", 0, 8)
     if human + machine == 0:
         raise RequestError("num_human_in_context", "at least one in-context task is needed")
+    if human + machine > 8:  # the prompt numbers 8 tasks and asks for the 9th to the 16th
+        raise RequestError("num_human_in_context", f"{human} + {machine} in-context tasks; at most 8 in all")
     return int(human), int(machine)
 
 

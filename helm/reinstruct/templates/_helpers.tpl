@@ -115,9 +115,14 @@ volumeMounts:
 (reinstruct.training.worker_resources) ask for must be advertised by an enabled worker group, or they
 would wait forever for a node: the chart refuses to render instead. */ -}}
 {{- define "reinstruct.checkPlacement" -}}
-{{- $advertised := keys .Values.cpuWorkers.rayResources -}}
+{{- $advertised := list -}}
+{{- range $name, $amount := (.Values.cpuWorkers.rayResources | default dict) -}}
+{{- if gt (float64 $amount) 0.0 }}{{ $advertised = append $advertised $name }}{{ end -}}
+{{- end -}}
 {{- if .Values.gpuWorkers.enabled -}}
-{{- $advertised = concat $advertised (keys .Values.gpuWorkers.rayResources) -}}
+{{- range $name, $amount := (.Values.gpuWorkers.rayResources | default dict) -}}
+{{- if gt (float64 $amount) 0.0 }}{{ $advertised = append $advertised $name }}{{ end -}}
+{{- end -}}
 {{- end -}}
 {{- $serve := .Values.reinstruct.serve | default dict -}}
 {{- range $app := list "generator" "filter" "trainer" "evaluator" -}}
@@ -176,7 +181,7 @@ workerGroupSpecs:
     maxReplicas: {{ .Values.cpuWorkers.maxReplicas }}
     {{- if .Values.cpuWorkers.rayResources }}
     rayStartParams:
-      resources: {{ toJson .Values.cpuWorkers.rayResources | quote | squote }}
+      resources: {{ toJson .Values.cpuWorkers.rayResources | quote | toJson }}
     {{- else }}
     rayStartParams: {}
     {{- end }}
@@ -202,7 +207,7 @@ workerGroupSpecs:
     rayStartParams:
       num-gpus: {{ .Values.gpuWorkers.gpusPerWorker | quote }}
       {{- with .Values.gpuWorkers.rayResources }}
-      resources: {{ toJson . | quote | squote }}
+      resources: {{ toJson . | quote | toJson }}
       {{- end }}
     template:
       metadata:
