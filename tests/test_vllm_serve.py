@@ -94,6 +94,7 @@ def test_generates_through_the_proxy(deployed):
             seed_tasks=tasks_to_source(load_seed_tasks()),
             num_prompts=2,
             num_human_in_context=8,
+            num_machine_in_context=0,  # unset would mean the config's 2: 10 in all, refused
             sampling=common_pb2.Sampling(temperature=0.7, top_p=0.5, max_new_tokens=96, seed=0, presence_penalty=2.0),
         )
     )
