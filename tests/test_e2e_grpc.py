@@ -613,6 +613,26 @@ def test_a_filter_request_too_costly_in_the_worst_case_is_refused(deployed):
         assert time.monotonic() - started < 30  # refused before any comparison
 
 
+def _wait_until_locked(store: RunStore, uri: str, timeout_s: float) -> None:
+    """Until some process holds the output lock of uri (RunStore.exclusive: a flock on
+    <run>/.locks/<hash>.lock), read from /proc/locks so that looking never takes the lock itself."""
+    import hashlib
+
+    path = store.resolve(uri)
+    name = hashlib.sha256(path.encode()).hexdigest()[:32] + ".lock"
+    lock = os.path.join(store.root, store.run_of(path), ".locks", name)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if os.path.exists(lock):
+            inode = os.stat(lock).st_ino
+            with open("/proc/locks") as table:
+                fields = [line.split() for line in table]
+            if any(f[1] == "FLOCK" and f[5].endswith(f":{inode}") for f in fields if len(f) > 5):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"nothing took the lock of {uri} within {timeout_s} s")
+
+
 def test_two_requests_for_one_output_one_wins_and_the_other_is_told(deployed):
     """Through Serve's proxy, two FilterTasks at once with the same kept_uri: one succeeds and its
     kept tasks are what the file holds; the other is ABORTED at once ("another request is writing"),
@@ -650,7 +670,7 @@ def test_two_requests_for_one_output_one_wins_and_the_other_is_told(deployed):
 
     threads = {name: threading.Thread(target=call, args=(name,)) for name in requests}
     threads["slow"].start()
-    time.sleep(0.5)
+    _wait_until_locked(store, kept_uri, 120)  # the slow request holds the output's lock: no race on timing
     threads["quick"].start()
     for thread in threads.values():
         thread.join(300)
