@@ -79,7 +79,7 @@ MAX_NAME_BYTES = 255  # one file or folder name: NAME_MAX on Linux file systems 
 def _shown(uri: str, limit: int = 160) -> str:
     """A client's URI as an error message quotes it: repr, cut short (a message is one readable line)."""
     text = repr(uri)
-    return text if len(text) <= limit else f"{text[: limit - 4]}...'"
+    return text if len(text) <= limit else f"{text[: limit - 4]}...{text[0]}"  # closed as repr opened it
 
 
 def check_run_id(run_id: str) -> str | None:

@@ -356,10 +356,15 @@ def _test(rounds: list[RoundRecord]) -> str:
 _MODELS = (("model_0", "model 0"), ("control", "control (seeds only)"), ("final", "final"))
 
 
+def _tested(rounds: list[RoundRecord]) -> tuple[Tested | None, list]:
+    """The run's test stage and its standard benchmarks' results (None and [] before it ran)."""
+    tests = _each(rounds, "test", Tested)
+    return (tests[-1][1], tests[-1][1].benchmark_results()) if tests else (None, [])
+
+
 def _benchmarks_heading(rounds: list[RoundRecord]) -> str:
     """The section's heading names the models the test stage benchmarked (the control only if it ran)."""
-    tests = _each(rounds, "test", Tested)
-    results = tests[-1][1].benchmark_results() if tests else []
+    _, results = _tested(rounds)
     labels = [label for key, label in _MODELS if any(b.model == key for b in results)]
     named = ", ".join(labels[:-1]) + f" and {labels[-1]}" if len(labels) > 1 else "".join(labels)
     return "Standard benchmarks (lm-evaluation-harness)" + (f": {named}" if named else "")
@@ -368,11 +373,9 @@ def _benchmarks_heading(rounds: list[RoundRecord]) -> str:
 def _benchmarks(rounds: list[RoundRecord]) -> str:
     """The test stage's standard benchmarks (lm-eval): a table per task, a row per metric, a column per
     model, each value with lm-eval's standard error."""
-    tests = _each(rounds, "test", Tested)
-    results = tests[-1][1].benchmark_results() if tests else []
+    t, results = _tested(rounds)
     if not results:
         return "<p>No standard benchmarks (evaluation.benchmarks names none).</p>"
-    t = tests[-1][1]
     models = [(key, label) for key, label in _MODELS if any(b.model == key for b in results)]
     parts = [
         f"<p class='facts'>lm-evaluation-harness {html.escape(t.lm_eval_version)}, through its "
