@@ -11,6 +11,7 @@ from services.api import filter_pb2, generator_pb2
 from services.common import prompts
 from services.common.convert import uri_source
 from services.common.records import Instance, Lineage, TaskRecord, stable_id
+from services.common.sections import to_message
 from services.common.stages import CurationControl, Dataset, Filtered, RatingPool, Segments, Split, Trained
 from services.generator.backtranslation import backward_tasks, control_pairs, rater_auc, selection_threshold
 from services.generator.corpus import load_segments, sample_segments
@@ -156,7 +157,7 @@ def _keep_the_best(run: Run, k: int, curated: Dataset, control: CurationControl,
     rubric rating read from probabilities is an expected score that seldom reaches it, and PMI has no
     such point, so otherwise the best kept_share are kept (selection_threshold). None are kept when
     the rater failed its control."""
-    b, f = run.config.backtranslation, run.config.filter
+    b = run.config.backtranslation
     k_threshold = b.curation_threshold_first_round if k == 1 else b.curation_threshold_later
     scores = [t.lineage.scores.get("curation", 0.0) for t in curated.tasks(run.store)]
     record = dict(
@@ -188,13 +189,11 @@ def _keep_the_best(run: Run, k: int, curated: Dataset, control: CurationControl,
         filter_pb2.FilterTasksRequest(
             context=run.ctx(k),
             candidates=uri_source(curated.uri),
-            rouge_l_threshold=1.0,
-            min_instruction_words=f.min_instruction_words,
-            max_instruction_words=f.max_instruction_words,
+            # curation decides here, not novelty: ROUGE-L drops only exact repeats
+            filter=to_message(
+                run.config.filter.model_copy(update={"rouge_l_threshold": 1.0, "min_curation_score": threshold})
+            ),
             decontaminate_against=uri_source(heldout_uri),
-            decontamination_ngram=f.decontamination_ngram,
-            near_duplicate_threshold=f.near_duplicate_threshold,
-            min_curation_score=threshold,
             kept_uri=run.uri(k, "augmented_kept"),
             rejected_uri=run.uri(k, "augmented_rejected"),
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from services.api import filter_pb2, generator_pb2
 from services.common.convert import task_from_proto, uri_source
 from services.common.records import TaskRecord
+from services.common.sections import to_message
 from services.common.stages import Dataset, Filtered, Instructions, Split
 
 from .run import Run
@@ -65,7 +66,6 @@ def _novel_instructions(
     run: Run, k: int, split: Split, pool: list[TaskRecord], new: list[TaskRecord]
 ) -> list[TaskRecord]:
     """The new instructions that pass the instruction rules and ROUGE-L < threshold against seeds + pool."""
-    f = run.config.filter
     refresh_pool = run.write(k, "refresh_pool", run.store.read_tasks(split.seed_all_uri) + pool)
     candidates = run.write(k, "refresh_candidates", new)
     response = run.clients.filter_tasks(
@@ -74,10 +74,7 @@ def _novel_instructions(
             candidates=uri_source(candidates.uri),
             pool=uri_source(refresh_pool.uri),
             instructions_only=True,
-            rouge_l_threshold=f.rouge_l_threshold,
-            min_instruction_words=f.min_instruction_words,
-            max_instruction_words=f.max_instruction_words,
-            reject_only_above_threshold=f.reject_only_above_threshold,
+            filter=to_message(run.config.filter),
         )
     )
     return [task_from_proto(t) for t in response.kept]
@@ -126,7 +123,6 @@ def filter_candidates(run: Run, k: int, split: Split, machine: list[TaskRecord],
     rounds, the ones kept before it) is < 0.7 and it passes the rules, dedup and decontamination."""
     if candidates.count == 0:
         return Filtered()
-    f = run.config.filter
     pool = run.write(k, "filter_pool", run.store.read_tasks(split.seed_all_uri) + machine)
     pool_scores = _pool_scores(run, k, candidates, pool.uri)
     response = run.clients.filter_tasks(
@@ -135,15 +131,9 @@ def filter_candidates(run: Run, k: int, split: Split, machine: list[TaskRecord],
             candidates=uri_source(candidates.uri),
             pool=uri_source(pool.uri),  # pool_scores or not: dedup and the demonstration rule read the pool
             pool_scores=pool_scores,
-            rouge_l_threshold=f.rouge_l_threshold,
-            min_instruction_words=f.min_instruction_words,
-            max_instruction_words=f.max_instruction_words,
+            filter=to_message(run.config.filter),
             kept_uri=run.uri(k, "kept"),
             decontaminate_against=uri_source(split.seed_heldout_uri),
-            decontamination_ngram=f.decontamination_ngram,
-            near_duplicate_threshold=f.near_duplicate_threshold,
-            min_curation_score=f.min_curation_score,
-            reject_only_above_threshold=f.reject_only_above_threshold,
             rejected_uri=run.uri(k, "rejected"),
         )
     )

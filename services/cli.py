@@ -20,10 +20,8 @@ from .common.stages import Decision, Filtered, Tested, rounds_of
 from .generator.corpus import BUILTIN_CORPORA
 
 app = typer.Typer(help="reinstruct: a model that improves by training on data it made itself.", no_args_is_help=True)
-console = Console(soft_wrap=True)
-_FILTER = (
-    ReinstructConfig().filter
-)  # the filter command's defaults are the config's  # a log file gets whole lines, not 80-column cuts
+console = Console(soft_wrap=True)  # a log file gets whole lines, not 80-column cuts
+_FILTER = ReinstructConfig().filter  # the filter command's defaults are the config's
 
 
 def _load(config: Path | None, store_root: str | None = None, rounds: int | None = None) -> ReinstructConfig:
@@ -396,20 +394,24 @@ def filter_command(
     """Self-Instruct's filter on your own data: ROUGE-L novelty, keyword and length rules, dedup.
     Switch rules off (--no-instruction-rules --no-near-duplicates) to keep the ROUGE-L filter alone."""
 
+    from pydantic import ValidationError
+
     from .common.formats import DataFormatError
     from .filter.files import filter_file
-    from .filter.service import FilterSettings
 
-    settings = FilterSettings(
-        rouge_l_threshold=threshold,
-        reject_only_above_threshold=reference_rule,
-        min_instruction_words=_FILTER.min_instruction_words,
-        max_instruction_words=_FILTER.max_instruction_words,
-        near_duplicate_threshold=_FILTER.near_duplicate_threshold if near_duplicates else None,
-        decontamination_ngram=_FILTER.decontamination_ngram,
-        max_instances_per_task=_FILTER.max_instances_per_task,
-        instruction_rules=instruction_rules,
-    )
+    try:
+        settings = type(_FILTER).model_validate(
+            {
+                **_FILTER.model_dump(),
+                "rouge_l_threshold": threshold,
+                "reject_only_above_threshold": reference_rule,
+                "instruction_rules": instruction_rules,
+                **({} if near_duplicates else {"near_duplicate_threshold": 0.0}),
+            }
+        )
+    except ValidationError as exc:
+        console.print(f"[red]{exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}[/red]")
+        raise typer.Exit(2) from None
     columns = (TextColumn("filtering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console, transient=True) as progress:

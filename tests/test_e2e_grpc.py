@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from services.api import common_pb2, evaluator_pb2, filter_pb2, generator_pb2, trainer_pb2
+from services.api import common_pb2, config_pb2, evaluator_pb2, filter_pb2, generator_pb2, trainer_pb2
 from services.client import ServiceClients, _retryable
 from services.common.config import parse_config
 from services.common.convert import tasks_to_source
@@ -347,8 +347,10 @@ def test_malformed_requests_get_invalid_argument(deployed):
     )
     _expect_invalid(
         clients.filter_tasks,
-        filter_pb2.FilterTasksRequest(context=CTX, candidates=tasks_to_source(seeds), rouge_l_threshold=1.5),
-        "rouge_l_threshold",
+        filter_pb2.FilterTasksRequest(
+            context=CTX, candidates=tasks_to_source(seeds), filter=config_pb2.FilterConfig(rouge_l_threshold=1.5)
+        ),
+        "filter.rouge_l_threshold",
     )
     _expect_invalid(
         clients.generate_instructions,
@@ -1252,7 +1254,7 @@ def test_replica_killed_under_load_requests_are_retried(deployed):
                     candidates=tasks_to_source(candidates),
                     pool=pool,
                     kept_uri=kept_uri,
-                    near_duplicate_threshold=-1,
+                    filter=config_pb2.FilterConfig(near_duplicate_threshold=-1),
                 )
             )
             results[n] = (kept_uri, response.kept_count)

@@ -1,8 +1,9 @@
 import pytest
 
+from services.common.config import FilterConfig
 from services.common.records import Instance, TaskRecord
 from services.filter.rules import clean_instances, instruction_rejection
-from services.filter.service import FilterSettings, filter_tasks
+from services.filter.service import filter_tasks
 
 
 @pytest.mark.parametrize(
@@ -102,7 +103,7 @@ def test_filter_in_order_with_funnel():
         _task(4, "Draw a picture of a horse."),  # blacklist
         _task(5, "Translate the sentence into Spanish.", [Instance("x", "")]),  # no valid instance left
     ]
-    result = filter_tasks(candidates, pool, FilterSettings())
+    result = filter_tasks(candidates, pool, FilterConfig())
     assert [v.kept for v in result.verdicts] == [False, True, False, False, False]
     assert result.funnel == {"rouge_l_too_similar": 2, "blacklisted": 1, "empty_output": 1}  # what emptied it
     assert result.verdicts[2].nearest_instruction == "Summarize the article in two sentences."
@@ -114,15 +115,15 @@ def test_filter_in_order_with_funnel():
 def test_boundary_rule_both_ways():
     pool = [_task(0, "alpha beta gamma delta epsilon zeta eta theta")]  # 8 tokens
     tie = _task(1, "alpha beta gamma delta epsilon zeta eta iota kappa lambda mu nu")  # 12 tokens, LCS 7
-    paper = filter_tasks([tie], pool, FilterSettings(near_duplicate_threshold=None))
+    paper = filter_tasks([tie], pool, FilterConfig(near_duplicate_threshold=0))
     assert paper.verdicts[0].max_rouge_l == 0.7000000000000001 and not paper.verdicts[0].kept
     exactly = _task(2, "a b c d e f g h i j")
     at_07 = _task(3, "a b c d e f g x y z")  # LCS 7 of 10 and 10: F = 0.7 exactly
-    strict = filter_tasks([at_07], [exactly], FilterSettings(near_duplicate_threshold=None, min_instruction_words=1))
+    strict = filter_tasks([at_07], [exactly], FilterConfig(near_duplicate_threshold=0, min_instruction_words=1))
     lenient = filter_tasks(
         [at_07],
         [exactly],
-        FilterSettings(near_duplicate_threshold=None, min_instruction_words=1, reject_only_above_threshold=True),
+        FilterConfig(near_duplicate_threshold=0, min_instruction_words=1, reject_only_above_threshold=True),
     )
     assert strict.verdicts[0].max_rouge_l == 0.7
     assert (strict.verdicts[0].kept, lenient.verdicts[0].kept) == (False, True)
@@ -135,10 +136,10 @@ def test_near_duplicate_responses():
         _task(2, "Tell me about the habits of a certain animal.", [Instance("", text + " Indeed")]),
         _task(3, "Give an unrelated answer to a new question.", [Instance("", "Completely different words here.")]),
     ]
-    result = filter_tasks(candidates, [], FilterSettings())
+    result = filter_tasks(candidates, [], FilterConfig())
     assert [v.kept for v in result.verdicts] == [True, False, True]
     assert result.funnel == {"near_duplicate_response": 1}
-    off = filter_tasks(candidates, [], FilterSettings(near_duplicate_threshold=None))
+    off = filter_tasks(candidates, [], FilterConfig(near_duplicate_threshold=0))
     assert all(v.kept for v in off.verdicts)
 
 
@@ -147,7 +148,7 @@ def test_decontamination_against_eval_set():
     eval_task = TaskRecord(id="e", instruction="Summarize the passage.", instances=[Instance(passage, "Budget ok.")])
     leaked = _task(1, "Write a headline for this news item.", [Instance(passage.upper(), "Libraries win")])
     clean = _task(2, "Write a headline for a sports result.", [Instance("the home team won three to one", "Win")])
-    result = filter_tasks([leaked, clean], [], FilterSettings(), eval_tasks=[eval_task])
+    result = filter_tasks([leaked, clean], [], FilterConfig(), eval_tasks=[eval_task])
     assert [v.kept for v in result.verdicts] == [False, True]
     assert result.funnel == {"contaminated": 1}
 
@@ -233,9 +234,7 @@ def test_curation_score_threshold():
     high = _task(2, "List five animals that live in the desert.")
     high.lineage.scores["curation"] = 5.0
     unscored = _task(3, "Give a synonym for the word happy please.")
-    result = filter_tasks(
-        [low, high, unscored], [], FilterSettings(min_curation_score=4.0, near_duplicate_threshold=None)
-    )
+    result = filter_tasks([low, high, unscored], [], FilterConfig(min_curation_score=4.0, near_duplicate_threshold=0))
     assert [v.kept for v in result.verdicts] == [False, True, True]
     assert result.funnel == {"low_curation_score": 1}
 
@@ -266,7 +265,7 @@ def test_score_novelty_keeps_a_pool_index_until_the_pool_file_changes(tmp_path):
 def test_zero_and_false_are_answers_not_unset(tmp_path):
     """proto3 `optional`: a client can switch dedup off (0) on a replica whose config has it on, and
     ask for use_gpu=false where the config says true; an unset field takes the config's value."""
-    from services.api import common_pb2, filter_pb2, trainer_pb2
+    from services.api import common_pb2, config_pb2, filter_pb2, trainer_pb2
     from services.common.convert import tasks_to_source
     from services.filter.deployment import FilterDeployment
     from services.trainer.deployment import _given
@@ -280,7 +279,11 @@ def test_zero_and_false_are_answers_not_unset(tmp_path):
     ctx = common_pb2.RunContext(run_id="r", round=1)
     default = replica.FilterTasks(filter_pb2.FilterTasksRequest(context=ctx, candidates=tasks_to_source(twins)))
     off = replica.FilterTasks(
-        filter_pb2.FilterTasksRequest(context=ctx, candidates=tasks_to_source(twins), near_duplicate_threshold=0)
+        filter_pb2.FilterTasksRequest(
+            context=ctx,
+            candidates=tasks_to_source(twins),
+            filter=config_pb2.FilterConfig(near_duplicate_threshold=0),
+        )
     )
     assert [v.kept for v in default.verdicts] == [True, False] and default.verdicts[1].reasons == [
         "near_duplicate_response"
@@ -302,9 +305,9 @@ def test_short_label_answers_are_not_near_duplicates():
         ("Does the sentence contain a question?", "Is it? Yes", "yes"),
     ]
     candidates = [_task(i, text, [Instance(given, output)]) for i, (text, given, output) in enumerate(tasks)]
-    before = filter_tasks(candidates, [], FilterSettings(near_duplicate_threshold=None))
+    before = filter_tasks(candidates, [], FilterConfig(near_duplicate_threshold=0))
     assert all(v.kept for v in before.verdicts)  # no other rule stands in the way
-    result = filter_tasks(candidates, [], FilterSettings())
+    result = filter_tasks(candidates, [], FilterConfig())
     assert all(v.kept for v in result.verdicts) and result.funnel == {}
 
 
@@ -317,7 +320,7 @@ def test_near_duplicates_compare_input_and_output():
         2, "Explain the given sum step by step.", [Instance("a completely different input text", output)]
     )
     same = _task(3, "Say what the numbers below make.", [Instance("six and seven, multiplied together", output)])
-    result = filter_tasks([first, other_input, same], [], FilterSettings())
+    result = filter_tasks([first, other_input, same], [], FilterConfig())
     assert [v.kept for v in result.verdicts] == [True, True, False]
     assert result.verdicts[2].reasons[0] == "near_duplicate_response"
 
@@ -326,7 +329,7 @@ def test_near_duplicates_against_the_pool():
     text = "Rivers carry water from the hills to the sea, and on the way they shape the valleys they run through."
     pool = [_task(0, "Describe how rivers shape a landscape.", [Instance("", text)])]
     again = _task(1, "Write one sentence about water.", [Instance("", text)])
-    result = filter_tasks([again], pool, FilterSettings())
+    result = filter_tasks([again], pool, FilterConfig())
     assert not result.verdicts[0].kept and result.funnel == {"near_duplicate_response": 1}
 
 
@@ -350,16 +353,16 @@ def test_an_instance_copying_a_demonstration_is_removed():
         Instance("", "It is sunny and warm, a good day for a walk."),
         Instance("", "We went hiking and saw a deer near the lake."),
     ]
-    result = filter_tasks([task], [demo], FilterSettings(near_duplicate_threshold=None))
+    result = filter_tasks([task], [demo], FilterConfig(near_duplicate_threshold=0))
     assert result.verdicts[0].kept and result.verdicts[0].reasons == ["copies_demonstration"]
     assert result.kept[0].instances == [Instance("", "We went hiking and saw a deer near the lake.")]
     only_copies = _shown(_task(2, "Describe the weather in one sentence please.", [task.instances[0]]), "seed-1")
-    rejected = filter_tasks([only_copies], [demo], FilterSettings(near_duplicate_threshold=None))
+    rejected = filter_tasks([only_copies], [demo], FilterConfig(near_duplicate_threshold=0))
     assert rejected.funnel == {"copies_demonstration": 1}  # the round's funnel names the rule
     # a task the instruction prompt showed was not a demonstration: its outputs were never in a prompt
     not_shown = _shown(_task(3, "Describe the weather in one sentence please."), instruction_context=["seed-1"])
     not_shown.instances = [task.instances[0]]
-    assert filter_tasks([not_shown], [demo], FilterSettings(near_duplicate_threshold=None)).verdicts[0].kept
+    assert filter_tasks([not_shown], [demo], FilterConfig(near_duplicate_threshold=0)).verdicts[0].kept
 
 
 def test_a_classification_instance_may_share_a_label_but_not_an_input():
@@ -370,7 +373,7 @@ def test_a_classification_instance_may_share_a_label_but_not_an_input():
         is_classification=True,
         instances=[Instance("The soup was cold.", "negative"), Instance("I loved this film.", "positive")],
     )
-    result = filter_tasks([_shown(task, "seed-c")], [demo], FilterSettings(near_duplicate_threshold=None))
+    result = filter_tasks([_shown(task, "seed-c")], [demo], FilterConfig(near_duplicate_threshold=0))
     assert result.kept[0].instances == [Instance("The soup was cold.", "negative")]
     assert result.verdicts[0].reasons == ["copies_demonstration"]
 
@@ -386,11 +389,11 @@ def test_an_input_repeating_the_instruction_is_removed():
     )
     assert kept == [Instance("I am tired.", "Je suis fatigué.")] and reasons == ["input_repeats_instruction"]
     echo = _task(1, instruction, [Instance("translate the sentence into french: Hello", "Bonjour")])
-    assert filter_tasks([echo], [], FilterSettings()).funnel == {"input_repeats_instruction": 1}
+    assert filter_tasks([echo], [], FilterConfig()).funnel == {"input_repeats_instruction": 1}
 
 
 def test_a_task_without_instances_is_rejected_as_such():
-    result = filter_tasks([TaskRecord(id="n", instruction="Name three rivers of Europe.")], [], FilterSettings())
+    result = filter_tasks([TaskRecord(id="n", instruction="Name three rivers of Europe.")], [], FilterConfig())
     assert result.funnel == {"no_valid_instances": 1}
 
 
@@ -410,7 +413,7 @@ def test_the_pool_serves_dedup_and_demonstrations_when_its_scores_come_from_else
         ),
         _task(3, "Name three animals that live in the sea.", [Instance("", "Whales, dolphins and octopuses.")]),
     ]
-    whole = filter_tasks(candidates, pool, FilterSettings())
-    split = filter_tasks(candidates, pool, FilterSettings(), pool_scores=novelty_scores(candidates, pool))
+    whole = filter_tasks(candidates, pool, FilterConfig())
+    split = filter_tasks(candidates, pool, FilterConfig(), pool_scores=novelty_scores(candidates, pool))
     assert whole.funnel == split.funnel == {"near_duplicate_response": 1, "copies_demonstration": 1}
     assert [v.reasons for v in whole.verdicts] == [v.reasons for v in split.verdicts]

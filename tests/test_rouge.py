@@ -102,18 +102,19 @@ def test_index_saves_and_loads(tmp_path):
 def test_the_filters_parallel_part_decides_the_same(pool, candidates, per_shard):
     """novelty_scores over shards of candidates, then filter_tasks with pool_scores (only candidates
     against those kept before them): the verdicts of filtering against the pool in one go."""
+    from services.common.config import FilterConfig
     from services.common.records import TaskRecord
-    from services.filter.service import FilterSettings, filter_tasks, novelty_scores
+    from services.filter.service import filter_tasks, novelty_scores
 
     pool_tasks = [TaskRecord(id=f"p{i}", instruction=t) for i, t in enumerate(pool)]
     tasks = [TaskRecord(id=f"c{i}", instruction=t) for i, t in enumerate(candidates)]
-    rules_off = FilterSettings(check_instances=False, instruction_rules=False)
-    whole = filter_tasks(tasks, pool_tasks, rules_off)
+    rules_off = FilterConfig(instruction_rules=False)
+    whole = filter_tasks(tasks, pool_tasks, rules_off, check_instances=False)
     scores = [
         s
         for start in range(0, len(tasks), per_shard)
         for s in novelty_scores(tasks[start : start + per_shard], pool_tasks)
     ]
-    split = filter_tasks(tasks, [], rules_off, pool_scores=scores)
+    split = filter_tasks(tasks, [], rules_off, check_instances=False, pool_scores=scores)
     assert split.verdicts == whole.verdicts
     assert [t.id for t in split.kept] == [t.id for t in whole.kept]

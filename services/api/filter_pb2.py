@@ -23,29 +23,30 @@ _sym_db = _symbol_database.Default()
 
 
 from . import common_pb2 as reinstruct_dot_v1_dot_common__pb2
+from . import config_pb2 as reinstruct_dot_v1_dot_config__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1areinstruct/v1/filter.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\"Q\n\x0cNoveltyScore\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bmax_rouge_l\x18\x02 \x01(\x01\x12\x1b\n\x13nearest_instruction\x18\x03 \x01(\t\"\x99\x01\n\x13ScoreNoveltyRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12-\n\ncandidates\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\'\n\x04pool\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\"C\n\x14ScoreNoveltyResponse\x12+\n\x06scores\x18\x01 \x03(\x0b\x32\x1b.reinstruct.v1.NoveltyScore\"\xe9\x04\n\x12\x46ilterTasksRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12-\n\ncandidates\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\'\n\x04pool\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x19\n\x11rouge_l_threshold\x18\x04 \x01(\x02\x12\x1d\n\x15min_instruction_words\x18\x05 \x01(\x05\x12\x1d\n\x15max_instruction_words\x18\x06 \x01(\x05\x12\x10\n\x08kept_uri\x18\x07 \x01(\t\x12\x14\n\x0crejected_uri\x18\x08 \x01(\t\x12\x38\n\x15\x64\x65\x63ontaminate_against\x18\t \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x1d\n\x15\x64\x65\x63ontamination_ngram\x18\n \x01(\x05\x12%\n\x18near_duplicate_threshold\x18\x0b \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\x12min_curation_score\x18\x0c \x01(\x02\x12(\n\x1breject_only_above_threshold\x18\r \x01(\x08H\x01\x88\x01\x01\x12\x19\n\x11instructions_only\x18\x0e \x01(\x08\x12\x30\n\x0bpool_scores\x18\x0f \x03(\x0b\x32\x1b.reinstruct.v1.NoveltyScoreB\x1b\n\x19_near_duplicate_thresholdB\x1e\n\x1c_reject_only_above_threshold\"k\n\x07Verdict\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04kept\x18\x02 \x01(\x08\x12\x0f\n\x07reasons\x18\x03 \x03(\t\x12\x13\n\x0bmax_rouge_l\x18\x04 \x01(\x01\x12\x1b\n\x13nearest_instruction\x18\x05 \x01(\t\"+\n\nFunnelStep\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x03\"\x93\x02\n\x13\x46ilterTasksResponse\x12(\n\x08verdicts\x18\x01 \x03(\x0b\x32\x16.reinstruct.v1.Verdict\x12)\n\x06\x66unnel\x18\x02 \x03(\x0b\x32\x19.reinstruct.v1.FunnelStep\x12!\n\x04kept\x18\x03 \x03(\x0b\x32\x13.reinstruct.v1.Task\x12+\n\x08kept_ref\x18\x04 \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef\x12/\n\x0crejected_ref\x18\x05 \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef\x12\x12\n\ncandidates\x18\x06 \x01(\x03\x12\x12\n\nkept_count\x18\x07 \x01(\x03\x32\xb7\x01\n\x06\x46ilter\x12T\n\x0b\x46ilterTasks\x12!.reinstruct.v1.FilterTasksRequest\x1a\".reinstruct.v1.FilterTasksResponse\x12W\n\x0cScoreNovelty\x12\".reinstruct.v1.ScoreNoveltyRequest\x1a#.reinstruct.v1.ScoreNoveltyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1areinstruct/v1/filter.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\x1a\x1areinstruct/v1/config.proto\"Q\n\x0cNoveltyScore\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0bmax_rouge_l\x18\x02 \x01(\x01\x12\x1b\n\x13nearest_instruction\x18\x03 \x01(\t\"\x99\x01\n\x13ScoreNoveltyRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12-\n\ncandidates\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\'\n\x04pool\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\"C\n\x14ScoreNoveltyResponse\x12+\n\x06scores\x18\x01 \x03(\x0b\x32\x1b.reinstruct.v1.NoveltyScore\"\x9e\x03\n\x12\x46ilterTasksRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12-\n\ncandidates\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\'\n\x04pool\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x10\n\x08kept_uri\x18\x07 \x01(\t\x12\x14\n\x0crejected_uri\x18\x08 \x01(\t\x12\x38\n\x15\x64\x65\x63ontaminate_against\x18\t \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x19\n\x11instructions_only\x18\x0e \x01(\x08\x12\x30\n\x0bpool_scores\x18\x0f \x03(\x0b\x32\x1b.reinstruct.v1.NoveltyScore\x12+\n\x06\x66ilter\x18\x10 \x01(\x0b\x32\x1b.reinstruct.v1.FilterConfigJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07J\x04\x08\n\x10\x0bJ\x04\x08\x0b\x10\x0cJ\x04\x08\x0c\x10\rJ\x04\x08\r\x10\x0e\"k\n\x07Verdict\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04kept\x18\x02 \x01(\x08\x12\x0f\n\x07reasons\x18\x03 \x03(\t\x12\x13\n\x0bmax_rouge_l\x18\x04 \x01(\x01\x12\x1b\n\x13nearest_instruction\x18\x05 \x01(\t\"+\n\nFunnelStep\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0f\n\x07removed\x18\x02 \x01(\x03\"\x93\x02\n\x13\x46ilterTasksResponse\x12(\n\x08verdicts\x18\x01 \x03(\x0b\x32\x16.reinstruct.v1.Verdict\x12)\n\x06\x66unnel\x18\x02 \x03(\x0b\x32\x19.reinstruct.v1.FunnelStep\x12!\n\x04kept\x18\x03 \x03(\x0b\x32\x13.reinstruct.v1.Task\x12+\n\x08kept_ref\x18\x04 \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef\x12/\n\x0crejected_ref\x18\x05 \x01(\x0b\x32\x19.reinstruct.v1.DatasetRef\x12\x12\n\ncandidates\x18\x06 \x01(\x03\x12\x12\n\nkept_count\x18\x07 \x01(\x03\x32\xb7\x01\n\x06\x46ilter\x12T\n\x0b\x46ilterTasks\x12!.reinstruct.v1.FilterTasksRequest\x1a\".reinstruct.v1.FilterTasksResponse\x12W\n\x0cScoreNovelty\x12\".reinstruct.v1.ScoreNoveltyRequest\x1a#.reinstruct.v1.ScoreNoveltyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.api.filter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NOVELTYSCORE']._serialized_start=73
-  _globals['_NOVELTYSCORE']._serialized_end=154
-  _globals['_SCORENOVELTYREQUEST']._serialized_start=157
-  _globals['_SCORENOVELTYREQUEST']._serialized_end=310
-  _globals['_SCORENOVELTYRESPONSE']._serialized_start=312
-  _globals['_SCORENOVELTYRESPONSE']._serialized_end=379
-  _globals['_FILTERTASKSREQUEST']._serialized_start=382
-  _globals['_FILTERTASKSREQUEST']._serialized_end=999
-  _globals['_VERDICT']._serialized_start=1001
-  _globals['_VERDICT']._serialized_end=1108
-  _globals['_FUNNELSTEP']._serialized_start=1110
-  _globals['_FUNNELSTEP']._serialized_end=1153
-  _globals['_FILTERTASKSRESPONSE']._serialized_start=1156
-  _globals['_FILTERTASKSRESPONSE']._serialized_end=1431
-  _globals['_FILTER']._serialized_start=1434
-  _globals['_FILTER']._serialized_end=1617
+  _globals['_NOVELTYSCORE']._serialized_start=101
+  _globals['_NOVELTYSCORE']._serialized_end=182
+  _globals['_SCORENOVELTYREQUEST']._serialized_start=185
+  _globals['_SCORENOVELTYREQUEST']._serialized_end=338
+  _globals['_SCORENOVELTYRESPONSE']._serialized_start=340
+  _globals['_SCORENOVELTYRESPONSE']._serialized_end=407
+  _globals['_FILTERTASKSREQUEST']._serialized_start=410
+  _globals['_FILTERTASKSREQUEST']._serialized_end=824
+  _globals['_VERDICT']._serialized_start=826
+  _globals['_VERDICT']._serialized_end=933
+  _globals['_FUNNELSTEP']._serialized_start=935
+  _globals['_FUNNELSTEP']._serialized_end=978
+  _globals['_FILTERTASKSRESPONSE']._serialized_start=981
+  _globals['_FILTERTASKSRESPONSE']._serialized_end=1256
+  _globals['_FILTER']._serialized_start=1259
+  _globals['_FILTER']._serialized_end=1442
 # @@protoc_insertion_point(module_scope)

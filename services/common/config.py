@@ -238,6 +238,15 @@ class FilterConfig(_Section):
         description="Instances kept per task, chosen at random after "
         "cleaning (Self-Instruct's reference keeps 5); 0: all",
     )
+    instruction_rules: bool = Field(
+        True, description="Self-Instruct's length, keyword and punctuation rules (off: ROUGE-L and the rest only)"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FilterConfig:
+        if self.min_instruction_words > self.max_instruction_words:
+            raise ValueError("min_instruction_words must not exceed max_instruction_words")
+        return self
 
 
 class LoraConfig(_Section):

@@ -8,10 +8,11 @@ from collections import OrderedDict
 from ray import serve
 
 from ..api import common_pb2, filter_pb2
-from ..common.config import ReinstructConfig, config_from_app_args, replica_options
+from ..common.config import FilterConfig, ReinstructConfig, config_from_app_args, replica_options
 from ..common.convert import task_to_proto
 from ..common.grpc_handler import grpc_method, refuse_other_services
 from ..common.rouge import NoveltyIndex, tokenize
+from ..common.sections import from_message
 from ..common.store import RunStore
 from ..common.validation import (
     RequestError,
@@ -21,7 +22,7 @@ from ..common.validation import (
     check_rouge_cost,
     resolve_tasks,
 )
-from .service import FilterSettings, PoolScore, filter_tasks, novelty_scores
+from .service import PoolScore, filter_tasks, novelty_scores
 
 
 def _pool_scores(request: filter_pb2.FilterTasksRequest, candidates) -> list[PoolScore] | None:
@@ -78,48 +79,19 @@ class FilterDeployment:
     @grpc_method(filter_pb2.FilterTasksResponse)
     def FilterTasks(self, request: filter_pb2.FilterTasksRequest):
         check_context(request.context)
-        defaults = self.config.filter
-        threshold = request.rouge_l_threshold or defaults.rouge_l_threshold
-        check_range(threshold, "rouge_l_threshold", 1e-9, 1.0)
-        min_words = request.min_instruction_words or defaults.min_instruction_words
-        max_words = request.max_instruction_words or defaults.max_instruction_words
-        check_range(min_words, "min_instruction_words", 1, 10_000)
-        check_range(max_words, "max_instruction_words", 1, 10_000)
-        if min_words > max_words:
-            raise RequestError("min_instruction_words", "must not exceed max_instruction_words")
+        cfg = from_message(request.filter, FilterConfig, "filter")
         run_id = request.context.run_id
         check_output_uri(request.kept_uri, self.store, "kept_uri", run_id)
         check_output_uri(request.rejected_uri, self.store, "rejected_uri", run_id)
         candidates = resolve_tasks(request.candidates, self.store, "candidates")
         pool = resolve_tasks(request.pool, self.store, "pool", required=False)
         eval_tasks = resolve_tasks(request.decontaminate_against, self.store, "decontaminate_against", required=False)
-        ngram = request.decontamination_ngram or defaults.decontamination_ngram
-        check_range(ngram, "decontamination_ngram", 4, 64)
-        near = (
-            request.near_duplicate_threshold
-            if request.HasField("near_duplicate_threshold")
-            else defaults.near_duplicate_threshold
-        )  # <= 0: off
-        check_range(near, "near_duplicate_threshold", -1.0, 1.0)
-        check_range(request.min_curation_score, "min_curation_score", 0.0, 5.0)
-        settings = FilterSettings(
-            threshold,
-            min_words,
-            max_words,
-            reject_only_above_threshold=request.reject_only_above_threshold
-            if request.HasField("reject_only_above_threshold")
-            else defaults.reject_only_above_threshold,
-            near_duplicate_threshold=near if near > 0 else None,
-            near_duplicate_min_tokens=defaults.near_duplicate_min_tokens,
-            decontamination_ngram=ngram,
-            min_curation_score=request.min_curation_score,
-            max_instances_per_task=defaults.max_instances_per_task,
-            check_instances=not request.instructions_only,
-        )
         pool_scores = _pool_scores(request, candidates)
         pool_tokens = sum(len(tokenize(t.instruction)) for t in pool) if pool_scores is None else 0
         check_rouge_cost(candidates, pool_tokens, candidates_join_pool=True)
-        result = filter_tasks(candidates, pool, settings, eval_tasks, pool_scores=pool_scores)
+        result = filter_tasks(
+            candidates, pool, cfg, eval_tasks, check_instances=not request.instructions_only, pool_scores=pool_scores
+        )
         response = filter_pb2.FilterTasksResponse(
             verdicts=[
                 filter_pb2.Verdict(

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 from ..common.atomic import write_text_atomic
+from ..common.config import FilterConfig
 from ..common.formats import DataFormatError, _iter_rows, load_tasks
 from ..common.records import Instance, TaskRecord
-from .service import FilterResult, FilterSettings, filter_tasks
+from .service import FilterResult, filter_tasks
 
 
 def _to_task(path: Path, line: int, row: dict) -> tuple[TaskRecord, bool]:
@@ -59,7 +60,7 @@ def filter_file(
     input_path: Path,
     output_path: Path,
     pool_path: Path | None,
-    settings: FilterSettings,
+    cfg: FilterConfig,
     rejected_path: Path | None = None,
     on_progress=None,
     eval_path: Path | None = None,
@@ -67,8 +68,14 @@ def filter_file(
     rows = load_rows(input_path)
     pool = [task for _, task, _ in load_rows(pool_path)] if pool_path else []
     eval_tasks = load_tasks(eval_path) if eval_path else None
-    settings.check_instances = all(has_outputs for _, _, has_outputs in rows)
-    result = filter_tasks([task for _, task, _ in rows], pool, settings, eval_tasks, on_progress=on_progress)
+    result = filter_tasks(
+        [task for _, task, _ in rows],
+        pool,
+        cfg,
+        eval_tasks,
+        check_instances=all(has_outputs for _, _, has_outputs in rows),
+        on_progress=on_progress,
+    )
     kept_rows, rejected_rows = [], []
     kept_by_id = {t.id: t for t in result.kept}
     for (row, _, _), verdict in zip(rows, result.verdicts):

@@ -18,7 +18,7 @@ from ..common.rouge import NoveltyIndex
 from ..generator.self_instruct import demonstration_ids
 from .decontamination import ContaminationIndex
 from .near_duplicates import ResponseDeduper, instances_text
-from .rules import DEFAULT_BLACKLIST, clean_instances, instruction_rejection, sample_instances
+from .rules import clean_instances, instruction_rejection, sample_instances
 
 
 @dataclass
@@ -36,27 +36,6 @@ class FilterResult:
     rejected: list[TaskRecord]
     verdicts: list[Verdict]
     funnel: dict[str, int]
-
-
-_DEFAULTS = FilterConfig()  # the one set of defaults (services/common/config.py)
-
-
-@dataclass
-class FilterSettings:
-    """What one filter call applies: FilterConfig's values, or a request's overrides of them."""
-
-    rouge_l_threshold: float = _DEFAULTS.rouge_l_threshold
-    min_instruction_words: int = _DEFAULTS.min_instruction_words
-    max_instruction_words: int = _DEFAULTS.max_instruction_words
-    blacklist: tuple[str, ...] = DEFAULT_BLACKLIST
-    reject_only_above_threshold: bool = _DEFAULTS.reject_only_above_threshold
-    near_duplicate_threshold: float | None = _DEFAULTS.near_duplicate_threshold  # None: off
-    near_duplicate_min_tokens: int = _DEFAULTS.near_duplicate_min_tokens
-    decontamination_ngram: int = _DEFAULTS.decontamination_ngram
-    min_curation_score: float = _DEFAULTS.min_curation_score
-    check_instances: bool = True  # False for instruction-only data: no instance rules, no response dedup
-    max_instances_per_task: int = _DEFAULTS.max_instances_per_task  # kept at random after cleaning; 0: all
-    instruction_rules: bool = True  # Self-Instruct's length / keyword / punctuation rules (off: ROUGE-L only)
 
 
 @dataclass(frozen=True)
@@ -83,14 +62,18 @@ def novelty_scores(candidates: list[TaskRecord], pool: list[TaskRecord] | Novelt
 def filter_tasks(
     candidates: list[TaskRecord],
     pool: list[TaskRecord],
-    settings: FilterSettings,
+    cfg: FilterConfig,
     eval_tasks: list[TaskRecord] | None = None,
+    *,
+    check_instances: bool = True,
     index: NoveltyIndex | None = None,
     on_progress=None,
     pool_scores: list[PoolScore] | None = None,
 ) -> FilterResult:
-    """pool: the tasks kept before (seeds, earlier rounds): ROUGE-L novelty, near-duplicate instances
-    and the demonstrations a candidate's instance prompt showed are looked up there.
+    """cfg: the filter section, as the request carried it; check_instances: False for instruction-only
+    candidates (no instance rules, no response dedup). pool: the tasks kept before (seeds, earlier
+    rounds): ROUGE-L novelty, near-duplicate instances and the demonstrations a candidate's instance
+    prompt showed are looked up there.
     index: a NoveltyIndex already holding the pool (it grows with the kept candidates);
     on_progress: called after each candidate (progress bars); pool_scores: novelty_scores(candidates,
     pool) computed elsewhere, so only the sequential part of ROUGE-L runs here (each candidate against
@@ -102,10 +85,10 @@ def filter_tasks(
             raise ValueError(f"pool_scores: {len(pool_scores)} scores for {len(candidates)} candidates")
         index = NoveltyIndex()  # the kept candidates only
     index = index if index is not None else NoveltyIndex([t.instruction for t in pool])
-    contamination = ContaminationIndex(eval_tasks or [], settings.decontamination_ngram)
+    contamination = ContaminationIndex(eval_tasks or [], cfg.decontamination_ngram)
     deduper = (
-        ResponseDeduper(settings.near_duplicate_threshold, settings.near_duplicate_min_tokens)
-        if settings.near_duplicate_threshold and settings.check_instances
+        ResponseDeduper(cfg.near_duplicate_threshold, cfg.near_duplicate_min_tokens)
+        if cfg.near_duplicate_threshold > 0 and check_instances
         else None
     )
     if deduper is not None:
@@ -119,10 +102,8 @@ def filter_tasks(
     for position, task in enumerate(candidates):
         deadline.check()  # per candidate: a quadratic batch nobody waits for any more stops at once
         reason = (
-            instruction_rejection(
-                task.instruction, settings.min_instruction_words, settings.max_instruction_words, settings.blacklist
-            )
-            if settings.instruction_rules
+            instruction_rejection(task.instruction, cfg.min_instruction_words, cfg.max_instruction_words)
+            if cfg.instruction_rules
             else ("empty_instruction" if not task.instruction.strip() else None)
         )
         instances, instance_reasons = (
@@ -132,17 +113,17 @@ def filter_tasks(
                 shown=[i for t in demonstration_ids(task) if t in pool_by_id for i in pool_by_id[t].instances],
                 classification=task.is_classification,
             )
-            if settings.check_instances
+            if check_instances
             else (task.instances, [])
         )
-        if settings.check_instances:
-            instances = sample_instances(instances, settings.max_instances_per_task, task.id)
+        if check_instances:
+            instances = sample_instances(instances, cfg.max_instances_per_task, task.id)
         score, nearest_text = 0.0, ""
         response = instances_text(instances)
-        if reason is None and settings.check_instances and not instances:
+        if reason is None and check_instances and not instances:
             # named for what removed them, so the round's funnel says which instance rule bites
             reason = Counter(instance_reasons).most_common(1)[0][0] if instance_reasons else "no_valid_instances"
-        if reason is None and task.lineage.scores.get("curation", float("inf")) < settings.min_curation_score:
+        if reason is None and task.lineage.scores.get("curation", float("inf")) < cfg.min_curation_score:
             reason = "low_curation_score"
         if reason is None and contamination and contamination.contaminated(replace(task, instances=instances)):
             reason = "contaminated"
@@ -152,9 +133,7 @@ def filter_tasks(
             if pool_scores is not None and pool_scores[position].max_rouge_l >= score:
                 score, nearest_text = pool_scores[position].max_rouge_l, pool_scores[position].nearest_instruction
             too_similar = (
-                score > settings.rouge_l_threshold
-                if settings.reject_only_above_threshold
-                else score >= settings.rouge_l_threshold
+                score > cfg.rouge_l_threshold if cfg.reject_only_above_threshold else score >= cfg.rouge_l_threshold
             )
             if too_similar:
                 reason = "rouge_l_too_similar"
