@@ -26,7 +26,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from . import parse_args
@@ -63,20 +62,18 @@ def _placed(class_prefix: str, job_ids: set[str] | None = None) -> list[str]:
 
 def _training_params(args, workers: int):
     from services.common.config import load_config
-    from services.trainer.service import TrainingParams
 
     recipe = load_config(str(REPO / "configs" / "local.yaml")).training
-    given = {f.name: getattr(recipe, f.name) for f in fields(TrainingParams) if hasattr(recipe, f.name)}
-    given.update(
-        lora=recipe.lora.model_dump(),
-        num_workers=workers,
-        torch_threads=1,
-        worker_resources={"train_slot": 1},
-        max_seq_len=args.max_seq_len or recipe.max_seq_len,
-        checkpoint_every=10**6,  # no checkpoint inside the timed loop
-        max_steps=0,
+    return recipe.model_copy(
+        update=dict(
+            num_workers=workers,
+            torch_threads=1,
+            worker_resources={"train_slot": 1},
+            max_seq_len=args.max_seq_len or recipe.max_seq_len,
+            checkpoint_every=10**6,  # no checkpoint inside the timed loop
+            max_steps=0,
+        )
     )
-    return TrainingParams(**given)
 
 
 def _training(args, service, store, workers: int) -> tuple[float, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from services.api import common_pb2, evaluator_pb2, trainer_pb2
 from services.common.convert import uri_source
+from services.common.sections import to_message
 from services.common.stages import Benchmarked, Decision, Evaluated, Gate, Judged, Split, Tested, Trained
 from services.evaluator.combine import combine
 
@@ -19,17 +20,9 @@ def train(run: Run, k: int, base_model: str, dataset_uri: str, epochs: int, outp
         base_model_uri=base_model,
         train_tasks=uri_source(dataset_uri),
         output_model_uri=output_uri or run.store.model_uri(run.run_id, k),
-        params=trainer_pb2.TrainingParams(
-            epochs=epochs,
-            max_steps=t.max_steps,
-            learning_rate=t.learning_rate,
-            batch_size=t.batch_size,
-            max_seq_len=t.max_seq_len,
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            seed=run.config.seed + k,
-            augmented_tag=run.config.backtranslation.tag,
-        ),
+        training=to_message(t.model_copy(update={"epochs": epochs})),  # the section whole, this stage's epochs
+        seed=run.config.seed + k,
+        augmented_tag=run.config.backtranslation.tag,
     )
     status = run.clients.wait_for_training(
         request,

@@ -657,19 +657,20 @@ def _quote(value: str) -> str:
 
 
 # ---- the training job's side -------------------------------------------------------------------
-def training_target(store: RunStore, spec: dict) -> dict | None:
-    """Where a training job logs its loss per step: the round's MLflow run, as the driver's tracker
-    put it in the manifest (None: the run is not tracked, or the round's run is not known yet)."""
-    match = re.search(r"round-(\d+)/([^/]+)/?$", spec.get("model_uri", ""))
-    manifest = store.load_manifest(spec["run_id"])
+def training_target(store: RunStore, run_id: str, model_uri: str) -> dict | None:
+    """Where a training job (of run_id, writing model_uri) logs its loss per step: the round's MLflow
+    run, as the driver's tracker put it in the manifest (None: the run is not tracked, or the round's
+    run is not known yet)."""
+    match = re.search(r"round-(\d+)/([^/]+)/?$", model_uri)
+    manifest = store.load_manifest(run_id)
     known = manifest.get("mlflow") or {}
-    run_id = known.get("rounds", {}).get(str(int(match.group(1)))) if match else None
-    if not (match and run_id and known.get("tracking_uri")):
+    round_run = known.get("rounds", {}).get(str(int(match.group(1)))) if match else None
+    if not (match and round_run and known.get("tracking_uri")):
         return None
     stage = TRAINING_STAGES.get(match.group(2), match.group(2))
     tracking = (manifest.get("config") or {}).get("tracking") or {}
     timeout = tracking.get("request_timeout_s", TrackingConfig().request_timeout_s)
-    return {"uri": known["tracking_uri"], "run_id": run_id, "key": f"{stage}.loss", "timeout_s": timeout}
+    return {"uri": known["tracking_uri"], "run_id": round_run, "key": f"{stage}.loss", "timeout_s": timeout}
 
 
 class StepLogger:

@@ -7,9 +7,33 @@ from services.common.config import ConfigError, ReinstructConfig, load_config, p
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_defaults_in_one_place():
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def test_the_embedded_default_restates_no_default():
+    """configs/local.yaml writes only what differs from services/common/config.py: a restated default
+    stays behind, silently, when config.py's changes."""
+    import yaml
+
+    written = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    defaults = ReinstructConfig().model_dump()
+    restated = []
+    for key, value in _leaves(written):
+        default = defaults
+        for part in key.split("."):
+            default = default[part]
+        if value == default:
+            restated.append(key)
+    assert not restated, f"configs/local.yaml restates the defaults of {restated}"
+
+
+def test_the_papers_defaults():
     config = load_config(None)
-    assert config == ReinstructConfig()
     assert config.filter.rouge_l_threshold == 0.7
     assert config.generation.num_human_in_context + config.generation.num_machine_in_context == 8
     assert config.serve.grpc_port == 9000

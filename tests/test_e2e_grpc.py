@@ -177,7 +177,7 @@ def test_every_method_answers(deployed):
             base_model_uri="builtin:tiny-llama",
             train_tasks=tasks_to_source(seeds),
             output_model_uri=store.model_uri("e2e", 1),
-            params=trainer_pb2.TrainingParams(epochs=1, batch_size=4),
+            training=config_pb2.TrainingConfig(epochs=1, batch_size=4),
         ),
         poll_s=0.5,
     )
@@ -518,7 +518,7 @@ def test_a_client_cannot_plant_what_another_run_promotes(deployed):
                     base_model_uri="builtin:tiny-llama",
                     train_tasks=tasks_to_source(seeds),
                     output_model_uri=store.model_uri(victim, 1),
-                    params=trainer_pb2.TrainingParams(epochs=1, batch_size=4),
+                    training=config_pb2.TrainingConfig(epochs=1, batch_size=4),
                 ),
             ),
             *[
@@ -864,8 +864,8 @@ def test_requests_that_would_pin_a_replica_are_refused(deployed):
             field,
         )
     for params, field in (
-        (trainer_pb2.TrainingParams(use_gpu=True), "params.use_gpu"),
-        (trainer_pb2.TrainingParams(num_workers=1024), "params.num_workers"),
+        (config_pb2.TrainingConfig(use_gpu=True), "training.use_gpu"),
+        (config_pb2.TrainingConfig(num_workers=1024), "training.num_workers"),
     ):
         _expect_invalid(
             clients.start_training,
@@ -874,7 +874,7 @@ def test_requests_that_would_pin_a_replica_are_refused(deployed):
                 base_model_uri="builtin:tiny-llama",
                 train_tasks=tasks_to_source(seeds),
                 output_model_uri=RunStore(config.store.root).model_uri("e2e", 7),
-                params=params,
+                training=params,
             ),
             field,
         )
@@ -908,7 +908,7 @@ def test_training_beyond_the_cap_and_extra_streams_are_refused(deployed):
                 base_model_uri="builtin:tiny-llama",
                 train_tasks=tasks_to_source(load_seed_tasks()[:16]),
                 output_model_uri=store.model_uri("cap", n),
-                params=trainer_pb2.TrainingParams(epochs=1000, batch_size=4, max_seq_len=64),
+                training=config_pb2.TrainingConfig(epochs=1000, batch_size=4, max_seq_len=64),
             )
         )
 

@@ -265,10 +265,9 @@ def test_score_novelty_keeps_a_pool_index_until_the_pool_file_changes(tmp_path):
 def test_zero_and_false_are_answers_not_unset(tmp_path):
     """proto3 `optional`: a client can switch dedup off (0) on a replica whose config has it on, and
     ask for use_gpu=false where the config says true; an unset field takes the config's value."""
-    from services.api import common_pb2, config_pb2, filter_pb2, trainer_pb2
+    from services.api import common_pb2, config_pb2, filter_pb2
     from services.common.convert import tasks_to_source
     from services.filter.deployment import FilterDeployment
-    from services.trainer.deployment import _given
 
     replica = FilterDeployment.func_or_class({"store": {"root": str(tmp_path)}})  # near_duplicate_threshold 0.9
     same = "The same long answer, word for word, long enough for its shingles to say something."
@@ -290,9 +289,31 @@ def test_zero_and_false_are_answers_not_unset(tmp_path):
     ]
     assert [v.kept for v in off.verdicts] == [True, True]
 
-    assert _given(trainer_pb2.TrainingParams(use_gpu=False), "use_gpu", True) is False
-    assert _given(trainer_pb2.TrainingParams(), "use_gpu", True) is True
-    assert _given(trainer_pb2.LoraParams(dropout=0.0), "dropout", 0.05) == 0.0
+
+def test_the_drivers_filter_section_decides_not_the_replicas(tmp_path):
+    """A replica deployed with stricter rules than the driver's config: the request's section decides
+    (the driver's defaults), and a section the request leaves unset is the config's default, not the
+    replica's."""
+    from services.api import common_pb2, config_pb2, filter_pb2
+    from services.common.convert import tasks_to_source
+    from services.common.sections import to_message
+    from services.filter.deployment import FilterDeployment
+
+    replica = FilterDeployment.func_or_class(
+        {"store": {"root": str(tmp_path)}, "filter": {"min_instruction_words": 10, "max_instances_per_task": 1}}
+    )
+    task = TaskRecord(
+        id="t", instruction="Name three rivers of Europe.", instances=[Instance("", "Rhine"), Instance("", "Danube")]
+    )
+    ctx = common_pb2.RunContext(run_id="r", round=1)
+
+    def kept(section) -> list[int]:
+        request = filter_pb2.FilterTasksRequest(context=ctx, candidates=tasks_to_source([task]), filter=section)
+        return [len(t.instances) for t in replica.FilterTasks(request).kept]
+
+    assert kept(to_message(FilterConfig())) == [2]  # 5 words pass the driver's 4; both instances kept (5 max)
+    assert kept(config_pb2.FilterConfig()) == [2]  # unset: the config's defaults, not the replica's 10 and 1
+    assert kept(to_message(FilterConfig(min_instruction_words=10))) == []
 
 
 def test_short_label_answers_are_not_near_duplicates():

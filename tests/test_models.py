@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.common import models
+from services.common.config import LoraConfig
 from services.common.models import ModelUnavailable, load_model
 from services.trainer.train_loop import _apply_lora, _save_pretrained
 
@@ -21,7 +22,7 @@ def test_smollm2_converts_to_an_ordinary_checkpoint(smollm2, tmp_path):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
     assert model.config._attn_implementation == models.ATTENTION
     # a LoRA round saves a merged checkpoint, as the trainer does
-    lora = {"lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "keep_adapter": False}}
+    lora = LoraConfig(enabled=True, r=4, alpha=8.0, dropout=0.0, keep_adapter=False)
     _save_pretrained(_apply_lora(model, lora), tokenizer, lora, str(tmp_path / "merged"))
     reloaded, _ = load_model(str(tmp_path / "merged"))
     assert reloaded.config.model_type == "llama"

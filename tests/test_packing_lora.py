@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from services.common.config import LoraConfig
 from services.common.models import load_model
 from services.common.rendering import IGNORE_INDEX, Example, tokenize
 from services.common.store import RunStore
@@ -85,18 +86,15 @@ def test_packing_fills_sequences():
 def test_lora_trains_saves_and_reloads(builtin_cache, tmp_path, keep_adapter):
     model, tok = load_model("builtin:tiny-llama", cache_dir=builtin_cache)
     store = RunStore(str(tmp_path))
-    config = {
-        "lora": {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "keep_adapter": keep_adapter},
-        "staging_uri": store.uri("out"),  # where rank 0 saves; the job then commits it
-    }
-    model = _apply_lora(model, config)
+    lora = LoraConfig(enabled=True, r=4, alpha=8.0, dropout=0.0, keep_adapter=keep_adapter)
+    model = _apply_lora(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 0 < trainable < sum(p.numel() for p in model.parameters()) / 10
     batch = collate([tokenize(EXAMPLES[0], tok, 64, False)], tok.pad_token_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**batch).loss.backward()
     optimizer.step()
-    _save_final(model, tok, config, store)
+    _save_final(model, tok, lora, store.uri("out"), store)  # rank 0 saves there; the job commits it
     reloaded, reloaded_tok = load_model(str(tmp_path / "out"), cache_dir=builtin_cache)
     ids = reloaded_tok("Say hi:", return_tensors="pt", add_special_tokens=False).input_ids
     out = reloaded.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=reloaded_tok.pad_token_id)

@@ -4,7 +4,7 @@ training.worker_resources into Ray Train's resources per worker (beside the CPU 
 import pytest
 
 from ray_jobs.train import _worker_resources
-from services.common.config import ConfigError, parse_config, replica_options
+from services.common.config import ConfigError, TrainingConfig, parse_config, replica_options
 
 
 def test_app_resources_reach_the_replicas_actor_options():
@@ -18,9 +18,12 @@ def test_app_resources_reach_the_replicas_actor_options():
 
 
 def test_worker_resources_add_to_the_workers_cpu_or_gpu():
-    assert _worker_resources({"use_gpu": False, "worker_resources": {}}) is None  # Ray Train's default
-    assert _worker_resources({"use_gpu": False, "worker_resources": {"training": 1}}) == {"CPU": 1, "training": 1}
-    assert _worker_resources({"use_gpu": True, "worker_resources": {"training": 1}}) == {"GPU": 1, "training": 1}
+    assert _worker_resources(TrainingConfig()) is None  # Ray Train's default
+    assert _worker_resources(TrainingConfig(worker_resources={"training": 1})) == {"CPU": 1, "training": 1}
+    assert _worker_resources(TrainingConfig(use_gpu=True, worker_resources={"training": 1})) == {
+        "GPU": 1,
+        "training": 1,
+    }
 
 
 def test_strategy_is_ddp_or_fsdp():

@@ -305,9 +305,10 @@ def test_the_training_job_logs_its_loss_per_step_from_rank_0(server, tmp_path, b
     logs train.loss per step to the round's run while it trains, each step once."""
     import ray
 
+    from services.common.config import TrainingConfig
     from services.common.formats import load_seed_tasks
     from services.serving import wait_for_previous_cluster
-    from services.trainer.service import TrainerService, TrainingParams
+    from services.trainer.service import TrainerService
 
     store = RunStore(str(tmp_path))
     config = parse_config({"store": {"root": str(tmp_path)}, "tracking": {"uri": server.uri, "experiment": "job"}})
@@ -321,7 +322,7 @@ def test_the_training_job_logs_its_loss_per_step_from_rank_0(server, tmp_path, b
         with reporter.session():
             reporter.stage(1, "train", resumed=False)  # what Run.stage tells the reporter before training
             service = TrainerService(store, builtin_cache_dir=builtin_cache)
-            params = TrainingParams(epochs=1, batch_size=4, max_seq_len=128, checkpoint_every=1000)
+            params = TrainingConfig(epochs=1, batch_size=4, max_seq_len=128, checkpoint_every=1000)
             job = service.start("job", 1, "builtin:tiny-llama", data, store.model_uri("job", 1), params)
             deadline = time.monotonic() + 300
             while (job := service.status(job.job_id)).state not in ("SUCCEEDED", "FAILED"):
@@ -368,11 +369,11 @@ def test_tracking_uri_reaches_the_driver_and_the_training_jobs_through_the_chart
     store = RunStore(str(tmp_path))
     store.update_run("r", config=parse_config(settings).model_dump())
     store.update_run("r", mlflow={"tracking_uri": "http://mlflow.mlflow:5000", "rounds": {"2": "abc"}})
-    target = training_target(store, {"run_id": "r", "model_uri": store.model_uri("r", 2)})
+    target = training_target(store, "r", store.model_uri("r", 2))
     assert target == {"uri": "http://mlflow.mlflow:5000", "run_id": "abc", "key": "train.loss", "timeout_s": 10}
-    control = training_target(store, {"run_id": "r", "model_uri": store.uri("r", "round-002", "control_model")})
+    control = training_target(store, "r", store.uri("r", "round-002", "control_model"))
     assert control["key"] == "control_train.loss"
-    assert training_target(store, {"run_id": "r", "model_uri": store.model_uri("r", 3)}) is None  # no such round run
+    assert training_target(store, "r", store.model_uri("r", 3)) is None  # no such round run
 
 
 def test_every_interval_of_the_stage_results_is_logged_as_its_bounds():

@@ -8,9 +8,10 @@ from dataclasses import replace
 
 import pytest
 
+from services.common.config import TrainingConfig
 from services.common.formats import load_seed_tasks
 from services.common.store import RunStore
-from services.trainer.service import TrainerService, TrainingParams
+from services.trainer.service import TrainerService
 
 pytestmark = pytest.mark.ray
 
@@ -48,7 +49,7 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tmp_path, builtin_cach
     data = store.dataset_uri("kill", 1, "train")
     store.write_tasks(data, [replace(t, instances=t.instances[:1]) for t in load_seed_tasks()[:64]])
     service = TrainerService(store, builtin_cache_dir=builtin_cache)
-    params = TrainingParams(epochs=12, batch_size=4, max_seq_len=128, packing=False, checkpoint_every=5, max_failures=2)
+    params = TrainingConfig(epochs=12, batch_size=4, max_seq_len=128, packing=False, checkpoint_every=5, max_failures=2)
     job = service.start("kill", 1, "builtin:tiny-llama", data, store.model_uri("kill", 1), params)
     # the controller picks reported checkpoints up asynchronously: let a few be reported first
     _wait(lambda: _progress(store, job).get("step", 0) >= 25, 240, "the first checkpoints")
@@ -80,7 +81,7 @@ def test_cancel_stops_a_run(local_ray, tmp_path, builtin_cache):
         "builtin:tiny-llama",
         data,
         store.model_uri("cancel", 1),
-        TrainingParams(epochs=500, batch_size=4, max_seq_len=128, checkpoint_every=1000),
+        TrainingConfig(epochs=500, batch_size=4, max_seq_len=128, checkpoint_every=1000),
     )
     _wait(lambda: _progress(store, job).get("step", 0) >= 5, 240, "training to start")
     service.cancel(job.job_id)
@@ -99,7 +100,7 @@ def test_a_store_given_as_a_uri_trains_end_to_end(local_ray, tmp_path, builtin_c
     data = store.dataset_uri("uri", 1, "train")
     store.write_tasks(data, load_seed_tasks()[:16])
     service = TrainerService(store, builtin_cache_dir=builtin_cache)
-    params = TrainingParams(epochs=1, batch_size=4, max_seq_len=128, checkpoint_every=2)
+    params = TrainingConfig(epochs=1, batch_size=4, max_seq_len=128, checkpoint_every=2)
     job = service.start("uri", 1, "builtin:tiny-llama", data, store.model_uri("uri", 1), params)
     _wait(lambda: service.status(job.job_id).state in ("SUCCEEDED", "FAILED"), 300, "the run to end")
     job = service.status(job.job_id)
@@ -137,7 +138,7 @@ def test_a_job_whose_workers_find_no_room_is_stopped_after_the_start_timeout(loc
         data = store.dataset_uri("full", 1, "train")
         store.write_tasks(data, load_seed_tasks()[:4])
         service = TrainerService(store, builtin_cache_dir=builtin_cache, start_timeout_s=20)
-        job = service.start("full", 1, "builtin:tiny-llama", data, store.model_uri("full", 1), TrainingParams())
+        job = service.start("full", 1, "builtin:tiny-llama", data, store.model_uri("full", 1), TrainingConfig())
         _wait(lambda: service.status(job.job_id).state == "FAILED", 240, "the unplaced job to be stopped")
         job = service.status(job.job_id)
         assert "no training worker started within 20 s" in job.error
@@ -145,3 +146,48 @@ def test_a_job_whose_workers_find_no_room_is_stopped_after_the_start_timeout(loc
         assert not store.exists(store.model_uri("full", 1))
     finally:
         ray.kill(holder)
+
+
+def test_the_drivers_training_section_reaches_the_worker_not_the_replicas(local_ray, tmp_path, builtin_cache):
+    """A replica deployed with one recipe, a driver configured with another: the request carries the
+    driver's section whole, and the Ray Train worker trains by it (the replica's merges nothing in)."""
+    from services.api import trainer_pb2
+    from services.common.config import parse_config
+    from services.common.convert import uri_source
+    from services.common.sections import to_message
+    from services.trainer.deployment import TrainerDeployment
+    from services.trainer.spec import TrainingJobSpec
+    from tests.tiny import owned_context
+
+    replica = TrainerDeployment.func_or_class(
+        {
+            "store": {"root": str(tmp_path)},
+            "model": {"builtin_cache_dir": builtin_cache},
+            "training": {"max_steps": 40, "batch_size": 2, "packing": True, "precision": "fp32"},
+        }
+    )
+    driver = parse_config(
+        {"training": {"max_steps": 3, "batch_size": 4, "max_seq_len": 128, "packing": False, "precision": "bf16"}}
+    ).training
+    store = RunStore(str(tmp_path))
+    data = store.dataset_uri("drv", 1, "train")
+    store.write_tasks(data, load_seed_tasks()[:16])
+    started = replica.StartTraining(
+        trainer_pb2.StartTrainingRequest(
+            context=owned_context(str(tmp_path), "drv"),
+            base_model_uri="builtin:tiny-llama",
+            train_tasks=uri_source(data),
+            output_model_uri=store.model_uri("drv", 1),
+            training=to_message(driver),
+            seed=3,
+        )
+    )
+    service = replica.service
+    _wait(lambda: service.status(started.job_id).state in ("SUCCEEDED", "FAILED"), 300, "the run to end")
+    job = service.status(started.job_id)
+    assert job.state == "SUCCEEDED", job.error
+    assert job.step == job.total_steps == 3  # the driver's max_steps, not the replica's 40
+    spec_uri = store.beside(job.model_uri, f".{job.job_id}.spec.json")
+    spec = TrainingJobSpec.model_validate(store.read_json(spec_uri))
+    assert spec.training == driver and spec.seed == 3
+    assert _progress(store, job)["real_token_share"] < 1  # padded batches: the driver's packing (off)

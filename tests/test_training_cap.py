@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
+from services.common.config import TrainingConfig
 from services.common.grpc_handler import _status_for
 from services.common.store import RunStore
 from services.common.validation import Overloaded
-from services.trainer.service import TrainerService, TrainingParams
+from services.trainer.service import TrainerService
 
 
 class JobApi:
@@ -39,7 +40,7 @@ def test_training_runs_beyond_the_cap_are_refused(tmp_path, running, refused):
     store = RunStore(str(tmp_path))
     service = TrainerService(store, max_active_jobs=2)
     service._client = JobApi(running)
-    start = lambda: service.start("r", 1, "builtin:tiny-llama", "x.parquet", store.model_uri("r", 1), TrainingParams())  # noqa: E731
+    start = lambda: service.start("r", 1, "builtin:tiny-llama", "x.parquet", store.model_uri("r", 1), TrainingConfig())  # noqa: E731
     if refused:
         with pytest.raises(Overloaded, match="serve.max_training_jobs") as info:
             start()
@@ -108,7 +109,7 @@ def test_the_trainer_keeps_its_files_in_the_run_store_not_on_local_disk():
     service = TrainerService(store)
     service._client = api = RecordingJobApi()
     model_uri = store.model_uri("r", 1)
-    job = service.start("r", 1, "builtin:tiny-llama", store.dataset_uri("r", 1, "train"), model_uri, TrainingParams())
+    job = service.start("r", 1, "builtin:tiny-llama", store.dataset_uri("r", 1, "train"), model_uri, TrainingConfig())
     spec_uri = store.beside(model_uri, f".{job.job_id}.spec.json")
     assert spec_uri.startswith("memory://") and store.read_json(spec_uri)["model_uri"] == model_uri
     assert f"--store-root memory:///trainer-files --spec {spec_uri}" in api.entrypoints[0]
@@ -135,7 +136,7 @@ def test_a_training_job_is_seen_and_controlled_by_its_own_run_only(tmp_path):
     replica = TrainerDeployment.func_or_class({"store": {"root": str(tmp_path)}})
     replica.service._client = api = RecordingJobApi()
     model_uri = str(tmp_path / "victim" / "round-001" / "model")
-    job = replica.service.start("victim", 1, "builtin:tiny-llama", "x.parquet", model_uri, TrainingParams())
+    job = replica.service.start("victim", 1, "builtin:tiny-llama", "x.parquet", model_uri, TrainingConfig())
     assert len(job.job_id) > 30  # random: nobody computes another run's job id
     victim = owned_context(str(tmp_path), "victim")
     other = owned_context(str(tmp_path), "attacker")
@@ -168,7 +169,7 @@ def test_a_checkpoint_its_run_did_not_train_is_never_adopted(tmp_path):
     planted = tmp_path / "r" / "round-001" / "model"
     planted.mkdir(parents=True)
     (planted / "config.json").write_text("{}")
-    start = lambda: service.start("r", 1, "builtin:tiny-llama", "x.parquet", model_uri, TrainingParams())  # noqa: E731
+    start = lambda: service.start("r", 1, "builtin:tiny-llama", "x.parquet", model_uri, TrainingConfig())  # noqa: E731
     with pytest.raises(RequestError, match="no training job of this run committed"):
         start()
     assert api.submitted == []
@@ -194,7 +195,7 @@ def test_a_job_whose_workers_never_start_is_stopped_after_the_start_timeout(tmp_
     store = RunStore(str(tmp_path))
     service = TrainerService(store, start_timeout_s=30)
     service._client = api = RecordingJobApi()
-    job = service.start("r", 1, "builtin:tiny-llama", "x.parquet", store.model_uri("r", 1), TrainingParams())
+    job = service.start("r", 1, "builtin:tiny-llama", "x.parquet", store.model_uri("r", 1), TrainingConfig())
     started = time.time() * 1000
     info = api.get_job_info
     api.get_job_info = lambda job_id: SimpleNamespace(**{**vars(info(job_id)), "start_time": started})
@@ -207,7 +208,7 @@ def test_a_job_whose_workers_never_start_is_stopped_after_the_start_timeout(tmp_
     api.state = "STOPPED"  # Ray's own state for a stopped job, which otherwise reads as CANCELLED
     assert (service.status(job.job_id).state, service.status(job.job_id).error) == ("FAILED", stopped.error)
 
-    other = service.start("r", 2, "builtin:tiny-llama", "x.parquet", store.model_uri("r", 2), TrainingParams())
+    other = service.start("r", 2, "builtin:tiny-llama", "x.parquet", store.model_uri("r", 2), TrainingConfig())
     api.state = "RUNNING"
     store.write_json(other.progress_uri, {"step": 0, "total_steps": 9, "losses": [], "examples": 3})
     assert service.status(other.job_id).state == "RUNNING" and api.state == "RUNNING"  # started: not stopped
@@ -268,16 +269,16 @@ def test_the_drivers_wait_for_a_training_job_that_stalls_is_bounded():
 @pytest.mark.parametrize(
     "params, field, message",
     [
-        (dict(num_workers=5), "params.num_workers", "5 training workers need 5 CPUs; the cluster has 4"),
-        (dict(num_workers=1, use_gpu=True), "params.use_gpu", "1 training workers need 1 GPUs; the cluster has 0"),
+        (dict(num_workers=5), "training.num_workers", "5 training workers need 5 CPUs; the cluster has 4"),
+        (dict(num_workers=1, use_gpu=True), "training.use_gpu", "1 training workers need 1 GPUs; the cluster has 0"),
         (
             dict(num_workers=2, worker_resources={"training": 1}),
-            "params.num_workers",
+            "training.num_workers",
             "2 training workers need 2 of resource 'training' (training.worker_resources); the cluster has 1",
         ),
         (
             dict(num_workers=1, worker_resources={"serving": 1}),
-            "params.num_workers",
+            "training.num_workers",
             "need 1 of resource 'serving'",
         ),
     ],
@@ -291,15 +292,18 @@ def test_a_run_the_cluster_cannot_place_is_refused_naming_the_field(monkeypatch,
     from services.trainer import deployment
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "training": 1.0})
-    deployment._check_placement(TrainingParams(num_workers=4))
-    deployment._check_placement(TrainingParams(num_workers=1, worker_resources={"training": 1}))
+    deployment._check_placement(TrainingConfig(num_workers=4))
+    deployment._check_placement(TrainingConfig(num_workers=1, worker_resources={"training": 1}))
     with pytest.raises(RequestError, match=re.escape(message)) as refused:
-        deployment._check_placement(TrainingParams(**params))
+        deployment._check_placement(TrainingConfig(**params))
     assert refused.value.field == field
 
 
 def test_the_job_asks_ray_for_what_the_check_counts():
     from ray_jobs.train import _worker_resources
 
-    assert _worker_resources({"use_gpu": False, "worker_resources": {}}) is None  # Ray Train's own default
-    assert _worker_resources({"use_gpu": True, "worker_resources": {"training": 1}}) == {"GPU": 1, "training": 1}
+    assert _worker_resources(TrainingConfig()) is None  # Ray Train's own default
+    assert _worker_resources(TrainingConfig(use_gpu=True, worker_resources={"training": 1})) == {
+        "GPU": 1,
+        "training": 1,
+    }

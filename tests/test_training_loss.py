@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from services.common.config import LoraConfig
 from services.common.models import load_model
 from services.common.rendering import Example, tokenize
 from services.trainer.formatting import collate, collate_packed, pack
@@ -15,7 +16,7 @@ EXAMPLES = [
     Example("Say hi:", " hi", "c", "x"),
     Example("Translate to French: cat\nOutput:", " chat", "d", "x"),
 ]
-LORA = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+LORA = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0)
 
 
 def _batches(tokenizer):

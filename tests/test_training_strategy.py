@@ -9,10 +9,11 @@ import time
 import pytest
 import torch
 
+from services.common.config import LoraConfig, TrainingConfig
 from services.common.formats import load_seed_tasks
 from services.common.models import resolve_model
 from services.common.store import RunStore
-from services.trainer.service import TrainerService, TrainingParams
+from services.trainer.service import TrainerService
 from tests.ray_cluster import local_cluster
 
 pytestmark = pytest.mark.ray
@@ -34,7 +35,7 @@ def _progress(store: RunStore, job) -> dict:
         return {}
 
 
-def _train(service: TrainerService, store: RunStore, name: str, params: TrainingParams, kill_after: int = 0):
+def _train(service: TrainerService, store: RunStore, name: str, params: TrainingConfig, kill_after: int = 0):
     """Trains on 24 seed tasks into <name>'s round-1 model; kill_after: SIGKILL rank 0 once past that step."""
     data = store.dataset_uri(name, 1, "train")
     store.write_tasks(data, load_seed_tasks()[:24])
@@ -64,8 +65,8 @@ def test_fsdp_trains_what_ddp_trains_and_resumes_after_a_killed_worker(local_ray
     store = RunStore(str(tmp_path))
     service = TrainerService(store, builtin_cache_dir=builtin_cache)
     common = dict(epochs=2, batch_size=4, max_seq_len=128, packing=False, checkpoint_every=4, num_workers=2)
-    ddp, _ = _train(service, store, "ddp", TrainingParams(strategy="ddp", **common))
-    fsdp, victim = _train(service, store, "fsdp", TrainingParams(strategy="fsdp", **common), kill_after=9)
+    ddp, _ = _train(service, store, "ddp", TrainingConfig(strategy="ddp", **common))
+    fsdp, victim = _train(service, store, "fsdp", TrainingConfig(strategy="fsdp", **common), kill_after=9)
 
     assert _progress(store, ddp)["held_parameter_share"] == 1.0
     assert 0.45 < _progress(store, fsdp)["held_parameter_share"] < 0.55  # each worker holds half the weights
@@ -86,8 +87,8 @@ def test_lora_under_fsdp_is_merged_after_the_gather(local_ray, tmp_path, builtin
     """peft cannot merge a sharded model: rank 0 merges the gathered weights on an unsharded copy."""
     store = RunStore(str(tmp_path))
     service = TrainerService(store, builtin_cache_dir=builtin_cache)
-    lora = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "keep_adapter": False}
-    params = TrainingParams(
+    lora = LoraConfig(enabled=True, r=4, alpha=8.0, dropout=0.0, keep_adapter=False)
+    params = TrainingConfig(
         strategy="fsdp", num_workers=2, max_steps=6, batch_size=4, max_seq_len=128, learning_rate=1e-2, lora=lora
     )
     job, _ = _train(service, store, "lora", params)

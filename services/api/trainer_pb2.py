@@ -23,27 +23,24 @@ _sym_db = _symbol_database.Default()
 
 
 from . import common_pb2 as reinstruct_dot_v1_dot_common__pb2
+from . import config_pb2 as reinstruct_dot_v1_dot_config__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1breinstruct/v1/trainer.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\"\xff\x03\n\x0eTrainingParams\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x05\x12\x16\n\tmax_steps\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rlearning_rate\x18\x03 \x01(\x02\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\x05\x12\x13\n\x0bnum_workers\x18\x06 \x01(\x05\x12\x14\n\x07use_gpu\x18\x07 \x01(\x08H\x01\x88\x01\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x03\x12\x15\n\raugmented_tag\x18\t \x01(\t\x12\x12\n\nno_packing\x18\n \x01(\x08\x12\x18\n\x10\x63heckpoint_every\x18\x0b \x01(\x05\x12\x19\n\x0cmax_failures\x18\x0c \x01(\x05H\x02\x88\x01\x01\x12\x11\n\tprecision\x18\r \x01(\t\x12#\n\x16gradient_checkpointing\x18\x0e \x01(\x08H\x03\x88\x01\x01\x12\'\n\x04lora\x18\x0f \x01(\x0b\x32\x19.reinstruct.v1.LoraParams\x12\x1d\n\x10\x66\x65wshot_fraction\x18\x10 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\tfewshot_k\x18\x11 \x01(\x05\x42\x0c\n\n_max_stepsB\n\n\x08_use_gpuB\x0f\n\r_max_failuresB\x19\n\x17_gradient_checkpointingB\x13\n\x11_fewshot_fraction\"\x96\x01\n\nLoraParams\x12\x14\n\x07\x65nabled\x18\x01 \x01(\x08H\x00\x88\x01\x01\x12\t\n\x01r\x18\x02 \x01(\x05\x12\r\n\x05\x61lpha\x18\x03 \x01(\x02\x12\x14\n\x07\x64ropout\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x19\n\x0ckeep_adapter\x18\x05 \x01(\x08H\x02\x88\x01\x01\x42\n\n\x08_enabledB\n\n\x08_dropoutB\x0f\n\r_keep_adapter\"\xd3\x01\n\x14StartTrainingRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x16\n\x0e\x62\x61se_model_uri\x18\x02 \x01(\t\x12.\n\x0btrain_tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x18\n\x10output_model_uri\x18\x04 \x01(\t\x12-\n\x06params\x18\x05 \x01(\x0b\x32\x1d.reinstruct.v1.TrainingParams\"V\n\x18GetTrainingStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\"\x84\x03\n\x0eTrainingStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.reinstruct.v1.TrainingStatus.State\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x0e\n\x06losses\x18\x06 \x03(\x01\x12\x11\n\tmodel_uri\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x16\n\x0etrain_examples\x18\t \x01(\x03\x12\x18\n\x10real_token_share\x18\n \x01(\x01\x12\x19\n\x11resumed_from_step\x18\x0b \x01(\x05\x12\x14\n\x0cmodel_digest\x18\r \x01(\t\"b\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05J\x04\x08\x0c\x10\r2\xf1\x02\n\x07Trainer\x12S\n\rStartTraining\x12#.reinstruct.v1.StartTrainingRequest\x1a\x1d.reinstruct.v1.TrainingStatus\x12[\n\x11GetTrainingStatus\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatus\x12Z\n\x0eStreamTraining\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatus0\x01\x12X\n\x0e\x43\x61ncelTraining\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1breinstruct/v1/trainer.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\x1a\x1areinstruct/v1/config.proto\"\x80\x02\n\x14StartTrainingRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x16\n\x0e\x62\x61se_model_uri\x18\x02 \x01(\t\x12.\n\x0btrain_tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x18\n\x10output_model_uri\x18\x04 \x01(\t\x12/\n\x08training\x18\x06 \x01(\x0b\x32\x1d.reinstruct.v1.TrainingConfig\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x15\n\raugmented_tag\x18\x08 \x01(\tJ\x04\x08\x05\x10\x06\"V\n\x18GetTrainingStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\"\x84\x03\n\x0eTrainingStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.reinstruct.v1.TrainingStatus.State\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x0e\n\x06losses\x18\x06 \x03(\x01\x12\x11\n\tmodel_uri\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x16\n\x0etrain_examples\x18\t \x01(\x03\x12\x18\n\x10real_token_share\x18\n \x01(\x01\x12\x19\n\x11resumed_from_step\x18\x0b \x01(\x05\x12\x14\n\x0cmodel_digest\x18\r \x01(\t\"b\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05J\x04\x08\x0c\x10\r2\xf1\x02\n\x07Trainer\x12S\n\rStartTraining\x12#.reinstruct.v1.StartTrainingRequest\x1a\x1d.reinstruct.v1.TrainingStatus\x12[\n\x11GetTrainingStatus\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatus\x12Z\n\x0eStreamTraining\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatus0\x01\x12X\n\x0e\x43\x61ncelTraining\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.api.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRAININGPARAMS']._serialized_start=75
-  _globals['_TRAININGPARAMS']._serialized_end=586
-  _globals['_LORAPARAMS']._serialized_start=589
-  _globals['_LORAPARAMS']._serialized_end=739
-  _globals['_STARTTRAININGREQUEST']._serialized_start=742
-  _globals['_STARTTRAININGREQUEST']._serialized_end=953
-  _globals['_GETTRAININGSTATUSREQUEST']._serialized_start=955
-  _globals['_GETTRAININGSTATUSREQUEST']._serialized_end=1041
-  _globals['_TRAININGSTATUS']._serialized_start=1044
-  _globals['_TRAININGSTATUS']._serialized_end=1432
-  _globals['_TRAININGSTATUS_STATE']._serialized_start=1328
-  _globals['_TRAININGSTATUS_STATE']._serialized_end=1426
-  _globals['_TRAINER']._serialized_start=1435
-  _globals['_TRAINER']._serialized_end=1804
+  _globals['_STARTTRAININGREQUEST']._serialized_start=103
+  _globals['_STARTTRAININGREQUEST']._serialized_end=359
+  _globals['_GETTRAININGSTATUSREQUEST']._serialized_start=361
+  _globals['_GETTRAININGSTATUSREQUEST']._serialized_end=447
+  _globals['_TRAININGSTATUS']._serialized_start=450
+  _globals['_TRAININGSTATUS']._serialized_end=838
+  _globals['_TRAININGSTATUS_STATE']._serialized_start=734
+  _globals['_TRAININGSTATUS_STATE']._serialized_end=832
+  _globals['_TRAINER']._serialized_start=841
+  _globals['_TRAINER']._serialized_end=1210
 # @@protoc_insertion_point(module_scope)

@@ -251,19 +251,19 @@ class FilterConfig(_Section):
 
 class LoraConfig(_Section):
     enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights")
-    r: int = Field(8, ge=1)
+    r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     keep_adapter: bool = Field(False, description="Save the adapter beside the base instead of merging it")
 
 
 class TrainingConfig(_Section):
-    epochs: int = Field(2, ge=1)
-    max_steps: int = Field(0, ge=0, description="0: no cap")
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(16, ge=1)
-    max_seq_len: int = Field(384, ge=16)
-    num_workers: int = Field(1, ge=1)
+    epochs: int = Field(2, ge=1, le=1000)
+    max_steps: int = Field(0, ge=0, le=10_000_000, description="0: no cap")
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    batch_size: int = Field(16, ge=1, le=4096)
+    max_seq_len: int = Field(384, ge=16, le=65_536)
+    num_workers: int = Field(1, ge=1, le=1024)
     use_gpu: bool = False
     torch_threads: int = Field(
         0,
@@ -295,8 +295,8 @@ class TrainingConfig(_Section):
         "workers go only to nodes that advertise them (a KubeRay worker group's rayStartParams resources)",
     )
     packing: bool = Field(True, description="Pack several examples per sequence (decoder-only; no leakage)")
-    checkpoint_every: int = Field(50, ge=1, description="Steps between Ray Train checkpoints")
-    max_failures: int = Field(2, ge=0, description="Worker failures Ray Train recovers from (FailureConfig)")
+    checkpoint_every: int = Field(50, ge=1, le=10_000_000, description="Steps between Ray Train checkpoints")
+    max_failures: int = Field(2, ge=0, le=100, description="Worker failures Ray Train recovers from (FailureConfig)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision (autocast)")
     gradient_checkpointing: bool = False
     lora: LoraConfig = LoraConfig()

@@ -9,8 +9,9 @@ import uuid
 from ray import serve
 
 from ..api import trainer_pb2
-from ..common.config import ReinstructConfig, config_from_app_args, replica_options
+from ..common.config import ReinstructConfig, TrainingConfig, config_from_app_args, replica_options
 from ..common.grpc_handler import grpc_method, grpc_stream_method, refuse_other_services
+from ..common.sections import from_message
 from ..common.store import RunStore, current_request_run
 from ..common.validation import (
     Overloaded,
@@ -19,12 +20,11 @@ from ..common.validation import (
     check_context,
     check_model_uri,
     check_output_uri,
-    check_range,
     check_text,
     resolve_tasks,
 )
 from .placement import worker_needs
-from .service import TrainerService, TrainingJob, TrainingParams
+from .service import TrainerService, TrainingJob
 
 _STATES = {
     name: getattr(trainer_pb2.TrainingStatus, name)
@@ -50,28 +50,23 @@ def _status(job: TrainingJob) -> trainer_pb2.TrainingStatus:
     )
 
 
-def _check_placement(params: TrainingParams) -> None:
+def _check_placement(training: TrainingConfig) -> None:
     """Refuses a run this cluster cannot place (it would wait forever, holding a driver): each worker
     takes a GPU with use_gpu, else a CPU. An autoscaling cluster counts what it has now."""
     import ray
 
     total = ray.cluster_resources()
-    for name, amount in worker_needs(params.use_gpu, params.worker_resources).items():
-        need = amount * params.num_workers
+    for name, amount in worker_needs(training.use_gpu, training.worker_resources).items():
+        need = amount * training.num_workers
         if total.get(name, 0) >= need:
             continue
         if name in ("CPU", "GPU"):
-            field, what = ("params.use_gpu" if name == "GPU" else "params.num_workers"), f"{need:g} {name}s"
+            field, what = ("training.use_gpu" if name == "GPU" else "training.num_workers"), f"{need:g} {name}s"
         else:  # training.worker_resources: a name no node advertises (enough of)
-            field, what = "params.num_workers", f"{need:g} of resource {name!r} (training.worker_resources)"
+            field, what = "training.num_workers", f"{need:g} of resource {name!r} (training.worker_resources)"
         raise RequestError(
-            field, f"{params.num_workers} training workers need {what}; the cluster has {total.get(name, 0):g}"
+            field, f"{training.num_workers} training workers need {what}; the cluster has {total.get(name, 0):g}"
         )
-
-
-def _given(message, name: str, default):
-    """A field the client set (0 and false included), else the config's value: proto3 `optional`."""
-    return getattr(message, name) if message.HasField(name) else default
 
 
 @serve.deployment(name="Trainer")
@@ -103,61 +98,25 @@ class TrainerDeployment:
         check_output_uri(
             request.output_model_uri, self.store, "output_model_uri", request.context.run_id, dataset=False
         )
-        p, d = request.params, self.config.training
-        params = TrainingParams(
-            epochs=int(check_range(p.epochs or d.epochs, "params.epochs", 1, 1000)),
-            max_steps=int(check_range(_given(p, "max_steps", d.max_steps), "params.max_steps", 0, 10_000_000)),
-            learning_rate=check_range(p.learning_rate or d.learning_rate, "params.learning_rate", 1e-9, 1.0),
-            batch_size=int(check_range(p.batch_size or d.batch_size, "params.batch_size", 1, 4096)),
-            max_seq_len=int(check_range(p.max_seq_len or d.max_seq_len, "params.max_seq_len", 16, 65_536)),
-            num_workers=int(check_range(p.num_workers or d.num_workers, "params.num_workers", 1, 1024)),
-            use_gpu=_given(p, "use_gpu", d.use_gpu),
-            strategy=d.strategy,  # how and where training runs is the cluster's choice, not a request's
-            torch_threads=d.torch_threads,
-            omp_wait_policy=d.omp_wait_policy,
-            worker_resources=dict(d.worker_resources),
-            seed=p.seed,
-            augmented_tag=check_text(p.augmented_tag, "params.augmented_tag", limit=200),
-            packing=not p.no_packing and d.packing,
-            checkpoint_every=int(
-                check_range(p.checkpoint_every or d.checkpoint_every, "params.checkpoint_every", 1, 10**7)
-            ),
-            max_failures=int(check_range(_given(p, "max_failures", d.max_failures), "params.max_failures", 0, 100)),
-            precision=p.precision or d.precision,
-            gradient_checkpointing=_given(p, "gradient_checkpointing", d.gradient_checkpointing),
-            lora={
-                "enabled": _given(p.lora, "enabled", d.lora.enabled),
-                "r": int(p.lora.r or d.lora.r),
-                "alpha": float(p.lora.alpha or d.lora.alpha),
-                "dropout": float(
-                    check_range(_given(p.lora, "dropout", d.lora.dropout), "params.lora.dropout", 0.0, 0.99)
-                ),
-                "keep_adapter": _given(p.lora, "keep_adapter", d.lora.keep_adapter),
-            },
-            fewshot_fraction=check_range(
-                _given(p, "fewshot_fraction", d.fewshot_fraction), "params.fewshot_fraction", 0.0, 1.0
-            ),
-            fewshot_k=int(check_range(p.fewshot_k or d.fewshot_k, "params.fewshot_k", 1, 16)),
-        )
-        if params.precision not in ("fp32", "bf16", "fp16"):
-            raise RequestError("params.precision", f"must be fp32, bf16 or fp16, got {params.precision!r}")
-        check_range(params.lora["r"], "params.lora.r", 1, 1024)
-        _check_placement(params)
+        training = from_message(request.training, TrainingConfig, "training")
+        augmented_tag = check_text(request.augmented_tag, "augmented_tag", limit=200)
+        _check_placement(training)
         source = request.train_tasks
         kind = source.WhichOneof("source")
         if kind not in ("inline", "uri"):
             raise RequestError("train_tasks", "give tasks inline or a dataset uri")
         tasks = resolve_tasks(source, self.store, "train_tasks", require_instances=kind == "inline")
         run_id, output = request.context.run_id, request.output_model_uri
+        recipe = (training, request.seed, augmented_tag)
         admitted = self.service.admit(run_id, output)  # a retry attaches, a refusal raises: nothing written yet
         if admitted is not None:
             return _status(admitted)
         if kind == "uri":
-            return _status(self.service.start(run_id, request.context.round, base, source.uri, output, params))
+            return _status(self.service.start(run_id, request.context.round, base, source.uri, output, *recipe))
         dataset_uri = self.store.uri(run_id, "inline", f"train-{uuid.uuid4().hex[:12]}.parquet")
         self.store.write_tasks(dataset_uri, tasks)
         try:
-            job = self.service.start(run_id, request.context.round, base, dataset_uri, output, params)
+            job = self.service.start(run_id, request.context.round, base, dataset_uri, output, *recipe)
         except Exception:
             self.store.remove(dataset_uri)  # refused after all (a job started meanwhile): no file left behind
             raise

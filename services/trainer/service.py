@@ -18,7 +18,7 @@ import secrets
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from ..common.config import ModelConfig, ServeConfig, TrainingConfig
 from ..common.grpc_handler import API_TOKEN_ENV
@@ -26,6 +26,7 @@ from ..common.models import DEFAULT_CACHE_DIR
 from ..common.store import RunStore
 from ..common.validation import Overloaded, RequestError
 from .placement import worker_needs
+from .spec import TrainingJobSpec
 
 _JOB_STATES = {
     "PENDING": "PENDING",
@@ -41,33 +42,6 @@ _DEFAULTS = TrainingConfig()  # the one set of defaults (services/common/config.
 
 def _amounts(resources: dict) -> str:
     return ", ".join(f"{amount:g} {name}" for name, amount in resources.items())
-
-
-@dataclass
-class TrainingParams:
-    """What one training run uses: TrainingConfig's values, or a request's overrides of them."""
-
-    epochs: int = _DEFAULTS.epochs
-    max_steps: int = _DEFAULTS.max_steps
-    learning_rate: float = _DEFAULTS.learning_rate
-    batch_size: int = _DEFAULTS.batch_size
-    max_seq_len: int = _DEFAULTS.max_seq_len
-    num_workers: int = _DEFAULTS.num_workers
-    use_gpu: bool = _DEFAULTS.use_gpu
-    torch_threads: int = _DEFAULTS.torch_threads
-    omp_wait_policy: str = _DEFAULTS.omp_wait_policy
-    strategy: str = _DEFAULTS.strategy
-    worker_resources: dict = field(default_factory=lambda: dict(_DEFAULTS.worker_resources))
-    seed: int = 0
-    augmented_tag: str = ""
-    packing: bool = _DEFAULTS.packing
-    checkpoint_every: int = _DEFAULTS.checkpoint_every
-    max_failures: int = _DEFAULTS.max_failures
-    precision: str = _DEFAULTS.precision
-    gradient_checkpointing: bool = _DEFAULTS.gradient_checkpointing
-    lora: dict = field(default_factory=lambda: _DEFAULTS.lora.model_dump())
-    fewshot_fraction: float = _DEFAULTS.fewshot_fraction
-    fewshot_k: int = _DEFAULTS.fewshot_k
 
 
 @dataclass
@@ -176,7 +150,15 @@ class TrainerService:
         return None
 
     def start(
-        self, run_id: str, round_index: int, base_model: str, dataset_uri: str, model_uri: str, params: TrainingParams
+        self,
+        run_id: str,
+        round_index: int,
+        base_model: str,
+        dataset_uri: str,
+        model_uri: str,
+        training: TrainingConfig,
+        seed: int = 0,
+        augmented_tag: str = "",
     ) -> TrainingJob:
         admitted = self.admit(run_id, model_uri)
         if admitted is not None:
@@ -185,37 +167,40 @@ class TrainerService:
         self.store.remove_staging(model_uri)  # a crash mid-training left it; it was never a model
         job_id = f"train-{secrets.token_hex(16)}"  # unguessable: a job is seen and controlled by its run only
         spec_uri, progress_uri, cancel_uri = self._uris(job_id, model_uri)
-        spec = {
-            "job_id": job_id,
-            "run_id": run_id,
-            "dataset_uri": dataset_uri,
-            "base_model": base_model,
-            "model_uri": model_uri,
-            "progress_uri": progress_uri,
-            "cancel_uri": cancel_uri,
-            "commit_uri": commit_record_uri(self.store, job_id, model_uri),
-            "trust_remote_code": self.trust_remote_code,
-            "builtin_cache_dir": self.builtin_cache_dir,
-            "prompt_format": self.prompt_format,
-            "seed_tag": self.seed_tag,
-            "params": asdict(params),
-        }
-        self.store.write_json(spec_uri, spec)
+        spec = TrainingJobSpec(
+            job_id=job_id,
+            run_id=run_id,
+            dataset_uri=dataset_uri,
+            base_model=base_model,
+            model_uri=model_uri,
+            progress_uri=progress_uri,
+            cancel_uri=cancel_uri,
+            commit_uri=commit_record_uri(self.store, job_id, model_uri),
+            trust_remote_code=self.trust_remote_code,
+            builtin_cache_dir=self.builtin_cache_dir,
+            prompt_format=self.prompt_format,
+            seed_tag=self.seed_tag,
+            seed=seed,
+            augmented_tag=augmented_tag,
+            training=training,
+        )
+        self.store.write_json(spec_uri, spec.model_dump(mode="json"))
         self.store.write_json(record_uri, {"job_id": job_id})
         self._models[job_id] = model_uri
-        self._submit(job_id, spec_uri, model_uri, run_id, params)
+        self._submit(job_id, spec_uri, model_uri, run_id, training)
         return self.status(job_id) or TrainingJob(job_id, model_uri, run_id=run_id)
 
-    def _spec(self, job_id: str, model_uri: str) -> dict:
-        """The job's spec as start() wrote it ({} when it cannot be read)."""
+    def _spec(self, job_id: str, model_uri: str) -> TrainingJobSpec | None:
+        """The job's spec as start() wrote it (None when it cannot be read)."""
         try:
-            return self.store.read_json(self._uris(job_id, model_uri)[0])
-        except (OSError, ValueError):
-            return {}
+            return TrainingJobSpec.model_validate(self.store.read_json(self._uris(job_id, model_uri)[0]))
+        except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+            return None
 
     def dataset_of(self, job: TrainingJob) -> str:
         """The dataset the job trains on ("" when its spec cannot be read)."""
-        return self._spec(job.job_id, job.model_uri).get("dataset_uri", "")
+        spec = self._spec(job.job_id, job.model_uri)
+        return spec.dataset_uri if spec else ""
 
     def active_jobs(self) -> list[str]:
         """Training jobs of this cluster that are pending or running."""
@@ -226,9 +211,9 @@ class TrainerService:
             and str(getattr(job.status, "value", job.status)) in ("PENDING", "RUNNING")
         ]
 
-    def _submit(self, submission_id: str, spec_uri: str, model_uri: str, run_id: str, params: TrainingParams) -> None:
+    def _submit(self, submission_id: str, spec_uri: str, model_uri: str, run_id: str, training: TrainingConfig) -> None:
         # OpenMP reads its wait policy once, as torch loads it: it must be in the workers' environment
-        env = {"OMP_WAIT_POLICY": params.omp_wait_policy.upper()}
+        env = {"OMP_WAIT_POLICY": training.omp_wait_policy.upper()}
         for attempt in range(24):  # the head's job agent can take a few seconds to come up
             try:
                 # this interpreter (the one Ray runs) rather than whatever `python` is on the job's PATH
@@ -281,8 +266,8 @@ class TrainerService:
         started = self._read_progress(job, progress_uri)
         unplaced_uri = self.store.beside(model_uri, f".{job_id}.unplaced.json")
         if state in ("PENDING", "RUNNING") and not started and self._past_start_timeout(info):
-            params = self._spec(job_id, model_uri).get("params") or asdict(TrainingParams())
-            self._stop_unplaced(job_id, unplaced_uri, params)
+            spec = self._spec(job_id, model_uri)
+            self._stop_unplaced(job_id, unplaced_uri, spec.training if spec else TrainingConfig())
         if self.store.exists(unplaced_uri):
             job.state, job.error = "FAILED", self.store.read_json(unplaced_uri)["error"]
             return job
@@ -320,17 +305,17 @@ class TrainerService:
         submitted = (getattr(info, "start_time", None) or 0) / 1000  # Ray's job start, in ms
         return bool(submitted) and time.time() - submitted > self.start_timeout_s
 
-    def _stop_unplaced(self, job_id: str, unplaced_uri: str, params: dict) -> None:
+    def _stop_unplaced(self, job_id: str, unplaced_uri: str, training: TrainingConfig) -> None:
         """A job whose workers never started holds a training slot and its driver forever: it is
         stopped, and why is recorded for every later status call."""
         import ray
 
-        need = worker_needs(params["use_gpu"], params.get("worker_resources"))
+        need = worker_needs(training.use_gpu, training.worker_resources)
         available = ray.available_resources() if ray.is_initialized() else {}
         free = f", and the cluster has {_amounts({n: available.get(n, 0) for n in need})} free now" if available else ""
         error = (
             f"no training worker started within {self.start_timeout_s:g} s (training.start_timeout_s): "
-            f"{params['num_workers']} workers need {_amounts(need)} each{free}; the job was stopped. Free room "
+            f"{training.num_workers} workers need {_amounts(need)} each{free}; the job was stopped. Free room "
             "(fewer replicas, more nodes) or ask for fewer workers"
         )
         self.store.write_json(unplaced_uri, {"job_id": job_id, "error": error})

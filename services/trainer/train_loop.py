@@ -24,11 +24,13 @@ import time
 
 import torch
 
+from ..common.config import LoraConfig, TrainingConfig
 from ..common.models import load_model
 from ..common.rendering import Renderer, tokenize
 from ..common.store import RunStore
 from .formatting import collate, collate_packed, pack
 from .loss import TrainingLoss
+from .spec import TrainingJobSpec, WorkerConfig
 
 PROGRESS_EVERY = 5
 
@@ -37,30 +39,30 @@ class Cancelled(RuntimeError):
     pass
 
 
-def _batches(features: list[dict], config: dict, encoder_decoder: bool, pad_id: int):
+def _batches(features: list[dict], training: TrainingConfig, encoder_decoder: bool, pad_id: int):
     """(dataset, collate_fn, batch size, real-token share)."""
-    max_len = config["max_seq_len"]
-    if config.get("packing", True) and not encoder_decoder:
+    max_len = training.max_seq_len
+    if training.packing and not encoder_decoder:
         packs = pack(features, max_len)
         mean_len = sum(len(f["input_ids"]) for f in features) / max(len(features), 1)
-        batch_size = max(1, round(config["batch_size"] * mean_len / max_len))
+        batch_size = max(1, round(training.batch_size * mean_len / max_len))
         width = max((len(p["input_ids"]) for p in packs), default=1)
         share = sum(len(p["input_ids"]) for p in packs) / max(len(packs) * width, 1)
         return packs, (lambda b: collate_packed(b, pad_id)), batch_size, share
     longest = max((len(f["input_ids"]) for f in features), default=1)
     share = sum(len(f["input_ids"]) for f in features) / max(len(features) * longest, 1)
-    return features, (lambda b: collate(b, pad_id)), config["batch_size"], share
+    return features, (lambda b: collate(b, pad_id)), training.batch_size, share
 
 
-def _apply_lora(model, config: dict):
-    from peft import LoraConfig, get_peft_model
+def _apply_lora(model, lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    lora = config["lora"]
     target = "all-linear"
-    peft_config = LoraConfig(
-        r=lora["r"],
-        lora_alpha=lora["alpha"],
-        lora_dropout=lora["dropout"],
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
         target_modules=target,
         task_type="SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM",
     )
@@ -123,35 +125,33 @@ def _restore_sharded(model, optimizer, directory: str) -> None:
     set_optimizer_state_dict(model, optimizer, state, options=options)
 
 
-def _unsharded(weights: dict, config: dict):
+def _unsharded(weights: dict, spec: TrainingJobSpec):
     """rank 0, fsdp: the trained weights in an ordinary module (base model, plus LoRA when on), which
     save_pretrained and merge_and_unload take as they are. It holds a second copy of the model in
     CPU memory while the checkpoint is written; the accelerators never hold a full one."""
-    model, _ = load_model(
-        config["base_model"], trust_remote_code=config["trust_remote_code"], cache_dir=config["builtin_cache_dir"]
-    )
-    if config.get("lora", {}).get("enabled"):
-        model = _apply_lora(model, config)
+    model, _ = load_model(spec.base_model, trust_remote_code=spec.trust_remote_code, cache_dir=spec.builtin_cache_dir)
+    if spec.training.lora.enabled:
+        model = _apply_lora(model, spec.training.lora)
     model.load_state_dict(weights)
     return model
 
 
-def _save_final(model, tokenizer, config: dict, store: RunStore) -> None:
+def _save_final(model, tokenizer, lora: LoraConfig, staging_uri: str, store: RunStore) -> None:
     """Saves into the staging URI: directly on a local (or shared) store, else into a local temporary
     that is then uploaded, so rank 0 may run on any node."""
     if store.is_local:
-        output_dir = store.resolve(config["staging_uri"])
+        output_dir = store.resolve(staging_uri)
         os.makedirs(output_dir, exist_ok=True)
-        _save_pretrained(model, tokenizer, config, output_dir)
+        _save_pretrained(model, tokenizer, lora, output_dir)
         return
     with tempfile.TemporaryDirectory() as output_dir:
-        _save_pretrained(model, tokenizer, config, output_dir)
-        store.put_directory(output_dir, config["staging_uri"])
+        _save_pretrained(model, tokenizer, lora, output_dir)
+        store.put_directory(output_dir, staging_uri)
 
 
-def _save_pretrained(model, tokenizer, config: dict, output_dir: str) -> None:
-    if config.get("lora", {}).get("enabled"):
-        if config["lora"].get("keep_adapter"):
+def _save_pretrained(model, tokenizer, lora: LoraConfig, output_dir: str) -> None:
+    if lora.enabled:
+        if lora.keep_adapter:
             model.save_pretrained(output_dir)  # adapter_config.json + adapter weights; base named inside
         else:
             model.merge_and_unload().save_pretrained(output_dir, safe_serialization=True)
@@ -166,43 +166,41 @@ def train_loop_per_worker(config: dict) -> None:
     from safetensors.torch import load_model as load_weights
     from safetensors.torch import save_model as save_weights
 
-    if config.get("torch_threads"):  # else Ray's OMP_NUM_THREADS: the CPUs the worker reserved
-        torch.set_num_threads(config["torch_threads"])
-    torch.manual_seed(config["seed"])
-    random.seed(config["seed"])
+    worker = WorkerConfig.model_validate(config)
+    spec, training = worker.spec, worker.spec.training
+    if training.torch_threads:  # else Ray's OMP_NUM_THREADS: the CPUs the worker reserved
+        torch.set_num_threads(training.torch_threads)
+    torch.manual_seed(spec.seed)
+    random.seed(spec.seed)
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    store = RunStore(config["store_root"])
-    tasks = store.read_tasks(config["dataset_uri"])
+    store = RunStore(worker.store_root)
+    tasks = store.read_tasks(spec.dataset_uri)
     model, tokenizer = load_model(
-        config["base_model"], trust_remote_code=config["trust_remote_code"], cache_dir=config["builtin_cache_dir"]
+        spec.base_model, trust_remote_code=spec.trust_remote_code, cache_dir=spec.builtin_cache_dir
     )
     encoder_decoder = bool(model.config.is_encoder_decoder)
-    renderer = Renderer.for_tokenizer(
-        tokenizer, config["prompt_format"], config.get("augmented_tag", ""), config.get("seed_tag", "")
-    )
-    examples = renderer.render_all(
-        tasks, config["seed"], config.get("fewshot_fraction", 0.0), config.get("fewshot_k", 2)
-    )
-    features = [tokenize(e, tokenizer, config["max_seq_len"], encoder_decoder) for e in examples]
-    dataset, collate_fn, batch_size, share = _batches(features, config, encoder_decoder, tokenizer.pad_token_id)
-    if config.get("gradient_checkpointing"):
+    renderer = Renderer.for_tokenizer(tokenizer, spec.prompt_format, spec.augmented_tag, spec.seed_tag)
+    examples = renderer.render_all(tasks, spec.seed, training.fewshot_fraction, training.fewshot_k)
+    features = [tokenize(e, tokenizer, training.max_seq_len, encoder_decoder) for e in examples]
+    dataset, collate_fn, batch_size, share = _batches(features, training, encoder_decoder, tokenizer.pad_token_id)
+    if training.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    if config.get("lora", {}).get("enabled"):
-        model = _apply_lora(model, config)
+    if training.lora.enabled:
+        model = _apply_lora(model, training.lora)
     model.train()
     device = ray.train.torch.get_device()
-    sharded = config.get("strategy", "ddp") == "fsdp"
+    sharded = training.strategy == "fsdp"
     model = _shard(model, device) if sharded else ray.train.torch.prepare_model(model)
     held_share = _held_share(model)
     loss_of = TrainingLoss(model, encoder_decoder=encoder_decoder, sharded=sharded)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config["learning_rate"], weight_decay=0.0
+        [p for p in model.parameters() if p.requires_grad], lr=training.learning_rate, weight_decay=0.0
     )
     steps_per_epoch = max(math.ceil(len(dataset) / batch_size / context.get_world_size()), 1)
-    total = steps_per_epoch * config["epochs"]
-    if config["max_steps"]:
-        total = min(total, config["max_steps"])
+    total = steps_per_epoch * training.epochs
+    if training.max_steps:
+        total = min(total, training.max_steps)
     warmup = max(1, total // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 0.5 * (1 + math.cos(math.pi * s / total)))
@@ -221,16 +219,16 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(directory, "state.json")) as handle:
                 state = json.load(handle)
             step, losses, resumed_from = state["step"], state["losses"], state["step"]
-    precision = config.get("precision", "fp32")
+    precision = training.precision
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
-    progress_uri, cancel_uri = config["progress_uri"], config["cancel_uri"]
+    progress_uri, cancel_uri = spec.progress_uri, spec.cancel_uri
     started = time.time()
     step_log = None
-    if rank == 0 and config.get("tracking"):
+    if rank == 0 and worker.tracking:
         from ray_jobs.tracking import StepLogger
 
-        step_log = StepLogger(config["tracking"])
+        step_log = StepLogger(worker.tracking)
 
     def progress(done: bool = False) -> None:
         if rank == 0:
@@ -258,7 +256,7 @@ def train_loop_per_worker(config: dict) -> None:
     generator = torch.Generator()
     while step < total:
         epoch, skip = divmod(step, steps_per_epoch)
-        generator.manual_seed(config["seed"] * 1000 + epoch)  # the same order on a resume
+        generator.manual_seed(spec.seed * 1000 + epoch)  # the same order on a resume
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_fn, generator=generator
         )
@@ -291,8 +289,7 @@ def train_loop_per_worker(config: dict) -> None:
                 progress()
                 if step_log is not None:
                     step_log.flush()
-            every = config.get("checkpoint_every") or 0
-            if every and step % every == 0 and step < total:
+            if step % training.checkpoint_every == 0 and step < total:
                 metrics = {"loss": losses[-1], "step": step}
                 weights, optimizer_state = _gathered(model, optimizer) if sharded else ({}, {})
                 if rank == 0:
@@ -315,11 +312,11 @@ def train_loop_per_worker(config: dict) -> None:
     weights = _gathered(model)[0] if sharded else {}
     if rank == 0:
         if sharded:
-            unwrapped = _unsharded(weights, config)
+            unwrapped = _unsharded(weights, spec)
         else:
             unwrapped = model.module if hasattr(model, "module") else model
         unwrapped.eval()
-        _save_final(unwrapped, tokenizer, config, store)
+        _save_final(unwrapped, tokenizer, training.lora, worker.staging_uri, store)
         progress(done=True)
         if step_log is not None:
             step_log.flush(force=True)
