@@ -33,12 +33,12 @@ import tempfile
 import time
 from datetime import date
 
+from ray_jobs.seed_split import split_by_task
 from services.common.config import load_config
 from services.common.engines import SamplingParams, create_engine
 from services.common.formats import load_seed_tasks
 from services.common.models import resolve_model
 from services.evaluator.service import EvaluatorService
-from services.evaluator.split import split_by_task
 from services.generator import self_instruct as si
 from services.generator.service import GeneratorService, RunContext
 

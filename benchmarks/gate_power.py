@@ -20,7 +20,7 @@ import itertools
 
 import numpy as np
 
-from services.common.stages import Evaluated, Filtered, rounds_of
+from ray_jobs.manifest import Evaluated, Filtered, rounds_of
 from services.common.store import RunStore
 from services.evaluator.intervals import METHODS, mean_interval
 

@@ -15,12 +15,12 @@ import time
 
 import torch
 
+from ray_jobs.meta_tasks import build_meta_tasks
+from ray_jobs.seed_split import split_by_task
 from services.common.formats import load_seed_tasks
 from services.common.models import load_model
 from services.common.rendering import Renderer, tokenize
-from services.evaluator.split import split_by_task
 from services.generator.backtranslation import curation_meta_tasks
-from services.generator.bootstrap import build_meta_tasks
 from services.trainer.formatting import collate, collate_packed, pack
 
 from . import parse_args

@@ -42,9 +42,9 @@ RECIPES = {
 
 
 def _features(config, tokenizer) -> list[dict]:
+    from ray_jobs.seed_split import split_by_task
     from services.common.formats import load_seed_tasks
     from services.common.rendering import Renderer, tokenize
-    from services.evaluator.split import split_by_task
 
     train, _ = split_by_task(load_seed_tasks(config.seeds.path), config.seeds.heldout_fraction, config.seeds.split_seed)
     cap = config.training.seed_instances_per_task or 1

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 
+from ray_jobs.manifest import CurationControl, Dataset, Filtered, RatingPool, Segments, Split, Trained
 from services.api import filter_pb2, generator_pb2
 from services.common import prompts
 from services.common.convert import uri_source
 from services.common.records import Instance, Lineage, TaskRecord, stable_id
 from services.common.sections import to_message
-from services.common.stages import CurationControl, Dataset, Filtered, RatingPool, Segments, Split, Trained
 from services.generator.backtranslation import backward_tasks, control_pairs, rater_auc, selection_threshold
 from services.generator.corpus import load_segments, sample_segments
 

@@ -3,11 +3,11 @@ evaluation in shards over the evaluator replicas, the promotion gate, the judge 
 
 from __future__ import annotations
 
+from ray_jobs.combine import combine
+from ray_jobs.manifest import Benchmarked, Decision, Evaluated, Gate, Judged, Split, Tested, Trained
 from services.api import common_pb2, evaluator_pb2, trainer_pb2
 from services.common.convert import uri_source
 from services.common.sections import to_message
-from services.common.stages import Benchmarked, Decision, Evaluated, Gate, Judged, Split, Tested, Trained
-from services.evaluator.combine import combine
 
 from .fanout import Shard
 from .run import Run

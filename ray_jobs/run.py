@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ray_jobs.manifest import STAGE_KINDS, Dataset, Result, Split
 from services.api import common_pb2, generator_pb2
 from services.client import ServiceClients
 from services.common.config import ReinstructConfig
 from services.common.records import TaskRecord
-from services.common.stages import STAGE_KINDS, Dataset, Result, Split
 from services.common.store import RunStore
 
 from .fanout import ShardedStage

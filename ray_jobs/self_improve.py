@@ -18,11 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from services.client import ServiceClients
-from services.common.config import ReinstructConfig, load_config, parse_config
-from services.common.formats import load_seed_tasks, load_tasks
-from services.common.records import TaskRecord
-from services.common.stages import (
+from ray_jobs.manifest import (
     Dataset,
     Decision,
     Evaluated,
@@ -36,11 +32,15 @@ from services.common.stages import (
     TrainMix,
     rounds_of,
 )
+from ray_jobs.meta_tasks import build_meta_tasks
+from ray_jobs.report import write_report
+from ray_jobs.seed_split import split_by_task
+from services.client import ServiceClients
+from services.common.config import ReinstructConfig, load_config, parse_config
+from services.common.formats import load_seed_tasks, load_tasks
+from services.common.records import TaskRecord
 from services.common.store import RunStore, StoreError
-from services.evaluator.report import write_report
-from services.evaluator.split import split_by_task
 from services.generator.backtranslation import curation_meta_tasks
-from services.generator.bootstrap import build_meta_tasks
 
 from . import backtranslation_stages as bt_stages
 from . import model_stages

@@ -3,11 +3,11 @@ says which are classification tasks, writes instances for each; the filter keeps
 
 from __future__ import annotations
 
+from ray_jobs.manifest import Dataset, Filtered, Instructions, Split
 from services.api import filter_pb2, generator_pb2
 from services.common.convert import task_from_proto, uri_source
 from services.common.records import TaskRecord
 from services.common.sections import to_message
-from services.common.stages import Dataset, Filtered, Instructions, Split
 
 from .run import Run
 

@@ -34,8 +34,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from ray_jobs.manifest import STAGE_KINDS, Decision, Filtered, StageResult, Tested, Trained
 from services.common.config import ReinstructConfig, TrackingConfig, parse_config
-from services.common.stages import STAGE_KINDS, Decision, Filtered, StageResult, Tested, Trained
 from services.common.store import RunStore
 
 from .run import Reporter

@@ -74,7 +74,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 def test_plain_output_when_stdout_is_no_terminal(capsys):
     """A log file gets one line per stage and progress step, and a summary whose cells are never cut."""
-    from services.cli import PlainReporter, _print_summary
+    from ray_jobs.cli import PlainReporter, _print_summary
 
     lines = []
     reporter = PlainReporter(3, echo=lambda text, flush: lines.append(text))
@@ -132,7 +132,7 @@ def test_plain_output_when_stdout_is_no_terminal(capsys):
 def test_user_errors_are_one_line():
     import grpc
 
-    from services.cli import _user_error
+    from ray_jobs.cli import _user_error
     from services.common.models import ModelUnavailable
 
     class Refused(grpc.RpcError):

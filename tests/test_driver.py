@@ -207,9 +207,9 @@ def test_a_finished_run_reads_back_as_typed_results(run, tmp_path):
     their typed results: what they show is what the stages committed."""
     from typer.testing import CliRunner
 
+    from ray_jobs.cli import app
+    from ray_jobs.manifest import Filtered, Tested, rounds_of
     from ray_jobs.self_improve import summarize
-    from services.cli import app
-    from services.common.stages import Filtered, Tested, rounds_of
 
     manifest, clients, _ = run()
     rows = summarize(manifest)

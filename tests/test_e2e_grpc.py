@@ -1039,7 +1039,7 @@ def test_one_round_end_to_end_over_grpc(deployed):
         import subprocess
         import tempfile
 
-        from services.evaluator.report import SECTIONS
+        from ray_jobs.report import SECTIONS
 
         dom = subprocess.run(
             [CHROMIUM, *FLAGS, f"--user-data-dir={tempfile.mkdtemp()}", "--dump-dom", f"file://{report}"],

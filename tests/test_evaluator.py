@@ -5,6 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ray_jobs.report import SECTIONS, build_report
+from ray_jobs.seed_split import split_by_task
 from services.common.engines.base import Completion, ModelSessions, SamplingParams
 from services.common.formats import load_seed_tasks, load_tasks
 from services.common.records import Instance, TaskRecord
@@ -13,9 +15,7 @@ from services.evaluator import judge
 from services.evaluator.gate import TaskMetrics, decide
 from services.evaluator.intervals import length_controlled_difference, mean_interval, paired_difference
 from services.evaluator.metrics import TaskResult, exact_match, mean_over_tasks, normalize_label, score_instance
-from services.evaluator.report import SECTIONS, build_report
 from services.evaluator.service import EvaluatorService
-from services.evaluator.split import split_by_task
 from tests.tiny import fill_example_run
 
 

@@ -22,7 +22,7 @@ def test_filter_cli_keeps_order_and_reports(tmp_path):
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "ray_jobs.cli",
             "filter",
             str(src),
             "-o",
@@ -53,7 +53,7 @@ def test_filter_cli_instruction_only_and_bad_file(tmp_path):
         + "\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(tmp_path / "o.jsonl")],
+        [sys.executable, "-m", "ray_jobs.cli", "filter", str(src), "-o", str(tmp_path / "o.jsonl")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -62,7 +62,7 @@ def test_filter_cli_instruction_only_and_bad_file(tmp_path):
     assert "in.jsonl:2: field 'instruction'" in done.stdout.replace("\n", "")
     src.write_text(json.dumps({"instruction": "Name four planets of the solar system."}) + "\n")
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(tmp_path / "o.jsonl")],
+        [sys.executable, "-m", "ray_jobs.cli", "filter", str(src), "-o", str(tmp_path / "o.jsonl")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -85,7 +85,7 @@ def test_filter_cli_kept_seed_record_shows_only_surviving_instances(tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(json.dumps(row) + "\n")
     done = subprocess.run(
-        [sys.executable, "-m", "services.cli", "filter", str(src), "-o", str(out)],
+        [sys.executable, "-m", "ray_jobs.cli", "filter", str(src), "-o", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -114,7 +114,7 @@ def test_filter_cli_rejects_an_empty_instruction_and_switches_rules_off(tmp_path
             [
                 sys.executable,
                 "-m",
-                "services.cli",
+                "ray_jobs.cli",
                 "filter",
                 str(src),
                 "-o",

@@ -6,8 +6,8 @@ import subprocess
 
 import pytest
 
+from ray_jobs.report import SECTIONS, write_report
 from services.common.store import RunStore
-from services.evaluator.report import SECTIONS, write_report
 from tests.tiny import fill_example_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

@@ -29,7 +29,7 @@ def _run_cli(config_path: Path, run_id: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "run", "--config", str(config_path), "--run-id", run_id],
+        [sys.executable, "-m", "ray_jobs.cli", "run", "--config", str(config_path), "--run-id", run_id],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -114,7 +114,7 @@ def test_sigkill_mid_round_then_resume(tmp_path, builtin_cache, round_key, after
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ}
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [sys.executable, "-m", "ray_jobs.cli", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

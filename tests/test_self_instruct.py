@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ray_jobs.meta_tasks import build_meta_tasks
 from services.common.engines import Completion, ModelSessions, SamplingParams
 from services.common.records import Instance, TaskRecord
 from services.generator import self_instruct as si
-from services.generator.bootstrap import build_meta_tasks
 from services.generator.service import GeneratorService, RunContext
 
 

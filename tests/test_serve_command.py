@@ -32,7 +32,7 @@ def test_serve_until_interrupted(tmp_path, builtin_cache):
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
     server = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "ray_jobs.cli", "serve", "--config", str(config)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -16,7 +16,7 @@ import pytest
 if importlib.util.find_spec("lm_eval") is None and not os.environ.get("CI"):  # CI has it: make setup installs it
     pytest.skip("the benchmarks extra is not installed: pip install 'reinstruct[benchmarks]'", allow_module_level=True)
 
-from services.common import stages  # noqa: E402  (stages.Tested: a class named Test* would be collected)
+from ray_jobs import manifest as stage_records  # noqa: E402  (a class named Test* imported here would be collected)
 from services.common.config import parse_config  # noqa: E402
 from services.common.store import RunStore  # noqa: E402
 from services.common.validation import RequestError  # noqa: E402
@@ -347,8 +347,8 @@ def test_bad_requests_are_refused_naming_the_field(evaluator, fields, answer, em
 def test_the_test_stage_benchmarks_model_0_the_control_and_the_final_model(tmp_path, monkeypatch, builtin_cache, tiny):
     """The loop (scripted answers, a trainer that writes real tiny checkpoints) with evaluation.benchmarks:
     checked before round 0, run in the test stage on each model, in the manifest and the report."""
+    from ray_jobs.report import build_report
     from ray_jobs.self_improve import LoopDriver
-    from services.evaluator.report import build_report
     from tests.test_driver import InProcessClients, ScriptedEngine, _settings
 
     class Clients(InProcessClients):
@@ -373,7 +373,7 @@ def test_the_test_stage_benchmarks_model_0_the_control_and_the_final_model(tmp_p
     manifest = LoopDriver(parse_config(settings), clients, "r").run()
     assert manifest["status"] == "succeeded"
     assert clients.benchmark_requests[0].validate_only  # checked before any stage
-    test = stages.Tested.from_dict(manifest["rounds"]["1"]["stages"]["test"])
+    test = stage_records.Tested.from_dict(manifest["rounds"]["1"]["stages"]["test"])
     results = test.benchmark_results()
     assert {b.model for b in results} == {"model_0", "control", "final"}
     assert test.lm_eval_version == "0.4.13" and test.benchmark_limit == 2 and test.benchmark_prompt_style == "plain"
@@ -384,7 +384,7 @@ def test_the_test_stage_benchmarks_model_0_the_control_and_the_final_model(tmp_p
         assert b.task == SHIPPED and b.samples == 2 and set(b.metrics) == set(b.stderrs) == {"prompt_acc", "check_acc"}
     # distinct models only: model 0, the control and the final model are three
     assert len([r for r in clients.benchmark_requests if not r.validate_only]) == 3
-    from services.cli import _test_line
+    from ray_jobs.cli import _test_line
 
     assert f"\n  benchmark {SHIPPED} prompt_acc: model_0 " in _test_line(manifest)  # the run's summary
     page = build_report(RunStore(settings["store"]["root"]), "r")
@@ -397,9 +397,9 @@ def test_the_test_stage_benchmarks_model_0_the_control_and_the_final_model(tmp_p
     )
 
 
-def _tested() -> stages.Tested:
+def _tested() -> stage_records.Tested:
     def bench(model, value):
-        return stages.Benchmarked(
+        return stage_records.Benchmarked(
             model=model,
             model_uri=f"uri-{model}",
             task=SHIPPED,
@@ -411,7 +411,7 @@ def _tested() -> stages.Tested:
             source="reinstruct",
         ).to_dict()
 
-    return stages.Tested(
+    return stage_records.Tested(
         model_0="uri-model_0",
         final_model="uri-final",
         benchmarks=[bench("model_0", 0.25), bench("final", 0.5)],
@@ -421,7 +421,7 @@ def _tested() -> stages.Tested:
 
 
 def test_the_report_shows_a_table_per_task_with_stderr(tmp_path):
-    from services.evaluator.report import SECTIONS, build_report
+    from ray_jobs.report import SECTIONS, build_report
     from tests.tiny import fill_example_run
 
     store = RunStore(str(tmp_path))

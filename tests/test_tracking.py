@@ -381,8 +381,8 @@ def test_every_interval_of_the_stage_results_is_logged_as_its_bounds():
     interval field must be named in tracking's table, or MLflow would silently miss it."""
     from dataclasses import fields
 
+    from ray_jobs.manifest import STAGE_KINDS, Gate
     from ray_jobs.tracking import _INTERVALS
-    from services.common.stages import STAGE_KINDS, Gate
 
     kinds = [*STAGE_KINDS.values(), Gate]  # the gate's comparisons, inside promote's Decision
     lists = {f.name for kind in kinds for f in fields(kind) if f.type == "list[float]"}

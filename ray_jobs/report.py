@@ -20,9 +20,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..common.config import ReinstructConfig  # noqa: E402
-from ..common.prompts import CURATION_SCORES  # noqa: E402
-from ..common.stages import (  # noqa: E402
+from services.common.config import ReinstructConfig  # noqa: E402
+from services.common.prompts import CURATION_SCORES  # noqa: E402
+from services.common.store import RunStore  # noqa: E402
+from services.evaluator.intervals import Interval  # noqa: E402
+
+from .manifest import (  # noqa: E402
     Dataset,
     Decision,
     Evaluated,
@@ -33,8 +36,6 @@ from ..common.stages import (  # noqa: E402
     Trained,
     rounds_of,
 )
-from ..common.store import RunStore  # noqa: E402
-from .intervals import Interval  # noqa: E402
 
 SECTIONS = (
     "funnel",

@@ -3,7 +3,7 @@ over all tasks gives (services.evaluator.metrics.mean_over_tasks)."""
 
 from __future__ import annotations
 
-from ..api import evaluator_pb2
+from services.api import evaluator_pb2
 
 
 def _mean(values: list[float]) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from ..common.records import TaskRecord
+from services.common.records import TaskRecord
 
 
 def split_by_task(

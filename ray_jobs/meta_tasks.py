@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import random
 
-from ..common import prompts
-from ..common.config import TrainingConfig
-from ..common.records import Instance, Lineage, TaskRecord, stable_id
-from . import self_instruct as si
+from services.common import prompts
+from services.common.config import TrainingConfig
+from services.common.records import Instance, Lineage, TaskRecord, stable_id
+from services.generator import self_instruct as si
 
 
 def _raw(task_id: str, prompt: str, completion: str, template_id: str, context: list[str]) -> TaskRecord:

@@ -13,11 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ray_jobs.self_improve import LoopDriver, Reporter, stage_count, summarize
+from services.common.config import ConfigError, ReinstructConfig, load_config
+from services.generator.corpus import BUILTIN_CORPORA
 
-from .common.config import ConfigError, ReinstructConfig, load_config
-from .common.stages import Decision, Filtered, Tested, rounds_of
-from .generator.corpus import BUILTIN_CORPORA
+from .manifest import Decision, Filtered, Tested, rounds_of
+from .self_improve import LoopDriver, Reporter, stage_count, summarize
 
 app = typer.Typer(help="reinstruct: a model that improves by training on data it made itself.", no_args_is_help=True)
 console = Console(soft_wrap=True)  # a log file gets whole lines, not 80-column cuts
@@ -261,7 +261,7 @@ def _user_error(exc: BaseException) -> str | None:
     anything else, which keeps its traceback."""
     import grpc
 
-    from .common.models import ModelUnavailable
+    from services.common.models import ModelUnavailable
 
     if isinstance(exc, grpc.RpcError) and exc.code() in (
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -284,9 +284,9 @@ def run(
     """Start (or join RAY_ADDRESS) Ray, deploy the four apps, run the configured rounds."""
     from ray import serve
 
-    from .client import ServiceClients
-    from .common.store import RunStore
-    from .serving import connect_ray, deploy_apps
+    from services.client import ServiceClients
+    from services.common.store import RunStore
+    from services.serving import connect_ray, deploy_apps
 
     cfg = _load(config if config and config.exists() else None, store_root, rounds)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
@@ -350,7 +350,7 @@ def serve_command(config: Path | None = typer.Option(Path("configs/local.yaml"),
     """Deploy the four apps (on RAY_ADDRESS if set, else a local Ray) and stay up until interrupted."""
     from ray import serve
 
-    from .serving import APP_NAMES, connect_ray, deploy_apps
+    from services.serving import APP_NAMES, connect_ray, deploy_apps
 
     cfg = _load(config if config and config.exists() else None)
     stop = threading.Event()
@@ -396,8 +396,8 @@ def filter_command(
 
     from pydantic import ValidationError
 
-    from .common.formats import DataFormatError
-    from .filter.files import filter_file
+    from services.common.formats import DataFormatError
+    from services.filter.files import filter_file
 
     try:
         settings = type(_FILTER).model_validate(
@@ -441,8 +441,9 @@ def report(
     store_root: str | None = typer.Option(None, help="Override store.root"),
 ):
     """Write a run's self-contained HTML report (funnel, ROUGE-L, lengths, verbs, loss, scores, promotions)."""
-    from .common.store import RunStore
-    from .evaluator.report import build_report, write_report
+    from services.common.store import RunStore
+
+    from .report import build_report, write_report
 
     cfg = _load(config if config and config.exists() else None, store_root)
     store = RunStore(cfg.store.root)
@@ -457,7 +458,7 @@ def report(
 
 
 def _store_and_manifest(run_id: str, config: Path | None, store_root: str | None):
-    from .common.store import RunStore, check_run_id
+    from services.common.store import RunStore, check_run_id
 
     if (why := check_run_id(run_id)) is not None:
         console.print(f"[red]{run_id!r} is no run id: it {why}[/red]", soft_wrap=True)
@@ -519,8 +520,8 @@ def export(
     store_root: str | None = typer.Option(None, help="Override store.root"),
 ):
     """Export every task kept in a run (Self-Instruct's and backtranslation's), for other training tools."""
-    from .common.formats import export_alpaca_jsonl, export_chat_parquet
-    from .common.store import RunStore
+    from services.common.formats import export_alpaca_jsonl, export_chat_parquet
+    from services.common.store import RunStore
 
     cfg = _load(config if config and config.exists() else None, store_root)
     store = RunStore(cfg.store.root)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
-from .records import TaskRecord
-from .store import RunStore
+from services.common.records import TaskRecord
+from services.common.store import RunStore
 
 Result = TypeVar("Result", bound="StageResult")
 
