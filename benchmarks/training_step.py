@@ -66,15 +66,14 @@ def measure(model_id: str, config_path: str, recipe: str, steps: int, threads: i
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = load_config(config_path)
-    training = config.training.model_dump()
     fast, precision, dropout = RECIPES[recipe]
-    training["lora"]["dropout"] = dropout
+    training = config.training.model_copy(update={"lora": config.training.lora.model_copy(update={"dropout": dropout})})
     model, tokenizer = load_model(model_id, cache_dir=config.model.builtin_cache_dir)
     packs, collate_fn, per_step, share = _batches(_features(config, tokenizer), training, False, tokenizer.pad_token_id)
     groups = [packs[i : i + per_step] for i in range(0, len(packs), per_step)]
     batches = [(collate_fn(group), sum(len(p["input_ids"]) for p in group)) for group in groups]
-    if training["lora"]["enabled"]:
-        model = _apply_lora(model, training)
+    if training.lora.enabled:
+        model = _apply_lora(model, training.lora)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     checked = TrainingLoss(model, encoder_decoder=False, sharded=False)

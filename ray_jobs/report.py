@@ -142,11 +142,11 @@ def _verbs(instructions: dict[int, list[str]]) -> str:
 
 def _task_html(task) -> str:
     lineage = task.lineage
-    verdicts = [v for v in lineage.verdicts if v.startswith(("kept", "rejected:"))]
-    nearest = next((v[len("nearest:") :] for v in lineage.verdicts if v.startswith("nearest:")), "")
-    facts = [f"verdict: {', '.join(verdicts) or '-'}"]
-    if "max_rouge_l" in lineage.scores:
-        facts.append(f"max ROUGE-L {lineage.scores['max_rouge_l']:.3f}")
+    verdict = lineage.filter
+    nearest = verdict.nearest_instruction if verdict else ""
+    facts = [f"verdict: {verdict.label if verdict else '-'}"]
+    if verdict and verdict.nearest_instruction:
+        facts.append(f"max ROUGE-L {verdict.max_rouge_l:.3f}")
     if "curation" in lineage.scores:
         facts.append(f"curation score {lineage.scores['curation']:.0f}")
     facts.append("classification" if task.is_classification else "open-ended")

@@ -586,7 +586,7 @@ class TrackingReporter(Reporter):
                 rows.append(
                     {
                         "id": task.id,
-                        "verdict": next((v for v in task.lineage.verdicts if v.startswith(("kept", "rejected"))), ""),
+                        "verdict": task.lineage.filter.label if task.lineage.filter else "",
                         "instruction": task.instruction,
                         "input": first.input if first else "",
                         "output": first.output if first else "",

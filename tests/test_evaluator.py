@@ -296,6 +296,7 @@ def test_report_has_every_section(tmp_path):
     assert "final minus control: score -0.0300 [-0.1000, +0.0400]" in page
     assert "Write a haiku about &lt;autumn&gt;." in page and "nearest pool entry: <i>Write a poem.</i>" in page
     assert "rejected:too_short" in page and "Leaves fall" in page  # kept and rejected, with instances
+    assert "verdict: kept; max ROUGE-L 0.310" in page  # from the typed verdict
     assert "round 1 (8 of 8 pairs, best rated first)" in page and "curation score 5" in page
     assert "kept score &ge; 5: 1 of 8" in page
     assert "<td>curate</td><td>12.2</td>" in page and "<b>13.8</b>" in page  # stage times and round total

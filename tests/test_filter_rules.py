@@ -107,9 +107,11 @@ def test_filter_in_order_with_funnel():
     assert [v.kept for v in result.verdicts] == [False, True, False, False, False]
     assert result.funnel == {"rouge_l_too_similar": 2, "blacklisted": 1, "empty_output": 1}  # what emptied it
     assert result.verdicts[2].nearest_instruction == "Summarize the article in two sentences."
-    assert result.kept[0].lineage.verdicts[-1] == "kept"
-    assert result.rejected[0].lineage.verdicts[-1] == "rejected:rouge_l_too_similar"
-    assert result.kept[0].lineage.scores["max_rouge_l"] < 0.7
+    kept, similar = result.kept[0].lineage.filter, result.rejected[0].lineage.filter
+    assert kept.label == "kept" and kept.max_rouge_l < 0.7
+    assert similar.label == "rejected:rouge_l_too_similar" and similar.reasons == ["rouge_l_too_similar"]
+    assert similar.max_rouge_l >= 0.7 and similar.nearest_instruction == "Write a short poem about the sea."
+    assert "max_rouge_l" not in result.kept[0].lineage.scores  # one place for it: the verdict
 
 
 def test_boundary_rule_both_ways():

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -124,7 +125,7 @@ def test_a_task_survives_the_proto_round_trip():
     """Every field of a record, raw format and lineage included, comes back from the wire unchanged
     (inline tasks of format 'raw' once lost it and became instruction tasks)."""
     from services.common.convert import task_from_proto, task_to_proto
-    from services.common.records import Instance, Lineage, TaskRecord
+    from services.common.records import FilterVerdict, Instance, Lineage, TaskRecord
 
     task = TaskRecord(
         id="t1",
@@ -140,10 +141,13 @@ def test_a_task_survives_the_proto_round_trip():
             prompt_template="p/v2",
             context_task_ids=["a", "b"],
             scores={"curation": 5.0},
-            verdicts=["kept"],
+            verdicts=["curated_by:m"],
             parent_id="seg-1",
+            filter=FilterVerdict(False, ["rouge_l_too_similar", "empty_output"], 0.75, "Continue it."),
         ),
         format="raw",
     )
     assert task_from_proto(task_to_proto(task)) == task
+    unfiltered = replace(task, lineage=replace(task.lineage, filter=None))
+    assert task_from_proto(task_to_proto(unfiltered)).lineage.filter is None  # unset stays unset
     assert task_from_proto(task_to_proto(TaskRecord(id="x", instruction="y"))).format == "instruction"

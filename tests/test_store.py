@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from services.common.records import Instance, Lineage, TaskRecord
+from services.common.records import FilterVerdict, Instance, Lineage, TaskRecord
 from services.common.store import RunStore, StoreError, UriNotAllowed
 
 
@@ -19,7 +19,8 @@ def _task(i: int) -> TaskRecord:
             prompt_template="p@1",
             context_task_ids=["a", "b"],
             scores={"x": 0.5},
-            verdicts=["kept"],
+            verdicts=["instances_by:t@1"],
+            filter=FilterVerdict(i % 2 == 1, [] if i % 2 else ["rouge_l_too_similar"], 0.25 * i, f"near {i}"),
         ),
     )
 
@@ -33,6 +34,25 @@ def test_roundtrip_keeps_lineage(tmp_path):
     assert back[0].lineage.scores == {"x": 0.5}
     assert back[0].lineage.context_task_ids == ["a", "b"]
     assert back[0].instances[0].output == "out"
+    assert back[0].lineage.filter == FilterVerdict(True, [], 0.25, "near 1")
+    assert back[1].lineage.filter.label == "rejected:rouge_l_too_similar"
+
+
+def test_a_record_the_filter_has_not_seen_has_no_verdict_and_old_files_still_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = RunStore(str(tmp_path))
+    uri = store.dataset_uri("run", 1, "candidates")
+    store.write_tasks(uri, [TaskRecord(id="c", instruction="Do it.")])
+    assert store.read_tasks(uri)[0].lineage.filter is None
+    # a file written before the verdict was typed: its lineage struct has no "filter" field
+    old = pa.Table.from_pylist(
+        [{"id": "o", "instruction": "Old.", "lineage": {"run_id": "r", "verdicts": ["kept"], "scores_json": "{}"}}]
+    )
+    pq.write_table(old, store.resolve(uri))
+    back = store.read_tasks(uri)[0]
+    assert (back.id, back.lineage.filter, back.lineage.verdicts) == ("o", None, ["kept"])
 
 
 def test_failed_write_leaves_old_file_and_no_partial(tmp_path):

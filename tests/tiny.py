@@ -83,17 +83,19 @@ def fill_example_run(store, run_id: str = "r") -> None:
     store.commit_stage(
         run_id, 1, "generate_instructions", {"uri": store.dataset_uri(run_id, 1, "instructions"), "count": 2}
     )
-    from services.common.records import Instance, Lineage
+    from services.common.records import FilterVerdict, Instance, Lineage
 
     kept = [
         TaskRecord(
             id="k",
             instruction="Write a haiku about <autumn>.",
             instances=[Instance("", "Leaves fall")],
-            lineage=Lineage(scores={"max_rouge_l": 0.31}, verdicts=["nearest:Write a poem.", "kept"]),
+            lineage=Lineage(filter=FilterVerdict(True, [], 0.31, "Write a poem.")),
         )
     ]
-    rejected = [TaskRecord(id="x", instruction="Draw a map.", lineage=Lineage(verdicts=["rejected:too_short"]))]
+    rejected = [
+        TaskRecord(id="x", instruction="Draw a map.", lineage=Lineage(filter=FilterVerdict(False, ["too_short"])))
+    ]
     curated = [
         TaskRecord(
             id=f"b{i}",

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1areinstruct/v1/common.proto\x12\rreinstruct.v1\"\x81\x02\n\x07Lineage\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05stage\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fprompt_template\x18\x05 \x01(\t\x12\x18\n\x10\x63ontext_task_ids\x18\x06 \x03(\t\x12\x32\n\x06scores\x18\x07 \x03(\x0b\x32\".reinstruct.v1.Lineage.ScoresEntry\x12\x10\n\x08verdicts\x18\x08 \x03(\t\x12\x11\n\tparent_id\x18\t \x01(\t\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\")\n\x08Instance\x12\r\n\x05input\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\"\xb5\x01\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x19\n\x11is_classification\x18\x04 \x01(\x08\x12*\n\tinstances\x18\x05 \x03(\x0b\x32\x17.reinstruct.v1.Instance\x12\'\n\x07lineage\x18\x06 \x01(\x0b\x32\x16.reinstruct.v1.Lineage\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\"/\n\tTaskBatch\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.reinstruct.v1.Task\"Q\n\nTaskSource\x12*\n\x06inline\x18\x01 \x01(\x0b\x32\x18.reinstruct.v1.TaskBatchH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"(\n\nDatasetRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"<\n\nRunContext\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0f\n\x07run_key\x18\x03 \x01(\t\"n\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1areinstruct/v1/common.proto\x12\rreinstruct.v1\"\xaf\x02\n\x07Lineage\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05stage\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x17\n\x0fprompt_template\x18\x05 \x01(\t\x12\x18\n\x10\x63ontext_task_ids\x18\x06 \x03(\t\x12\x32\n\x06scores\x18\x07 \x03(\x0b\x32\".reinstruct.v1.Lineage.ScoresEntry\x12\x10\n\x08verdicts\x18\x08 \x03(\t\x12\x11\n\tparent_id\x18\t \x01(\t\x12,\n\x06\x66ilter\x18\n \x01(\x0b\x32\x1c.reinstruct.v1.FilterVerdict\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"`\n\rFilterVerdict\x12\x0c\n\x04kept\x18\x01 \x01(\x08\x12\x0f\n\x07reasons\x18\x02 \x03(\t\x12\x13\n\x0bmax_rouge_l\x18\x03 \x01(\x01\x12\x1b\n\x13nearest_instruction\x18\x04 \x01(\t\")\n\x08Instance\x12\r\n\x05input\x18\x01 \x01(\t\x12\x0e\n\x06output\x18\x02 \x01(\t\"\xb5\x01\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x19\n\x11is_classification\x18\x04 \x01(\x08\x12*\n\tinstances\x18\x05 \x03(\x0b\x32\x17.reinstruct.v1.Instance\x12\'\n\x07lineage\x18\x06 \x01(\x0b\x32\x16.reinstruct.v1.Lineage\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\"/\n\tTaskBatch\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.reinstruct.v1.Task\"Q\n\nTaskSource\x12*\n\x06inline\x18\x01 \x01(\x0b\x32\x18.reinstruct.v1.TaskBatchH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"(\n\nDatasetRef\x12\x0b\n\x03uri\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"<\n\nRunContext\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0f\n\x07run_key\x18\x03 \x01(\t\"n\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\x03\x12\x18\n\x10presence_penalty\x18\x05 \x01(\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LINEAGE_SCORESENTRY']._loaded_options = None
   _globals['_LINEAGE_SCORESENTRY']._serialized_options = b'8\001'
   _globals['_LINEAGE']._serialized_start=46
-  _globals['_LINEAGE']._serialized_end=303
-  _globals['_LINEAGE_SCORESENTRY']._serialized_start=258
-  _globals['_LINEAGE_SCORESENTRY']._serialized_end=303
-  _globals['_INSTANCE']._serialized_start=305
-  _globals['_INSTANCE']._serialized_end=346
-  _globals['_TASK']._serialized_start=349
-  _globals['_TASK']._serialized_end=530
-  _globals['_TASKBATCH']._serialized_start=532
-  _globals['_TASKBATCH']._serialized_end=579
-  _globals['_TASKSOURCE']._serialized_start=581
-  _globals['_TASKSOURCE']._serialized_end=662
-  _globals['_DATASETREF']._serialized_start=664
-  _globals['_DATASETREF']._serialized_end=704
-  _globals['_RUNCONTEXT']._serialized_start=706
-  _globals['_RUNCONTEXT']._serialized_end=766
-  _globals['_SAMPLING']._serialized_start=768
-  _globals['_SAMPLING']._serialized_end=878
+  _globals['_LINEAGE']._serialized_end=349
+  _globals['_LINEAGE_SCORESENTRY']._serialized_start=304
+  _globals['_LINEAGE_SCORESENTRY']._serialized_end=349
+  _globals['_FILTERVERDICT']._serialized_start=351
+  _globals['_FILTERVERDICT']._serialized_end=447
+  _globals['_INSTANCE']._serialized_start=449
+  _globals['_INSTANCE']._serialized_end=490
+  _globals['_TASK']._serialized_start=493
+  _globals['_TASK']._serialized_end=674
+  _globals['_TASKBATCH']._serialized_start=676
+  _globals['_TASKBATCH']._serialized_end=723
+  _globals['_TASKSOURCE']._serialized_start=725
+  _globals['_TASKSOURCE']._serialized_end=806
+  _globals['_DATASETREF']._serialized_start=808
+  _globals['_DATASETREF']._serialized_end=848
+  _globals['_RUNCONTEXT']._serialized_start=850
+  _globals['_RUNCONTEXT']._serialized_end=910
+  _globals['_SAMPLING']._serialized_start=912
+  _globals['_SAMPLING']._serialized_end=1022
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,25 @@
 from __future__ import annotations
 
 from ..api import common_pb2
-from .records import Instance, Lineage, TaskRecord
+from .records import FilterVerdict, Instance, Lineage, TaskRecord
+
+
+def _verdict_to_proto(verdict: FilterVerdict | None) -> common_pb2.FilterVerdict | None:
+    if verdict is None:
+        return None
+    return common_pb2.FilterVerdict(
+        kept=verdict.kept,
+        reasons=verdict.reasons,
+        max_rouge_l=verdict.max_rouge_l,
+        nearest_instruction=verdict.nearest_instruction,
+    )
+
+
+def _verdict_from_proto(lineage: common_pb2.Lineage) -> FilterVerdict | None:
+    if not lineage.HasField("filter"):
+        return None
+    verdict = lineage.filter
+    return FilterVerdict(verdict.kept, list(verdict.reasons), verdict.max_rouge_l, verdict.nearest_instruction)
 
 
 def task_to_proto(task: TaskRecord) -> common_pb2.Task:
@@ -25,6 +43,7 @@ def task_to_proto(task: TaskRecord) -> common_pb2.Task:
             scores=lineage.scores,
             verdicts=lineage.verdicts,
             parent_id=lineage.parent_id,
+            filter=_verdict_to_proto(lineage.filter),
         ),
     )
 
@@ -48,6 +67,7 @@ def task_from_proto(message: common_pb2.Task) -> TaskRecord:
             scores=dict(lineage.scores),
             verdicts=list(lineage.verdicts),
             parent_id=lineage.parent_id,
+            filter=_verdict_from_proto(lineage),
         ),
     )
 

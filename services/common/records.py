@@ -14,6 +14,23 @@ class Instance:
 
 
 @dataclass
+class FilterVerdict:
+    """What the filter decided about a record. reasons: the rejection's first, then what the instance
+    rules removed (a kept task can have lost instances); max_rouge_l against the pool and the tasks kept
+    before it, nearest_instruction the text giving it ("" when no rule let ROUGE-L run)."""
+
+    kept: bool
+    reasons: list[str] = field(default_factory=list)
+    max_rouge_l: float = 0.0
+    nearest_instruction: str = ""
+
+    @property
+    def label(self) -> str:
+        """ "kept" or "rejected:<reason>", as the report and the tracker show it."""
+        return "kept" if self.kept else f"rejected:{self.reasons[0] if self.reasons else 'unknown'}"
+
+
+@dataclass
 class Lineage:
     run_id: str = ""
     round: int = 0
@@ -22,8 +39,9 @@ class Lineage:
     prompt_template: str = ""
     context_task_ids: list[str] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
-    verdicts: list[str] = field(default_factory=list)
+    verdicts: list[str] = field(default_factory=list)  # which templates and raters touched it
     parent_id: str = ""
+    filter: FilterVerdict | None = None  # None until the filter has seen it
 
 
 # How the trainer renders a task: "instruction" uses the instruction templates; "raw" means the
@@ -54,6 +72,8 @@ class TaskRecord:
     def from_row(cls, row: dict) -> TaskRecord:
         lineage = dict(row.get("lineage") or {})
         lineage["scores"] = json.loads(lineage.pop("scores_json", None) or "{}")
+        verdict = lineage.pop("filter", None)  # absent from files written before it was typed
+        lineage["filter"] = FilterVerdict(**verdict) if verdict else None
         return cls(
             id=row["id"],
             instruction=row["instruction"],

@@ -600,6 +600,17 @@ _LINEAGE_TYPE = pa.struct(
         ("scores_json", pa.string()),
         ("verdicts", pa.list_(pa.string())),
         ("parent_id", pa.string()),
+        (
+            "filter",
+            pa.struct(
+                [
+                    ("kept", pa.bool_()),
+                    ("reasons", pa.list_(pa.string())),
+                    ("max_rouge_l", pa.float64()),
+                    ("nearest_instruction", pa.string()),
+                ]
+            ),
+        ),
     ]
 )
 TASK_SCHEMA = pa.schema(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from ..common import deadline
 from ..common.config import FilterConfig
-from ..common.records import TaskRecord
+from ..common.records import FilterVerdict, TaskRecord
 from ..common.rouge import NoveltyIndex
 from ..generator.self_instruct import demonstration_ids
 from .decontamination import ContaminationIndex
@@ -152,12 +152,7 @@ def filter_tasks(
         )
         lineage = replace(
             task.lineage,
-            scores={**task.lineage.scores, "max_rouge_l": score},
-            verdicts=[
-                *task.lineage.verdicts,
-                *([f"nearest:{verdict.nearest_instruction}"] if verdict.nearest_instruction else []),
-                "kept" if reason is None else f"rejected:{reason}",
-            ],
+            filter=FilterVerdict(verdict.kept, list(verdict.reasons), score, nearest_text),
         )
         record = replace(task, instances=instances if reason is None else task.instances, lineage=lineage)
         if reason is None:
