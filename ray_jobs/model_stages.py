@@ -11,18 +11,21 @@ from services.common.sections import to_message
 
 from .fanout import Shard
 from .run import Run
+from .tracking import loss_log
 
 
 def train(run: Run, k: int, base_model: str, dataset_uri: str, epochs: int, output_uri: str | None = None) -> Trained:
     t = run.config.training
+    output_uri = output_uri or run.store.model_uri(run.run_id, k)
     request = trainer_pb2.StartTrainingRequest(
         context=run.ctx(k),
         base_model_uri=base_model,
         train_tasks=uri_source(dataset_uri),
-        output_model_uri=output_uri or run.store.model_uri(run.run_id, k),
+        output_model_uri=output_uri,
         training=to_message(t.model_copy(update={"epochs": epochs})),  # the section whole, this stage's epochs
         seed=run.config.seed + k,
         augmented_tag=run.config.backtranslation.tag,
+        loss_log=loss_log(run.store, run.run_id, output_uri),
     )
     status = run.clients.wait_for_training(
         request,

@@ -3,7 +3,8 @@
 `TrackingReporter.around(reporter, config, run_id)` wraps the driver's Reporter: `session()` opens the
 MLflow run (or finds it again) and closes it, `stage_done` logs what the stage committed, read back
 from the manifest as its typed result, so MLflow holds exactly what the manifest holds. The training
-job logs its loss per step from rank 0 (`StepLogger`), finding the round's run through the manifest.
+job logs its loss per step from rank 0 into the round's run, which the driver names in its request
+(`loss_log`; services/trainer/loss_log.py).
 
 Logging is idempotent, which is what makes a resumed run continue the same MLflow run:
 - the MLflow run ids live in the manifest (`mlflow`), and the runs carry `reinstruct.run_id` and
@@ -35,12 +36,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from ray_jobs.manifest import STAGE_KINDS, Decision, Filtered, StageResult, Tested, Trained
-from services.common.config import ReinstructConfig, TrackingConfig, parse_config
+from services.api import trainer_pb2
+from services.common.config import ReinstructConfig, parse_config
 from services.common.store import RunStore
+from services.common.tracking_server import local_root, quiet_http, tracking_uri
 
 from .run import Reporter
 
-__all__ = ["StepLogger", "TrackingReporter", "training_target", "tracking_uri", "ui_command"]
+__all__ = ["TrackingReporter", "loss_log", "tracking_uri", "ui_command"]
 
 log = logging.getLogger("reinstruct.tracking")
 
@@ -68,40 +71,18 @@ _MAX_PARAM = 6000
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST", "INVALID_STATE"}
 
 
-def tracking_uri(config: ReinstructConfig) -> str | None:
-    """tracking.uri, or the embedded default: a SQLite store in a local run store's root."""
-    if config.tracking.uri:
-        return config.tracking.uri
-    root = _local_root(config.store.root)
-    return f"sqlite:///{root}/mlflow.db" if root else None
-
-
 def ui_command(uri: str) -> str:
     """What a user runs to look at a store without a server (a server's URI is its UI)."""
     return "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
 
 
-def _local_root(root: str) -> str | None:
-    if root.startswith("file://"):
-        root = root[len("file://") :]
-    elif "://" in root:
-        return None
-    return os.path.realpath(os.path.expanduser(root))
-
-
 def _artifact_location(config: ReinstructConfig, uri: str) -> str | None:
     """A store written without a server keeps artifacts beside the run store (MLflow's default is
     ./mlruns in whatever directory the driver happens to run); a server chooses its own."""
-    root = _local_root(config.store.root)
+    root = local_root(config.store.root)
     if uri.startswith(("http://", "https://", "databricks")) or root is None:
         return None
     return f"file://{root}/mlflow-artifacts/{config.tracking.experiment}"
-
-
-def _quiet_http(timeout_s: int) -> None:
-    """One bounded try per call: the tracker retries with its own backoff, between stages."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
 
 
 def _key(*parts: str) -> str:
@@ -279,7 +260,7 @@ class TrackingReporter(Reporter):
         except ImportError as exc:  # a venv without mlflow: no tracking, the run goes on
             log.warning("tracking: mlflow is not installed (%s); not tracking this run", exc)
             return
-        _quiet_http(self.config.tracking.request_timeout_s)
+        quiet_http(self.config.tracking.request_timeout_s)
         self._store = RunStore(self.config.store.root, self.config.store.allowed_schemes)
         manifest = self._store.load_manifest(self.run_id)
         known = manifest.get("mlflow") or {}
@@ -657,62 +638,17 @@ def _quote(value: str) -> str:
 
 
 # ---- the training job's side -------------------------------------------------------------------
-def training_target(store: RunStore, run_id: str, model_uri: str) -> dict | None:
-    """Where a training job (of run_id, writing model_uri) logs its loss per step: the round's MLflow
-    run, as the driver's tracker put it in the manifest (None: the run is not tracked, or the round's
+def loss_log(store: RunStore, run_id: str, model_uri: str) -> trainer_pb2.LossLog | None:
+    """Where the training job writing model_uri (of run_id) logs its loss per step: the round's MLflow
+    run, as this driver's tracker put it in the manifest (None: the run is not tracked, or the round's
     run is not known yet)."""
     match = re.search(r"round-(\d+)/([^/]+)/?$", model_uri)
-    manifest = store.load_manifest(run_id)
-    known = manifest.get("mlflow") or {}
+    known = store.load_manifest(run_id).get("mlflow") or {}
     round_run = known.get("rounds", {}).get(str(int(match.group(1)))) if match else None
-    if not (match and round_run and known.get("tracking_uri")):
+    if not (round_run and known.get("tracking_uri")):
         return None
     stage = TRAINING_STAGES.get(match.group(2), match.group(2))
-    tracking = (manifest.get("config") or {}).get("tracking") or {}
-    timeout = tracking.get("request_timeout_s", TrackingConfig().request_timeout_s)
-    return {"uri": known["tracking_uri"], "run_id": round_run, "key": f"{stage}.loss", "timeout_s": timeout}
-
-
-class StepLogger:
-    """Rank 0's loss per step into the round's MLflow run, sent in batches. Never raises: after a
-    failed send the steps wait for the next one, tried after a backoff (the driver fills in whatever
-    never arrives). A restarted worker group skips the steps logged before it, so no step is doubled."""
-
-    def __init__(self, target: dict) -> None:
-        self.target, self._buffer, self._client, self._after = target, [], None, None
-        self._failures, self._next_try = 0, 0.0
-
-    def add(self, step: int, loss: float) -> None:
-        if self._after is None or step > self._after:
-            self._buffer.append((step, loss, int(time.time() * 1000)))
-        del self._buffer[:-100_000]
-
-    def flush(self, force: bool = False) -> None:
-        """Sends what is buffered, unless a recent failure asks to wait (force: the last try)."""
-        if not self._buffer or (time.monotonic() < self._next_try and not force):
-            return
-        try:
-            from mlflow import MlflowClient
-            from mlflow.entities import Metric
-
-            if self._client is None:
-                _quiet_http(int(self.target["timeout_s"]))
-                client = MlflowClient(tracking_uri=self.target["uri"])
-                history = client.get_metric_history(self.target["run_id"], self.target["key"])
-                self._client, self._after = client, max((m.step for m in history), default=0)
-                self._buffer = [b for b in self._buffer if b[0] > self._after]
-            key = self.target["key"]
-            while self._buffer:
-                batch = self._buffer[:1000]
-                metrics = [Metric(key, loss, ts, step) for step, loss, ts in batch if not math.isinf(loss)]
-                self._client.log_batch(self.target["run_id"], metrics=metrics)
-                del self._buffer[: len(batch)]
-            self._failures = 0
-        except Exception as exc:
-            self._failures += 1
-            self._next_try = time.monotonic() + min(2.0**self._failures, 60.0)
-            if self._failures == 1:
-                print(f"tracking: training loss not logged to MLflow yet ({exc}); training goes on", file=sys.stderr)
+    return trainer_pb2.LossLog(tracking_uri=known["tracking_uri"], mlflow_run_id=round_run, metric_key=f"{stage}.loss")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,8 @@ training.worker_resources into Ray Train's resources per worker (beside the CPU 
 
 import pytest
 
-from ray_jobs.train import _worker_resources
 from services.common.config import ConfigError, TrainingConfig, parse_config, replica_options
+from services.trainer.job import _worker_resources
 
 
 def test_app_resources_reach_the_replicas_actor_options():

@@ -22,10 +22,12 @@ from mlflow import MlflowClient
 
 from ray_jobs.run import Reporter
 from ray_jobs.self_improve import LoopDriver
-from ray_jobs.tracking import StepLogger, TrackingReporter, flat_params, training_target
+from ray_jobs.tracking import TrackingReporter, flat_params, loss_log
 from ray_jobs.tracking import main as sync_main
 from services.common.config import parse_config
 from services.common.store import RunStore
+from services.common.tracking_server import tracking_uri
+from services.trainer.loss_log import LossTarget, StepLogger
 from tests.test_driver import InProcessClients, ScriptedEngine, _settings
 from tests.test_helm_chart import _template, helm  # noqa: F401 (helm: the chart tests' fixture)
 
@@ -301,8 +303,9 @@ def test_tracking_off_logs_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.ray
 def test_the_training_job_logs_its_loss_per_step_from_rank_0(server, tmp_path, builtin_cache):
-    """A real (tiny) Ray Train job, started by the trainer service as the loop starts it: its rank 0
-    logs train.loss per step to the round's run while it trains, each step once."""
+    """A real (tiny) Ray Train job, started by the trainer service with the loss log the driver names
+    (the round's run, from the manifest): its rank 0 logs train.loss per step while it trains, each
+    step once."""
     import ray
 
     from services.common.config import TrainingConfig
@@ -323,7 +326,15 @@ def test_the_training_job_logs_its_loss_per_step_from_rank_0(server, tmp_path, b
             reporter.stage(1, "train", resumed=False)  # what Run.stage tells the reporter before training
             service = TrainerService(store, builtin_cache_dir=builtin_cache)
             params = TrainingConfig(epochs=1, batch_size=4, max_seq_len=128, checkpoint_every=1000)
-            job = service.start("job", 1, "builtin:tiny-llama", data, store.model_uri("job", 1), params)
+            wanted = loss_log(store, "job", store.model_uri("job", 1))
+            target = LossTarget(
+                tracking_uri=wanted.tracking_uri,
+                mlflow_run_id=wanted.mlflow_run_id,
+                metric_key=wanted.metric_key,
+                timeout_s=5,
+            )
+            model = store.model_uri("job", 1)
+            job = service.start("job", 1, "builtin:tiny-llama", data, model, params, loss_log=target)
             deadline = time.monotonic() + 300
             while (job := service.status(job.job_id)).state not in ("SUCCEEDED", "FAILED"):
                 assert time.monotonic() < deadline, "training did not end"
@@ -342,7 +353,7 @@ def test_a_restarted_training_worker_logs_no_step_twice(server):
     client = MlflowClient(server.uri)
     experiment = client.create_experiment("restart")
     run_id = client.create_run(experiment).info.run_id
-    target = {"uri": server.uri, "run_id": run_id, "key": "train.loss", "timeout_s": 5}
+    target = LossTarget(tracking_uri=server.uri, mlflow_run_id=run_id, metric_key="train.loss", timeout_s=5)
     before = StepLogger(target)
     for step in range(1, 8):  # checkpoint at step 5, killed after step 7
         before.add(step, 1.0 / step)
@@ -355,8 +366,8 @@ def test_a_restarted_training_worker_logs_no_step_twice(server):
 
 
 def test_tracking_uri_reaches_the_driver_and_the_training_jobs_through_the_chart(helm, tmp_path):  # noqa: F811
-    """The chart hands `reinstruct` to the driver (--settings-b64) as to every app; a training job
-    takes the URI the driver resolved, and the round's run, from the manifest (training_target)."""
+    """The chart hands `reinstruct` to the driver (--settings-b64) as to every app; the driver names
+    the round's run in its training request (loss_log), at the URI it resolved, which is the trainer's."""
     done = _template(
         helm, None, ["--set", "loop.enabled=true", "--set", "reinstruct.tracking.uri=http://mlflow.mlflow:5000"]
     )
@@ -369,11 +380,39 @@ def test_tracking_uri_reaches_the_driver_and_the_training_jobs_through_the_chart
     store = RunStore(str(tmp_path))
     store.update_run("r", config=parse_config(settings).model_dump())
     store.update_run("r", mlflow={"tracking_uri": "http://mlflow.mlflow:5000", "rounds": {"2": "abc"}})
-    target = training_target(store, "r", store.model_uri("r", 2))
-    assert target == {"uri": "http://mlflow.mlflow:5000", "run_id": "abc", "key": "train.loss", "timeout_s": 10}
-    control = training_target(store, "r", store.uri("r", "round-002", "control_model"))
-    assert control["key"] == "control_train.loss"
-    assert training_target(store, "r", store.model_uri("r", 3)) is None  # no such round run
+    wanted = loss_log(store, "r", store.model_uri("r", 2))
+    assert (wanted.tracking_uri, wanted.mlflow_run_id, wanted.metric_key) == (
+        "http://mlflow.mlflow:5000",
+        "abc",
+        "train.loss",
+    )
+    assert wanted.tracking_uri == tracking_uri(parse_config(settings))  # the trainer's own: it logs there
+    control = loss_log(store, "r", store.uri("r", "round-002", "control_model"))
+    assert control.metric_key == "control_train.loss"
+    assert loss_log(store, "r", store.model_uri("r", 3)) is None  # no such round run
+
+
+def test_a_trainer_logs_the_loss_only_to_its_own_tracking_server(tmp_path):
+    """The request names the round's run; the server is the one the trainer was deployed with: a
+    request that names another gets no loss logged (never a request-chosen destination)."""
+    from services.api import trainer_pb2
+    from services.common.validation import RequestError
+    from services.trainer.deployment import TrainerDeployment
+
+    replica = TrainerDeployment.func_or_class({"store": {"root": str(tmp_path)}})
+    ours = f"sqlite:///{os.path.realpath(tmp_path)}/mlflow.db"
+
+    def request(uri: str, run_id: str = "abc") -> trainer_pb2.StartTrainingRequest:
+        wanted = trainer_pb2.LossLog(tracking_uri=uri, mlflow_run_id=run_id, metric_key="train.loss")
+        return trainer_pb2.StartTrainingRequest(loss_log=wanted)
+
+    assert replica._loss_target(request(ours)) == LossTarget(
+        tracking_uri=ours, mlflow_run_id="abc", metric_key="train.loss", timeout_s=10
+    )
+    assert replica._loss_target(request("http://elsewhere:5000")) is None
+    assert replica._loss_target(trainer_pb2.StartTrainingRequest()) is None  # unset: nowhere
+    with pytest.raises(RequestError, match="loss_log.mlflow_run_id"):
+        replica._loss_target(request(ours, run_id=""))
 
 
 def test_every_interval_of_the_stage_results_is_logged_as_its_bounds():

@@ -174,7 +174,7 @@ def test_a_checkpoint_its_run_did_not_train_is_never_adopted(tmp_path):
         start()
     assert api.submitted == []
     (planted / "config.json").unlink()
-    job = start()  # trains; its job commits and records the checkpoint (ray_jobs.train)
+    job = start()  # trains; its job commits and records the checkpoint (services.trainer.job)
     (planted / "config.json").write_text('{"trained": true}')
     record = {"job_id": job.job_id, "model_uri": model_uri, "digest": store.tree_digest(model_uri)}
     store.write_json(commit_record_uri(store, job.job_id, model_uri), record)
@@ -300,7 +300,7 @@ def test_a_run_the_cluster_cannot_place_is_refused_naming_the_field(monkeypatch,
 
 
 def test_the_job_asks_ray_for_what_the_check_counts():
-    from ray_jobs.train import _worker_resources
+    from services.trainer.job import _worker_resources
 
     assert _worker_resources(TrainingConfig()) is None  # Ray Train's own default
     assert _worker_resources(TrainingConfig(use_gpu=True, worker_resources={"training": 1})) == {

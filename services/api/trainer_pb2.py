@@ -26,7 +26,7 @@ from . import common_pb2 as reinstruct_dot_v1_dot_common__pb2
 from . import config_pb2 as reinstruct_dot_v1_dot_config__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1breinstruct/v1/trainer.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\x1a\x1areinstruct/v1/config.proto\"\x80\x02\n\x14StartTrainingRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x16\n\x0e\x62\x61se_model_uri\x18\x02 \x01(\t\x12.\n\x0btrain_tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x18\n\x10output_model_uri\x18\x04 \x01(\t\x12/\n\x08training\x18\x06 \x01(\x0b\x32\x1d.reinstruct.v1.TrainingConfig\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x15\n\raugmented_tag\x18\x08 \x01(\tJ\x04\x08\x05\x10\x06\"V\n\x18GetTrainingStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\"\x84\x03\n\x0eTrainingStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.reinstruct.v1.TrainingStatus.State\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x0e\n\x06losses\x18\x06 \x03(\x01\x12\x11\n\tmodel_uri\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x16\n\x0etrain_examples\x18\t \x01(\x03\x12\x18\n\x10real_token_share\x18\n \x01(\x01\x12\x19\n\x11resumed_from_step\x18\x0b \x01(\x05\x12\x14\n\x0cmodel_digest\x18\r \x01(\t\"b\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05J\x04\x08\x0c\x10\r2\xf1\x02\n\x07Trainer\x12S\n\rStartTraining\x12#.reinstruct.v1.StartTrainingRequest\x1a\x1d.reinstruct.v1.TrainingStatus\x12[\n\x11GetTrainingStatus\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatus\x12Z\n\x0eStreamTraining\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatus0\x01\x12X\n\x0e\x43\x61ncelTraining\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1breinstruct/v1/trainer.proto\x12\rreinstruct.v1\x1a\x1areinstruct/v1/common.proto\x1a\x1areinstruct/v1/config.proto\"\xaa\x02\n\x14StartTrainingRequest\x12*\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\x12\x16\n\x0e\x62\x61se_model_uri\x18\x02 \x01(\t\x12.\n\x0btrain_tasks\x18\x03 \x01(\x0b\x32\x19.reinstruct.v1.TaskSource\x12\x18\n\x10output_model_uri\x18\x04 \x01(\t\x12/\n\x08training\x18\x06 \x01(\x0b\x32\x1d.reinstruct.v1.TrainingConfig\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x15\n\raugmented_tag\x18\x08 \x01(\t\x12(\n\x08loss_log\x18\t \x01(\x0b\x32\x16.reinstruct.v1.LossLogJ\x04\x08\x05\x10\x06\"J\n\x07LossLog\x12\x14\n\x0ctracking_uri\x18\x01 \x01(\t\x12\x15\n\rmlflow_run_id\x18\x02 \x01(\t\x12\x12\n\nmetric_key\x18\x03 \x01(\t\"V\n\x18GetTrainingStatusRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12*\n\x07\x63ontext\x18\x02 \x01(\x0b\x32\x19.reinstruct.v1.RunContext\"\x84\x03\n\x0eTrainingStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x32\n\x05state\x18\x02 \x01(\x0e\x32#.reinstruct.v1.TrainingStatus.State\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x05\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x0e\n\x06losses\x18\x06 \x03(\x01\x12\x11\n\tmodel_uri\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x16\n\x0etrain_examples\x18\t \x01(\x03\x12\x18\n\x10real_token_share\x18\n \x01(\x01\x12\x19\n\x11resumed_from_step\x18\x0b \x01(\x05\x12\x14\n\x0cmodel_digest\x18\r \x01(\t\"b\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05J\x04\x08\x0c\x10\r2\xf1\x02\n\x07Trainer\x12S\n\rStartTraining\x12#.reinstruct.v1.StartTrainingRequest\x1a\x1d.reinstruct.v1.TrainingStatus\x12[\n\x11GetTrainingStatus\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatus\x12Z\n\x0eStreamTraining\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatus0\x01\x12X\n\x0e\x43\x61ncelTraining\x12\'.reinstruct.v1.GetTrainingStatusRequest\x1a\x1d.reinstruct.v1.TrainingStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.api.trainer_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTTRAININGREQUEST']._serialized_start=103
-  _globals['_STARTTRAININGREQUEST']._serialized_end=359
-  _globals['_GETTRAININGSTATUSREQUEST']._serialized_start=361
-  _globals['_GETTRAININGSTATUSREQUEST']._serialized_end=447
-  _globals['_TRAININGSTATUS']._serialized_start=450
-  _globals['_TRAININGSTATUS']._serialized_end=838
-  _globals['_TRAININGSTATUS_STATE']._serialized_start=734
-  _globals['_TRAININGSTATUS_STATE']._serialized_end=832
-  _globals['_TRAINER']._serialized_start=841
-  _globals['_TRAINER']._serialized_end=1210
+  _globals['_STARTTRAININGREQUEST']._serialized_end=401
+  _globals['_LOSSLOG']._serialized_start=403
+  _globals['_LOSSLOG']._serialized_end=477
+  _globals['_GETTRAININGSTATUSREQUEST']._serialized_start=479
+  _globals['_GETTRAININGSTATUSREQUEST']._serialized_end=565
+  _globals['_TRAININGSTATUS']._serialized_start=568
+  _globals['_TRAININGSTATUS']._serialized_end=956
+  _globals['_TRAININGSTATUS_STATE']._serialized_start=852
+  _globals['_TRAININGSTATUS_STATE']._serialized_end=950
+  _globals['_TRAINER']._serialized_start=959
+  _globals['_TRAINER']._serialized_end=1328
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -13,6 +14,7 @@ from ..common.config import ReinstructConfig, TrainingConfig, config_from_app_ar
 from ..common.grpc_handler import grpc_method, grpc_stream_method, refuse_other_services
 from ..common.sections import from_message
 from ..common.store import RunStore, current_request_run
+from ..common.tracking_server import tracking_uri
 from ..common.validation import (
     Overloaded,
     RequestError,
@@ -23,8 +25,11 @@ from ..common.validation import (
     check_text,
     resolve_tasks,
 )
+from .loss_log import LossTarget
 from .placement import worker_needs
 from .service import TrainerService, TrainingJob
+
+log = logging.getLogger("reinstruct.trainer")
 
 _STATES = {
     name: getattr(trainer_pb2.TrainingStatus, name)
@@ -107,7 +112,7 @@ class TrainerDeployment:
             raise RequestError("train_tasks", "give tasks inline or a dataset uri")
         tasks = resolve_tasks(source, self.store, "train_tasks", require_instances=kind == "inline")
         run_id, output = request.context.run_id, request.output_model_uri
-        recipe = (training, request.seed, augmented_tag)
+        recipe = (training, request.seed, augmented_tag, self._loss_target(request))
         admitted = self.service.admit(run_id, output)  # a retry attaches, a refusal raises: nothing written yet
         if admitted is not None:
             return _status(admitted)
@@ -123,6 +128,24 @@ class TrainerDeployment:
         if self.service.dataset_of(job) != dataset_uri:
             self.store.remove(dataset_uri)  # attached to a job another request started meanwhile
         return _status(job)
+
+    def _loss_target(self, request: trainer_pb2.StartTrainingRequest) -> LossTarget | None:
+        """The request's loss_log at this trainer's own tracking server; None when the request names
+        another server (a job never sends to a server it was not deployed with)."""
+        if not request.HasField("loss_log"):
+            return None
+        wanted = request.loss_log
+        run_id = check_text(wanted.mlflow_run_id, "loss_log.mlflow_run_id", required=True, limit=64)
+        key = check_text(wanted.metric_key, "loss_log.metric_key", required=True, limit=250)
+        ours = tracking_uri(self.config)
+        if ours is None or wanted.tracking_uri != ours:
+            log.warning(
+                "loss_log names tracking server %r, this trainer's is %r: no loss logged", wanted.tracking_uri, ours
+            )
+            return None
+        return LossTarget(
+            tracking_uri=ours, mlflow_run_id=run_id, metric_key=key, timeout_s=self.config.tracking.request_timeout_s
+        )
 
     def _job(self, request: trainer_pb2.GetTrainingStatusRequest):
         """The job, if it is one of the request's run (whose key the handler checked): another run's

@@ -25,6 +25,7 @@ from ..common.grpc_handler import API_TOKEN_ENV
 from ..common.models import DEFAULT_CACHE_DIR
 from ..common.store import RunStore
 from ..common.validation import Overloaded, RequestError
+from .loss_log import LossTarget
 from .placement import worker_needs
 from .spec import TrainingJobSpec
 
@@ -159,6 +160,7 @@ class TrainerService:
         training: TrainingConfig,
         seed: int = 0,
         augmented_tag: str = "",
+        loss_log: LossTarget | None = None,
     ) -> TrainingJob:
         admitted = self.admit(run_id, model_uri)
         if admitted is not None:
@@ -183,6 +185,7 @@ class TrainerService:
             seed=seed,
             augmented_tag=augmented_tag,
             training=training,
+            loss_log=loss_log,
         )
         self.store.write_json(spec_uri, spec.model_dump(mode="json"))
         self.store.write_json(record_uri, {"job_id": job_id})
@@ -219,7 +222,7 @@ class TrainerService:
                 # this interpreter (the one Ray runs) rather than whatever `python` is on the job's PATH
                 self.client.submit_job(
                     entrypoint=(
-                        f"{shlex.quote(sys.executable)} -m ray_jobs.train "
+                        f"{shlex.quote(sys.executable)} -m services.trainer.job "
                         f"--store-root {shlex.quote(self.store.uri())} --spec {shlex.quote(spec_uri)}"
                     ),
                     submission_id=submission_id,

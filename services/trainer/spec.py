@@ -1,5 +1,5 @@
 """What one training job runs, as one typed record: the trainer service writes it beside the
-checkpoint (`.<job>.spec.json`), the job (ray_jobs/train.py) and every Ray Train worker read it back
+checkpoint (`.<job>.spec.json`), the job (job.py) and every Ray Train worker read it back
 with this class. The training section is the one the request carried, whole (services/common/sections.py)."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from ..common.config import TrainingConfig
+from .loss_log import LossTarget
 
 
 class TrainingJobSpec(BaseModel):
@@ -27,6 +28,7 @@ class TrainingJobSpec(BaseModel):
     seed: int  # the round's: config.seed + k
     augmented_tag: str  # backtranslation.tag: prefixed to prompts of backtranslated data
     training: TrainingConfig
+    loss_log: LossTarget | None = None  # where rank 0 logs its loss per step; None: nowhere
 
 
 class WorkerConfig(BaseModel):
@@ -37,4 +39,3 @@ class WorkerConfig(BaseModel):
     spec: TrainingJobSpec
     store_root: str
     staging_uri: str  # rank 0 saves here; the job commits it to spec.model_uri
-    tracking: dict | None  # where rank 0 logs its loss (ray_jobs.tracking.training_target); None: nowhere

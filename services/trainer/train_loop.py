@@ -225,10 +225,10 @@ def train_loop_per_worker(config: dict) -> None:
     progress_uri, cancel_uri = spec.progress_uri, spec.cancel_uri
     started = time.time()
     step_log = None
-    if rank == 0 and worker.tracking:
-        from ray_jobs.tracking import StepLogger
+    if rank == 0 and spec.loss_log is not None:
+        from .loss_log import StepLogger
 
-        step_log = StepLogger(worker.tracking)
+        step_log = StepLogger(spec.loss_log)
 
     def progress(done: bool = False) -> None:
         if rank == 0:

@@ -1,6 +1,6 @@
 """One training run as a Ray job (submitted by the trainer service, one per run and round):
 
-    python -m ray_jobs.train --store-root <root> --spec <root>/<run>/round-<k>/.train-<id>.spec.json
+    python -m services.trainer.job --store-root <root> --spec <root>/<run>/round-<k>/.train-<id>.spec.json
 
 A job outlives the Serve replica that submitted it, so a redeployed trainer attaches to it again by
 its submission id. The spec names the dataset, the base model, where the checkpoint goes, and every
@@ -14,9 +14,9 @@ import argparse
 import sys
 import uuid
 
-from services.common.config import TrainingConfig
-from services.common.store import RunStore
-from services.trainer.spec import TrainingJobSpec, WorkerConfig
+from ..common.config import TrainingConfig
+from ..common.store import RunStore
+from .spec import TrainingJobSpec, WorkerConfig
 
 EXIT_CANCELLED = 3
 
@@ -26,24 +26,18 @@ def run(store_root: str, spec: TrainingJobSpec) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from services.trainer.train_loop import train_loop_per_worker
-
-    from .tracking import training_target
+    from .train_loop import train_loop_per_worker
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     store = RunStore(store_root)
     training = spec.training
     staging = store.staging_uri(spec.model_uri)
+    worker = WorkerConfig(spec=spec, store_root=store_root, staging_uri=staging)
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=WorkerConfig(
-                spec=spec,
-                store_root=store_root,
-                staging_uri=staging,
-                tracking=training_target(store, spec.run_id, spec.model_uri),  # None: rank 0 logs no loss to MLflow
-            ).model_dump(mode="json"),
+            train_loop_config=worker.model_dump(mode="json"),
             scaling_config=ScalingConfig(
                 num_workers=training.num_workers,
                 use_gpu=training.use_gpu,
@@ -57,7 +51,7 @@ def run(store_root: str, spec: TrainingJobSpec) -> int:
         )
         trainer.fit()
         store.commit_directory(staging, spec.model_uri)
-        # the checkpoint's digest, for whoever adopts it later (services.trainer.service: never without)
+        # the checkpoint's digest, for whoever adopts it later (service.py: never without)
         store.write_json(
             spec.commit_uri,
             {"job_id": spec.job_id, "model_uri": spec.model_uri, "digest": store.tree_digest(spec.model_uri)},
@@ -74,7 +68,7 @@ def run(store_root: str, spec: TrainingJobSpec) -> int:
 def _worker_resources(training: TrainingConfig) -> dict | None:
     """A worker's CPU (or GPU), plus the custom resources that place it (training.worker_resources);
     None leaves Ray Train's own default, the same CPU or GPU."""
-    from services.trainer.placement import worker_needs
+    from .placement import worker_needs
 
     custom = training.worker_resources
     return worker_needs(training.use_gpu, custom) if custom else None
