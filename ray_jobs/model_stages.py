@@ -25,7 +25,7 @@ def train(run: Run, k: int, base_model: str, dataset_uri: str, epochs: int, outp
         training=to_message(t.model_copy(update={"epochs": epochs})),  # the section whole, this stage's epochs
         seed=run.config.seed + k,
         augmented_tag=run.config.backtranslation.tag,
-        loss_log=loss_log(run.store, run.run_id, output_uri),
+        loss_log=loss_log(run.store, run.config, run.run_id, k, output_uri),
     )
     status = run.clients.wait_for_training(
         request,

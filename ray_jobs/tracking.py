@@ -637,18 +637,20 @@ def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-# ---- the training job's side -------------------------------------------------------------------
-def loss_log(store: RunStore, run_id: str, model_uri: str) -> trainer_pb2.LossLog | None:
-    """Where the training job writing model_uri (of run_id) logs its loss per step: the round's MLflow
-    run, as this driver's tracker put it in the manifest (None: the run is not tracked, or the round's
-    run is not known yet)."""
-    match = re.search(r"round-(\d+)/([^/]+)/?$", model_uri)
+# ---- the training request's loss log -------------------------------------------------------------
+def loss_log(
+    store: RunStore, config: ReinstructConfig, run_id: str, k: int, model_uri: str
+) -> trainer_pb2.LossLog | None:
+    """Where the training job of round k writing model_uri logs its loss per step: the round's MLflow
+    run, as this driver's tracker put it in the manifest. None: tracking is off, the manifest's runs
+    are another server's (a resumed run whose tracking.uri changed), or the round's run is not known."""
     known = store.load_manifest(run_id).get("mlflow") or {}
-    round_run = known.get("rounds", {}).get(str(int(match.group(1)))) if match else None
-    if not (round_run and known.get("tracking_uri")):
+    round_run = known.get("rounds", {}).get(str(k))
+    uri = tracking_uri(config)
+    if not (config.tracking.enabled and round_run and uri and known.get("tracking_uri") == uri):
         return None
-    stage = TRAINING_STAGES.get(match.group(2), match.group(2))
-    return trainer_pb2.LossLog(tracking_uri=known["tracking_uri"], mlflow_run_id=round_run, metric_key=f"{stage}.loss")
+    stage = TRAINING_STAGES.get(model_uri.rstrip("/").rsplit("/", 1)[-1], "train")
+    return trainer_pb2.LossLog(tracking_uri=uri, mlflow_run_id=round_run, metric_key=f"{stage}.loss")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,11 @@ from ray_jobs.run import Reporter
 from ray_jobs.self_improve import LoopDriver
 from ray_jobs.tracking import TrackingReporter, flat_params, loss_log
 from ray_jobs.tracking import main as sync_main
+from services.api import common_pb2, trainer_pb2
 from services.common.config import parse_config
 from services.common.store import RunStore
 from services.common.tracking_server import tracking_uri
+from services.trainer.deployment import TrainerDeployment
 from services.trainer.loss_log import LossTarget, StepLogger
 from tests.test_driver import InProcessClients, ScriptedEngine, _settings
 from tests.test_helm_chart import _template, helm  # noqa: F401 (helm: the chart tests' fixture)
@@ -295,10 +297,37 @@ def test_the_default_is_a_sqlite_store_in_the_run_store(tmp_path, monkeypatch):
     _assert_matches_manifest(client, manifest)
 
 
+class _RecordingClients(InProcessClients):
+    requests: list = []
+
+    def wait_for_training(self, request, **options):
+        type(self).requests.append(request)
+        return super().wait_for_training(request, **options)
+
+
+def test_each_training_request_names_its_rounds_mlflow_run(tmp_path, monkeypatch):
+    """The driver's training requests (the rounds', the control's) carry the round's run and the
+    stage's metric, at the driver's tracking server, as the trainer reads them."""
+    monkeypatch.setattr(_RecordingClients, "requests", [])
+    manifest, _ = _loop(tmp_path, monkeypatch, {}, clients_class=_RecordingClients)
+    known = manifest["mlflow"]
+    named = [r for r in _RecordingClients.requests if r.HasField("loss_log")]
+    assert len(named) >= 4  # round 0, the backward model, the control, each round trained
+    for request in named:
+        assert request.loss_log.tracking_uri == known["tracking_uri"]
+        assert request.loss_log.mlflow_run_id == known["rounds"][str(request.context.round)]
+        written = request.output_model_uri.rstrip("/").rsplit("/", 1)[-1]
+        stage = {"control_model": "control_train", "backward_model": "backward_train"}.get(written, "train")
+        assert request.loss_log.metric_key == f"{stage}.loss"
+    assert {r.loss_log.metric_key for r in named} == {"train.loss", "control_train.loss", "backward_train.loss"}
+
+
 def test_tracking_off_logs_nothing(tmp_path, monkeypatch):
-    manifest, _ = _loop(tmp_path, monkeypatch, {"enabled": False}, rounds=1)
+    monkeypatch.setattr(_RecordingClients, "requests", [])
+    manifest, _ = _loop(tmp_path, monkeypatch, {"enabled": False}, clients_class=_RecordingClients, rounds=1)
     assert manifest["status"] == "succeeded" and "mlflow" not in manifest
     assert not (tmp_path / "store" / "mlflow.db").exists()
+    assert _RecordingClients.requests and not any(r.HasField("loss_log") for r in _RecordingClients.requests)
 
 
 @pytest.mark.ray
@@ -326,14 +355,12 @@ def test_the_training_job_logs_its_loss_per_step_from_rank_0(server, tmp_path, b
             reporter.stage(1, "train", resumed=False)  # what Run.stage tells the reporter before training
             service = TrainerService(store, builtin_cache_dir=builtin_cache)
             params = TrainingConfig(epochs=1, batch_size=4, max_seq_len=128, checkpoint_every=1000)
-            wanted = loss_log(store, "job", store.model_uri("job", 1))
-            target = LossTarget(
-                tracking_uri=wanted.tracking_uri,
-                mlflow_run_id=wanted.mlflow_run_id,
-                metric_key=wanted.metric_key,
-                timeout_s=5,
-            )
             model = store.model_uri("job", 1)
+            wanted = loss_log(store, config, "job", 1, model)  # what the driver puts in its request
+            request = trainer_pb2.StartTrainingRequest(
+                context=common_pb2.RunContext(run_id="job", round=1), loss_log=wanted
+            )
+            target = TrainerDeployment.func_or_class(config.model_dump())._loss_target(request)  # the replica's reading
             job = service.start("job", 1, "builtin:tiny-llama", data, model, params, loss_log=target)
             deadline = time.monotonic() + 300
             while (job := service.status(job.job_id)).state not in ("SUCCEEDED", "FAILED"):
@@ -352,8 +379,10 @@ def test_a_restarted_training_worker_logs_no_step_twice(server):
     already by the dead rank 0, and the new one skips them."""
     client = MlflowClient(server.uri)
     experiment = client.create_experiment("restart")
-    run_id = client.create_run(experiment).info.run_id
-    target = LossTarget(tracking_uri=server.uri, mlflow_run_id=run_id, metric_key="train.loss", timeout_s=5)
+    run_id = client.create_run(experiment, tags={"reinstruct.run_id": "r", "reinstruct.round": "1"}).info.run_id
+    target = LossTarget(
+        tracking_uri=server.uri, mlflow_run_id=run_id, metric_key="train.loss", timeout_s=5, run_id="r", round=1
+    )
     before = StepLogger(target)
     for step in range(1, 8):  # checkpoint at step 5, killed after step 7
         before.add(step, 1.0 / step)
@@ -363,6 +392,28 @@ def test_a_restarted_training_worker_logs_no_step_twice(server):
         after.add(step, 1.0 / step)
     after.flush(force=True)
     assert _history(client, run_id, "train.loss") == [(step, 1.0 / step) for step in range(1, 11)]
+
+
+def test_a_training_job_writes_no_loss_into_another_runs_mlflow_run(server):
+    """A request may name any MLflow run id: rank 0 logs only into a run tagged with the job's own
+    reinstruct run and round, so no client can write into another run's loss curve."""
+    client = MlflowClient(server.uri)
+    experiment = client.create_experiment("ownership")
+    victim = client.create_run(experiment, tags={"reinstruct.run_id": "victim", "reinstruct.round": "1"}).info.run_id
+    for job_run, job_round in (("attacker", 1), ("victim", 2)):  # another run; the right run, another round
+        logger = StepLogger(
+            LossTarget(
+                tracking_uri=server.uri,
+                mlflow_run_id=victim,
+                metric_key="train.loss",
+                timeout_s=5,
+                run_id=job_run,
+                round=job_round,
+            )
+        )
+        logger.add(1, 9.0)
+        logger.flush(force=True)
+    assert _history(client, victim, "train.loss") == []
 
 
 def test_tracking_uri_reaches_the_driver_and_the_training_jobs_through_the_chart(helm, tmp_path):  # noqa: F811
@@ -380,39 +431,47 @@ def test_tracking_uri_reaches_the_driver_and_the_training_jobs_through_the_chart
     store = RunStore(str(tmp_path))
     store.update_run("r", config=parse_config(settings).model_dump())
     store.update_run("r", mlflow={"tracking_uri": "http://mlflow.mlflow:5000", "rounds": {"2": "abc"}})
-    wanted = loss_log(store, "r", store.model_uri("r", 2))
+    config = parse_config(settings)
+    wanted = loss_log(store, config, "r", 2, store.model_uri("r", 2))
     assert (wanted.tracking_uri, wanted.mlflow_run_id, wanted.metric_key) == (
         "http://mlflow.mlflow:5000",
         "abc",
         "train.loss",
     )
     assert wanted.tracking_uri == tracking_uri(parse_config(settings))  # the trainer's own: it logs there
-    control = loss_log(store, "r", store.uri("r", "round-002", "control_model"))
+    control = loss_log(store, config, "r", 2, store.uri("r", "round-002", "control_model"))
     assert control.metric_key == "control_train.loss"
-    assert loss_log(store, "r", store.model_uri("r", 3)) is None  # no such round run
+    assert loss_log(store, config, "r", 3, store.model_uri("r", 3)) is None  # no such round run
+    off = config.model_copy(update={"tracking": config.tracking.model_copy(update={"enabled": False})})
+    assert loss_log(store, off, "r", 2, store.model_uri("r", 2)) is None  # resumed with tracking off
+    moved = config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": "http://new:5000"})})
+    assert loss_log(store, moved, "r", 2, store.model_uri("r", 2)) is None  # the manifest's ids are another server's
 
 
 def test_a_trainer_logs_the_loss_only_to_its_own_tracking_server(tmp_path):
     """The request names the round's run; the server is the one the trainer was deployed with: a
     request that names another gets no loss logged (never a request-chosen destination)."""
-    from services.api import trainer_pb2
     from services.common.validation import RequestError
-    from services.trainer.deployment import TrainerDeployment
 
     replica = TrainerDeployment.func_or_class({"store": {"root": str(tmp_path)}})
     ours = f"sqlite:///{os.path.realpath(tmp_path)}/mlflow.db"
 
-    def request(uri: str, run_id: str = "abc") -> trainer_pb2.StartTrainingRequest:
-        wanted = trainer_pb2.LossLog(tracking_uri=uri, mlflow_run_id=run_id, metric_key="train.loss")
-        return trainer_pb2.StartTrainingRequest(loss_log=wanted)
+    def request(uri: str, run_id: str = "abc", key: str = "train.loss") -> trainer_pb2.StartTrainingRequest:
+        wanted = trainer_pb2.LossLog(tracking_uri=uri, mlflow_run_id=run_id, metric_key=key)
+        return trainer_pb2.StartTrainingRequest(context=common_pb2.RunContext(run_id="r", round=2), loss_log=wanted)
 
     assert replica._loss_target(request(ours)) == LossTarget(
-        tracking_uri=ours, mlflow_run_id="abc", metric_key="train.loss", timeout_s=10
+        tracking_uri=ours, mlflow_run_id="abc", metric_key="train.loss", timeout_s=10, run_id="r", round=2
     )
     assert replica._loss_target(request("http://elsewhere:5000")) is None
     assert replica._loss_target(trainer_pb2.StartTrainingRequest()) is None  # unset: nowhere
-    with pytest.raises(RequestError, match="loss_log.mlflow_run_id"):
-        replica._loss_target(request(ours, run_id=""))
+    for bad_id in ("", "a'b", "x" * 65):
+        with pytest.raises(RequestError, match="loss_log.mlflow_run_id"):
+            replica._loss_target(request(ours, run_id=bad_id))
+    with pytest.raises(RequestError, match="loss_log.metric_key"):
+        replica._loss_target(request(ours, key="system/cpu"))
+    off = TrainerDeployment.func_or_class({"store": {"root": str(tmp_path)}, "tracking": {"enabled": False}})
+    assert off._loss_target(request(ours)) is None  # tracking off here: no MLflow file is ever created
 
 
 def test_every_interval_of_the_stage_results_is_logged_as_its_bounds():

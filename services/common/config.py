@@ -515,7 +515,8 @@ class LoopConfig(_Section):
 
 class TrackingConfig(_Section):
     """MLflow experiment tracking: one MLflow run per reinstruct run, one nested run per round
-    (ray_jobs/tracking.py). Tracking never fails a run: what the server missed is logged later."""
+    (ray_jobs/tracking.py), the training loss per step from the trainer's jobs
+    (services/trainer/loss_log.py). Tracking never fails a run: what the server missed is logged later."""
 
     enabled: bool = Field(True, description="Log every run to MLflow (params, per-round metrics, artifacts, models)")
     uri: str | None = Field(

@@ -1,5 +1,6 @@
 """Where MLflow is, as every process resolves it from the one config: the driver's tracker
-(ray_jobs/tracking.py) and the training job's step logger (services/trainer/loss_log.py) alike."""
+(ray_jobs/tracking.py) and the trainer replica, which hands its own URI to its jobs' step loggers
+(services/trainer/deployment.py, loss_log.py)."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -30,6 +31,8 @@ from .placement import worker_needs
 from .service import TrainerService, TrainingJob
 
 log = logging.getLogger("reinstruct.trainer")
+_MLFLOW_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_METRIC_KEY = re.compile(r"[A-Za-z0-9_]{1,64}\.loss")
 
 _STATES = {
     name: getattr(trainer_pb2.TrainingStatus, name)
@@ -130,21 +133,28 @@ class TrainerDeployment:
         return _status(job)
 
     def _loss_target(self, request: trainer_pb2.StartTrainingRequest) -> LossTarget | None:
-        """The request's loss_log at this trainer's own tracking server; None when the request names
-        another server (a job never sends to a server it was not deployed with)."""
+        """The request's loss_log at this trainer's own tracking server; None when tracking is off here
+        or the request names another server (a job never sends to a server it was not deployed with).
+        The MLflow run must be the request's own run and round (StepLogger checks its tags)."""
         if not request.HasField("loss_log"):
             return None
         wanted = request.loss_log
-        run_id = check_text(wanted.mlflow_run_id, "loss_log.mlflow_run_id", required=True, limit=64)
-        key = check_text(wanted.metric_key, "loss_log.metric_key", required=True, limit=250)
-        ours = tracking_uri(self.config)
-        if ours is None or wanted.tracking_uri != ours:
-            log.warning(
-                "loss_log names tracking server %r, this trainer's is %r: no loss logged", wanted.tracking_uri, ours
-            )
+        uri = check_text(wanted.tracking_uri, "loss_log.tracking_uri", required=True, limit=2048)
+        if not _MLFLOW_RUN_ID.fullmatch(wanted.mlflow_run_id):
+            raise RequestError("loss_log.mlflow_run_id", "must be an MLflow run id (letters, digits, _ or -)")
+        if not _METRIC_KEY.fullmatch(wanted.metric_key):
+            raise RequestError("loss_log.metric_key", "must be a metric name ending in .loss (letters, digits, _)")
+        ours = tracking_uri(self.config) if self.config.tracking.enabled else None
+        if ours is None or uri != ours:
+            log.warning("loss_log names tracking server %r, this trainer's is %r: no loss logged", uri, ours)
             return None
         return LossTarget(
-            tracking_uri=ours, mlflow_run_id=run_id, metric_key=key, timeout_s=self.config.tracking.request_timeout_s
+            tracking_uri=ours,
+            mlflow_run_id=wanted.mlflow_run_id,
+            metric_key=wanted.metric_key,
+            timeout_s=self.config.tracking.request_timeout_s,
+            run_id=request.context.run_id,
+            round=request.context.round,
         )
 
     def _job(self, request: trainer_pb2.GetTrainingStatusRequest):
